@@ -1,0 +1,129 @@
+"""Times one training step of each method after compilation (issue 3 item 6, issue 4 item 5).
+
+    metadcseg-bench                       # the full table (CPU: ~10-20 min)
+    metadcseg-bench --sizes=64 --widths=8 --channels=1 --repeats=3   # quick look
+
+Prints a markdown table (median of --repeats timed runs, after one compile+warm-up call per
+function), then the ratios; the last line is `meta/plain ratio: X` for the default route
+(jvp) at 128x128, 3 channels, width 32 (or the last configuration measured if that one was not).
+If torch is importable, also times an L2B-style PyTorch step on an identically shaped U-Net++
+(experiments/torch_ref.py) and prints the JAX/PyTorch ratio per configuration.
+"""
+
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.configs import default as default_config
+from metadcseg_jax import train
+
+_SIZES = flags.DEFINE_list("sizes", ["128"], "Image sizes.")
+_WIDTHS = flags.DEFINE_list("widths", ["16", "32"], "U-Net++ base widths.")
+_CHANNELS = flags.DEFINE_list("channels", ["1", "3"], "Input channels.")
+_BATCH = flags.DEFINE_integer("batch", 2, "Training (and meta) batch size.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per function (median reported).")
+_STEPS = flags.DEFINE_list("steps", ["ce", "l2b_jvp", "l2b_reverse", "metadcseg"],
+                           "Which steps to time.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch L2B step if torch imports.")
+
+
+def _config(method: str, route: str, size: int, width: int, channels: int, batch: int):
+  config = default_config.get_config()
+  config.method = method
+  config.meta.route = route
+  config.data.size, config.data.channels = size, channels
+  config.model.width = width
+  config.train.batch_size = config.train.meta_batch_size = batch
+  return config
+
+
+def _batch(size, channels, batch, seed=0):
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  label = (((yy - size / 2) ** 2 + (xx - size / 3) ** 2) < (size / 4) ** 2).astype(np.int32)
+  return {
+      "image": jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
+      "noisy_label": jnp.asarray(np.stack([label] * batch)),
+      "meta_image": jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
+      "meta_label": jnp.asarray(np.stack([label] * batch)),
+  }
+
+
+def time_jax_step(method, route, size, width, channels, batch, repeats):
+  """Median seconds of one jitted train step (state donated, as in training)."""
+  config = _config(method, route, size, width, channels, batch)
+  model = train.build_model(config)
+  optimizer = train.build_optimizer(config, steps_per_epoch=100)
+  step = jax.jit(train.make_train_step(config, model, optimizer, warmup=False),
+                 donate_argnums=(0,))
+  state = train.init_state(config, model, optimizer, jax.random.PRNGKey(0))
+  feed = _batch(size, channels, batch)
+  t0 = time.perf_counter()
+  state, m = step(state, feed, jax.random.PRNGKey(0))
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    state, m = step(state, feed, jax.random.PRNGKey(i))
+    jax.block_until_ready((state, m))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), compile_s
+
+
+def main(argv):
+  del argv
+  torch_ref = None
+  if _TORCH.value:
+    try:
+      from experiments import torch_ref  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      torch_ref = None
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"batch {_BATCH.value}, median of {_REPEATS.value}")
+  names = {"ce": ("ce", "jvp"), "l2b_jvp": ("l2b", "jvp"), "l2b_reverse": ("l2b", "reverse"),
+           "metadcseg": ("metadcseg", "jvp")}
+  header = "| size | width | ch | " + " | ".join(f"{s} (s)" for s in _STEPS.value)
+  header += " | torch plain (s) | torch L2B (s) |" if torch_ref else " |"
+  print(header)
+  print("|" + "---|" * (header.count("|") - 1))
+  ratios = []
+  for size in map(int, _SIZES.value):
+    for width in map(int, _WIDTHS.value):
+      for ch in map(int, _CHANNELS.value):
+        row = {}
+        for s in _STEPS.value:
+          row[s], _ = time_jax_step(*names[s], size, width, ch, _BATCH.value, _REPEATS.value)
+        cells = [f"{row[s]:.3f}" for s in _STEPS.value]
+        torch_row = None
+        if torch_ref:
+          torch_row = torch_ref.time_steps(size, width, ch, _BATCH.value, _REPEATS.value)
+          cells += [f"{torch_row['plain']:.3f}", f"{torch_row['l2b']:.3f}"]
+        print(f"| {size} | {width} | {ch} | " + " | ".join(cells) + " |", flush=True)
+        ratios.append(((size, width, ch), row, torch_row))
+  print()
+  target = next((r for r in ratios if r[0] == (128, 32, 3)), ratios[-1])
+  for key, row, torch_row in ratios:
+    parts = [f"{s}/ce {row[s] / row['ce']:.2f}" for s in _STEPS.value if s != "ce" and "ce" in row]
+    if torch_row:
+      if "l2b_jvp" in row:
+        parts.append(f"torch L2B / JAX l2b_jvp {torch_row['l2b'] / row['l2b_jvp']:.2f}")
+      if "ce" in row:
+        parts.append(f"torch plain / JAX ce {torch_row['plain'] / row['ce']:.2f}")
+    print(f"size {key[0]} width {key[1]} ch {key[2]}: " + ", ".join(parts))
+  _, row, _ = target
+  if "ce" in row and "l2b_jvp" in row:
+    print(f"meta/plain ratio: {row['l2b_jvp'] / row['ce']:.2f}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,27 @@
+"""Tiny MetaDCSeg run for tests and smoke checks: 32x32, U-Net++ width 4, 2 epochs (seconds).
+
+    metadcseg-train --config=experiments/configs/tiny.py --workdir=/tmp/metadcseg_tiny
+
+Cost: about 30-60 s on a 2-core CPU, nearly all of it jit compilation.
+"""
+
+from experiments.configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.width = 4
+  config.data.data_dir = "/tmp/metadcseg_data"
+  config.data.size = 32
+  config.data.n_train = 24
+  config.data.n_val = 4
+  config.data.n_test = 8
+  config.train.batch_size = 4
+  config.train.meta_batch_size = 2
+  config.train.num_epochs = 2
+  config.train.warmup_epochs = 1
+  config.train.eval_every_epochs = 1
+  config.train.eval_batch_size = 8
+  config.train.log_every_steps = 0
+  config.train.num_panel_images = 2
+  return config

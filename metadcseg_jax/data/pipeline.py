@@ -1,0 +1,254 @@
+"""From a dataset config to seeded, resumable grain iterators (SPEC §4, §5).
+
+Every dataset, synthetic or real, is a TFDS array_record builder giving random-access 'train',
+'val' and 'test' sources of records {"image" (H,W,C) float32, "label" (H,W) uint8, "case_id",
+"slice_index"}. This module
+  1. carves the clean meta split out of train (SPEC §4: 2% by default, at least one meta batch),
+  2. attaches noisy labels to every training example (the meta split is never corrupted),
+  3. validates what it reads (label range, shapes, empty splits) with errors naming the example,
+  4. builds grain pipelines: shuffle -> augment -> batch, reshuffled and re-augmented each
+     epoch, with an iterator state that a checkpoint holds.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+
+from metadcseg_jax.data import augment as augment_lib
+
+SPLITS = ("train", "val", "test")
+
+
+def _as_str(value: Any) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
+    return _as_str(value.item())
+  return str(value)
+
+
+class Records:
+  """Random-access view of one split: `source` restricted to `indices`, with noisy labels.
+
+  `records[i]` is {"image" (H,W,C) float32, "label" (H,W) int32, "noisy_label" (H,W) int32,
+  "index" int64 (the example's index in the source split)}; grain reads it directly.
+  """
+
+  def __init__(self, source, indices: Sequence[int], *, name: str, num_classes: int,
+               image_shape: tuple[int, int, int], noisy_labels: np.ndarray | None = None):
+    self.source = source
+    self.indices = np.asarray(indices, dtype=np.int64)
+    self.name = name
+    self.num_classes = num_classes
+    self.image_shape = tuple(image_shape)
+    # Aligned with the *source* split (not with `indices`): noisy_labels[source_index].
+    self.noisy_labels = noisy_labels
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def case_id(self, i: int) -> str:
+    return _as_str(self.source[int(self.indices[i])]["case_id"])
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    index = int(self.indices[i])
+    record = self.source[index]
+    image = np.asarray(record["image"], dtype=np.float32)
+    label = np.asarray(record["label"])
+    where = f"{self.name} example {index} (case {_as_str(record.get('case_id', index))})"
+    if image.shape != self.image_shape:
+      raise ValueError(f"{where}: image shape {image.shape} != expected {self.image_shape}")
+    if label.shape != image.shape[:2]:
+      raise ValueError(f"{where}: label shape {label.shape} does not match image shape "
+                       f"{image.shape[:2]}")
+    check_labels(label, self.num_classes, where)
+    if not np.all(np.isfinite(image)):
+      raise ValueError(f"{where}: image contains NaN or Inf")
+    noisy = label if self.noisy_labels is None else self.noisy_labels[index]
+    return {
+        "image": image,
+        "label": label.astype(np.int32),
+        "noisy_label": np.asarray(noisy).astype(np.int32),
+        "index": np.int64(index),
+    }
+
+
+def check_labels(label: np.ndarray, num_classes: int, where: str) -> None:
+  """Raises ValueError naming `where` if a label is outside [0, num_classes)."""
+  if label.size and (label.min() < 0 or label.max() >= num_classes):
+    bad = np.unique(label[(label < 0) | (label >= num_classes)])
+    raise ValueError(f"{where}: label values {bad.tolist()[:10]} outside [0, {num_classes}); "
+                     f"set config.data.num_classes or fix the mask")
+
+
+@dataclasses.dataclass
+class DataSplits:
+  """What the trainer needs from a dataset."""
+  train: Records  # noisy-labelled training examples, meta split removed
+  meta: Records  # clean meta split (noisy_label == label)
+  val: Records
+  test: Records
+  info: dict[str, Any]
+
+
+def load_sources(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
+  """Builds (if needed) and opens the dataset named by `data.name`.
+
+  Returns:
+    ({split: random-access source}, dataset_key) where dataset_key names the exact build
+    (used to key noisy-label caches).
+  """
+  data_dir = str(pathlib.Path(data.data_dir).expanduser().resolve())
+  if data.name == "synthetic":
+    from metadcseg_jax.data import builders  # pylint: disable=g-import-not-at-top
+    sources = builders.load_synthetic(
+        data_dir=data_dir, size=data.size, channels=data.channels, n_train=data.n_train,
+        n_val=data.n_val, n_test=data.n_test, seed=data.seed)
+    key = builders.synthetic_builder_config(
+        data.size, data.channels, data.n_train, data.n_val, data.n_test, data.seed).name
+    return sources, key
+  from metadcseg_jax.data import real  # pylint: disable=g-import-not-at-top
+  if not data.manual_dir:
+    raise ValueError(f"dataset {data.name!r} needs --config.data.manual_dir=<folder with the "
+                     f"raw data>")
+  options = dict(data.get("options", {}))
+  sources = real.load_sources(data.name, data_dir=data_dir, manual_dir=data.manual_dir,
+                              size=data.size, **options)
+  return sources, f"{data.name}_{data.size}"
+
+
+def _split_meta(n_train: int, *, fraction: float, min_size: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded split of the training indices into (train, meta), SPEC §4 (2%, >= one batch)."""
+  n_meta = max(int(math.ceil(fraction * n_train)), min_size)
+  if n_meta >= n_train:
+    raise ValueError(f"meta split of {n_meta} examples leaves no training examples out of "
+                     f"{n_train}; lower config.data.meta_fraction or the meta batch size")
+  perm = np.random.default_rng([seed, 0x6D657461]).permutation(n_train)
+  return np.sort(perm[n_meta:]), np.sort(perm[:n_meta])
+
+
+def load_labels(source, name: str, num_classes: int) -> np.ndarray:
+  """All labels of a split as (N,H,W) uint8, validated."""
+  labels = []
+  for i in range(len(source)):
+    label = np.asarray(source[i]["label"])
+    check_labels(label, num_classes, f"{name} example {i}")
+    labels.append(label.astype(np.uint8))
+  return np.stack(labels)
+
+
+def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> DataSplits:
+  """Opens the dataset, splits off the meta set and attaches noisy labels.
+
+  Args:
+    config: the `data` sub-config (name, data_dir, size, channels, num_classes, meta_fraction,
+      seed, noise.{kind, seed, options}).
+    meta_batch_size: the meta split holds at least one meta batch.
+
+  Returns:
+    DataSplits; `info` records sizes, the meta indices and the measured corruption.
+  """
+  sources, key = load_sources(config)
+  for split in SPLITS:
+    if split not in sources or len(sources[split]) == 0:
+      raise ValueError(f"dataset {config.name!r} ({key}): split {split!r} is empty")
+  shape = (config.size, config.size, config.channels)
+  n_train = len(sources["train"])
+  train_idx, meta_idx = _split_meta(n_train, fraction=config.meta_fraction,
+                                    min_size=meta_batch_size, seed=config.seed)
+  clean = load_labels(sources["train"], f"{key}/train", config.num_classes)
+  noisy, noise_info = _noisy_labels(clean, config, key)
+  noisy[meta_idx] = clean[meta_idx]  # the meta split is never corrupted (SPEC §4)
+  common = dict(num_classes=config.num_classes, image_shape=shape)
+  splits = DataSplits(
+      train=Records(sources["train"], train_idx, name=f"{key}/train", noisy_labels=noisy,
+                    **common),
+      meta=Records(sources["train"], meta_idx, name=f"{key}/meta", **common),
+      val=Records(sources["val"], np.arange(len(sources["val"])), name=f"{key}/val", **common),
+      test=Records(sources["test"], np.arange(len(sources["test"])), name=f"{key}/test",
+                   **common),
+      info={})
+  splits.info = {
+      "dataset_key": key,
+      "n_train": len(train_idx), "n_meta": len(meta_idx),
+      "n_val": len(splits.val), "n_test": len(splits.test),
+      "meta_indices": meta_idx.tolist(),
+      "noise": noise_info,
+  }
+  return splits
+
+
+def noise_cache_dir(config: ml_collections.ConfigDict, key: str) -> str:
+  """Where the noisy labels of dataset build `key` are cached (one folder per build)."""
+  return str(pathlib.Path(config.data_dir).expanduser().resolve() / "noisy_labels" / key)
+
+
+def noise_options(noise_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `noise.py` options that apply to `noise_cfg.kind` (others keep their defaults)."""
+  if noise_cfg.kind.startswith("l2b"):
+    return {"scale_kernels_with_size": bool(noise_cfg.scale_kernels_with_size),
+            "small_mask": str(noise_cfg.small_mask)}
+  return {}
+
+
+def _noisy_labels(clean: np.ndarray, config: ml_collections.ConfigDict,
+                  key: str) -> tuple[np.ndarray, dict[str, Any]]:
+  kind = config.noise.kind
+  if kind in ("none", "", None):
+    return clean.copy(), {"kind": "none"}
+  from metadcseg_jax import noise  # pylint: disable=g-import-not-at-top
+  cache_dir = noise_cache_dir(config, key)
+  options = noise_options(config.noise)
+  noisy = noise.cached_noisy_labels(clean, cache_dir=cache_dir, dataset_key=key,
+                                    kind=kind, seed=config.noise.seed, options=options)
+  corruption = noise.measured_corruption(clean, noisy)
+  info = {"kind": kind, "seed": config.noise.seed, "options": options,
+          "corruption_mean": float(np.mean(corruption)),
+          "corruption_std": float(np.std(corruption))}
+  logging.info("noisy labels %s: measured corruption 1-Dice = %.3f ± %.3f", kind,
+               info["corruption_mean"], info["corruption_std"])
+  return noisy, info
+
+
+def _collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def train_dataset(records: Records, *, batch_size: int, seed: int, augment: bool = True,
+                  augment_options: Mapping[str, Any] | None = None,
+                  num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+  """Infinite stream of batches: each epoch reshuffled and re-augmented, epochs never mixed.
+
+  Batch dict: "image" (B,H,W,C) float32, "label"/"noisy_label" (B,H,W) int32, "index" (B,).
+  `iter(ds)` gives an iterator whose `get_state()` / `set_state()` a checkpoint stores.
+  """
+  if len(records) < batch_size:
+    raise ValueError(f"{records.name}: {len(records)} examples, fewer than one batch of "
+                     f"{batch_size}")
+  ds = grain.MapDataset.source(records).shuffle(seed=seed)
+  if augment:
+    options = dict(augment_options or {})
+    ds = ds.random_map(lambda ex, rng: augment_lib.augment(ex, rng, **options), seed=seed + 1)
+  # Batch before repeat so an epoch is exactly len // batch_size batches of its own examples.
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_collate).repeat(None)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch))
+
+
+def eval_batches(records: Records, batch_size: int):
+  """Batches over a split in order, the last one possibly smaller (no augmentation)."""
+  ds = grain.MapDataset.source(records).batch(batch_size, batch_fn=_collate)
+  for i in range(len(ds)):
+    yield ds[i]
+
+
+def save_info(splits: DataSplits, path: pathlib.Path) -> None:
+  path.write_text(json.dumps(splits.info, indent=1))

@@ -1,0 +1,553 @@
+"""Real datasets as TFDS array_record builders: Kvasir-SEG, PROMISE12, MSD Brain/Heart, a folder.
+
+Each builder reads the user's raw folder (`manual_dir`, never downloaded) and writes 2D records
+{"image" (size,size,C) float32, "label" (size,size) uint8, "case_id", "slice_index"} for the
+splits 'train', 'val' and 'test', the record format of the synthetic set, so
+`load_sources(name, ...)` is a drop-in for it.
+
+Decisions (see the module docstrings of `readers` for file conventions):
+  * Sizes (builder configs): the paper's Table 8 input sizes by default (Kvasir-SEG 256,
+    PROMISE12 144, MSD 160, folder 256); images bilinear with antialiasing, labels nearest.
+  * Intensities: 2D photographs x / 255 in [0, 1] (per-channel statistics are left to the model's
+    input pipeline); MRI volumes z-scored per volume before slicing, over the whole volume
+    (PROMISE12, Heart) or over its nonzero voxels with zero kept outside (Brain; the Decathlon
+    brain volumes are skull-stripped with zero background).
+  * Splits, by case (a volume never straddles splits), seeded, written once to
+    `<data_dir>/<name>/splits_seed<seed>.json` and reread on every later build (any size):
+    Kvasir-SEG 80/10/10 % (800/100/100 of 1000, as in the paper); PROMISE12 72/8/20 % (of the
+    50 training cases: 40 train / 10 test as in the paper, with 4 of the 40 carved out as
+    validation, so 36/4/10); MSD 80/10/10 % (Brain: 387/48/49 of 484, the paper's 387 train / 49
+    test); folder 80/10/10 %. Test gets ceil(f n), val round(f n), train the rest, each >= 1.
+  * Slices: axial. All slices of every split by default (`train_slices="all"`): per-volume
+    metrics need whole volumes in val/test, and dropping empty training slices would change the
+    foreground share the noise model and DCD see. `train_slices="foreground"` keeps training
+    slices with label > 0 only, `"nonzero"` those with any nonzero image voxel (drops the empty
+    slices above and below the head).
+  * MSD Brain: one modality, FLAIR by default (whole tumour is defined on FLAIR; the paper says
+    "T1-weighted", which we could not reconcile with whole-tumour labels), label = label > 0.
+    MSD Heart (Task02, mono-modal MRI of the left atrium): label > 0.
+  * Voxel spacing (row, col, slice) in mm of each case is stored in the split file, and the
+    spacing after resizing in the builder's metadata (`info.metadata["pixel_spacing_mm"]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Any, ClassVar, Iterator, Mapping
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from metadcseg_jax.data import readers
+
+SPLITS = readers.SPLITS
+SLICE_POLICIES = ("all", "foreground", "nonzero")
+_SPLIT_FILE = "splits.json"  # copy kept inside each prepared build
+
+
+@dataclasses.dataclass(eq=False)
+class RealConfig(tfds.core.BuilderConfig):
+  """A build of a real dataset: target size, split seed and dataset-specific options."""
+  size: int = 256
+  seed: int = 0
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _name_part(value: Any) -> str:
+  text = "none" if value is None else str(value)
+  return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in text)
+
+
+class _RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared machinery: configs, layout checks, split file, slice policy, metadata."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the raw dataset folder as manual_dir."
+  DEFAULT_SIZE: ClassVar[int] = 256
+  FRACTIONS: ClassVar[Mapping[str, float]] = {"train": 0.8, "val": 0.1, "test": 0.1}
+  OPTIONS: ClassVar[Mapping[str, Any]] = {}  # option name -> default
+  UNIT: ClassVar[str] = "image"
+  CHANNELS: ClassVar[int | None] = None  # None: decided per build (folder)
+
+  def __init__(self, *, manual_dir: str | pathlib.Path | None = None, **kwargs):
+    self._manual_dir = manual_dir
+    kwargs.setdefault("file_format", "array_record")  # readable without TensorFlow
+    super().__init__(**kwargs)
+
+  @classmethod
+  def make_config(cls, *, size: int | None = None, seed: int = 0,
+                  manual_dir: str | pathlib.Path | None = None, **options) -> RealConfig:
+    """The config of one build; its name encodes everything that changes the records."""
+    size = cls.DEFAULT_SIZE if size is None else size
+    if not isinstance(size, (int, np.integer)) or size < 8:
+      raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+      raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    unknown = sorted(set(options) - set(cls.OPTIONS))
+    if unknown:
+      raise ValueError(f"unknown options {unknown} for {cls.name}; known: {sorted(cls.OPTIONS)}")
+    full = {**cls.OPTIONS, **options}
+    cls._check_options(full)
+    parts = [f"size{int(size)}"] + ([f"seed{int(seed)}"] if seed else [])
+    parts += [f"{k}-{_name_part(v)}" for k, v in sorted(full.items()) if v != cls.OPTIONS[k]]
+    parts += cls._extra_name_parts(manual_dir)
+    return RealConfig(name="_".join(parts), size=int(size), seed=int(seed), options=full,
+                      description=f"{cls.name} at {size}x{size}, split seed {seed}, {full}")
+
+  @classmethod
+  def _check_options(cls, options: Mapping[str, Any]) -> None:
+    if "train_slices" in options and options["train_slices"] not in SLICE_POLICIES:
+      raise ValueError(f"train_slices must be one of {SLICE_POLICIES}, got "
+                       f"{options['train_slices']!r}")
+
+  @classmethod
+  def _extra_name_parts(cls, manual_dir) -> list[str]:
+    del manual_dir
+    return []
+
+  @property
+  def config(self) -> RealConfig:
+    return self.builder_config
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    channels = self.CHANNELS or self.config.options["channels"]
+    size = self.config.size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(size, size, channels), dtype=np.float32),
+            "label": tfds.features.Tensor(shape=(size, size), dtype=np.uint8),
+            "case_id": tfds.features.Text(),
+            "slice_index": tfds.features.Scalar(dtype=np.int32),
+        }),
+        metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True,  # generation order: volumes stay contiguous, slices ascending
+    )
+
+  # -- layout and splits --------------------------------------------------------------------
+
+  def _root(self, dl_manager) -> pathlib.Path:
+    root = self._manual_dir if self._manual_dir is not None else dl_manager.manual_dir
+    return readers.require_dir(pathlib.Path(root).expanduser().resolve(), f"{self.name} raw data")
+
+  def split_file_path(self, root: pathlib.Path | None = None) -> pathlib.Path:
+    """Where the (size-independent) split of this dataset and seed lives."""
+    stem = "_".join(["splits"] + self._extra_name_parts(root) + [f"seed{self.config.seed}"])
+    return pathlib.Path(self.data_dir_root) / self.name / f"{stem}.json"
+
+  def _scan(self, root: pathlib.Path):
+    """Returns (cases {id: payload}, skipped [relative paths], per-case metadata or None)."""
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    root = self._root(dl_manager)
+    cases, skipped, case_meta = self._scan(root)
+    readers.report_skipped(skipped, root)
+    content = readers.load_or_make_splits(
+        self.split_file_path(root), list(cases), dataset=self.name, source=root,
+        seed=self.config.seed, fractions=self.FRACTIONS, skipped=skipped, cases=case_meta,
+        unit=self.UNIT)
+    pathlib.Path(self.data_dir, _SPLIT_FILE).write_text(json.dumps(content, indent=1))
+    self._record_metadata(content)
+    return {s: self._generate_examples(s, [(c, cases[c]) for c in content["splits"][s]])
+            for s in SPLITS}
+
+  def _record_metadata(self, content: Mapping[str, Any]) -> None:
+    meta = self.info.metadata
+    meta["splits"] = content["splits"]
+    meta["split_seed"] = content["seed"]
+    meta["source"] = content["source"]
+    meta["num_skipped_files"] = content["num_skipped_files"]
+    meta["options"] = dict(self.config.options)
+    if "cases" in content:
+      meta["pixel_spacing_mm"] = {
+          c: resized_spacing(m, self.config.size) for c, m in content["cases"].items()}
+
+  def _generate_examples(self, split: str, items):
+    raise NotImplementedError
+
+
+def resized_spacing(case_meta: Mapping[str, Any], size: int) -> list[float]:
+  """Spacing (row, col, slice) in mm of a case's slices after resizing them to size x size."""
+  _, h, w = case_meta["shape"][:3]
+  row, col, sl = case_meta["spacing_mm"]
+  return [row * h / size, col * w / size, sl]
+
+
+def _example(case_id: str, index: int, image: np.ndarray, label: np.ndarray, size: int):
+  return f"{case_id}/{index:04d}", {
+      "image": readers.resize_image(image, size),
+      "label": readers.resize_label(label, size),
+      "case_id": case_id,
+      "slice_index": np.int32(index),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# 2D image folders.
+
+
+class _ImageFolderBuilder(_RealBuilder, skip_registration=True):
+  """images/ + masks/ of 2D files paired by stem."""
+
+  def _layout_root(self, root: pathlib.Path) -> pathlib.Path:
+    return root
+
+  def _mask_suffix(self) -> str:
+    return ""
+
+  def _scan(self, root):
+    root = self._layout_root(root)
+    images_dir = readers.require_dir(root / "images", "images/")
+    masks_dir = readers.require_dir(root / "masks", "masks/")
+    images = readers.list_files(images_dir, readers.IMAGE_SUFFIXES, root=root)
+    masks = readers.list_files(masks_dir, readers.IMAGE_SUFFIXES, root=root)
+    pairs = readers.pair_files(images, masks, images_dir=images_dir, masks_dir=masks_dir,
+                               mask_suffix=self._mask_suffix())
+    return pairs, images.skipped + masks.skipped, None
+
+  @property
+  def _num_channels(self) -> int:
+    return self.CHANNELS or self.config.options["channels"]
+
+  def _label(self, raw: np.ndarray, path: pathlib.Path) -> np.ndarray:
+    raise NotImplementedError
+
+  def _generate_examples(self, split, items):
+    converted = 0
+    for case_id, (image_path, mask_path) in items:
+      image, changed = readers.read_image(image_path, channels=self._num_channels)
+      converted += changed
+      raw = readers.read_mask(mask_path)
+      readers.check_same_size(image.shape[:2], raw.shape, image_path, mask_path)
+      yield _example(case_id, 0, image, self._label(raw, mask_path), self.config.size)
+    if converted:
+      logging.warning("%s/%s: %d images converted to %d channels", self.name, split, converted,
+                      self._num_channels)
+    self.info.metadata.setdefault("converted_to_channels", {})[split] = converted
+
+
+class KvasirSeg(_ImageFolderBuilder, skip_registration=True):
+  """Kvasir-SEG polyps (Jha et al., MMM 2020): 1000 RGB images with JPEG masks.
+
+  manual_dir holds `images/` and `masks/` (or `Kvasir-SEG/images`, `Kvasir-SEG/masks`), jpg
+  files with the same names. Masks are JPEG-compressed RGB: grey, then > 127 is polyp.
+  """
+  name = "kvasir_seg"
+  DEFAULT_SIZE = 256
+  CHANNELS = 3
+
+  def _layout_root(self, root):
+    nested = root / "Kvasir-SEG"
+    return nested if not (root / "images").exists() and (nested / "images").is_dir() else root
+
+  def _label(self, raw, path):
+    return readers.mask_to_label(raw, path=path, threshold=127)
+
+
+class Folder(_ImageFolderBuilder, skip_registration=True):
+  """Any 2D dataset laid out as `images/` and `masks/` (png/jpg/jpeg/bmp/tif/tiff) by stem.
+
+  Options:
+    num_classes: None for binary masks (0/1 or 0/255); else masks hold class indices.
+    mask_threshold: binarise masks as value > threshold (JPEG-compressed masks).
+    channels: 1 or 3; None: 1 when every image is grey, else 3.
+    mask_suffix: mask stem = image stem + suffix (e.g. "_segmentation" for ISIC).
+  """
+  name = "folder"
+  DEFAULT_SIZE = 256
+  OPTIONS = {"num_classes": None, "mask_threshold": None, "channels": None, "mask_suffix": ""}
+
+  @classmethod
+  def _check_options(cls, options):
+    n, c, t = options["num_classes"], options["channels"], options["mask_threshold"]
+    if n is not None and (not isinstance(n, int) or not 2 <= n <= 256):
+      raise ValueError(f"num_classes must be None or an integer in [2, 256], got {n!r}")
+    if c not in (None, 1, 3):
+      raise ValueError(f"channels must be None, 1 or 3, got {c!r}")
+    if t is not None and (not isinstance(t, int) or n not in (None, 2)):
+      raise ValueError(f"mask_threshold must be an integer and needs binary masks, got {t!r}")
+
+  @classmethod
+  def _extra_name_parts(cls, manual_dir):
+    # Two different folders built into one data_dir must not share a cached build.
+    if manual_dir is None:
+      return []
+    path = str(pathlib.Path(manual_dir).expanduser().resolve())
+    return ["src" + hashlib.sha1(path.encode()).hexdigest()[:8]]
+
+  def _mask_suffix(self):
+    return self.config.options["mask_suffix"]
+
+  @classmethod
+  def make_config(cls, *, size=None, seed=0, manual_dir=None, **options):
+    # The channel count is part of the features, so it is fixed before the build: inferred from
+    # the image headers when not given.
+    if options.get("channels") is None:
+      if manual_dir is None:
+        raise ValueError("folder: pass channels=1 or 3, or manual_dir to infer it")
+      root = readers.require_dir(manual_dir, "folder raw data")
+      images = readers.list_files(readers.require_dir(root / "images", "images/"),
+                                  readers.IMAGE_SUFFIXES, root=root)
+      if not images.files:
+        raise ValueError(f"no image files ({', '.join(readers.IMAGE_SUFFIXES)}) found in "
+                         f"{root / 'images'}")
+      options["channels"] = max(readers.image_channels(p) for p in images.files.values())
+    return super().make_config(size=size, seed=seed, manual_dir=manual_dir, **options)
+
+  def _label(self, raw, path):
+    return readers.mask_to_label(raw, path=path, num_classes=self.config.options["num_classes"],
+                                 threshold=self.config.options["mask_threshold"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes, sliced axially.
+
+
+def slice_mask(policy: str, volume: np.ndarray, label: np.ndarray) -> np.ndarray:
+  """Which axial slices to keep: (S,) bool for `policy` in SLICE_POLICIES."""
+  if policy == "all":
+    return np.ones(volume.shape[0], bool)
+  if policy == "foreground":
+    return label.reshape(label.shape[0], -1).any(axis=1)
+  if policy == "nonzero":
+    return (volume.reshape(volume.shape[0], -1) != 0).any(axis=1)
+  raise ValueError(f"slice policy must be one of {SLICE_POLICIES}, got {policy!r}")
+
+
+class _VolumeBuilder(_RealBuilder, skip_registration=True):
+  """3D image/label volumes, z-scored per volume and cut into axial 2D slices."""
+
+  UNIT = "volume"
+  CHANNELS = 1
+  OPTIONS = {"train_slices": "all"}
+  LABELS: ClassVar[tuple[int, ...]] = (0, 1)
+
+  def _pairs(self, root: pathlib.Path):
+    """Returns ({case: (image, label)}, skipped, {case: image channel or None})."""
+    raise NotImplementedError
+
+  def _allowed_labels(self) -> tuple[int, ...]:
+    return self.LABELS
+
+  def _normalise(self, volume: np.ndarray, path: pathlib.Path) -> np.ndarray:
+    return readers.zscore(volume, name=path)
+
+  def _scan(self, root):
+    pairs, skipped, channels = self._pairs(root)
+    cases, meta = {}, {}
+    for case_id, (image_path, label_path) in pairs.items():
+      image_shape, spacing = readers.volume_info(image_path)
+      label_shape, _ = readers.volume_info(label_path)
+      readers.check_same_size(image_shape[:3], label_shape, image_path, label_path)
+      cases[case_id] = (image_path, label_path, channels.get(case_id))
+      meta[case_id] = {"shape": list(label_shape), "spacing_mm": list(spacing),
+                       "image": str(image_path.relative_to(root)),
+                       "label": str(label_path.relative_to(root))}
+    return cases, skipped, meta
+
+  def _generate_examples(self, split, items):
+    policy = self.config.options["train_slices"] if split == "train" else "all"
+    kept = total = 0
+    for case_id, (image_path, label_path, channel) in items:
+      volume = readers.read_volume(image_path, channel=channel)
+      labels = readers.read_label_volume(label_path, allowed=self._allowed_labels())
+      readers.check_same_size(volume.shape, labels.shape, image_path, label_path)
+      label = (labels > 0).astype(np.uint8)
+      keep = slice_mask(policy, volume, label)
+      image = self._normalise(volume, image_path)
+      kept, total = kept + int(keep.sum()), total + keep.size
+      for k in np.flatnonzero(keep):
+        yield _example(case_id, int(k), image[k, :, :, None], label[k], self.config.size)
+    logging.info("%s/%s: kept %d of %d axial slices (train_slices=%r applies to train only)",
+                 self.name, split, kept, total, policy)
+    self.info.metadata.setdefault("slices", {})[split] = {
+        "kept": kept, "total": total, "policy": policy}
+
+
+class Promise12(_VolumeBuilder, skip_registration=True):
+  """PROMISE12 prostate MRI (Litjens et al., MedIA 2014): 50 T2-weighted training volumes.
+
+  manual_dir holds `CaseXX.mhd` and `CaseXX_segmentation.mhd` (with their .raw files) of the
+  challenge's training data, all in one folder. Labels are 0/1.
+  """
+  name = "promise12"
+  DEFAULT_SIZE = 144
+  FRACTIONS = {"train": 0.72, "val": 0.08, "test": 0.2}
+
+  def _pairs(self, root):
+    listing = readers.list_files(root, (".mhd",), root=root, companions=(".raw", ".zraw"))
+    suffix = "_segmentation"
+    images = readers.Listing({s: p for s, p in listing.files.items() if not s.endswith(suffix)},
+                             listing.skipped)
+    masks = readers.Listing({s: p for s, p in listing.files.items() if s.endswith(suffix)}, [])
+    pairs = readers.pair_files(images, masks, images_dir=root, masks_dir=root,
+                               mask_suffix=suffix, suffixes=(".mhd",))
+    return pairs, listing.skipped, {}
+
+
+def _resolve_modality(modality: str | int, modalities: Mapping[str, str],
+                      path: pathlib.Path) -> int:
+  names = {int(k): str(v) for k, v in modalities.items()}
+  if isinstance(modality, (int, np.integer)) and not isinstance(modality, bool):
+    if int(modality) in names:
+      return int(modality)
+  else:
+    found = [i for i, n in names.items() if n.lower() == str(modality).lower()]
+    if found:
+      return found[0]
+  raise ValueError(f"modality {modality!r} not in {path}'s modalities {names}")
+
+
+class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
+  """Medical Segmentation Decathlon task: `imagesTr/`, `labelsTr/`, `dataset.json`."""
+
+  DEFAULT_SIZE = 160
+  TASK_FOLDER: ClassVar[str] = ""
+
+  def _task_root(self, root: pathlib.Path) -> pathlib.Path:
+    if not (root / "dataset.json").exists() and (root / self.TASK_FOLDER / "dataset.json").exists():
+      return root / self.TASK_FOLDER
+    return root
+
+  def _channel(self, modalities: Mapping[str, str], path: pathlib.Path) -> int:
+    del path
+    if len(modalities) != 1:
+      raise ValueError(f"{self.name} expects one modality, dataset.json lists {modalities}")
+    return 0
+
+  def _pairs(self, root):
+    task = self._task_root(root)
+    info_path = task / "dataset.json"
+    if not info_path.is_file():
+      raise ValueError(f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, "
+                       f"labelsTr/ and dataset.json)")
+    try:
+      info = json.loads(info_path.read_text())
+      modalities, labels = info["modality"], info["labels"]
+      self._labels = tuple(sorted(int(k) for k in labels))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"cannot read {info_path} (needs 'modality' and 'labels'): {e}") from e
+    channel = self._channel(modalities, info_path)
+    images_dir = readers.require_dir(task / "imagesTr", "imagesTr/")
+    labels_dir = readers.require_dir(task / "labelsTr", "labelsTr/")
+    images = readers.list_files(images_dir, readers.NIFTI_SUFFIXES, root=root)
+    masks = readers.list_files(labels_dir, readers.NIFTI_SUFFIXES, root=root)
+    pairs = readers.pair_files(images, masks, images_dir=images_dir, masks_dir=labels_dir,
+                               suffixes=readers.NIFTI_SUFFIXES)
+    self._check_training_list(info.get("training", []), task, info_path, pairs)
+    channels = {}
+    for case_id, (image_path, _) in pairs.items():
+      shape, _ = readers.volume_info(image_path)
+      if len(shape) == 4 and shape[3] != len(modalities):
+        raise ValueError(f"{image_path} has {shape[3]} channels but {info_path} lists "
+                         f"{len(modalities)} modalities")
+      if len(shape) == 3 and channel != 0:
+        raise ValueError(f"{image_path} is 3D, modality index {channel} needs a 4D volume")
+      channels[case_id] = channel if len(shape) == 4 else None
+    return pairs, images.skipped + masks.skipped, channels
+
+  def _check_training_list(self, training, task, info_path, pairs) -> None:
+    listed = set()
+    for entry in training:
+      for key in ("image", "label"):
+        path = task / str(entry.get(key, "")) if isinstance(entry, dict) else None
+        if path is None or not path.is_file():
+          raise ValueError(f"{info_path} lists a training {key} that is missing: {entry}")
+      listed.add(readers.strip_suffix(path.name, readers.NIFTI_SUFFIXES)[0])
+    extra = sorted(set(pairs) - listed)
+    if training and extra:
+      logging.warning("%d cases in imagesTr/ are not in %s's training list (used anyway): %s",
+                      len(extra), info_path, extra[:5])
+
+  def _allowed_labels(self):
+    return self._labels
+
+
+class MsdBrain(_DecathlonBuilder, skip_registration=True):
+  """MSD Task01 BrainTumour (BraTS 2016/17): 484 4-modality MRI volumes; whole tumour = label > 0.
+
+  Options:
+    modality: name (case-insensitive) or index in dataset.json's "modality"; default FLAIR.
+    train_slices: "all" (default), "foreground" or "nonzero" (see module docstring).
+  """
+  name = "msd_brain"
+  TASK_FOLDER = "Task01_BrainTumour"
+  OPTIONS = {"train_slices": "all", "modality": "FLAIR"}
+
+  def _channel(self, modalities, path):
+    return _resolve_modality(self.config.options["modality"], modalities, path)
+
+  def _normalise(self, volume, path):
+    # Skull-stripped: statistics of the brain only, background stays 0.
+    return readers.zscore(volume, region=volume != 0, name=path)
+
+
+class MsdHeart(_DecathlonBuilder, skip_registration=True):
+  """MSD Task02 Heart: 20 mono-modal MRI volumes of the left atrium (labels 0/1).
+
+  Options:
+    train_slices: "all" (default), "foreground" or "nonzero".
+  """
+  name = "msd_heart"
+  TASK_FOLDER = "Task02_Heart"
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry.
+
+BUILDERS: dict[str, type[_RealBuilder]] = {
+    b.name: b for b in (KvasirSeg, Promise12, MsdBrain, MsdHeart, Folder)}
+
+
+def get_dataset_builder(name: str, *, data_dir: str | pathlib.Path,
+                        manual_dir: str | pathlib.Path | None, size: int | None = None,
+                        **options) -> _RealBuilder:
+  """The TFDS builder of a real dataset (not yet prepared).
+
+  Args:
+    name: one of "kvasir_seg", "promise12", "msd_brain", "msd_heart", "folder".
+    data_dir: TFDS data dir (builds and split files go there).
+    manual_dir: the raw data folder (see each builder's docstring for its layout).
+    size: side of the square 2D records; None: the paper's Table 8 size.
+    **options: `seed` (split seed, default 0) and the builder's OPTIONS.
+
+  Returns:
+    The builder; `builder.download_and_prepare()` builds it, `load_sources` does both.
+  """
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+  cls = BUILDERS[name]
+  config = cls.make_config(size=size, manual_dir=manual_dir, **options)
+  return cls(data_dir=str(pathlib.Path(data_dir).expanduser().resolve()), config=config,
+             manual_dir=manual_dir)
+
+
+def load_sources(name: str, *, data_dir: str | pathlib.Path,
+                 manual_dir: str | pathlib.Path | None, size: int | None = None,
+                 **options) -> dict[str, Any]:
+  """Builds (once) and opens a real dataset: {'train', 'val', 'test'} -> random-access source.
+
+  Each source has `len()` and `source[i]` -> {"image" (H,W,C) float32, "label" (H,W) uint8,
+  "case_id" bytes, "slice_index" int32}.
+  """
+  builder = get_dataset_builder(name, data_dir=data_dir, manual_dir=manual_dir, size=size,
+                                **options)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  sources = builder.as_data_source()
+  return {s: sources[s] for s in SPLITS}
+
+
+def read_split_file(builder: _RealBuilder) -> dict:
+  """The split file of a prepared build (case ids per split, seed, source, spacing per case)."""
+  path = pathlib.Path(builder.data_dir, _SPLIT_FILE)
+  if not path.is_file():
+    raise ValueError(f"{path} not found: prepare the builder first")
+  return json.loads(path.read_text())

@@ -1,0 +1,257 @@
+"""Synthetic medical-looking segmentation data, generated on the fly and seeded.
+
+Each example is a smooth, textured "tissue" background under a multiplicative
+intensity inhomogeneity (bias field), with one to three irregular "lesions"
+whose intensity differs from the background only a little, behind blurred
+edges, with their own fine texture, plus spatially correlated acquisition
+noise. The label is the union of the lesions.
+
+All amplitudes are in units of the acquisition-noise standard deviation
+(sigma_n = 1) before the final per-channel normalisation:
+
+* base tissue level 4.0; background texture: two Gaussian-filtered noise
+  fields of correlation lengths size/8 and size/24, standard deviations 0.7 and
+  0.45 (together about 0.83);
+* bias field exp(0.12 * smooth field (size/3) + linear ramp with slope up to
+  0.3 over the image): about +-20% gain, so the tissue level drifts by about
+  +-0.8, comparable to the lesion contrast;
+* lesion contrast delta ~ U(0.9, 1.5) (its sign is negative with probability
+  0.25: dark lesions), blurred by a Gaussian of sigma (size/64) * U(1, 2) pixels;
+  inside the lesion an extra fine texture (correlation length size/64, std 0.5);
+* acquisition noise: white Gaussian noise filtered with sigma 0.5 * size/64 and
+  rescaled to unit standard deviation.
+
+So the pixel-level contrast-to-noise ratio CNR = delta / sigma_n is 0.9-1.5 and,
+measured against the whole background variation (texture, bias and noise,
+about 1.4), 0.6-1.1: a lesion is easy to see as a region but its boundary is
+uncertain by a pixel or two, and low-frequency background texture makes
+lesion-like distractors. With several channels (e.g. 3, like an RGB endoscopy
+frame) every channel sees the same anatomy and bias field, with per-channel
+base levels and lesion contrasts, textures correlated at 0.7 across channels,
+and independent noise.
+
+Images are normalised to zero mean, unit standard deviation per image and per
+channel. Everything is drawn from one `np.random.Generator`, so an example is a
+pure function of its generator; `make_split` seeds each example from
+`(seed, split, index)` through `np.random.SeedSequence`, so any example can be
+regenerated alone (`split_example`) and splits never share examples.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from scipy import ndimage
+
+# Bump when the generated arrays change: the TFDS builder uses it as its version.
+GENERATOR_VERSION = "1.0.0"
+
+MIN_SIZE = 16
+FOREGROUND_FRACTION_RANGE = (0.05, 0.40)
+
+_BASE_LEVEL = 4.0
+_BG_TEXTURE = ((1 / 8, 0.3), (1 / 24, 0.2))  # (correlation length / size, std)
+_FG_TEXTURE = (1 / 32, 0.4)
+_CONTRAST_RANGE = (1.4, 2.0)
+_DARK_LESION_PROB = 0.15
+_EDGE_SIGMA_RANGE = (0.7, 1.4)  # pixels at size 64
+_BIAS_STD = 0.10
+_BIAS_RAMP = 0.3
+_NOISE_SIGMA = 0.4  # pixels at size 64
+_CHANNEL_CORRELATION = 0.85
+_NOISE_CORRELATION = 0.5
+_RGB_TINT = np.array([1.15, 0.8, 0.65])  # pinkish, like endoscopy
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def _check_shape_args(size: int, channels: int) -> None:
+  if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
+    raise ValueError(f"size must be an integer >= {MIN_SIZE}, got {size!r}")
+  if not isinstance(channels, (int, np.integer)) or channels < 1:
+    raise ValueError(f"channels must be a positive integer, got {channels!r}")
+
+
+def _smooth_fields(
+    rng: np.random.Generator, shape: tuple[int, ...], sigma: float
+) -> np.ndarray:
+  """Gaussian-filtered white noise over the last two axes, unit std per field.
+
+  Args:
+    rng: random generator.
+    shape: (..., H, W).
+    sigma: filter standard deviation in pixels (0 leaves white noise).
+
+  Returns:
+    float64 array of `shape`, each (H, W) field with zero mean and unit std.
+  """
+  z = rng.standard_normal(shape)
+  if sigma > 0:
+    z = ndimage.gaussian_filter(
+        z, sigma=(0,) * (len(shape) - 2) + (sigma, sigma), mode="wrap",
+        truncate=3.0)
+  z -= z.mean(axis=(-2, -1), keepdims=True)
+  z /= z.std(axis=(-2, -1), keepdims=True) + 1e-12
+  return z
+
+
+def _foreground(rng: np.random.Generator, size: int) -> np.ndarray:
+  """Union of 1-3 star-shaped blobs with Fourier-perturbed, wiggly outlines.
+
+  Each blob is {x : |x - c| < r(angle)} with
+  log r(t) = log r0 + sum_{k=2..6} a_k cos(k t + phi_k); a smooth noise field
+  added to the normalised distance roughens the outline. The decision
+  threshold is moved, if needed, so the foreground covers
+  `FOREGROUND_FRACTION_RANGE` of the image.
+
+  Args:
+    rng: random generator.
+    size: image side H = W.
+
+  Returns:
+    (H, W) bool mask.
+  """
+  n_blobs = int(rng.integers(1, 4))
+  target = rng.uniform(0.08, 0.30)
+  # Half equal shares, half random: no blob is a speck.
+  shares = 0.5 / n_blobs + 0.5 * rng.dirichlet(np.ones(n_blobs))
+  radii = np.sqrt(target * size * size * shares / np.pi)  # (n,)
+  lo = 0.7 * radii
+  centers = lo[:, None] + rng.uniform(size=(n_blobs, 2)) * (
+      size - 2 * lo[:, None])  # (n, 2), blobs mostly inside the image
+  ks = np.arange(2, 7)
+  amps = rng.normal(size=(n_blobs, ks.size)) * 0.22 / ks**0.8  # (n, K)
+  phases = rng.uniform(0, 2 * np.pi, size=(n_blobs, ks.size))
+  wiggle = _smooth_fields(rng, (size, size), size / 16)
+
+  yx = np.arange(size) + 0.5
+  dy = yx[None, :, None] - centers[:, 0, None, None]  # (n, H, 1)
+  dx = yx[None, None, :] - centers[:, 1, None, None]  # (n, 1, W)
+  rho = np.hypot(dy, dx)  # (n, H, W)
+  theta = np.arctan2(dy, dx)
+  log_r = np.log(radii)[:, None, None] + np.einsum(
+      "nk,nkhw->nhw", amps,
+      np.cos(ks[None, :, None, None] * theta[:, None] + phases[..., None, None]))
+  dist = (rho / np.exp(log_r)).min(axis=0) + 0.07 * wiggle  # (H, W)
+
+  mask = dist < 1.0
+  lo_frac, hi_frac = FOREGROUND_FRACTION_RANGE
+  frac = mask.mean()
+  if not lo_frac + 0.005 <= frac <= hi_frac - 0.005:
+    goal = np.clip(frac, lo_frac + 0.01, hi_frac - 0.01)
+    mask = dist < np.quantile(dist, goal)
+  return mask
+
+
+def make_example(
+    rng: np.random.Generator, *, size: int, channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """One synthetic image and its label, a pure function of `rng`'s state.
+
+  Args:
+    rng: random generator; consumed.
+    size: image side H = W (>= 16).
+    channels: number of image channels C (1: grey MRI/CT-like, 3: RGB-like).
+
+  Returns:
+    image: (H, W, C) float32, zero mean and unit std per channel.
+    label: (H, W) uint8 in {0, 1}, foreground covering 5-40% of the image.
+  """
+  _check_shape_args(size, channels)
+  scale = size / 64.0
+  mask = _foreground(rng, size)
+
+  # Per-channel look: base level, lesion-contrast weight (multi-channel only).
+  if channels == 1:
+    base = np.full((1, 1, 1), _BASE_LEVEL)
+    weight = np.ones((1, 1, 1))
+  else:
+    tint = _RGB_TINT if channels == 3 else np.ones(channels)
+    base = _BASE_LEVEL * (tint * rng.uniform(0.85, 1.15, size=channels))
+    base = base[:, None, None]
+    weight = rng.uniform(0.5, 1.3, size=(channels, 1, 1))
+  sign = -1.0 if rng.uniform() < _DARK_LESION_PROB else 1.0
+  delta = sign * rng.uniform(*_CONTRAST_RANGE)
+  edge_sigma = scale * rng.uniform(*_EDGE_SIGMA_RANGE)
+  soft = ndimage.gaussian_filter(
+      mask.astype(np.float64), edge_sigma, mode="nearest")  # (H, W)
+
+  def correlated(sigma, rho):
+    # Shared anatomy plus a channel-specific part, correlation rho.
+    shared = _smooth_fields(rng, (1, size, size), sigma)
+    if channels == 1:
+      return shared
+    own = _smooth_fields(rng, (channels, size, size), sigma)
+    return np.sqrt(rho) * shared + np.sqrt(1 - rho) * own
+
+  texture = sum(std * correlated(frac * size, _CHANNEL_CORRELATION)
+                for frac, std in _BG_TEXTURE)
+  fg_frac, fg_std = _FG_TEXTURE
+  fg_texture = fg_std * correlated(fg_frac * size, _CHANNEL_CORRELATION)
+
+  yx = (np.arange(size) + 0.5) / size - 0.5
+  ramp, angle = rng.uniform(0, _BIAS_RAMP), rng.uniform(0, 2 * np.pi)
+  log_bias = (_BIAS_STD * _smooth_fields(rng, (size, size), size / 3)
+              + ramp * np.cos(angle) * yx[:, None]
+              + ramp * np.sin(angle) * yx[None, :])
+  bias = np.exp(log_bias)  # (H, W)
+
+  tissue = base + texture + soft * (delta * weight + fg_texture)  # (C, H, W)
+  noise = correlated(_NOISE_SIGMA * scale, _NOISE_CORRELATION)
+  noise /= noise.std(axis=(1, 2), keepdims=True)
+  image = bias * tissue + noise
+  image -= image.mean()
+  image /= image.std() + 1e-12
+  return (np.moveaxis(image, 0, -1).astype(np.float32),
+          mask.astype(np.uint8))
+
+
+def split_id(split: str) -> int:
+  """Stable integer id of a split name ('train' 0, 'val' 1, 'test' 2, else CRC32)."""
+  if not isinstance(split, str) or not split:
+    raise ValueError(f"split must be a non-empty string, got {split!r}")
+  return _SPLIT_IDS.get(split, zlib.crc32(split.encode()) + len(_SPLIT_IDS))
+
+
+def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
+  """The generator of example `index` of `split` (independent of the others)."""
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+  if not isinstance(index, (int, np.integer)) or index < 0:
+    raise ValueError(f"index must be a non-negative integer, got {index!r}")
+  return np.random.default_rng(
+      np.random.SeedSequence([int(seed), split_id(split), int(index)]))
+
+
+def split_example(
+    seed: int, split: str, index: int, *, size: int, channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Regenerates entry `index` of `make_split(seed, split, ...)` alone."""
+  return make_example(example_rng(seed, split, index), size=size,
+                      channels=channels)
+
+
+def make_split(
+    seed: int, split_name: str, n: int, size: int, channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """A whole split: example i is `split_example(seed, split_name, i, ...)`.
+
+  Args:
+    seed: non-negative dataset seed.
+    split_name: e.g. 'train', 'val', 'test'; splits draw disjoint streams.
+    n: number of examples (>= 0).
+    size: image side H = W.
+    channels: image channels C.
+
+  Returns:
+    images: (n, H, W, C) float32; labels: (n, H, W) uint8 in {0, 1}.
+  """
+  _check_shape_args(size, channels)
+  if not isinstance(n, (int, np.integer)) or n < 0:
+    raise ValueError(f"n must be a non-negative integer, got {n!r}")
+  images = np.empty((n, size, size, channels), np.float32)
+  labels = np.empty((n, size, size), np.uint8)
+  for i in range(n):
+    images[i], labels[i] = split_example(
+        seed, split_name, i, size=size, channels=channels)
+  return images, labels

@@ -1,0 +1,344 @@
+"""Dynamic Center Distance boundary weighting (MetaDCSeg §3.3, App. A.5).
+
+Per image, the prediction splits the pixels into three regions (Eq. 6-8):
+confident foreground, confident background and a boundary band (the
+uncertain pixels plus image edges). Each region gets a feature center weighted
+by the meta-learned reliability γ (Eq. 9-10, fallback Eq. 47), each pixel a
+Dynamic Center Distance (Eq. 11, clipped as in Eq. 46), and the boundary pixels
+a softmax weight over that distance (Eq. 12).
+
+Every kernel here is written for one image and vmapped over the batch by
+`dcd_weights`, the batched entry point the objective uses. The edge detector is
+pluggable: PiDiNet (the paper's) has no weights available offline, so the
+default is a Sobel magnitude keeping the top 5% of pixels (`sobel_edges`).
+
+References:
+  MetaDCSeg, §3.3 and App. A.4-A.5 (`papers/metadcseg.txt`).
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from metadcseg_jax.types import Array
+
+EdgeFn = Callable[[Array], Array]  # image (H,W,C) -> bool (H,W)
+
+# Region order used by every (3, ...) array in this module.
+FG, BG, BD = 0, 1, 2
+REGION_NAMES = ("fg", "bg", "bd")
+
+DCD_EPS = 1e-8  # ε of Eq. 11.
+DCD_MAX = 100.0  # DCD_max of Eq. 46.
+MIN_PIXELS = 10  # τ_min of Eq. 47.
+
+
+def _check_rank(name: str, x: Array, rank: int) -> None:
+  if x.ndim != rank:
+    raise ValueError(f"{name} must have rank {rank}, got shape {x.shape}.")
+
+
+def sobel_magnitude(image: Array) -> Array:
+  """Sobel gradient magnitude of one image, summed over channels.
+
+  Borders are padded symmetrically (scipy.ndimage's "reflect"), so a constant
+  image has zero magnitude everywhere, borders included.
+
+  Args:
+    image: (H, W, C) or (H, W) float image.
+
+  Returns:
+    (H, W) float: Σ_c sqrt(Gx_c² + Gy_c²) with the unnormalised 3x3 Sobel
+    kernels, equal per channel to `hypot(ndimage.sobel(x, 0),
+    ndimage.sobel(x, 1))`.
+  """
+  if image.ndim == 2:
+    image = image[..., None]
+  _check_rank("image", image, 3)
+  if not jnp.issubdtype(image.dtype, jnp.floating):
+    image = image.astype(jnp.float32)
+  p = jnp.pad(image, ((1, 1), (1, 1), (0, 0)), mode="symmetric")
+  # Separable Sobel from shifted slices: [1,2,1] smoothing one way, [-1,0,1]
+  # differences the other.
+  rows_smooth = p[:-2] + 2 * p[1:-1] + p[2:]  # (H, W+2, C)
+  cols_smooth = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # (H+2, W, C)
+  gx = rows_smooth[:, 2:] - rows_smooth[:, :-2]  # d/dw, (H, W, C)
+  gy = cols_smooth[2:] - cols_smooth[:-2]  # d/dh, (H, W, C)
+  return jnp.sum(jnp.sqrt(gx**2 + gy**2), axis=-1)
+
+
+def sobel_edges(image: Array, *, top_fraction: float = 0.05) -> Array:
+  """Edge pixels of one image: the top `top_fraction` of the Sobel magnitude.
+
+  Stands in for PiDiNet's P_edge in Eq. 8 (deviation: no PiDiNet weights
+  offline). The threshold is the k-th largest magnitude, k =
+  max(1, round(top_fraction·H·W)), found with `lax.top_k`.
+
+  Ties: every pixel whose magnitude equals the threshold is kept, so a mask can
+  hold more than k pixels when values tie at the threshold (e.g. both sides of
+  a straight step edge); no tie is broken by pixel position. Pixels with zero
+  magnitude are never edges, so a flat image has no edges at all.
+
+  Args:
+    image: (H, W, C) or (H, W) float image.
+    top_fraction: share of pixels to keep, in [0, 1]; 0 gives no edges.
+
+  Returns:
+    (H, W) bool edge mask. Carries no gradient.
+  """
+  if not 0.0 <= top_fraction <= 1.0:
+    raise ValueError(f"top_fraction must be in [0, 1], got {top_fraction}.")
+  mag = jax.lax.stop_gradient(sobel_magnitude(image))
+  if top_fraction == 0.0:
+    return jnp.zeros(mag.shape, bool)
+  k = max(1, int(round(top_fraction * mag.size)))
+  threshold = jax.lax.top_k(mag.reshape(-1), k)[0][-1]
+  return (mag >= threshold) & (mag > 0)
+
+
+def regions(fg_prob: Array, edges: Array, *, tau: float = 0.7,
+            exclusive: bool = False) -> tuple[Array, Array, Array]:
+  """Uncertainty-aware region decomposition of one image (Eq. 6-8).
+
+  fg = M̂ > τ (Eq. 6), bg = M̂ < 1 − τ (Eq. 7),
+  bd = (1 − τ ≤ M̂ ≤ τ) ∪ edges (Eq. 8).
+
+  As written in the paper, fg and bg are defined by M̂ alone, so an edge pixel
+  with a confident prediction lies in both bd and fg (or bg): the default keeps
+  that overlap. `exclusive=True` removes the edge pixels from fg and bg so the
+  three sets partition the image.
+
+  Args:
+    fg_prob: (H, W) predicted foreground probability M̂.
+    edges: (H, W) bool edge mask (P_edge).
+    tau: confidence threshold τ in (0.5, 1).
+    exclusive: remove edge pixels from fg and bg.
+
+  Returns:
+    (fg, bg, bd), each (H, W) bool. No gradient.
+  """
+  if not 0.5 < tau < 1.0:
+    raise ValueError(f"tau must be in (0.5, 1), got {tau}.")
+  if fg_prob.shape != edges.shape:
+    raise ValueError(f"fg_prob {fg_prob.shape} and edges {edges.shape} must "
+                     "have the same shape.")
+  m = jax.lax.stop_gradient(fg_prob)
+  edges = edges.astype(bool)
+  fg = m > tau
+  bg = m < 1.0 - tau
+  bd = ((m >= 1.0 - tau) & (m <= tau)) | edges
+  if exclusive:
+    fg = fg & ~edges
+    bg = bg & ~edges
+  return fg, bg, bd
+
+
+def region_centers(h: Array, gamma: Array, masks: Array,
+                   default_centers: Array, *,
+                   min_pixels: int = MIN_PIXELS) -> tuple[Array, Array]:
+  """γ-weighted region feature centers of one image (Eq. 10, fallback Eq. 47).
+
+  c_k = Σ_{P_k} γ·h / Σ_{P_k} γ. γ is stop-gradiented; h keeps its gradient.
+  A region with fewer than `min_pixels` pixels or with Σγ = 0 uses its
+  default center instead (Eq. 47, SPEC §2); no NaN reaches value or gradient.
+
+  Args:
+    h: (H, W, D) features.
+    gamma: (H, W) reliability γ = ã + b̃ (Eq. 9), ≥ 0.
+    masks: (3, H, W) bool region masks in the order (fg, bg, bd).
+    default_centers: (3, D) fallback centers.
+    min_pixels: τ_min of Eq. 47.
+
+  Returns:
+    centers: (3, D) region centers.
+    used_fallback: (3,) bool, True where the default center was used.
+  """
+  _check_rank("h", h, 3)
+  if gamma.shape != h.shape[:2] or masks.shape != (3,) + h.shape[:2]:
+    raise ValueError(f"gamma {gamma.shape} must be (H, W) and masks "
+                     f"{masks.shape} (3, H, W) for h {h.shape}.")
+  if default_centers.shape != (3, h.shape[-1]):
+    raise ValueError(f"default_centers must be (3, {h.shape[-1]}), got "
+                     f"{default_centers.shape}.")
+  gamma = jax.lax.stop_gradient(gamma).astype(h.dtype)
+  m = masks.astype(h.dtype)  # (3, H, W)
+  count = jnp.sum(masks, axis=(1, 2))  # (3,)
+  mg = m * gamma  # (3, H, W)
+  gsum = jnp.sum(mg, axis=(1, 2))  # (3,)
+  num = jnp.einsum("khw,hwd->kd", mg, h)  # (3, D)
+  valid = (count >= min_pixels) & (gsum > 0)
+  # Double where: the unused division must not produce NaN gradients either.
+  safe_gsum = jnp.where(valid, gsum, 1.0)
+  centers = jnp.where(valid[:, None], num / safe_gsum[:, None],
+                      jax.lax.stop_gradient(default_centers).astype(h.dtype))
+  return centers, ~valid
+
+
+def _safe_norm(x: Array) -> Array:
+  """Euclidean norm over the last axis with gradient 0 (not NaN) at x = 0."""
+  sq = jnp.sum(x**2, axis=-1)
+  nonzero = sq > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
+def dcd_map(h: Array, centers: Array, *, eps: float = DCD_EPS,
+            dcd_max: float = DCD_MAX) -> Array:
+  """Dynamic Center Distance of every pixel of one image (Eq. 11, 46).
+
+  DCD = min(‖h − c_fg‖·‖h − c_bg‖ / (‖h − c_bd‖ + ε), DCD_max).
+
+  Norms have gradient 0 where a feature equals a center, and where the clip is
+  active the division is replaced by a constant, so the gradient stays finite
+  (zero through the clipped pixel) even when h = c_bd exactly.
+
+  Args:
+    h: (H, W, D) features.
+    centers: (3, D) centers (fg, bg, bd).
+    eps: ε of Eq. 11.
+    dcd_max: DCD_max of Eq. 46.
+
+  Returns:
+    (H, W) DCD values in [0, dcd_max].
+  """
+  _check_rank("h", h, 3)
+  if centers.shape != (3, h.shape[-1]):
+    raise ValueError(f"centers must be (3, {h.shape[-1]}), got "
+                     f"{centers.shape}.")
+  d = _safe_norm(h[:, :, None, :] - centers[None, None])  # (H, W, 3)
+  num = d[..., FG] * d[..., BG]
+  den = d[..., BD] + eps
+  clipped = num >= dcd_max * den
+  safe_den = jnp.where(clipped, 1.0, den)
+  return jnp.where(clipped, dcd_max, num / safe_den)
+
+
+def boundary_weights(dcd: Array, bd: Array, *, tau_dcd: float = 1.0) -> Array:
+  """Softmax of DCD/τ_dcd over the boundary pixels of one image (Eq. 12).
+
+  Args:
+    dcd: (H, W) DCD map.
+    bd: (H, W) bool boundary mask.
+    tau_dcd: temperature τ_dcd > 0.
+
+  Returns:
+    (H, W) weights: sum to 1 over bd, 0 outside; all zeros (no NaN, zero
+    gradient) when bd is empty.
+  """
+  if tau_dcd <= 0:
+    raise ValueError(f"tau_dcd must be > 0, got {tau_dcd}.")
+  if dcd.shape != bd.shape:
+    raise ValueError(f"dcd {dcd.shape} and bd {bd.shape} must match.")
+  bd = bd.astype(bool)
+  z = jnp.where(bd, dcd / tau_dcd, 0.0)
+  any_bd = jnp.any(bd)
+  zmax = jax.lax.stop_gradient(jnp.max(jnp.where(bd, z, -jnp.inf)))
+  zmax = jnp.where(any_bd, zmax, 0.0)
+  e = jnp.where(bd, jnp.exp(z - zmax), 0.0)
+  total = jnp.sum(e)
+  return e / jnp.where(total > 0, total, 1.0)
+
+
+def dcd_weights_single(h: Array, fg_prob: Array, image: Array, gamma: Array,
+                       default_centers: Array, *, tau: float = 0.7,
+                       tau_dcd: float = 1.0, min_pixels: int = MIN_PIXELS,
+                       detach_weights: bool = False,
+                       exclusive: bool = False,
+                       edge_fn: EdgeFn = sobel_edges) -> dict[str, Array]:
+  """Eq. 6-12 for one image: regions, centers, DCD and boundary weights.
+
+  Args:
+    h: (H, W, D) penultimate decoder features (Eq. 5).
+    fg_prob: (H, W) foreground probability M̂ (no gradient is taken through it).
+    image: (H, W, C) input image, for `edge_fn`.
+    gamma: (H, W) reliability γ (Eq. 9).
+    default_centers: (3, D) fallback centers (Eq. 47).
+    tau: region threshold τ (Eq. 6-8).
+    tau_dcd: softmax temperature (Eq. 12).
+    min_pixels: τ_min (Eq. 47).
+    detach_weights: stop the gradient at w; by default it flows through h into
+      the weights (Eq. 43-44), via the pixel features and via the centers.
+    exclusive: see `regions`.
+    edge_fn: image (H, W, C) -> bool (H, W) edge mask.
+
+  Returns:
+    dict with "w" (H,W), "dcd" (H,W), "masks" (3,H,W) bool, "centers" (3,D),
+    "used_fallback" (3,) bool.
+  """
+  edges = edge_fn(image)
+  fg, bg, bd = regions(fg_prob, edges, tau=tau, exclusive=exclusive)
+  masks = jnp.stack([fg, bg, bd])
+  centers, used_fallback = region_centers(h, gamma, masks, default_centers,
+                                          min_pixels=min_pixels)
+  dcd = dcd_map(h, centers)
+  w = boundary_weights(dcd, bd, tau_dcd=tau_dcd)
+  if detach_weights:
+    w = jax.lax.stop_gradient(w)
+  return dict(w=w, dcd=dcd, masks=masks, centers=centers,
+              used_fallback=used_fallback)
+
+
+def dcd_weights(h: Array, fg_prob: Array, image: Array, gamma: Array,
+                default_centers: Array, **kwargs) -> dict[str, Array]:
+  """`dcd_weights_single` vmapped over the batch.
+
+  Args:
+    h: (B, H, W, D); fg_prob, gamma: (B, H, W); image: (B, H, W, C);
+    default_centers: (3, D), shared by the batch.
+    **kwargs: keyword options of `dcd_weights_single`.
+
+  Returns:
+    The dict of `dcd_weights_single` with a leading batch axis.
+  """
+  _check_rank("h", h, 4)
+  _check_rank("image", image, 4)
+  b, hh, ww = h.shape[:3]
+  for name, x in (("fg_prob", fg_prob), ("gamma", gamma)):
+    if x.shape != (b, hh, ww):
+      raise ValueError(f"{name} must be {(b, hh, ww)}, got {x.shape}.")
+  if image.shape[:3] != (b, hh, ww):
+    raise ValueError(f"image {image.shape} must be (B, H, W, C) with "
+                     f"B, H, W = {(b, hh, ww)}.")
+  fn = lambda h_, p_, x_, g_: dcd_weights_single(h_, p_, x_, g_,
+                                                  default_centers, **kwargs)
+  return jax.vmap(fn)(h, fg_prob, image, gamma)
+
+
+def init_default_centers(dim: int, dtype=jnp.float32) -> Array:
+  """Initial default centers (Eq. 47): zeros, (3, D)."""
+  return jnp.zeros((3, dim), dtype)
+
+
+def update_default_centers(default_centers: Array, batch_centers: Array,
+                           valid: Array, *, momentum: float = 0.9) -> Array:
+  """EMA of the default centers from one batch's valid centers (Eq. 47).
+
+  new_k = momentum·old_k + (1 − momentum)·mean_{b: valid[b,k]} c_{b,k};
+  a region with no valid center in the batch keeps old_k. Carries no
+  gradient (the result is training state).
+
+  Args:
+    default_centers: (3, D) current defaults.
+    batch_centers: (B, 3, D) per-image centers.
+    valid: (B, 3) bool, True where the center was computed from the image
+      (i.e. `~used_fallback`).
+    momentum: EMA momentum in [0, 1].
+
+  Returns:
+    (3, D) updated defaults.
+  """
+  if not 0.0 <= momentum <= 1.0:
+    raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
+  if (batch_centers.ndim != 3
+      or batch_centers.shape[1:] != default_centers.shape):
+    raise ValueError(f"batch_centers must be (B, {default_centers.shape[0]}, "
+                     f"{default_centers.shape[1]}), got {batch_centers.shape}.")
+  if valid.shape != batch_centers.shape[:2]:
+    raise ValueError(f"valid must be {batch_centers.shape[:2]}, got "
+                     f"{valid.shape}.")
+  batch_centers = jax.lax.stop_gradient(batch_centers)
+  v = valid.astype(batch_centers.dtype)[..., None]  # (B, 3, 1)
+  n = jnp.sum(v, axis=0)  # (3, 1)
+  mean = jnp.sum(v * batch_centers, axis=0) / jnp.maximum(n, 1.0)
+  ema = momentum * default_centers + (1.0 - momentum) * mean
+  return jnp.where(n > 0, ema, default_centers).astype(default_centers.dtype)

@@ -1,0 +1,382 @@
+"""Exact pixel-wise meta-gradients: meta-weighted bootstrapping (MetaDCSeg §3.2, App. A.3).
+
+One training iteration at parameters θ with optimizer state s (SPEC §1, paper Eq. 21-24):
+
+  p = softmax(F(x; θ)),  y_pseudo = argmax p                         (held fixed)
+  f = CE(p, y),  g = CE(p, y_pseudo)                                  per pixel, (B,H,W)  (Eq. 25)
+  θ̂(a, b) = θ + U(∇θ Σ_{i,h,w} (a·f + b·g), s)                                          (Eq. 21)
+  Lval(θ̂) = mean CE(F(xv; θ̂), yv)
+  Ga, Gb = ∂Lval/∂a, ∂Lval/∂b  at (a, b) = (a0, b0)                                 (Eq. 22, 28)
+  ã = max(a0 − η·Ga, 0),  b̃ = max(b0 − η·Gb, 0)                                          (Eq. 23)
+  â = ã / (Z + 1e-10),  b̂ = b̃ / (Z + 1e-10),  Z = Σ_hw (ã + b̃)  per image or batch       (Eq. 24)
+  γ = ã + b̃  (Eq. 9),  πa = ã / γ,  πb = b̃ / γ  (0 where γ = 0)
+
+`U` is the real optimizer's clip-free update (`Optimizer.base`), momentum buffer and weight
+decay included. `Ga`, `Gb` are exact derivatives of this one-step unrolled objective, by either
+of two routes:
+
+* "reverse": `jax.grad` of `Lval(θ̂(a, b))` through the virtual step (reverse-over-reverse);
+  any optax update.
+* "jvp": for an update affine in the gradient, `U(g) = U(0) + L g`, so
+  `Ga_k = <v, L ∇θ f_k> = <Lᵀv, ∇θ f_k>` with `v = ∇θ Lval(θ̂)`: one JVP of the training
+  forward along `u = Lᵀv` gives the logit tangents, and the chain rule through the per-pixel
+  CE gives every pixel's `Ga` and `Gb` at once (Eq. 29; for plain SGD `Lᵀv = −λ v`).
+  `L` and `Lᵀ` come from `jax.linearize` / `jax.linear_transpose` of `U`, so momentum and
+  weight decay need no special casing.
+
+BatchNorm runs in train mode (batch statistics) in every forward here; none of them changes
+the running statistics: `meta_weights` returns none, and `meta_step_grads` returns only those of
+the real training forward at θ.
+
+References:
+  Zhou et al., "L2B: Learning to Bootstrap Robust Models for Combating Label Noise", CVPR 2024.
+  Ren et al., "Learning to Reweight Examples for Robust Deep Learning", ICML 2018.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metadcseg_jax.optim import Optimizer
+from metadcseg_jax.types import Array, Params, Variables
+
+ROUTES = ("reverse", "jvp")
+NORMALIZERS = ("image", "batch")
+EPS_Z = 1e-10  # Eq. 24's guard against an all-zero image
+
+
+class MetaOutput(NamedTuple):
+  """Result of one meta step; every field is gradient-free.
+
+  Attributes:
+    ga: ∂Lval/∂a at (a0, b0), (B,H,W).
+    gb: ∂Lval/∂b at (a0, b0), (B,H,W).
+    a_tilde: ã = max(a0 − η·Ga, 0), (B,H,W) (Eq. 23).
+    b_tilde: b̃ = max(b0 − η·Gb, 0), (B,H,W).
+    a_hat: â, normalised ã (Eq. 24), (B,H,W).
+    b_hat: b̂, normalised b̃, (B,H,W).
+    gamma: reliability γ = ã + b̃ (Eq. 9), (B,H,W).
+    pi_a: πa = ã / γ (0 where γ = 0), (B,H,W).
+    pi_b: πb = b̃ / γ (0 where γ = 0), (B,H,W).
+    y_pseudo: argmax of the prediction at θ, (B,H,W) int32.
+    logits: the train-mode training forward at θ, (B,H,W,L).
+    features: its penultimate features, (B,H,W,D).
+    meta_loss: Lval(θ̂(a0, b0)), scalar.
+  """
+  ga: Array
+  gb: Array
+  a_tilde: Array
+  b_tilde: Array
+  a_hat: Array
+  b_hat: Array
+  gamma: Array
+  pi_a: Array
+  pi_b: Array
+  y_pseudo: Array
+  logits: Array
+  features: Array
+  meta_loss: Array
+
+
+LossFromOutputs = Callable[[Array, Array, MetaOutput], Tuple[Array, Any]]
+
+
+def pixel_cross_entropy(logits: Array, labels: Array) -> Array:
+  """Per-pixel CE, (B,H,W,L) logits and (B,H,W) int labels -> (B,H,W)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _forward(apply_fn, variables, params, x):
+  """Train-mode forward: `((logits, features), new_batch_stats)`."""
+  outputs, updates = apply_fn({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+  logits, features = outputs
+  return (logits, features), updates.get("batch_stats", {})
+
+
+def _meta_loss(apply_fn, variables, params, xv, yv):
+  (logits, _), _ = _forward(apply_fn, variables, params, xv)
+  return jnp.mean(pixel_cross_entropy(logits, yv))
+
+
+def _virtual_update(optimizer, opt_state, params):
+  """`g -> U(g, s)`: the clip-free real update at θ with the real state."""
+  base_state = optimizer.base_state(opt_state)
+
+  def update(grads):
+    updates, _ = optimizer.base.update(grads, base_state, params)
+    return updates
+
+  return update
+
+
+def linearize_update(optimizer: Optimizer, opt_state: optax.OptState, params: Params,
+                     grads: Params) -> Tuple[Params, Callable[[Params], Params],
+                                             Callable[[Params], Params]]:
+  """The virtual step's update `U(·, s)` at `grads`, with its linear part and transpose.
+
+  For an update affine in the gradient, `U(g) = U(0) + L g`, these are `U(grads)`, `g -> L g`
+  and `v -> Lᵀ v` (for SGD with momentum and weight decay, `L = Lᵀ = −λ·I`; with Nesterov
+  `−λ(1 + μ)·I`), found by `jax.linearize` / `jax.linear_transpose`, so nothing is hard-coded.
+
+  Args:
+    optimizer: the `Optimizer`; its clip-free `base` is used.
+    opt_state: the state of `optimizer.tx`.
+    params: θ, where `U` is evaluated (weight decay reads it).
+    grads: the gradient at which to linearise (any point, if the update is affine).
+
+  Returns:
+    `(updates, linear, transpose)`.
+  """
+  updates, linear = jax.linearize(_virtual_update(optimizer, opt_state, params), grads)
+  transpose = jax.linear_transpose(linear, grads)
+  return updates, linear, lambda v: transpose(v)[0]
+
+
+def _check_args(optimizer, x, y, xv, yv, a0b0, eta, normalizer, route):
+  if not isinstance(optimizer, Optimizer):
+    raise ValueError(f"optimizer must be a metadcseg_jax.optim.Optimizer, got {type(optimizer)}")
+  if route not in ROUTES:
+    raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+  if normalizer not in NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+  if route == "jvp" and not optimizer.linear_in_grad:
+    raise ValueError(
+        f"route='jvp' needs an update linear in the gradient; optimizer {optimizer.name!r} is "
+        "not: use route='reverse'")
+  if len(a0b0) != 2:
+    raise ValueError(f"a0b0 must be a pair of floats (a0, b0), got {a0b0!r}")
+  if isinstance(eta, (int, float)) and eta <= 0:
+    raise ValueError(f"eta must be > 0, got {eta}")
+  for name, img, lab in (("x", x, y), ("xv", xv, yv)):
+    label_name = "y" if name == "x" else "yv"
+    if img.ndim != 4:
+      raise ValueError(f"{name} must be (B,H,W,C), got shape {img.shape}")
+    if lab.shape != img.shape[:3]:
+      raise ValueError(f"{label_name} must be (B,H,W) = {img.shape[:3]}, got shape {lab.shape}")
+    if not jnp.issubdtype(lab.dtype, jnp.integer):
+      raise ValueError(f"{label_name} must hold integer class ids, got dtype {lab.dtype}")
+
+
+def _static_float(value, name):
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    raise ValueError(f"{name} must be a Python float (static), got {value!r}") from e
+
+
+def _ce_logit_grads(logits, y, y_pseudo):
+  """∂f/∂logits and ∂g/∂logits per pixel: softmax − one-hot, (B,H,W,L) each."""
+  p = jax.nn.softmax(logits, axis=-1)
+  num_classes = logits.shape[-1]
+  df = p - jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
+  dg = p - jax.nn.one_hot(y_pseudo, num_classes, dtype=logits.dtype)
+  return df, dg
+
+
+def _rectify_normalize(ga, gb, a0, b0, eta, normalizer):
+  """Eq. 23-24 and Eq. 9: `(ã, b̃, â, b̂, γ, πa, πb)`."""
+  a_t = jnp.maximum(a0 - eta * ga, 0.0)
+  b_t = jnp.maximum(b0 - eta * gb, 0.0)
+  gamma = a_t + b_t
+  axes = (1, 2) if normalizer == "image" else None
+  z = jnp.sum(gamma, axis=axes, keepdims=normalizer == "image")
+  a_hat = a_t / (z + EPS_Z)
+  b_hat = b_t / (z + EPS_Z)
+  positive = gamma > 0
+  safe_gamma = jnp.where(positive, gamma, 1.0)
+  pi_a = jnp.where(positive, a_t / safe_gamma, 0.0)
+  pi_b = jnp.where(positive, b_t / safe_gamma, 0.0)
+  return a_t, b_t, a_hat, b_hat, gamma, pi_a, pi_b
+
+
+def _reverse_grads(apply_fn, variables, opt_state, optimizer, x, y, y_pseudo, xv, yv, a0, b0,
+                   dtype):
+  """Reverse-over-reverse: `jax.grad` of Lval(θ̂(a, b)) w.r.t. (a, b) (Eq. 21-22)."""
+  params = variables["params"]
+  update = _virtual_update(optimizer, opt_state, params)
+
+  def weighted_train_loss(p, a, b):
+    (logits, _), _ = _forward(apply_fn, variables, p, x)
+    return jnp.sum(a * pixel_cross_entropy(logits, y) + b * pixel_cross_entropy(logits, y_pseudo))
+
+  def unrolled(ab):
+    grads = jax.grad(weighted_train_loss)(params, *ab)
+    theta_hat = optax.apply_updates(params, update(grads))
+    return _meta_loss(apply_fn, variables, theta_hat, xv, yv)
+
+  ab0 = (jnp.full(y.shape, a0, dtype), jnp.full(y.shape, b0, dtype))
+  meta_loss, (ga, gb) = jax.value_and_grad(unrolled)(ab0)
+  return ga, gb, meta_loss
+
+
+def _jvp_grads(apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0, fwd_jvp, fwd_vjp,
+               df, dg):
+  """Forward-over-reverse: `Ga_k = <Lᵀ∇Lval(θ̂), ∇θ f_k>` from one JVP (Eq. 29).
+
+  `fwd_jvp` / `fwd_vjp` are the linearised training forward at θ and its transpose.
+  """
+  params = variables["params"]
+  if a0 == 0.0 and b0 == 0.0:
+    # θ̂ = θ + U(0, s): no backward pass on the training batch.
+    grads0 = jax.tree.map(jnp.zeros_like, params)
+  else:
+    (grads0,) = fwd_vjp((a0 * df + b0 * dg, None))
+  update0, _, update_transpose = linearize_update(optimizer, opt_state, params, grads0)
+  theta_hat = optax.apply_updates(params, update0)
+  meta_loss, v = jax.value_and_grad(_meta_loss, argnums=2)(apply_fn, variables, theta_hat, xv, yv)
+  u = update_transpose(v)
+  dlogits, _ = fwd_jvp(u)
+  ga = jnp.sum(df * dlogits, axis=-1)
+  gb = jnp.sum(dg * dlogits, axis=-1)
+  return ga, gb, meta_loss
+
+
+def _meta_from_forward(apply_fn, variables, opt_state, optimizer, x, y, xv, yv, outputs, fwd_jvp,
+                       fwd_vjp, a0, b0, eta, normalizer, route):
+  logits, features = outputs
+  if logits.shape[:3] != y.shape:
+    raise ValueError(f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = "
+                     f"y.shape {y.shape}")
+  y_pseudo = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  df, dg = _ce_logit_grads(logits, y, y_pseudo)
+  if route == "reverse":
+    ga, gb, meta_loss = _reverse_grads(apply_fn, variables, opt_state, optimizer, x, y, y_pseudo,
+                                       xv, yv, a0, b0, logits.dtype)
+  else:
+    ga, gb, meta_loss = _jvp_grads(apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0,
+                                   fwd_jvp, fwd_vjp, df, dg)
+  weights = _rectify_normalize(ga, gb, a0, b0, eta, normalizer)
+  out = MetaOutput(ga, gb, *weights, y_pseudo, logits, features, meta_loss)
+  return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def _linearized_forward(apply_fn, variables, x):
+  """Training forward at θ, linearised: `(outputs, jvp, vjp, new_batch_stats)`."""
+  params = variables["params"]
+  outputs, fwd_jvp, new_stats = jax.linearize(
+      lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True)
+  fwd_transpose = jax.linear_transpose(fwd_jvp, params)
+
+  def fwd_vjp(cotangents):
+    ct_logits, ct_features = cotangents
+    if ct_features is None:
+      ct_features = jnp.zeros_like(outputs[1])
+    return fwd_transpose((ct_logits, ct_features))
+
+  return outputs, fwd_jvp, fwd_vjp, new_stats
+
+
+def meta_weights(
+    apply_fn: Callable[..., Any],
+    variables: Variables,
+    opt_state: optax.OptState,
+    optimizer: Optimizer,
+    x: Array,
+    y: Array,
+    xv: Array,
+    yv: Array,
+    *,
+    a0b0: Tuple[float, float] = (0.0, 0.0),
+    eta: float = 1.0,
+    normalizer: str = "image",
+    route: str = "reverse",
+) -> MetaOutput:
+  """Pixel-wise meta-weights from exact one-step meta-gradients (SPEC §1 steps 1-8).
+
+  Args:
+    apply_fn: the flax `model.apply`; called as `apply_fn(variables, x, train=True,
+      mutable=["batch_stats"])` and returning `((logits (B,H,W,L), features (B,H,W,D)),
+      updates)`.
+    variables: `{"params": θ, "batch_stats": ...}` (batch stats are read, never changed).
+    opt_state: the state of `optimizer.tx` (the real momentum buffer and step count).
+    optimizer: from `metadcseg_jax.optim.make_optimizer`; its clip-free `base` is the
+      virtual step's `U`.
+    x: training images (B,H,W,C).
+    y: noisy labels (B,H,W) int.
+    xv: clean meta images (Bv,H',W',C).
+    yv: clean meta labels (Bv,H',W') int.
+    a0b0: the point (a0, b0) where the meta-gradients are taken, Python floats: (0, 0) as in
+      L2B's code (default), or (1, 0), the paper's Eq. 2.
+    eta: meta learning rate η (Eq. 22); cancels in â, b̂, πa, πb when a0b0 = (0, 0).
+    normalizer: "image" (Z per image, Eq. 24) or "batch" (Z over the batch, L2B).
+    route: "reverse" (reverse-over-reverse, any optimizer) or "jvp" (forward-over-reverse,
+      `optimizer.linear_in_grad` only).
+
+  Returns:
+    A gradient-free `MetaOutput`.
+
+  Raises:
+    ValueError: for bad shapes, an unknown route or normalizer, or route="jvp" with an update
+      that is not linear in the gradient.
+  """
+  _check_args(optimizer, x, y, xv, yv, a0b0, eta, normalizer, route)
+  a0 = _static_float(a0b0[0], "a0b0[0]")
+  b0 = _static_float(a0b0[1], "a0b0[1]")
+  variables = jax.lax.stop_gradient(variables)
+  if route == "jvp":
+    outputs, fwd_jvp, fwd_vjp, _ = _linearized_forward(apply_fn, variables, x)
+  else:
+    outputs, _ = _forward(apply_fn, variables, variables["params"], x)
+    fwd_jvp = fwd_vjp = None
+  return _meta_from_forward(apply_fn, variables, opt_state, optimizer, x, y, xv, yv, outputs,
+                            fwd_jvp, fwd_vjp, a0, b0, eta, normalizer, route)
+
+
+def meta_step_grads(
+    apply_fn: Callable[..., Any],
+    variables: Variables,
+    opt_state: optax.OptState,
+    optimizer: Optimizer,
+    x: Array,
+    y: Array,
+    xv: Array,
+    yv: Array,
+    loss_from_outputs: LossFromOutputs,
+    *,
+    a0b0: Tuple[float, float] = (0.0, 0.0),
+    eta: float = 1.0,
+    normalizer: str = "image",
+    route: str = "reverse",
+) -> Tuple[Params, Any, Array, MetaOutput, Any]:
+  """Meta-weights plus the real training gradient, sharing the training forward.
+
+  Computes `meta = meta_weights(...)`, then `∇θ loss` where
+  `(loss, aux) = loss_from_outputs(logits, features, meta)` on the train-mode forward at θ.
+  With route="jvp" the forward is linearised once (`jax.linearize`): its linear map gives the
+  meta JVP and its transpose the virtual step's gradient (a0b0 ≠ (0, 0)) and the real loss's
+  VJP. With route="reverse" one `jax.vjp` forward serves the pseudo labels and the real
+  gradient; the unrolled meta objective recomputes its own forward.
+
+  Args:
+    apply_fn, variables, opt_state, optimizer, x, y, xv, yv: as in `meta_weights`.
+    loss_from_outputs: `(logits (B,H,W,L), features (B,H,W,D), MetaOutput) -> (loss, aux)`,
+      differentiable in logits and features (the MetaOutput is constant).
+    a0b0, eta, normalizer, route: as in `meta_weights`.
+
+  Returns:
+    `(grads, new_batch_stats, loss, meta_output, aux)`: the gradient w.r.t. params, the
+    running statistics updated by the training forward at θ (only that one), the loss value,
+    the gradient-free `MetaOutput` and the loss's aux.
+  """
+  _check_args(optimizer, x, y, xv, yv, a0b0, eta, normalizer, route)
+  a0 = _static_float(a0b0[0], "a0b0[0]")
+  b0 = _static_float(a0b0[1], "a0b0[1]")
+  params = variables["params"]
+  if route == "jvp":
+    outputs, fwd_jvp, fwd_vjp, new_stats = _linearized_forward(apply_fn, variables, x)
+  else:
+    outputs, fwd_vjp_raw, new_stats = jax.vjp(
+        lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True)
+    fwd_jvp = None
+    fwd_vjp = fwd_vjp_raw
+  meta = _meta_from_forward(apply_fn, jax.lax.stop_gradient(variables), opt_state, optimizer, x,
+                            y, xv, yv, jax.lax.stop_gradient(outputs), fwd_jvp, fwd_vjp, a0, b0,
+                            eta, normalizer, route)
+  loss, loss_vjp, aux = jax.vjp(lambda lo, fe: loss_from_outputs(lo, fe, meta), *outputs,
+                                has_aux=True)
+  cotangents = loss_vjp(jnp.ones_like(loss))
+  (grads,) = fwd_vjp(cotangents)
+  return grads, new_stats, loss, meta, aux

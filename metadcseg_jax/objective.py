@@ -1,0 +1,217 @@
+"""The MetaDCSeg training objective (Eq. 13, SPEC §3).
+
+Per image i,
+
+  L_i = Σ_hw (â·f + b̂·g) + λ1·Σ_{bd} w·(πa·f + πb·g) + λ2·Dice(M̂_i, y_i),
+
+with f = CE(p, y) on the noisy labels, g = CE(p, y_pseudo) on the model's own
+prediction, â, b̂ the normalised meta weights (Eq. 24), πa, πb the per-pixel
+mixing ã/γ, b̃/γ (the paper's α + β = 1), w the DCD boundary weights (Eq. 12)
+and Dice the soft foreground Dice loss (smooth 1). The batch loss is the mean
+of L_i ("image" normaliser, Σ_hw â = 1 per image), or with the "batch"
+normaliser (Σ_batch â = 1, L2B's code) the first term summed over the batch:
+L = Σ_batch(â·f + b̂·g) + mean_i(λ1·bd_i + λ2·dice_i).
+
+Ablations (paper Table 5): meta off = `meta_off_weights` (plain CE on the noisy
+labels), DCD off = `use_dcd=False`, Dice off = `use_dice=False`. L2B is
+`l2b_loss`, the first term alone (= `metadcseg_loss(use_dcd=False,
+use_dice=False)`).
+
+The meta weights (â, b̂, γ, πa, πb, y_pseudo) are used as given: for the real
+step pass them without gradient (the meta module's outputs are constants
+there); γ is stop-gradiented inside the centers regardless (SPEC §2).
+
+References:
+  MetaDCSeg, Eq. 1, 6-13, 24, 43-47 (`papers/metadcseg.txt`).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from metadcseg_jax import dcd
+from metadcseg_jax.losses import ce_map, foreground_prob, soft_dice_loss
+from metadcseg_jax.types import Array
+
+NORMALIZERS = ("image", "batch")
+
+
+def _check_normalizer(normalizer: str) -> None:
+  if normalizer not in NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got "
+                     f"{normalizer!r}.")
+
+
+def meta_off_weights(shape: tuple[int, int, int], *, normalizer: str = "image",
+                     dtype=jnp.float32) -> dict[str, Array]:
+  """Weights of the "meta off" ablation: plain CE on the noisy labels.
+
+  â = 1/HW (1/(B·HW) with the batch normaliser, so the first term is the
+  plain mean CE either way), b̂ = 0, γ = 1, πa = 1, πb = 0.
+
+  Args:
+    shape: (B, H, W).
+    normalizer: "image" or "batch", as passed to `metadcseg_loss`.
+    dtype: float dtype of the weights.
+
+  Returns:
+    dict with "a_hat", "b_hat", "gamma", "pi_a", "pi_b", each (B, H, W).
+  """
+  _check_normalizer(normalizer)
+  if len(shape) != 3:
+    raise ValueError(f"shape must be (B, H, W), got {shape}.")
+  b, h, w = shape
+  n = h * w if normalizer == "image" else b * h * w
+  ones = jnp.ones(shape, dtype)
+  zeros = jnp.zeros(shape, dtype)
+  return dict(a_hat=ones / n, b_hat=zeros, gamma=ones, pi_a=ones, pi_b=zeros)
+
+
+def _check_map(name: str, x: Array, shape: tuple[int, ...]) -> None:
+  if x.shape != shape:
+    raise ValueError(f"{name} must have shape {shape}, got {x.shape}.")
+
+
+def _weighted_sum(f: Array, g: Array, a: Array, b: Array) -> Array:
+  """Σ_hw (a·f + b·g) per image, (B,)."""
+  return jnp.sum(a * f + b * g, axis=(1, 2))
+
+
+def l2b_loss(logits: Array, noisy_label: Array, *, a_hat: Array, b_hat: Array,
+             y_pseudo: Array, normalizer: str = "image") -> Array:
+  """First term of Eq. 13: the meta-weighted bootstrapping loss (Eq. 1, L2B).
+
+  Args:
+    logits: (B, H, W, L).
+    noisy_label: (B, H, W) int noisy labels y.
+    a_hat: (B, H, W) normalised weight of the noisy-label loss f.
+    b_hat: (B, H, W) normalised weight of the pseudo-label loss g.
+    y_pseudo: (B, H, W) int pseudo-labels (argmax of the prediction).
+    normalizer: "image" (mean over images of Σ_hw) or "batch" (Σ over batch).
+
+  Returns:
+    Scalar loss. Differentiable in logits and in (a_hat, b_hat), so the meta
+    step can reuse it for its virtual update.
+  """
+  _check_normalizer(normalizer)
+  shape = logits.shape[:3]
+  for name, x in (("noisy_label", noisy_label), ("a_hat", a_hat),
+                  ("b_hat", b_hat), ("y_pseudo", y_pseudo)):
+    _check_map(name, x, shape)
+  per_image = _weighted_sum(ce_map(logits, noisy_label),
+                            ce_map(logits, y_pseudo), a_hat, b_hat)
+  return jnp.mean(per_image) if normalizer == "image" else jnp.sum(per_image)
+
+
+def metadcseg_loss(
+    logits: Array,
+    features: Array,
+    image: Array,
+    noisy_label: Array,
+    *,
+    a_hat: Array,
+    b_hat: Array,
+    gamma: Array,
+    pi_a: Array,
+    pi_b: Array,
+    y_pseudo: Array,
+    default_centers: Array,
+    lambda_bd: float,
+    lambda_dice: float,
+    tau: float = 0.7,
+    tau_dcd: float = 1.0,
+    use_dcd: bool = True,
+    use_dice: bool = True,
+    detach_weights: bool = False,
+    normalizer: str = "image",
+    edge_fn: dcd.EdgeFn = dcd.sobel_edges,
+    center_momentum: float = 0.9,
+) -> tuple[Array, dict[str, Any]]:
+  """The full MetaDCSeg objective (Eq. 13, SPEC §3).
+
+  Args:
+    logits: (B, H, W, L) float; class 0 is background.
+    features: (B, H, W, D) penultimate decoder features h (Eq. 5).
+    image: (B, H, W, C) input images (for the edge detector of Eq. 8).
+    noisy_label: (B, H, W) int noisy labels y.
+    a_hat, b_hat: (B, H, W) normalised meta weights â, b̂ (Eq. 24).
+    gamma: (B, H, W) reliability γ = ã + b̃ (Eq. 9).
+    pi_a, pi_b: (B, H, W) mixing ã/γ and b̃/γ (0 where γ = 0).
+    y_pseudo: (B, H, W) int pseudo-labels.
+    default_centers: (3, D) fallback centers (Eq. 47), from the train state.
+    lambda_bd: λ1, weight of the boundary term.
+    lambda_dice: λ2, weight of the Dice term.
+    tau: region threshold τ (Eq. 6-8).
+    tau_dcd: temperature of Eq. 12.
+    use_dcd: include the DCD boundary term (ablation "DCD off" when False).
+    use_dice: include the Dice term (ablation "Dice off" when False).
+    detach_weights: stop the gradient at the boundary weights w (default:
+      gradients flow through h into w, Eq. 43-44).
+    normalizer: "image" or "batch" (see module docstring).
+    edge_fn: image (H, W, C) -> bool (H, W) edge mask; vmapped here.
+    center_momentum: EMA momentum of the default centers.
+
+  Returns:
+    loss: scalar, = ce_term + λ1·bd_term + λ2·dice_term.
+    aux: dict with
+      "ce_term": scalar first term (per the normaliser);
+      "bd_term", "dice_term": scalars, batch means of Σ_bd w·(πa·f + πb·g)
+        and of the Dice loss, without their λ (0 when switched off);
+      "centers" (B, 3, D), "used_fallback" (B, 3) bool, "w" (B, H, W),
+      "dcd" (B, H, W), "bd" (B, H, W) bool: the DCD quantities (defaults,
+        all-True fallback and zeros when `use_dcd=False`);
+      "new_default_centers" (3, D): EMA update of `default_centers` with this
+        batch's non-fallback centers (unchanged when `use_dcd=False`).
+  """
+  _check_normalizer(normalizer)
+  if logits.ndim != 4 or logits.shape[-1] < 2:
+    raise ValueError(f"logits must be (B, H, W, L) with L >= 2, got "
+                     f"{logits.shape}.")
+  shape = logits.shape[:3]
+  for name, x in (("noisy_label", noisy_label), ("a_hat", a_hat),
+                  ("b_hat", b_hat), ("gamma", gamma), ("pi_a", pi_a),
+                  ("pi_b", pi_b), ("y_pseudo", y_pseudo)):
+    _check_map(name, x, shape)
+  if features.ndim != 4 or features.shape[:3] != shape:
+    raise ValueError(f"features must be (B, H, W, D) with B, H, W = {shape}, "
+                     f"got {features.shape}.")
+  if image.ndim != 4 or image.shape[:3] != shape:
+    raise ValueError(f"image must be (B, H, W, C) with B, H, W = {shape}, "
+                     f"got {image.shape}.")
+  if default_centers.shape != (3, features.shape[-1]):
+    raise ValueError(f"default_centers must be (3, {features.shape[-1]}), got "
+                     f"{default_centers.shape}.")
+
+  f = ce_map(logits, noisy_label)
+  g = ce_map(logits, y_pseudo)
+  first = _weighted_sum(f, g, a_hat, b_hat)  # (B,)
+  ce_term = jnp.mean(first) if normalizer == "image" else jnp.sum(first)
+
+  b = shape[0]
+  zeros_b = jnp.zeros((b,), f.dtype)
+  if use_dcd:
+    out = dcd.dcd_weights(
+        features, foreground_prob(logits), image, gamma, default_centers,
+        tau=tau, tau_dcd=tau_dcd, detach_weights=detach_weights,
+        edge_fn=edge_fn)
+    bd_i = jnp.sum(out["w"] * (pi_a * f + pi_b * g), axis=(1, 2))
+    dcd_aux = dict(
+        centers=out["centers"], used_fallback=out["used_fallback"],
+        w=out["w"], dcd=out["dcd"], bd=out["masks"][:, dcd.BD],
+        new_default_centers=dcd.update_default_centers(
+            default_centers, out["centers"], ~out["used_fallback"],
+            momentum=center_momentum))
+  else:
+    bd_i = zeros_b
+    dcd_aux = dict(
+        centers=jnp.broadcast_to(default_centers, (b,) + default_centers.shape),
+        used_fallback=jnp.ones((b, 3), bool), w=jnp.zeros(shape, f.dtype),
+        dcd=jnp.zeros(shape, f.dtype), bd=jnp.zeros(shape, bool),
+        new_default_centers=default_centers)
+  dice_i = soft_dice_loss(logits, noisy_label) if use_dice else zeros_b
+
+  loss = ce_term + jnp.mean(lambda_bd * bd_i + lambda_dice * dice_i)
+  aux = dict(ce_term=ce_term, bd_term=jnp.mean(bd_i),
+             dice_term=jnp.mean(dice_i), **dcd_aux)
+  return loss, aux

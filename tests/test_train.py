@@ -1,0 +1,187 @@
+"""The trainer end to end on the tiny config: outputs, resume after a kill, NaN stop, CLI."""
+
+import json
+import pathlib
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import tiny
+from metadcseg_jax import train
+from metadcseg_jax.data import pipeline
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+  config = tiny.get_config()
+  config.data.data_dir = str(tmp_path_factory.mktemp("data"))
+  return config
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  return workdir, train.train_and_evaluate(tiny_config, str(workdir))
+
+
+def _lines(path):
+  return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_run_writes_metrics_results_panel_and_checkpoints(full_run, tiny_config):
+  workdir, results = full_run
+  assert (workdir / "results.json").exists() and (workdir / "panel.png").stat().st_size > 1000
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk["test"]["ema"]["dice"] == pytest.approx(results["test"]["ema"]["dice"])
+  lines = _lines(workdir / "metrics.jsonl")
+  train_lines = [l for l in lines if l["split"] == "train"]
+  test_lines = [l for l in lines if l["split"] == "test"]
+  assert [l["epoch"] for l in train_lines] == [1, 2]
+  assert {l["params"] for l in test_lines} == {"raw", "ema"}
+  for l in train_lines:
+    assert np.isfinite(l["loss"]) and l["images_per_s"] > 0 and l["lr"] > 0
+  # The second epoch is past warm-up: the meta step ran and logged its measurements.
+  assert "meta_loss" in train_lines[1] and "meta_loss" not in train_lines[0]
+  assert "bd_term" in train_lines[1]
+  for k in ("dice", "iou", "miou", "hd95", "asd", "n_cases"):
+    assert k in results["test"]["ema"]
+  assert results["test"]["ema"]["n_cases"] == tiny_config.data.n_test
+  ckpts = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  assert ckpts == ["1", "2"]
+  info = json.loads((workdir / "data_info.json").read_text())
+  assert info["n_meta"] == 2 and info["noise"]["kind"] == "l2b40"
+
+
+class _Crash(RuntimeError):
+  pass
+
+
+def test_killed_run_resumes_to_identical_metrics(full_run, tiny_config, tmp_path, monkeypatch):
+  _, want = full_run
+  original = train._Checkpointer.save
+
+  def save_then_crash(self, epoch, state, data_state):
+    original(self, epoch, state, data_state)
+    self.manager.wait_until_finished()
+    raise _Crash(f"killed after epoch {epoch}")
+
+  monkeypatch.setattr(train._Checkpointer, "save", save_then_crash)
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert [l["epoch"] for l in _lines(tmp_path / "metrics.jsonl") if l["split"] == "train"] == [1]
+  monkeypatch.setattr(train._Checkpointer, "save", original)
+  got = train.train_and_evaluate(tiny_config, str(tmp_path))
+  for params in ("raw", "ema"):
+    for k, v in want["test"][params].items():
+      np.testing.assert_allclose(got["test"][params][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  assert [l["epoch"] for l in _lines(tmp_path / "metrics.jsonl") if l["split"] == "train"] == [1, 2]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_config, tmp_path,
+                                                                  monkeypatch):
+  original = pipeline.train_dataset
+  calls = {"n": 0}
+
+  class Poisoned:
+    """Wraps the training iterator; batch number 7 (epoch 2) carries a NaN image."""
+
+    def __init__(self, it):
+      self.it, self.n = it, 0
+
+    def __next__(self):
+      batch = dict(next(self.it))
+      if self.n == 7:
+        batch["image"] = np.full_like(batch["image"], np.nan)
+      self.n += 1
+      return batch
+
+    def get_state(self):
+      return self.it.get_state()
+
+    def set_state(self, s):
+      self.it.set_state(s)
+
+  class PoisonedDataset:
+    def __init__(self, ds):
+      self.ds = ds
+
+    def __iter__(self):
+      return Poisoned(iter(self.ds))
+
+  def poisoned(records, **kw):
+    calls["n"] += 1
+    ds = original(records, **kw)
+    return PoisonedDataset(ds) if calls["n"] == 1 else ds  # the first is the training stream
+
+  monkeypatch.setattr(pipeline, "train_dataset", poisoned)
+  steps_per_epoch = (tiny_config.data.n_train - 2) // tiny_config.train.batch_size
+  assert steps_per_epoch < 7 < 2 * steps_per_epoch
+  with pytest.raises(train.NonFiniteLossError, match=r"step 7 \(epoch 2\).*epoch 1"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
+  config = ml_collections.ConfigDict(tiny_config.to_dict())
+  model = train.build_model(config)
+  optimizer = train.build_optimizer(config, steps_per_epoch=5)
+  rng = np.random.default_rng(0)
+  size = config.data.size
+  label = (np.add.outer(np.arange(size), np.arange(size)) % 17 < 7).astype(np.int32)
+  batch = {
+      "image": jnp.asarray(rng.standard_normal((4, size, size, 1)), jnp.float32),
+      "noisy_label": jnp.asarray(np.stack([label] * 4)),
+      "meta_image": jnp.asarray(rng.standard_normal((2, size, size, 1)), jnp.float32),
+      "meta_label": jnp.asarray(np.stack([label] * 2)),
+  }
+  for method in ("l2b", "metadcseg"):
+    config.method = method
+    step = jax.jit(train.make_train_step(config, model, optimizer, warmup=False))
+    state = train.init_state(config, model, optimizer, jax.random.PRNGKey(0))
+    before = jax.tree.map(np.asarray, state.params)
+    new_state, m = step(state, batch, jax.random.PRNGKey(1))
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    assert np.isfinite(float(m["meta_loss"]))
+    moved = optax.global_norm(jax.tree.map(lambda a, b: a - b, new_state.params, before))
+    assert float(moved) > 0, method
+    assert int(new_state.step) == 1
+    if method == "metadcseg":
+      assert np.isfinite(np.asarray(new_state.dcd_centers)).all()
+
+
+def test_unknown_config_key_and_bad_values_are_refused(tiny_config):
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  with pytest.raises(Exception, match="no_such_key"):
+    fv([ "prog", f"--config={CONFIG_DIR / 'tiny.py'}", "--config.train.no_such_key=1"])
+  fv2 = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv2, lock_config=True)
+  fv2(["prog", f"--config={CONFIG_DIR / 'tiny.py'}", "--config.method=ce"])
+  assert fv2.config.method == "ce"
+  bad = ml_collections.ConfigDict(tiny_config.to_dict())
+  bad.method = "nope"
+  with pytest.raises(ValueError, match="config.method='nope'"):
+    train.check_config(bad)
+  bad.method = "l2b"
+  bad.data.size = 40
+  with pytest.raises(ValueError, match="divisible by 16"):
+    train.check_config(bad)
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "kvasir_seg", "promise12", "msd_heart",
+                                  "msd_brain"])
+def test_every_config_loads_and_passes_checks(name):
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  fv(["prog", f"--config={CONFIG_DIR / (name + '.py')}"])
+  train.check_config(fv.config)
+  doc = (CONFIG_DIR / (name + ".py")).read_text()
+  assert "metadcseg-train --config=experiments/configs/" + name in doc
