@@ -27,7 +27,7 @@ def corruption_table(config, kinds) -> str:
   """Builds (or reuses) the cached noisy labels for each kind; returns the markdown table."""
   from metadcseg_jax import noise  # pylint: disable=g-import-not-at-top
   from metadcseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  sources, key = pipeline.load_sources(config.data)
+  sources, key, _ = pipeline.load_sources(config.data)
   clean = pipeline.load_labels(sources["train"], f"{key}/train", config.data.num_classes)
   rows = [f"dataset {key}: {len(clean)} training masks, noise seed {config.data.noise.seed}",
           "", "| kind | options | 1 - Dice mean | std | min | max | emptied |",

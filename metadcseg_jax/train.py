@@ -95,7 +95,7 @@ def init_state(config, model, optimizer, rng: jax.Array) -> TrainState:
   x = jnp.zeros((1, config.data.size, config.data.size, config.data.channels), jnp.float32)
   variables = model.init(rng_init, x, train=False)
   params = variables["params"]
-  return TrainState(
+  state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=variables.get("batch_stats", {}),
@@ -104,6 +104,8 @@ def init_state(config, model, optimizer, rng: jax.Array) -> TrainState:
       dcd_centers=objective.dcd.init_default_centers(config.model.width),
       rng=rng_loop,
   )
+  # Committed like a restored checkpoint, so a resumed run hits the same jit cache entries.
+  return jax.device_put(state, jax.devices()[0])
 
 
 # ----------------------------------------------------------------------------- the step
@@ -203,8 +205,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, *,
                               opt_state=opt_state, ema_params=ema, dcd_centers=centers)
     measurements = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         **meta_metrics,
     }
     for k in ("ce_term", "bd_term", "dice_term"):
@@ -229,14 +231,18 @@ def make_eval_fn(model) -> Callable:
 
 
 def predict(eval_fn, params, batch_stats, records: pipeline.Records, batch_size: int):
-  """Predictions over a split in order: (images, labels, preds, fg_probs), numpy."""
+  """Predictions over a split in order: dict of numpy arrays image, label, noisy_label, pred
+  (N,H,W) and prob (N,H,W). The last batch is padded to `batch_size`: one compiled shape."""
   out = {"image": [], "label": [], "noisy_label": [], "pred": [], "prob": []}
   for batch in pipeline.eval_batches(records, batch_size):
-    pred, prob = eval_fn(params, batch_stats, jnp.asarray(batch["image"]))
+    n = len(batch["image"])
+    x = np.zeros((batch_size,) + batch["image"].shape[1:], np.float32)
+    x[:n] = batch["image"]
+    pred, prob = eval_fn(params, batch_stats, jnp.asarray(x))
     for k in ("image", "label", "noisy_label"):
       out[k].append(batch[k])
-    out["pred"].append(np.asarray(pred))
-    out["prob"].append(np.asarray(prob))
+    out["pred"].append(np.asarray(pred)[:n])
+    out["prob"].append(np.asarray(prob)[:n])
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -244,7 +250,8 @@ def evaluate(eval_fn, state: TrainState, records: pipeline.Records, *, batch_siz
              num_classes: int, spacing=None) -> dict[str, dict[str, float]]:
   """SPEC §7 metrics on a split for the raw and the EMA parameters.
 
-  3D datasets (several slices per case id) are scored per volume, 2D ones per image.
+  3D datasets (several slices per case id) are scored per volume, 2D ones per image, in
+  pixels unless `spacing` ({case id: (slice, row, col) mm}) is given for the volumes.
   """
   case_ids = [records.case_id(i) for i in range(len(records))]
   per_volume = len(set(case_ids)) < len(case_ids)
@@ -259,7 +266,7 @@ def evaluate(eval_fn, state: TrainState, records: pipeline.Records, *, batch_siz
           num_classes=num_classes, spacing=spacing).values())
     else:
       cases = metrics_lib.batch_case_metrics(out["pred"], out["label"],
-                                             num_classes=num_classes, spacing=spacing)
+                                             num_classes=num_classes)
     results[name] = metrics_lib.summarize(cases)
   return results
 
@@ -355,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("data: %s", {k: v for k, v in splits.info.items() if k != "meta_indices"})
 
   model, optimizer, warm_step, main_step, eval_fn = _compiled_steps(
-      json.dumps(json.loads(_step_cache_key(config))), steps_per_epoch)
+      _step_cache_key(config), steps_per_epoch)
   schedule = optim.lr_schedule(t.lr, steps_per_epoch)
   state = init_state(config, model, optimizer, jax.random.PRNGKey(config.seed))
   train_ds = pipeline.train_dataset(splits.train, batch_size=t.batch_size, seed=config.seed,
@@ -417,7 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       _append_jsonl(metrics_path, record)
       if (epoch + 1) % t.eval_every_epochs == 0 or epoch + 1 == t.num_epochs:
         ev = evaluate(eval_fn, state, splits.test, batch_size=t.eval_batch_size,
-                      num_classes=config.data.num_classes)
+                      num_classes=config.data.num_classes, spacing=splits.info["spacing"] or None)
         for name, summary in ev.items():
           _append_jsonl(metrics_path, {"epoch": epoch + 1, "step": int(state.step),
                                        "split": "test", "params": name, **summary})
@@ -431,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   if not results:  # resumed after the last epoch: evaluate the restored state
     ev = evaluate(eval_fn, state, splits.test, batch_size=t.eval_batch_size,
-                  num_classes=config.data.num_classes)
+                  num_classes=config.data.num_classes, spacing=splits.info["spacing"] or None)
     results = {"epoch": t.num_epochs, "test": ev}
   results.update({"method": config.method, "dataset": splits.info["dataset_key"],
                   "noise": splits.info["noise"], "workdir": str(workdir_path)})

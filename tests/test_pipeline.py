@@ -169,9 +169,9 @@ def test_prepare_data_meta_is_clean_and_train_is_noisy(synthetic_splits):
   np.testing.assert_array_equal(again.meta.indices, splits.meta.indices)
 
 
-def test_prepare_data_rejects_empty_split(synthetic_splits):
+def test_prepare_data_rejects_empty_split(synthetic_splits, monkeypatch):
   cfg, _ = synthetic_splits
-  bad = ml_collections.ConfigDict(cfg.to_dict())
-  bad.n_val = 0
-  with pytest.raises(ValueError, match="split 'val' is empty"):
-    pipeline.prepare_data(bad, meta_batch_size=2)
+  fake = {"train": _fake_source(8), "val": [], "test": _fake_source(2)}
+  monkeypatch.setattr(pipeline, "load_sources", lambda data: (fake, "fake", {}))
+  with pytest.raises(ValueError, match="fake\\): split 'val' is empty"):
+    pipeline.prepare_data(cfg, meta_batch_size=2)

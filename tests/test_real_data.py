@@ -1,7 +1,6 @@
 """Tests of the real-dataset builders (metadcseg_jax.data.real) on tiny fake raw folders."""
 
 import json
-import pathlib
 import time
 
 import numpy as np
@@ -120,6 +119,7 @@ def test_split_rule_and_seed():
   assert split != readers.make_splits(ids, fractions=fractions, seed=1)
   assert readers.split_counts(484, fractions) == {"train": 387, "val": 48, "test": 49}
   assert readers.split_counts(50, real.Promise12.FRACTIONS) == {"train": 36, "val": 4, "test": 10}
+  assert readers.split_counts(20, real.MsdHeart.FRACTIONS) == {"train": 14, "val": 2, "test": 4}
   assert readers.split_counts(5, fractions) == {"train": 3, "val": 1, "test": 1}
   with pytest.raises(ValueError, match="at least 3"):
     readers.split_counts(2, fractions)
@@ -389,6 +389,16 @@ def test_msd_heart_and_layout_errors(tmp_path):
   bad["la_001"] = (volumes["la_001"][0], volumes["la_001"][1] * 2)
   _write_decathlon(tmp_path / "bad", bad, {"0": "MRI"}, {"0": "background", "1": "atrium"})
   with pytest.raises(ValueError, match=r"la_001.nii.gz has values \[2\]"):
+    real.load_sources("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
+                      size=8)
+  # A label volume of another shape, an unreadable image: both named.
+  bad_label = tmp_path / "bad" / "labelsTr" / "la_001.nii.gz"
+  nib.save(nib.Nifti1Image(np.zeros((16, 15, 4), np.float32), np.eye(4)), str(bad_label))
+  with pytest.raises(ValueError, match="size mismatch.*la_001.nii.gz"):
+    real.load_sources("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
+                      size=8)
+  (tmp_path / "bad" / "imagesTr" / "la_001.nii.gz").write_bytes(b"not a nifti")
+  with pytest.raises(ValueError, match="cannot read volume file .*imagesTr/la_001.nii.gz"):
     real.load_sources("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
                       size=8)
   (tmp_path / "bad" / "dataset.json").unlink()

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.method = "metadcseg"
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "unetpp"  # "unetpp" | "unet"
+  config.model.name = "unet++"  # "unet++" | "unet"
   config.model.width = 32
   config.model.deep_supervision = False
   config.model.dtype = "float32"

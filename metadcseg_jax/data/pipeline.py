@@ -95,33 +95,37 @@ class DataSplits:
   meta: Records  # clean meta split (noisy_label == label)
   val: Records
   test: Records
-  info: dict[str, Any]
+  info: dict[str, Any]  # sizes, meta indices, noise summary, per-case spacing (mm)
 
 
-def load_sources(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
+def load_sources(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str, dict]:
   """Builds (if needed) and opens the dataset named by `data.name`.
 
   Returns:
-    ({split: random-access source}, dataset_key) where dataset_key names the exact build
-    (used to key noisy-label caches).
+    ({split: random-access source}, dataset_key, spacing) where dataset_key names the exact
+    build (it keys the noisy-label cache) and spacing maps case id -> voxel spacing in mm
+    (slice, row, col) for volumetric datasets ({} otherwise).
   """
   data_dir = str(pathlib.Path(data.data_dir).expanduser().resolve())
+  from metadcseg_jax.data import builders  # pylint: disable=g-import-not-at-top
   if data.name == "synthetic":
-    from metadcseg_jax.data import builders  # pylint: disable=g-import-not-at-top
     sources = builders.load_synthetic(
         data_dir=data_dir, size=data.size, channels=data.channels, n_train=data.n_train,
         n_val=data.n_val, n_test=data.n_test, seed=data.seed)
     key = builders.synthetic_builder_config(
         data.size, data.channels, data.n_train, data.n_val, data.n_test, data.seed).name
-    return sources, key
+    return sources, key, {}
   from metadcseg_jax.data import real  # pylint: disable=g-import-not-at-top
   if not data.manual_dir:
     raise ValueError(f"dataset {data.name!r} needs --config.data.manual_dir=<folder with the "
                      f"raw data>")
-  options = dict(data.get("options", {}))
-  sources = real.load_sources(data.name, data_dir=data_dir, manual_dir=data.manual_dir,
-                              size=data.size, **options)
-  return sources, f"{data.name}_{data.size}"
+  builder = real.get_dataset_builder(data.name, data_dir=data_dir, manual_dir=data.manual_dir,
+                                     size=data.size, **dict(data.get("options", {})))
+  sources = builders.prepare_sources(builder, splits=SPLITS, manual_dir=data.manual_dir)
+  # resized_spacing gives (row, col, slice); a stacked volume is (slice, row, col).
+  spacing = {c: (float(v[2]), float(v[0]), float(v[1]))
+             for c, v in builder.info.metadata.get("pixel_spacing_mm", {}).items()}
+  return sources, f"{data.name}/{builder.builder_config.name}", spacing
 
 
 def _split_meta(n_train: int, *, fraction: float, min_size: int,
@@ -156,7 +160,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> 
   Returns:
     DataSplits; `info` records sizes, the meta indices and the measured corruption.
   """
-  sources, key = load_sources(config)
+  sources, key, spacing = load_sources(config)
   for split in SPLITS:
     if split not in sources or len(sources[split]) == 0:
       raise ValueError(f"dataset {config.name!r} ({key}): split {split!r} is empty")
@@ -182,6 +186,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> 
       "n_val": len(splits.val), "n_test": len(splits.test),
       "meta_indices": meta_idx.tolist(),
       "noise": noise_info,
+      "spacing": spacing,
   }
   return splits
 

@@ -270,6 +270,11 @@ def _import(module: str, package: str):
                       f"'metadcseg-jax[data]' (or {package})") from e
 
 
+def _mm(*values) -> tuple[float, ...]:
+  # Headers store float32 spacings: 0.7 reads back as 0.699999988; keep what was meant.
+  return tuple(round(float(v), 6) for v in values)
+
+
 def volume_info(path: pathlib.Path) -> tuple[tuple[int, ...], tuple[float, float, float]]:
   """Reads a volume's header only: (shape (S, H, W[, M]), spacing (row, col, slice) mm)."""
   try:
@@ -280,7 +285,7 @@ def volume_info(path: pathlib.Path) -> tuple[tuple[int, ...], tuple[float, float
       if len(shape) < 3:
         raise ValueError(f"expected a 3D or 4D volume, got shape {shape}")
       return ((shape[2], shape[1], shape[0]) + tuple(shape[3:]),
-              (float(zooms[1]), float(zooms[0]), float(zooms[2])))
+              _mm(zooms[1], zooms[0], zooms[2]))
     sitk = _import("SimpleITK", "SimpleITK")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -288,7 +293,7 @@ def volume_info(path: pathlib.Path) -> tuple[tuple[int, ...], tuple[float, float
     size, spacing = reader.GetSize(), reader.GetSpacing()
     if len(size) != 3:
       raise ValueError(f"expected a 3D volume, got size {size}")
-    return (size[2], size[1], size[0]), (float(spacing[1]), float(spacing[0]), float(spacing[2]))
+    return (size[2], size[1], size[0]), _mm(spacing[1], spacing[0], spacing[2])
   except ImportError:
     raise
   except Exception as e:  # pylint: disable=broad-except

@@ -13,11 +13,14 @@ Decisions (see the module docstrings of `readers` for file conventions):
     (PROMISE12, Heart) or over its nonzero voxels with zero kept outside (Brain; the Decathlon
     brain volumes are skull-stripped with zero background).
   * Splits, by case (a volume never straddles splits), seeded, written once to
-    `<data_dir>/<name>/splits_seed<seed>.json` and reread on every later build (any size):
+    `<data_dir>/<name>/splits_seed<seed>.json` (folder: `splits_src<hash of the folder's
+    path>_seed<seed>.json`) and reread on every later build at any size; a copy lands in each
+    build as `splits.json` (`read_split_file`). Proportions:
     Kvasir-SEG 80/10/10 % (800/100/100 of 1000, as in the paper); PROMISE12 72/8/20 % (of the
     50 training cases: 40 train / 10 test as in the paper, with 4 of the 40 carved out as
-    validation, so 36/4/10); MSD 80/10/10 % (Brain: 387/48/49 of 484, the paper's 387 train / 49
-    test); folder 80/10/10 %. Test gets ceil(f n), val round(f n), train the rest, each >= 1.
+    validation, so 36/4/10); MSD Brain 80/10/10 % (387/48/49 of 484: the paper's 387 train / 49
+    test); MSD Heart 70/10/20 % (14/2/4 of 20; the paper gives no split, 4 test volumes rather
+    than 2 for a steadier per-volume mean); folder 80/10/10 %. Test gets ceil(f n), val round(f n), train the rest, each >= 1.
   * Slices: axial. All slices of every split by default (`train_slices="all"`): per-volume
     metrics need whole volumes in val/test, and dropping empty training slices would change the
     foreground share the noise model and DCD see. `train_slices="foreground"` keeps training
@@ -36,12 +39,13 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Mapping
 
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from metadcseg_jax.data import builders
 from metadcseg_jax.data import readers
 
 SPLITS = readers.SPLITS
@@ -49,12 +53,15 @@ SLICE_POLICIES = ("all", "foreground", "nonzero")
 _SPLIT_FILE = "splits.json"  # copy kept inside each prepared build
 
 
-@dataclasses.dataclass(eq=False)
-class RealConfig(tfds.core.BuilderConfig):
-  """A build of a real dataset: target size, split seed and dataset-specific options."""
-  size: int = 256
+@dataclasses.dataclass(eq=False, kw_only=True)
+class RealConfig(builders.SegmentationConfig):
+  """A build of a real dataset: square size (= height = width), split seed, options."""
   seed: int = 0
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def size(self) -> int:
+    return self.height
 
 
 def _name_part(value: Any) -> str:
@@ -62,12 +69,13 @@ def _name_part(value: Any) -> str:
   return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in text)
 
 
-class _RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
   """Shared machinery: configs, layout checks, split file, slice policy, metadata."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the raw dataset folder as manual_dir."
+  BUILDER_CONFIGS: ClassVar[list[RealConfig]] = []  # filled per class: the Table 8 size
   DEFAULT_SIZE: ClassVar[int] = 256
   FRACTIONS: ClassVar[Mapping[str, float]] = {"train": 0.8, "val": 0.1, "test": 0.1}
   OPTIONS: ClassVar[Mapping[str, Any]] = {}  # option name -> default
@@ -76,7 +84,6 @@ class _RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, manual_dir: str | pathlib.Path | None = None, **kwargs):
     self._manual_dir = manual_dir
-    kwargs.setdefault("file_format", "array_record")  # readable without TensorFlow
     super().__init__(**kwargs)
 
   @classmethod
@@ -96,8 +103,18 @@ class _RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     parts = [f"size{int(size)}"] + ([f"seed{int(seed)}"] if seed else [])
     parts += [f"{k}-{_name_part(v)}" for k, v in sorted(full.items()) if v != cls.OPTIONS[k]]
     parts += cls._extra_name_parts(manual_dir)
-    return RealConfig(name="_".join(parts), size=int(size), seed=int(seed), options=full,
-                      description=f"{cls.name} at {size}x{size}, split seed {seed}, {full}")
+    name = "_".join(parts)
+    predefined = cls.builder_configs.get(name)
+    if predefined is not None:  # TFDS insists on the very object of BUILDER_CONFIGS
+      return predefined
+    return cls._new_config(name, int(size), int(seed), full)
+
+  @classmethod
+  def _new_config(cls, name: str, size: int, seed: int, options: Mapping[str, Any]):
+    return RealConfig(
+        name=name, height=size, width=size, channels=cls.CHANNELS or options["channels"],
+        num_classes=options.get("num_classes") or 2, seed=seed, options=dict(options),
+        description=f"{cls.name} at {size}x{size}, split seed {seed}, options {options}")
 
   @classmethod
   def _check_options(cls, options: Mapping[str, Any]) -> None:
@@ -115,25 +132,22 @@ class _RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return self.builder_config
 
   def _info(self) -> tfds.core.DatasetInfo:
-    channels = self.CHANNELS or self.config.options["channels"]
-    size = self.config.size
+    # The base's info plus a MetadataDict (split, spacing, slice counts; saved with the build).
+    info = super()._info()
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(size, size, channels), dtype=np.float32),
-            "label": tfds.features.Tensor(shape=(size, size), dtype=np.uint8),
-            "case_id": tfds.features.Text(),
-            "slice_index": tfds.features.Scalar(dtype=np.int32),
-        }),
-        metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True,  # generation order: volumes stay contiguous, slices ascending
-    )
+        builder=self, description=self.__doc__, features=info.features,
+        homepage=info.homepage, citation=info.citation, disable_shuffling=True,
+        metadata=tfds.core.MetadataDict())
 
   # -- layout and splits --------------------------------------------------------------------
 
   def _root(self, dl_manager) -> pathlib.Path:
-    root = self._manual_dir if self._manual_dir is not None else dl_manager.manual_dir
+    root = self._manual_dir
+    if root is None:
+      try:
+        root = dl_manager.manual_dir
+      except AssertionError as e:  # TFDS's way of saying the folder is missing or empty
+        raise ValueError(f"building {self.name} needs manual_dir, the raw data folder: {e}") from e
     return readers.require_dir(pathlib.Path(root).expanduser().resolve(), f"{self.name} raw data")
 
   def split_file_path(self, root: pathlib.Path | None = None) -> pathlib.Path:
@@ -172,6 +186,13 @@ class _RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split: str, items):
     raise NotImplementedError
 
+  def _encode(self, case_id: str, index: int, image: np.ndarray, label: np.ndarray):
+    """Resizes one (H, W, C) image and (H, W) label to the config's size and encodes them."""
+    size = self.config.size
+    return self.encode_example(image=readers.resize_image(image, size),
+                               label=readers.resize_label(label, size), case_id=case_id,
+                               slice_index=index)
+
 
 def resized_spacing(case_meta: Mapping[str, Any], size: int) -> list[float]:
   """Spacing (row, col, slice) in mm of a case's slices after resizing them to size x size."""
@@ -180,13 +201,6 @@ def resized_spacing(case_meta: Mapping[str, Any], size: int) -> list[float]:
   return [row * h / size, col * w / size, sl]
 
 
-def _example(case_id: str, index: int, image: np.ndarray, label: np.ndarray, size: int):
-  return f"{case_id}/{index:04d}", {
-      "image": readers.resize_image(image, size),
-      "label": readers.resize_label(label, size),
-      "case_id": case_id,
-      "slice_index": np.int32(index),
-  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +235,12 @@ class _ImageFolderBuilder(_RealBuilder, skip_registration=True):
 
   def _generate_examples(self, split, items):
     converted = 0
-    for case_id, (image_path, mask_path) in items:
+    for key, (case_id, (image_path, mask_path)) in enumerate(items):
       image, changed = readers.read_image(image_path, channels=self._num_channels)
       converted += changed
       raw = readers.read_mask(mask_path)
       readers.check_same_size(image.shape[:2], raw.shape, image_path, mask_path)
-      yield _example(case_id, 0, image, self._label(raw, mask_path), self.config.size)
+      yield key, self._encode(case_id, 0, image, self._label(raw, mask_path))
     if converted:
       logging.warning("%s/%s: %d images converted to %d channels", self.name, split, converted,
                       self._num_channels)
@@ -354,7 +368,7 @@ class _VolumeBuilder(_RealBuilder, skip_registration=True):
 
   def _generate_examples(self, split, items):
     policy = self.config.options["train_slices"] if split == "train" else "all"
-    kept = total = 0
+    kept = total = key = 0
     for case_id, (image_path, label_path, channel) in items:
       volume = readers.read_volume(image_path, channel=channel)
       labels = readers.read_label_volume(label_path, allowed=self._allowed_labels())
@@ -364,9 +378,13 @@ class _VolumeBuilder(_RealBuilder, skip_registration=True):
       image = self._normalise(volume, image_path)
       kept, total = kept + int(keep.sum()), total + keep.size
       for k in np.flatnonzero(keep):
-        yield _example(case_id, int(k), image[k, :, :, None], label[k], self.config.size)
+        yield key, self._encode(case_id, int(k), image[k, :, :, None], label[k])
+        key += 1  # integer keys in generation order: record i is the i-th slice written
     logging.info("%s/%s: kept %d of %d axial slices (train_slices=%r applies to train only)",
                  self.name, split, kept, total, policy)
+    if not kept:
+      raise ValueError(f"{self.name}: no {split} slices left with train_slices={policy!r} "
+                       f"(cases {[c for c, _ in items]})")
     self.info.metadata.setdefault("slices", {})[split] = {
         "kept": kept, "total": total, "policy": policy}
 
@@ -497,6 +515,7 @@ class MsdHeart(_DecathlonBuilder, skip_registration=True):
   """
   name = "msd_heart"
   TASK_FOLDER = "Task02_Heart"
+  FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +523,12 @@ class MsdHeart(_DecathlonBuilder, skip_registration=True):
 
 BUILDERS: dict[str, type[_RealBuilder]] = {
     b.name: b for b in (KvasirSeg, Promise12, MsdBrain, MsdHeart, Folder)}
+# The paper's Table 8 size with default options, split seed 0 (set before any config lookup;
+# a folder's channel count is only known from its files).
+for _cls in (KvasirSeg, Promise12, MsdBrain, MsdHeart):
+  _cls.BUILDER_CONFIGS = [_cls._new_config(f"size{_cls.DEFAULT_SIZE}", _cls.DEFAULT_SIZE, 0,
+                                           _cls.OPTIONS)]
+del _cls
 
 
 def get_dataset_builder(name: str, *, data_dir: str | pathlib.Path,
@@ -539,10 +564,7 @@ def load_sources(name: str, *, data_dir: str | pathlib.Path,
   """
   builder = get_dataset_builder(name, data_dir=data_dir, manual_dir=manual_dir, size=size,
                                 **options)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  sources = builder.as_data_source()
-  return {s: sources[s] for s in SPLITS}
+  return builders.prepare_sources(builder, splits=SPLITS, manual_dir=manual_dir)
 
 
 def read_split_file(builder: _RealBuilder) -> dict:

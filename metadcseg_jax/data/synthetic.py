@@ -7,34 +7,38 @@ edges, with their own fine texture, plus spatially correlated acquisition
 noise. The label is the union of the lesions.
 
 All amplitudes are in units of the acquisition-noise standard deviation
-(sigma_n = 1) before the final per-channel normalisation:
+(sigma_n = 1) before the final normalisation; lengths scale with the image side,
+so a 128x128 example looks like a 64x64 one at twice the resolution:
 
-* base tissue level 4.0; background texture: two Gaussian-filtered noise
-  fields of correlation lengths size/8 and size/24, standard deviations 0.7 and
-  0.45 (together about 0.83);
-* bias field exp(0.12 * smooth field (size/3) + linear ramp with slope up to
-  0.3 over the image): about +-20% gain, so the tissue level drifts by about
-  +-0.8, comparable to the lesion contrast;
-* lesion contrast delta ~ U(0.9, 1.5) (its sign is negative with probability
-  0.25: dark lesions), blurred by a Gaussian of sigma (size/64) * U(1, 2) pixels;
-  inside the lesion an extra fine texture (correlation length size/64, std 0.5);
-* acquisition noise: white Gaussian noise filtered with sigma 0.5 * size/64 and
-  rescaled to unit standard deviation.
+* base tissue level 4.0; background texture: Gaussian-filtered noise fields of
+  correlation lengths size/8 and size/24 with standard deviations 0.3 and 0.2;
+* bias field exp(0.10 * smooth field (size/3) + linear ramp of up to 0.3 across
+  the image): about +-15% gain, so the tissue level drifts by about +-0.6;
+* lesion contrast delta ~ U(1.4, 2.0) (negative, a dark lesion, with
+  probability 0.15), blurred by a Gaussian of sigma U(0.7, 1.4) * size/64
+  pixels; inside the lesion an extra texture (correlation length size/32,
+  std 0.4);
+* acquisition noise: white Gaussian noise filtered with sigma 0.4 * size/64
+  pixels (mildly correlated, speckle-like) and rescaled to unit std.
 
-So the pixel-level contrast-to-noise ratio CNR = delta / sigma_n is 0.9-1.5 and,
-measured against the whole background variation (texture, bias and noise,
-about 1.4), 0.6-1.1: a lesion is easy to see as a region but its boundary is
-uncertain by a pixel or two, and low-frequency background texture makes
-lesion-like distractors. With several channels (e.g. 3, like an RGB endoscopy
-frame) every channel sees the same anatomy and bias field, with per-channel
-base levels and lesion contrasts, textures correlated at 0.7 across channels,
-and independent noise.
+So the pixel-level contrast-to-noise ratio CNR = |delta| / sigma_n is 1.4-2.0;
+measured on the normalised images, |mean(fg) - mean(bg)| / std(bg) has median
+1.3 (10th-90th percentile 0.8-1.9). A lesion is plain to see as a region, but
+its boundary is uncertain by a pixel or so and low-frequency texture and bias
+make lesion-like distractors: a small U-Net (width 8, Adam, clean labels, 400
+training images at 64x64) reached validation Dice 0.85 after about 350 steps
+and 0.87 after 800 (3 minutes on a busy 2-core CPU), with per-image Dice
+topping out near 0.95, far from 0.99. With several channels (3: like an RGB
+endoscopy frame, pinkish tint) every channel sees the same anatomy, lesions and
+bias field, with per-channel base levels and lesion contrasts (x U(0.5, 1.3)),
+textures correlated at 0.85 and noise at 0.5 across channels.
 
-Images are normalised to zero mean, unit standard deviation per image and per
-channel. Everything is drawn from one `np.random.Generator`, so an example is a
-pure function of its generator; `make_split` seeds each example from
-`(seed, split, index)` through `np.random.SeedSequence`, so any example can be
-regenerated alone (`split_example`) and splits never share examples.
+Images are normalised to zero mean and unit standard deviation per image (over
+all pixels and channels, which keeps the colour balance). Everything is drawn
+from one `np.random.Generator`, so an example is a pure function of its
+generator; `make_split` seeds each example from `(seed, split, index)` through
+`np.random.SeedSequence`, so any example can be regenerated alone
+(`split_example`) and splits never share examples.
 """
 
 from __future__ import annotations
@@ -154,7 +158,7 @@ def make_example(
     channels: number of image channels C (1: grey MRI/CT-like, 3: RGB-like).
 
   Returns:
-    image: (H, W, C) float32, zero mean and unit std per channel.
+    image: (H, W, C) float32, zero mean and unit std over the image.
     label: (H, W) uint8 in {0, 1}, foreground covering 5-40% of the image.
   """
   _check_shape_args(size, channels)

@@ -15,7 +15,9 @@ Functional use (batch statistics live in the `batch_stats` collection)::
       variables, x, train=True, mutable=["batch_stats"])
   logits, features = model.apply(variables, x, train=False)
 
-`logits` (B,H,W,L) are float32 whatever the computation dtype; `features`
+`logits` (B,H,W,L) and `features` come back, and parameters are kept, in
+float32 for float32 and bfloat16 computation (float64 for float64, which
+finite-difference tests use under `jax.enable_x64`). `features`
 (B,H,W,width) are X^{0,4}, the last decoder block before the 1x1 classifier,
 the `h` of MetaDCSeg Eq. 10-11 (SPEC §2).
 
@@ -27,7 +29,7 @@ References:
 """
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,6 +45,11 @@ WIDTH_MULTIPLIERS = (1, 2, 4, 8, 16)
 # flax's BatchNorm momentum weighs the old running value: PyTorch's 0.1.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+
+
+def _wide(dtype: Dtype) -> Dtype:
+  # Parameter and output dtype: float32, or float64 for float64 computation.
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _torch_kernel_init() -> jax.nn.initializers.Initializer:
@@ -63,19 +70,23 @@ def _conv(features: int, kernel: int, fan_in_channels: int, dtype: Dtype,
           name: str) -> nn.Conv:
   return nn.Conv(
       features, (kernel, kernel), padding="SAME", use_bias=True,
-      dtype=dtype, param_dtype=jnp.float32,
+      dtype=dtype, param_dtype=_wide(dtype),
       kernel_init=_torch_kernel_init(),
       bias_init=_torch_bias_init(kernel * kernel * fan_in_channels),
       name=name)
 
 
 def _interp_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-  """Lower source index and weight of the upper one, `align_corners=True`."""
-  if n_in == 1:
-    return np.zeros(n_out, np.int32), np.zeros(n_out, np.float32)
-  src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
-  lower = np.minimum(np.floor(src).astype(np.int32), n_in - 2)
-  return lower, (src - lower).astype(np.float32)
+  """Source index and weight of its right neighbour, `align_corners=True`.
+
+  Output `o` samples `o * (n_in - 1) / (n_out - 1)`; integer arithmetic keeps
+  the taps exact, so the corners copy the input bit for bit.
+  """
+  if n_in == 1 or n_out == 1:
+    return np.zeros(n_out, np.int32), np.zeros(n_out)
+  num = np.arange(n_out) * (n_in - 1)
+  lower, rem = np.divmod(num, n_out - 1)
+  return lower.astype(np.int32), rem / (n_out - 1)
 
 
 def _lerp_axis(x: Array, axis: int, n_out: int) -> Array:
@@ -84,9 +95,8 @@ def _lerp_axis(x: Array, axis: int, n_out: int) -> Array:
   shape = [1] * x.ndim
   shape[axis] = n_out
   frac = jnp.asarray(frac.reshape(shape), x.dtype)
-  x_lo = jnp.take(x, lower, axis=axis)
-  x_hi = jnp.take(x, upper, axis=axis)
-  return x_lo + frac * (x_hi - x_lo)
+  return ((1 - frac) * jnp.take(x, lower, axis=axis)
+          + frac * jnp.take(x, upper, axis=axis))
 
 
 def upsample_bilinear_2x(x: Array) -> Array:
@@ -126,7 +136,7 @@ class VGGBlock(nn.Module):
   Attributes:
     middle_features: channels after the first conv.
     out_features: channels after the second conv.
-    dtype: computation dtype (parameters stay float32).
+    dtype: computation dtype (parameters float32, float64 for float64).
   """
   middle_features: int
   out_features: int
@@ -138,7 +148,7 @@ class VGGBlock(nn.Module):
       x = _conv(features, 3, x.shape[-1], self.dtype, f"conv{i}")(x)
       x = nn.BatchNorm(
           use_running_average=not train, momentum=BN_MOMENTUM,
-          epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=jnp.float32,
+          epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=_wide(self.dtype),
           use_fast_variance=False, name=f"bn{i}")(x)
       x = nn.relu(x)
     return x
@@ -165,7 +175,8 @@ class UNet(nn.Module):
   Attributes:
     num_classes: L, output channels.
     width: channels of the first level (32 in the reference).
-    dtype: computation dtype, e.g. `jnp.bfloat16`; parameters stay float32.
+    dtype: computation dtype, e.g. `jnp.bfloat16`; parameters and outputs
+      are float32 (float64 for float64).
   """
   num_classes: int
   width: int = 32
@@ -173,7 +184,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> tuple[Array, Array]:
-    """Returns `(logits (B,H,W,L) float32, features X^{0,4} (B,H,W,width) float32)`."""
+    """Returns `(logits (B,H,W,L), features X^{0,4} (B,H,W,width))`, float32."""
     check_input(x)
     _check_num_classes(self.num_classes)
     nb = _widths(self.width)
@@ -187,7 +198,8 @@ class UNet(nn.Module):
           jnp.concatenate([encoder[i], upsample_bilinear_2x(y)], -1),
           train=train)
     logits = _conv(self.num_classes, 1, nb[0], self.dtype, "final")(y)
-    return logits.astype(jnp.float32), y.astype(jnp.float32)
+    out_dtype = _wide(self.dtype)
+    return logits.astype(out_dtype), y.astype(out_dtype)
 
 
 class UNetPlusPlus(nn.Module):
@@ -200,7 +212,7 @@ class UNetPlusPlus(nn.Module):
   per decoder diagonal). Without deep supervision the classifier is a 1x1
   conv `final` on X^{0,4}. With deep supervision 1x1 heads `final1..4` read
   X^{0,1..4}; the output is their mean (the "accurate" mode of Zhou et al.)
-  and each head's float32 logits are sown as `intermediates/head_logits`
+  and each head's logits (output dtype) are sown as `intermediates/head_logits`
   (a tuple of four), so a loss can supervise them one by one::
 
     (logits, feats), state = model.apply(
@@ -211,7 +223,8 @@ class UNetPlusPlus(nn.Module):
     num_classes: L, output channels of every head.
     width: channels of level 0 (32 in the reference).
     deep_supervision: four heads on X^{0,1..4} instead of one on X^{0,4}.
-    dtype: computation dtype, e.g. `jnp.bfloat16`; parameters stay float32.
+    dtype: computation dtype, e.g. `jnp.bfloat16`; parameters and outputs
+      are float32 (float64 for float64).
   """
   num_classes: int
   width: int = 32
@@ -220,10 +233,11 @@ class UNetPlusPlus(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> tuple[Array, Array]:
-    """Returns `(logits (B,H,W,L) float32, features X^{0,4} (B,H,W,width) float32)`."""
+    """Returns `(logits (B,H,W,L), features X^{0,4} (B,H,W,width))`, float32."""
     check_input(x)
     _check_num_classes(self.num_classes)
     nb = _widths(self.width)
+    out_dtype = _wide(self.dtype)
     # nodes[i][j] = X^{i,j}
     nodes: list[list[Array]] = [[] for _ in range(NUM_LEVELS + 1)]
 
@@ -249,14 +263,14 @@ class UNetPlusPlus(nn.Module):
       heads = []
       for j in range(1, NUM_LEVELS + 1):
         head = _conv(self.num_classes, 1, nb[0], self.dtype, f"final{j}")(
-            nodes[0][j]).astype(jnp.float32)
+            nodes[0][j]).astype(out_dtype)
         self.sow("intermediates", "head_logits", head)
         heads.append(head)
       logits = sum(heads[1:], heads[0]) / len(heads)
     else:
       logits = _conv(self.num_classes, 1, nb[0], self.dtype, "final")(
-          features).astype(jnp.float32)
-    return logits, features.astype(jnp.float32)
+          features).astype(out_dtype)
+    return logits, features.astype(out_dtype)
 
 
 def count_params(params: Any) -> int:

@@ -1,0 +1,476 @@
+"""Tests for metadcseg_jax.meta: exact pixel-wise meta-gradients (SPEC §1, paper Eq. 21-29).
+
+The reference for exactness is a central finite difference, in float64, of the one-step
+unrolled objective `Lval(θ̂(a, b))` written out independently here (`_unrolled_objective`).
+Compiled functions live in module-scoped fixtures: XLA compile time dominates on a CPU.
+"""
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metadcseg_jax import meta
+from metadcseg_jax import optim
+
+NUM_PIXELS = 20  # random pixels checked by finite differences
+FD_EPS = 1e-5
+FD_RTOL = 1e-5
+LR = 0.1
+# Per-jit XLA options: compile 2-4x faster on CPU (runtime is irrelevant at these sizes).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
+
+class TinyNet(nn.Module):
+  """conv3x3 -> BatchNorm -> tanh -> conv3x3 (features) -> tanh -> conv1x1 (logits); smooth."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    h = nn.Conv(4, (3, 3))(x)
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+    features = nn.Conv(4, (3, 3))(jnp.tanh(h))
+    logits = nn.Conv(self.num_classes, (1, 1))(jnp.tanh(features))
+    return logits, features
+
+
+class PixelLinear(nn.Module):
+  """A per-pixel linear classifier (1x1 conv); its features are its input."""
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    del train
+    return nn.Conv(self.num_classes, (1, 1))(x), x
+
+
+class Problem(NamedTuple):
+  apply_fn: Any
+  variables: Any
+  opt_state: Any
+  opt: optim.Optimizer
+  x: Any
+  y: Any
+  xv: Any
+  yv: Any
+
+  @property
+  def data(self):
+    return self.x, self.y, self.xv, self.yv
+
+
+def _make_problem(model, opt, *, shape, num_classes, dtype=jnp.float32, seed=0, fake_steps=2):
+  """Random data and a model whose optimizer state has a non-zero momentum buffer.
+
+  The buffer comes from `fake_steps` real `tx` updates on random gradients (no model compile).
+  """
+  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+  x = jax.random.normal(ks[0], shape, dtype)
+  y = jax.random.randint(ks[1], shape[:3], 0, num_classes)
+  xv = jax.random.normal(ks[2], shape, dtype)
+  yv = jax.random.randint(ks[3], shape[:3], 0, num_classes)
+
+  @_jit
+  def init(rng_init, rng_steps, x):
+    variables = model.init(rng_init, x, train=False)
+    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), dict(variables))
+    params = variables["params"]
+    state = opt.tx.init(params)
+    for rng in jax.random.split(rng_steps, fake_steps):
+      leaves, treedef = jax.tree.flatten(params)
+      keys = jax.random.split(rng, len(leaves))
+      grads = jax.tree.unflatten(
+          treedef, [0.3 * jax.random.normal(k, p.shape, dtype) for k, p in zip(keys, leaves)])
+      updates, state = opt.tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    return {**variables, "params": params}, state
+
+  variables, state = init(ks[4], ks[5], x)
+  return Problem(model.apply, variables, state, opt, x, y, xv, yv)
+
+
+def _meta_fn(pb, *, route, a0b0=(0.0, 0.0), normalizer="image", opt=None, apply_fn=None):
+  """Jitted `(variables, opt_state, x, y, xv, yv, eta) -> MetaOutput`."""
+  return _jit(lambda v, s, x, y, xv, yv, eta: meta.meta_weights(
+      apply_fn or pb.apply_fn, v, s, opt or pb.opt, x, y, xv, yv, a0b0=a0b0, eta=eta,
+      normalizer=normalizer, route=route))
+
+
+def _run(fn, pb, eta=1.0, opt_state=None):
+  out = fn(pb.variables, pb.opt_state if opt_state is None else opt_state, *pb.data, eta)
+  return jax.tree.map(np.asarray, out)
+
+
+def _unrolled_objective(pb):
+  """`(a, b) -> Lval(θ + U(∇θ Σ (a·f + b·g), s))`, written out independently of meta.py."""
+  params = pb.variables["params"]
+  ce = optax.softmax_cross_entropy_with_integer_labels
+
+  def forward(p, x):
+    (logits, _), _ = pb.apply_fn({**pb.variables, "params": p}, x, train=True,
+                                 mutable=["batch_stats"])
+    return logits
+
+  y_pseudo = jnp.argmax(forward(params, pb.x), -1)
+
+  def train_loss(p, a, b):
+    logits = forward(p, pb.x)
+    return jnp.sum(a * ce(logits, pb.y) + b * ce(logits, y_pseudo))
+
+  def objective(a, b):
+    grads = jax.grad(train_loss)(params, a, b)
+    updates, _ = pb.opt.base.update(grads, pb.opt.base_state(pb.opt_state), params)
+    return jnp.mean(ce(forward(optax.apply_updates(params, updates), pb.xv), pb.yv))
+
+  return objective
+
+
+def _central_differences(pb):
+  """Jitted `(a0, b0, pixel ids (K,), eps) -> (dLval/da, dLval/db)` at K pixels, (K,) each."""
+  objective = _unrolled_objective(pb)
+  shape = pb.y.shape
+
+  @_jit
+  def fd(a0, b0, idx, eps):
+    e = jax.nn.one_hot(idx, np.prod(shape), dtype=a0.dtype).reshape((-1,) + shape) * eps
+    base_a = jnp.broadcast_to(a0, e.shape)
+    base_b = jnp.broadcast_to(b0, e.shape)
+    a = jnp.concatenate([base_a + e, base_a - e, base_a, base_a])
+    b = jnp.concatenate([base_b, base_b, base_b + e, base_b - e])
+    vals = jax.vmap(objective)(a, b).reshape(4, -1)
+    return (vals[0] - vals[1]) / (2 * eps), (vals[2] - vals[3]) / (2 * eps)
+
+  return fd
+
+
+def _fd_errors(fd, pb, out, a0b0, idx, eps):
+  """Max relative error of out.ga / out.gb against central differences at pixels idx."""
+  dtype = pb.x.dtype
+  a0 = jnp.full(pb.y.shape, a0b0[0], dtype)
+  b0 = jnp.full(pb.y.shape, a0b0[1], dtype)
+  fd_a, fd_b = (np.asarray(v) for v in fd(a0, b0, jnp.asarray(idx), eps))
+  errs = []
+  for exact, approx in ((out.ga.reshape(-1)[idx], fd_a), (out.gb.reshape(-1)[idx], fd_b)):
+    assert np.all(np.isfinite(exact)) and np.max(np.abs(exact)) > 0
+    errs.append(float(np.max(np.abs(exact - approx) / np.abs(exact))))
+  return errs
+
+
+def _pixels(pb, seed):
+  return np.random.default_rng(seed).choice(pb.y.size, NUM_PIXELS, replace=False)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def conv_f64():
+  """Float64 TinyNet: meta-gradients of both routes at (0,0) and (1,0), SGD and Adam, vs FD."""
+  res = {}
+  with jax.enable_x64(True):
+    sgd = optim.make_optimizer(learning_rate=LR, weight_decay=5e-4, grad_clip=0.5)
+    pb = _make_problem(TinyNet(), sgd, shape=(2, 8, 8, 2), num_classes=3, dtype=jnp.float64)
+    fd = _central_differences(pb)
+    idx = _pixels(pb, 0)
+    for a0b0 in ((0.0, 0.0), (1.0, 0.0)):
+      for route in ("reverse", "jvp"):
+        out = _run(_meta_fn(pb, route=route, a0b0=a0b0), pb)
+        res[route, a0b0] = _fd_errors(fd, pb, out, a0b0, idx, FD_EPS)
+        if route == "reverse" and a0b0 == (0.0, 0.0):
+          res["eps_sweep"] = {eps: _fd_errors(fd, pb, out, a0b0, idx, eps)
+                              for eps in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)}
+    adam = optim.make_optimizer(name="adam", learning_rate=1e-2, weight_decay=5e-4)
+    pb_adam = _make_problem(TinyNet(), adam, shape=(2, 8, 8, 2), num_classes=3,
+                            dtype=jnp.float64)
+    out = _run(_meta_fn(pb_adam, route="reverse"), pb_adam)
+    res["adam"] = _fd_errors(_central_differences(pb_adam), pb_adam, out, (0.0, 0.0), idx,
+                             FD_EPS)
+  return res
+
+
+@pytest.fixture(scope="module")
+def unet_f64():
+  """Float64 tiny U-Net++ (width 4, 16x16): the JVP route vs FD at (0, 0)."""
+  models = pytest.importorskip("metadcseg_jax.models")
+  with jax.enable_x64(True):
+    model = models.UNetPlusPlus(num_classes=2, width=4, dtype=jnp.float64)
+    sgd = optim.make_optimizer(learning_rate=LR, weight_decay=5e-4)
+    pb = _make_problem(model, sgd, shape=(2, 16, 16, 1), num_classes=2, dtype=jnp.float64)
+    (logits, _), _ = pb.apply_fn(pb.variables, pb.x, train=True, mutable=["batch_stats"])
+    if logits.dtype != jnp.float64:
+      pytest.fail(f"U-Net++ with dtype float64 returned {logits.dtype} logits: a float64 "
+                  "finite-difference check needs float64 outputs")
+    out = _run(_meta_fn(pb, route="jvp"), pb)
+    errs = _fd_errors(_central_differences(pb), pb, out, (0.0, 0.0), _pixels(pb, 1), FD_EPS)
+  return errs
+
+
+@pytest.fixture(scope="module")
+def conv32():
+  sgd = optim.make_optimizer(learning_rate=LR, weight_decay=5e-4, grad_clip=0.5)
+  return _make_problem(TinyNet(), sgd, shape=(2, 8, 8, 2), num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def conv32_out(conv32):
+  """Float32 MetaOutputs of both routes at (0,0) and (1,0), and the batch normaliser."""
+  outs = {}
+  for a0b0 in ((0.0, 0.0), (1.0, 0.0)):
+    for route in ("reverse", "jvp"):
+      outs[route, a0b0] = _run(_meta_fn(conv32, route=route, a0b0=a0b0), conv32)
+  outs["batch"] = _run(_meta_fn(conv32, route="jvp", normalizer="batch"), conv32)
+  return outs
+
+
+# ----------------------------------------------------------------------------- (a) exactness
+
+
+@pytest.mark.parametrize("route", ["reverse", "jvp"])
+@pytest.mark.parametrize("a0b0", [(0.0, 0.0), (1.0, 0.0)])
+def test_finite_differences_tiny_conv(conv_f64, route, a0b0):
+  err_a, err_b = conv_f64[route, a0b0]
+  print(f"FD rel. error {route} {a0b0}: Ga {err_a:.2e}, Gb {err_b:.2e}; "
+        f"eps sweep {conv_f64['eps_sweep']}")
+  assert err_a <= FD_RTOL and err_b <= FD_RTOL
+
+
+def test_finite_differences_unetpp(unet_f64):
+  err_a, err_b = unet_f64
+  print(f"FD rel. error U-Net++ jvp: Ga {err_a:.2e}, Gb {err_b:.2e}")
+  assert err_a <= FD_RTOL and err_b <= FD_RTOL
+
+
+def test_reverse_route_exact_for_adam(conv_f64):
+  err_a, err_b = conv_f64["adam"]
+  print(f"FD rel. error adam reverse: Ga {err_a:.2e}, Gb {err_b:.2e}")
+  assert err_a <= FD_RTOL and err_b <= FD_RTOL
+
+
+def test_eq29_inner_product_form():
+  # Fresh SGD state, no weight decay: θ̂ = θ at (0, 0), so Ga_k = −λ <∇Lval(θ), ∇f_k(θ)> (Eq. 29),
+  # checked pixel by pixel with an explicit Jacobian.
+  opt = optim.make_optimizer(learning_rate=0.3, weight_decay=0.0)
+  pb = _make_problem(PixelLinear(), opt, shape=(2, 4, 4, 3), num_classes=2, fake_steps=0)
+  out = _run(_meta_fn(pb, route="jvp"), pb)
+  params = pb.variables["params"]
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  logits = lambda p, x: pb.apply_fn({"params": p}, x, train=True)[0]
+  grad_val = jax.grad(lambda p: jnp.mean(ce(logits(p, pb.xv), pb.yv)))(params)
+  jac_f = jax.jacrev(lambda p: ce(logits(p, pb.x), pb.y))(params)  # leaves (B,H,W,...)
+  inner = sum(jnp.tensordot(j, g, axes=g.ndim) for j, g in
+              zip(jax.tree.leaves(jac_f), jax.tree.leaves(grad_val)))
+  np.testing.assert_allclose(out.ga, -0.3 * inner, rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- (b) routes agree
+
+
+@pytest.mark.parametrize("a0b0", [(0.0, 0.0), (1.0, 0.0)])
+def test_reverse_and_jvp_agree_float32(conv32_out, a0b0):
+  rev, fwd = conv32_out["reverse", a0b0], conv32_out["jvp", a0b0]
+  for name in ("ga", "gb"):
+    r, j = getattr(rev, name), getattr(fwd, name)
+    rel = np.max(np.abs(r - j)) / np.max(np.abs(r))
+    print(f"reverse vs jvp float32 {a0b0} {name}: {rel:.2e}")
+    assert np.max(np.abs(r)) > 0 and rel <= 1e-5
+  np.testing.assert_allclose(rev.meta_loss, fwd.meta_loss, rtol=1e-5)
+  np.testing.assert_array_equal(rev.y_pseudo, fwd.y_pseudo)
+
+
+def test_sgd_update_transpose_is_minus_lr():
+  # Lᵀ v = −λ v for SGD with momentum and weight decay, λ read from the schedule at the
+  # current count; with Nesterov −λ (1 + μ) v.
+  params = {"w": jnp.arange(6.0).reshape(2, 3) - 2.0}
+  v = {"w": jnp.array([[0.5, -1.0, 2.0], [3.0, 0.0, -0.25]])}
+  sched = optim.lr_schedule(0.2, steps_per_epoch=2)
+  for nesterov, factor in ((False, 1.0), (True, 1.9)):
+    opt = optim.make_optimizer(learning_rate=sched, weight_decay=5e-4, grad_clip=0.1,
+                               nesterov=nesterov)
+    state = opt.tx.init(params)
+    for _ in range(5):  # count 5 -> epoch 2; a non-zero buffer
+      _, state = opt.tx.update(v, state, params)
+    g0 = jax.tree.map(jnp.zeros_like, params)
+    _, linear, transpose = meta.linearize_update(opt, state, params, g0)
+    lr = 0.2 * 20 / 22
+    np.testing.assert_allclose(transpose(v)["w"], -lr * factor * v["w"], rtol=1e-6)
+    np.testing.assert_allclose(linear(v)["w"], -lr * factor * v["w"], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- (c) invariances
+
+
+def test_weights_independent_of_lr_and_eta(conv32, conv32_out):
+  # With (0, 0), a fresh state and no weight decay θ̂ = θ, so Ga ∝ λ and â, b̂, π do not depend
+  # on λ; η cancels in the normalisation for any state.
+  outs = []
+  for lr in (0.01, 0.1):
+    opt = optim.make_optimizer(learning_rate=lr, weight_decay=0.0)
+    fresh = opt.tx.init(conv32.variables["params"])
+    outs.append(_run(_meta_fn(conv32, route="jvp", opt=opt), conv32, opt_state=fresh))
+  slow, fast = outs
+  np.testing.assert_allclose(fast.ga, 10.0 * slow.ga, rtol=1e-4, atol=1e-9)
+  for name in ("a_hat", "b_hat", "pi_a", "pi_b"):
+    np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-4, atol=1e-7)
+  base = conv32_out["jvp", (0.0, 0.0)]
+  scaled = _run(_meta_fn(conv32, route="jvp"), conv32, eta=7.5)
+  np.testing.assert_allclose(scaled.a_tilde, 7.5 * base.a_tilde, rtol=1e-5, atol=1e-12)
+  for name in ("a_hat", "b_hat", "pi_a", "pi_b", "ga", "gb"):
+    np.testing.assert_allclose(getattr(scaled, name), getattr(base, name), rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- (d) weights
+
+
+@pytest.mark.parametrize("key", [("jvp", (0.0, 0.0)), ("reverse", (1.0, 0.0)), "batch"])
+def test_weights_nonnegative_and_normalised(conv32_out, key):
+  out = conv32_out[key]
+  a0 = key[1][0] if isinstance(key, tuple) else 0.0
+  for w in (out.a_tilde, out.b_tilde, out.a_hat, out.b_hat, out.gamma, out.pi_a, out.pi_b):
+    assert np.all(w >= 0) and np.all(np.isfinite(w))
+  np.testing.assert_allclose(out.a_tilde, np.maximum(a0 - out.ga, 0), rtol=1e-6)
+  total = out.a_hat + out.b_hat
+  sums = total.sum() if key == "batch" else total.sum(axis=(1, 2))
+  np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
+  if key == "batch":  # per-image sums are then not 1
+    assert not np.allclose(total.sum(axis=(1, 2)), 1.0, rtol=1e-3)
+  np.testing.assert_allclose(out.gamma, out.a_tilde + out.b_tilde, rtol=1e-6)
+  positive = out.gamma > 0
+  np.testing.assert_allclose((out.pi_a + out.pi_b)[positive], 1.0, rtol=1e-6)
+  assert np.all(out.pi_a[~positive] == 0) and np.all(out.pi_b[~positive] == 0)
+  # Both signs occur in a random problem, so both branches of the rectifier are exercised.
+  assert 0 < positive.mean() < 1 or a0 > 0
+
+
+# ----------------------------------------------------------------------------- (e) BatchNorm
+
+
+def test_batchnorm_train_mode_and_running_stats_untouched(conv32, conv32_out):
+  before = jax.tree.map(np.array, conv32.variables["batch_stats"])
+  out = _run(_meta_fn(conv32, route="jvp"), conv32)
+  assert "batch_stats" not in meta.MetaOutput._fields
+  for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(conv32.variables["batch_stats"])):
+    np.testing.assert_array_equal(b, a)
+  (train_logits, _), _ = conv32.apply_fn(conv32.variables, conv32.x, train=True,
+                                         mutable=["batch_stats"])
+  eval_logits, _ = conv32.apply_fn(conv32.variables, conv32.x, train=False)
+  np.testing.assert_allclose(out.logits, train_logits, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out.logits, eval_logits, atol=1e-3)
+  # An eval-mode model gives different meta-gradients: train mode matters and is used.
+  eval_apply = functools.partial(_eval_mode_apply, conv32.apply_fn)
+  ev = _run(_meta_fn(conv32, route="jvp", apply_fn=eval_apply), conv32)
+  assert np.max(np.abs(ev.ga - out.ga)) > 1e-2 * np.max(np.abs(out.ga))
+
+
+def _eval_mode_apply(apply_fn, variables, x, *, train, mutable):
+  del train
+  return apply_fn(variables, x, train=False, mutable=mutable)
+
+
+# ----------------------------------------------------------------------------- (f) known answer
+
+
+def test_flipped_labels_get_lower_alpha():
+  # Two classes separable by the first input channel (+1 right half, −1 left half); half of
+  # the right half's training labels are flipped to 0; the meta batch is clean.
+  h = w = 8
+  cls = np.zeros((h, w), np.int32)
+  cls[:, w // 2:] = 1
+  rng = np.random.default_rng(0)
+  def images(n):
+    sign = 2.0 * cls - 1.0
+    chans = [sign + 0.3 * rng.normal(size=(n, h, w)), 0.3 * rng.normal(size=(n, h, w))]
+    return jnp.asarray(np.stack(chans, -1), jnp.float32)
+  x, xv = images(2), images(2)
+  yv = jnp.asarray(np.broadcast_to(cls, (2, h, w)))
+  flipped = np.zeros((2, h, w), bool)
+  flipped[:, ::2, w // 2:] = True
+  y = jnp.asarray(np.where(flipped, 0, cls[None]))
+  model = PixelLinear()
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  opt = optim.make_optimizer(learning_rate=LR)
+  pb = Problem(model.apply, variables, opt.tx.init(variables["params"]), opt, x, y, xv, yv)
+  out = _run(_meta_fn(pb, route="jvp"), pb)
+  clean_alpha = out.a_tilde[~flipped].mean()
+  assert out.a_tilde[flipped].mean() < 0.1 * clean_alpha
+  assert np.mean(np.asarray(out.a_tilde[flipped]) == 0) > 0.9
+  assert np.mean(np.asarray(out.a_tilde[~flipped]) > 0) > 0.9
+
+
+# ----------------------------------------------------------------------------- (g) adam
+
+
+def test_jvp_route_refused_for_adam(conv32):
+  adam = optim.make_optimizer(name="adam", learning_rate=1e-3)
+  state = adam.tx.init(conv32.variables["params"])
+  with pytest.raises(ValueError, match=r"(?s)'adam'.*route='reverse'"):
+    meta.meta_weights(conv32.apply_fn, conv32.variables, state, adam, *conv32.data, route="jvp")
+
+
+# ----------------------------------------------------------------------------- (h) step grads
+
+
+def _loss_from_outputs(y):
+  def loss(logits, features, mo):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    # Uses features too, so both cotangents of the shared forward are exercised.
+    feat = jnp.sum(mo.pi_a[..., None] * features ** 2) / features.size
+    total = jnp.sum(jnp.sum(mo.a_hat * ce, axis=(1, 2))) / y.shape[0] + 0.1 * feat
+    return total, {"feat": feat}
+  return loss
+
+
+@pytest.mark.parametrize("route,a0b0", [("jvp", (0.0, 0.0)), ("jvp", (1.0, 0.0)),
+                                        ("reverse", (0.0, 0.0))])
+def test_meta_step_grads_matches_plain_grad(conv32, conv32_out, route, a0b0):
+  pb = conv32
+  loss_fn = _loss_from_outputs(pb.y)
+  step = _jit(lambda v, s, x, y, xv, yv: meta.meta_step_grads(
+      pb.apply_fn, v, s, pb.opt, x, y, xv, yv, loss_fn, a0b0=a0b0, route=route))
+  grads, new_stats, loss, mo, aux = step(pb.variables, pb.opt_state, *pb.data)
+  mw = conv32_out[route, a0b0]
+  for name in ("a_hat", "b_hat", "ga", "gb", "logits"):
+    np.testing.assert_allclose(getattr(mo, name), getattr(mw, name), rtol=1e-4, atol=1e-7)
+
+  def plain(params):
+    (logits, features), upd = pb.apply_fn({**pb.variables, "params": params}, pb.x, train=True,
+                                          mutable=["batch_stats"])
+    total, aux = loss_fn(logits, features, mo)
+    return total, (upd["batch_stats"], aux)
+
+  (want_loss, (want_stats, want_aux)), want = _jit(jax.value_and_grad(plain, has_aux=True))(
+      pb.variables["params"])
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(aux["feat"], want_aux["feat"], rtol=1e-6)
+  for g, gw in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, gw, rtol=1e-5, atol=1e-7)
+  # The new running statistics are those of the training forward at θ, and they moved.
+  for s, sw, old in zip(jax.tree.leaves(new_stats), jax.tree.leaves(want_stats),
+                        jax.tree.leaves(pb.variables["batch_stats"])):
+    np.testing.assert_allclose(s, sw, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(s, old)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_arguments(conv32):
+  pb = conv32
+  call = functools.partial(meta.meta_weights, pb.apply_fn, pb.variables, pb.opt_state, pb.opt)
+  with pytest.raises(ValueError, match="route"):
+    call(*pb.data, route="forward")
+  with pytest.raises(ValueError, match="normalizer"):
+    call(*pb.data, normalizer="pixel")
+  with pytest.raises(ValueError, match="y must be"):
+    call(pb.x, pb.y[:, :4], pb.xv, pb.yv)
+  with pytest.raises(ValueError, match="yv must hold integer"):
+    call(pb.x, pb.y, pb.xv, pb.yv.astype(jnp.float32))
+  with pytest.raises(ValueError, match="eta"):
+    call(*pb.data, eta=0.0)
+  with pytest.raises(ValueError, match="optimizer"):
+    meta.meta_weights(pb.apply_fn, pb.variables, pb.opt_state, optax.sgd(0.1), *pb.data)
