@@ -279,3 +279,16 @@ def test_init_follows_pytorch_conv_default():
     assert np.abs(values).max() <= bound
     assert np.abs(values).max() > 0.95 * bound
     np.testing.assert_allclose(values.std(), bound / math.sqrt(3), rtol=0.05)
+
+
+def test_activation_is_configurable(x):
+  # The default is ReLU; a smooth activation replaces it in every block.
+  def jaxpr(**kw):
+    model = models.UNetPlusPlus(num_classes=2, width=4, **kw)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    return str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
+
+  relu, smooth = jaxpr(), jaxpr(activation=jax.nn.softplus)
+  # 15 blocks x 2 activations each.
+  assert relu.count("name=relu") >= 30 and "softplus" not in relu
+  assert smooth.count("name=softplus") >= 30 and "name=relu" not in smooth

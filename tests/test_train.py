@@ -182,7 +182,7 @@ def test_unknown_config_key_and_bad_values_are_refused(tiny_config):
     train.check_config(bad)
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "kvasir_seg", "promise12", "msd_heart",
+@pytest.mark.parametrize("name", ["default", "tiny", "synthetic", "kvasir_seg", "promise12", "msd_heart",
                                   "msd_brain"])
 def test_every_config_loads_and_passes_checks(name):
   train.check_config(_parse(["prog", f"--config={CONFIG_DIR / (name + '.py')}"]))

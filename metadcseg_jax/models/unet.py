@@ -29,7 +29,7 @@ References:
 """
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,7 @@ import numpy as np
 from metadcseg_jax.types import Array
 
 Dtype = Any
+Activation = Callable[[Array], Array]
 
 NUM_LEVELS = 4  # pooling steps; inputs must be divisible by 2**NUM_LEVELS
 WIDTH_MULTIPLIERS = (1, 2, 4, 8, 16)
@@ -137,10 +138,12 @@ class VGGBlock(nn.Module):
     middle_features: channels after the first conv.
     out_features: channels after the second conv.
     dtype: computation dtype (parameters float32, float64 for float64).
+    activation: the nonlinearity after each BatchNorm.
   """
   middle_features: int
   out_features: int
   dtype: Dtype = jnp.float32
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -150,7 +153,7 @@ class VGGBlock(nn.Module):
           use_running_average=not train, momentum=BN_MOMENTUM,
           epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=_wide(self.dtype),
           use_fast_variance=False, name=f"bn{i}")(x)
-      x = nn.relu(x)
+      x = self.activation(x)
     return x
 
 
@@ -177,10 +180,14 @@ class UNet(nn.Module):
     width: channels of the first level (32 in the reference).
     dtype: computation dtype, e.g. `jnp.bfloat16`; parameters and outputs
       are float32 (float64 for float64).
+    activation: nonlinearity of every block; ReLU as in the reference. A
+      smooth one (e.g. `jax.nn.softplus`) makes finite-difference checks of
+      derivatives well posed: with ReLU a perturbation can cross a kink.
   """
   num_classes: int
   width: int = 32
   dtype: Dtype = jnp.float32
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> tuple[Array, Array]:
@@ -188,7 +195,8 @@ class UNet(nn.Module):
     check_input(x)
     _check_num_classes(self.num_classes)
     nb = _widths(self.width)
-    block = lambda i, j: VGGBlock(nb[i], nb[i], self.dtype, name=f"conv{i}_{j}")
+    block = lambda i, j: VGGBlock(nb[i], nb[i], self.dtype, self.activation,
+                                  name=f"conv{i}_{j}")
     encoder = [block(0, 0)(x, train=train)]
     for i in range(1, NUM_LEVELS + 1):
       encoder.append(block(i, 0)(max_pool_2x(encoder[-1]), train=train))
@@ -225,11 +233,13 @@ class UNetPlusPlus(nn.Module):
     deep_supervision: four heads on X^{0,1..4} instead of one on X^{0,4}.
     dtype: computation dtype, e.g. `jnp.bfloat16`; parameters and outputs
       are float32 (float64 for float64).
+    activation: nonlinearity of every block (see `UNet`).
   """
   num_classes: int
   width: int = 32
   deep_supervision: bool = False
   dtype: Dtype = jnp.float32
+  activation: Activation = nn.relu
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> tuple[Array, Array]:
@@ -247,8 +257,8 @@ class UNetPlusPlus(nn.Module):
       else:
         inp = jnp.concatenate(
             nodes[i][:j] + [upsample_bilinear_2x(nodes[i + 1][j - 1])], -1)
-      out = VGGBlock(nb[i], nb[i], self.dtype, name=f"conv{i}_{j}")(
-          inp, train=train)
+      out = VGGBlock(nb[i], nb[i], self.dtype, self.activation,
+                     name=f"conv{i}_{j}")(inp, train=train)
       nodes[i].append(out)
       return out
 
