@@ -35,6 +35,7 @@ from metadcseg_jax import metrics as metrics_lib
 from metadcseg_jax import models
 from metadcseg_jax import objective
 from metadcseg_jax import optim
+from metadcseg_jax import plots
 from metadcseg_jax.data import pipeline
 
 PLAIN_METHODS = ("ce", "gce", "sce")
@@ -456,6 +457,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from metadcseg_jax import viz  # pylint: disable=g-import-not-at-top
     viz.write_panel(workdir_path / "panel.png", eval_fn, state, splits,
                     n=t.num_panel_images, batch_size=t.eval_batch_size)
+    plots.plot_curves(metrics_path, workdir_path / "curves.png")
+    if config.method == "metadcseg":
+      _write_dcd_figure(workdir_path / "dcd.png", model, optimizer, state, splits, config)
   except Exception as e:  # a figure must never cost the results
-    logging.warning("could not write panel.png: %s", e)
+    logging.warning("could not write a figure: %s", e)
   return results
+
+
+def _write_dcd_figure(path, model, optimizer, state, splits, config) -> None:
+  """γ and DCD weights of the first training batch at the final state (paper Fig. 3)."""
+  from metadcseg_jax import viz  # pylint: disable=g-import-not-at-top
+  n, nv = config.train.batch_size, config.train.meta_batch_size
+  batch = next(pipeline.eval_batches(splits.train, n))
+  meta_batch = next(pipeline.eval_batches(splits.meta, nv))
+  maps = viz.dcd_maps(model, optimizer, state, config, jnp.asarray(batch["image"]),
+                      jnp.asarray(batch["noisy_label"]), jnp.asarray(meta_batch["image"]),
+                      jnp.asarray(meta_batch["label"]))
+  viz.write_dcd_figure(path, batch["image"], batch["noisy_label"], batch["label"], maps)

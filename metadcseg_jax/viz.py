@@ -58,3 +58,61 @@ def write_panel(path: pathlib.Path, eval_fn, state, splits, *, n: int = 6,
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
+
+
+def dcd_maps(model, optimizer, state, config, x, y, xv, yv) -> dict[str, np.ndarray]:
+  """γ (Eq. 9), the boundary set and the DCD weights (Eq. 12) of one training batch.
+
+  Uses the same meta step and objective as training (not jitted by the caller: this function
+  jits itself once per model).
+  """
+  from metadcseg_jax import meta  # pylint: disable=g-import-not-at-top
+  from metadcseg_jax import objective  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  dcd_cfg = config.dcd
+
+  def maps(variables, opt_state, centers, x, y, xv, yv):
+    mo = meta.meta_weights(model.apply, variables, opt_state, optimizer, x, y, xv, yv,
+                           a0b0=(config.meta.a0, config.meta.b0), eta=config.meta.eta,
+                           normalizer=config.meta.normalizer, route=config.meta.route)
+    _, aux = objective.metadcseg_loss(
+        mo.logits, mo.features, x, y, a_hat=mo.a_hat, b_hat=mo.b_hat, gamma=mo.gamma,
+        pi_a=mo.pi_a, pi_b=mo.pi_b, y_pseudo=mo.y_pseudo, default_centers=centers,
+        lambda_bd=dcd_cfg.lambda_bd, lambda_dice=dcd_cfg.lambda_dice, tau=dcd_cfg.tau,
+        tau_dcd=dcd_cfg.tau_dcd, normalizer=config.meta.normalizer,
+        edge_fn=functools.partial(objective.dcd.sobel_edges,
+                                  top_fraction=dcd_cfg.edge_top_fraction))
+    return {"gamma": mo.gamma, "alpha": mo.a_tilde, "beta": mo.b_tilde, "w": aux["w"],
+            "bd": aux["bd"], "fg_prob": jax.nn.softmax(mo.logits)[..., 1:].sum(-1)}
+
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  out = jax.jit(maps)(variables, state.opt_state, state.dcd_centers, x, y, xv, yv)
+  return jax.tree.map(np.asarray, out)
+
+
+def write_dcd_figure(path: pathlib.Path, images: np.ndarray, noisy: np.ndarray,
+                     clean: np.ndarray, maps: dict[str, np.ndarray]) -> None:
+  """A picture like the paper's Fig. 3: per training image, the image with its clean label,
+  the noisy label, the reliability γ = α̃ + β̃ and the DCD weights over the boundary set."""
+  cols = ["image + clean label", "noisy label", "γ (reliability)", "DCD weight on boundary"]
+  n = len(images)
+  fig, axes = plt.subplots(n, len(cols), figsize=(2.6 * len(cols), 2.4 * n), squeeze=False)
+  for r in range(n):
+    _show_mask(axes[r, 0], images[r], clean[r], "lime")
+    _show_mask(axes[r, 1], images[r], noisy[r], "orange")
+    im = axes[r, 2].imshow(maps["gamma"][r], cmap="viridis")
+    fig.colorbar(im, ax=axes[r, 2], fraction=0.046)
+    w = np.ma.masked_where(~maps["bd"][r].astype(bool), maps["w"][r])
+    _show_image(axes[r, 3], images[r])
+    im = axes[r, 3].imshow(w, cmap="inferno")
+    fig.colorbar(im, ax=axes[r, 3], fraction=0.046)
+    for c, ax in enumerate(axes[r]):
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if r == 0:
+        ax.set_title(cols[c], fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)

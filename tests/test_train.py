@@ -39,6 +39,7 @@ def _lines(path):
 def test_run_writes_metrics_results_panel_and_checkpoints(full_run, tiny_config):
   workdir, results = full_run
   assert (workdir / "results.json").exists() and (workdir / "panel.png").stat().st_size > 1000
+  assert (workdir / "dcd.png").stat().st_size > 1000  # the paper's Fig. 3 picture
   on_disk = json.loads((workdir / "results.json").read_text())
   assert on_disk["test"]["ema"]["dice"] == pytest.approx(results["test"]["ema"]["dice"])
   lines = _lines(workdir / "metrics.jsonl")
