@@ -33,7 +33,7 @@ References:
   Ren et al., "Learning to Reweight Examples for Robust Deep Learning", ICML 2018.
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -348,7 +348,14 @@ def meta_step_grads(
   With route="jvp" the forward is linearised once (`jax.linearize`): its linear map gives the
   meta JVP and its transpose the virtual step's gradient (a0b0 ≠ (0, 0)) and the real loss's
   VJP. With route="reverse" one `jax.vjp` forward serves the pseudo labels and the real
-  gradient; the unrolled meta objective recomputes its own forward.
+  gradient; the unrolled meta objective recomputes its own forward. (Under `jit`, XLA's CSE
+  merges a repeated identical forward anyway: a separate `meta_weights` + `value_and_grad`
+  compiles to the same convolutions and FLOPs; the sharing is explicit here so it does not
+  depend on that.)
+
+  Cost at (0, 0), route="jvp", in forward-pass units F: training forward F, real backward 2F,
+  meta forward+backward at θ̂ 3F, JVP tangent ~2F: ~8F against 3F for a plain step (XLA cost
+  analysis on U-Net++: 2.65x the FLOPs; route="reverse" 3.3x).
 
   Args:
     apply_fn, variables, opt_state, optimizer, x, y, xv, yv: as in `meta_weights`.

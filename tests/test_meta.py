@@ -24,6 +24,9 @@ FD_EPS = 1e-5  # TinyNet is smooth (tanh): the error is flat from 1e-4 to 1e-6
 # near zero; at 1e-7 (float64) it crosses none here and rounding is still far below 1e-5.
 FD_EPS_UNET = 1e-7
 FD_RTOL = 1e-5
+# The reverse route on U-Net++ (float64: FD error 1.8e-7, 2.5e-16 from the JVP route) costs
+# ~20 s more compile; TinyNet checks it against FD. Add "reverse" here to check it again.
+UNET_ROUTES = ("jvp",)
 LR = 0.1
 # Per-jit XLA options: compile 2-4x faster on CPU; runtime suffers (up to 10x), so only for
 # functions that run once or twice.
@@ -219,7 +222,7 @@ def conv_f64():
 
 @pytest.fixture(scope="module")
 def unet_f64():
-  """Float64 tiny U-Net++ (width 4, 32x32): the JVP route vs FD at (0, 0).
+  """Float64 tiny U-Net++ (width 4, 32x32): the routes in UNET_ROUTES vs FD at (0, 0).
 
   32x32 rather than 16x16: at 16x16 the deepest BatchNorm normalises two values per channel,
   which makes the unrolled objective too curved for any finite-difference step.
@@ -236,7 +239,7 @@ def unet_f64():
     fd = _central_differences(pb)
     idx = _pixels(pb, 1)
     res = {}
-    for route in ("reverse", "jvp"):
+    for route in UNET_ROUTES:
       res[route] = out = _run(_meta_fn(pb, route=route), pb)
       res[route, "fd"] = _fd_errors(fd, pb, out, (0.0, 0.0), idx, FD_EPS_UNET)
   return res
@@ -271,20 +274,11 @@ def test_finite_differences_tiny_conv(conv_f64, route, a0b0):
   assert err_a <= FD_RTOL and err_b <= FD_RTOL
 
 
-@pytest.mark.parametrize("route", ["reverse", "jvp"])
+@pytest.mark.parametrize("route", UNET_ROUTES)
 def test_finite_differences_unetpp(unet_f64, route):
   err_a, err_b = unet_f64[route, "fd"]
   print(f"FD rel. error U-Net++ {route}: Ga {err_a:.2e}, Gb {err_b:.2e}")
   assert err_a <= FD_RTOL and err_b <= FD_RTOL
-
-
-def test_routes_agree_float64_unetpp(unet_f64):
-  rev, fwd = unet_f64["reverse"], unet_f64["jvp"]
-  for name in ("ga", "gb"):
-    r, j = getattr(rev, name), getattr(fwd, name)
-    rel = np.max(np.abs(r - j)) / np.max(np.abs(r))
-    print(f"reverse vs jvp float64 U-Net++ {name}: {rel:.2e}")
-    assert rel <= 1e-12
 
 
 def test_reverse_route_exact_for_adam(conv_f64):

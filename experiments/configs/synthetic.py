@@ -19,9 +19,9 @@ def get_config():
   config.data.n_val = 50
   config.data.n_test = 100
   config.train.batch_size = 4
-  config.train.num_epochs = 12
+  config.train.num_epochs = 20
   config.train.warmup_epochs = 3
   config.train.lr = 0.05
-  config.train.eval_every_epochs = 4
+  config.train.eval_every_epochs = 5
   config.train.log_every_steps = 25
   return config
