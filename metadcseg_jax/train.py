@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import sys
 import time
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tqdm
 
 from metadcseg_jax import losses
 from metadcseg_jax import meta as meta_lib
@@ -400,6 +402,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       first_step = int(state.step)
       t0 = time.perf_counter()
       step_metrics = []
+      bar = tqdm.tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.num_epochs}",
+                      leave=False, disable=not sys.stderr.isatty(), unit="step")
       for i in range(steps_per_epoch):
         batch = next(train_it)
         feed = {"image": batch["image"], "noisy_label": batch["noisy_label"]}
@@ -409,11 +413,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         rng = jax.random.fold_in(state.rng, first_step + i)
         state, m = step_fn(state, feed, rng)
         step_metrics.append(m)
+        bar.update()
         if t.log_every_steps and (i + 1) % t.log_every_steps == 0:
           loss = float(m["loss"])
+          bar.set_postfix(loss=f"{loss:.4f}")
           logging.info("epoch %d step %d/%d loss %.4f", epoch + 1, i + 1, steps_per_epoch, loss)
           if not np.isfinite(loss):
             break  # stop now; the scan below names the first bad step
+      bar.close()
       stacked = jax.device_get(jax.tree.map(lambda *xs: np.stack(xs), *step_metrics))
       bad = _first_bad_step(stacked["loss"], first_step)
       if bad is not None:

@@ -23,6 +23,17 @@ def _show_mask(ax, image: np.ndarray, mask: np.ndarray, color: str) -> None:
     ax.contour(mask > 0, levels=[0.5], colors=color, linewidths=0.8)
 
 
+def _save(fig, axes, cols, path) -> None:
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for ax, title in zip(axes[0], cols):
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
 def write_panel(path: pathlib.Path, eval_fn, state, splits, *, n: int = 6,
                 batch_size: int = 16) -> None:
   """Rows of test images (image, label, prediction) and of training images (image, clean
@@ -50,14 +61,7 @@ def write_panel(path: pathlib.Path, eval_fn, state, splits, *, n: int = 6,
       axes[r, 2].text(0.5, 0.5, "(test: clean)", ha="center", va="center")
     _show_mask(axes[r, 3], ex["image"], ex["pred"], "red")
     axes[r, 4].imshow(ex["prob"], cmap="magma", vmin=0, vmax=1)
-    for c, ax in enumerate(axes[r]):
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if r == 0:
-        ax.set_title(cols[c], fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save(fig, axes, cols, path)
 
 
 def dcd_maps(model, optimizer, state, config, x, y, xv, yv) -> dict[str, np.ndarray]:
@@ -96,7 +100,8 @@ def write_dcd_figure(path: pathlib.Path, images: np.ndarray, noisy: np.ndarray,
                      clean: np.ndarray, maps: dict[str, np.ndarray]) -> None:
   """A picture like the paper's Fig. 3: per training image, the image with its clean label,
   the noisy label, the reliability γ = α̃ + β̃ and the DCD weights over the boundary set."""
-  cols = ["image + clean label", "noisy label", "γ (reliability)", "DCD weight on boundary"]
+  cols = ["image + clean label", "noisy label", "γ (reliability)",
+          "DCD weight on boundary (log)"]
   n = len(images)
   fig, axes = plt.subplots(n, len(cols), figsize=(2.6 * len(cols), 2.4 * n), squeeze=False)
   for r in range(n):
@@ -104,15 +109,12 @@ def write_dcd_figure(path: pathlib.Path, images: np.ndarray, noisy: np.ndarray,
     _show_mask(axes[r, 1], images[r], noisy[r], "orange")
     im = axes[r, 2].imshow(maps["gamma"][r], cmap="viridis")
     fig.colorbar(im, ax=axes[r, 2], fraction=0.046)
-    w = np.ma.masked_where(~maps["bd"][r].astype(bool), maps["w"][r])
+    bd = maps["bd"][r].astype(bool)
+    w = np.ma.masked_where(~bd, maps["w"][r])
     _show_image(axes[r, 3], images[r])
-    im = axes[r, 3].imshow(w, cmap="inferno")
+    # The softmax over DCD/τ_dcd (Eq. 12) is very peaked: a log scale shows the whole ring.
+    top = float(w.max()) if bd.any() and w.max() > 0 else 1.0
+    norm = matplotlib.colors.LogNorm(vmin=top * 1e-4, vmax=top)
+    im = axes[r, 3].imshow(np.ma.maximum(w, top * 1e-4), cmap="inferno", norm=norm)
     fig.colorbar(im, ax=axes[r, 3], fraction=0.046)
-    for c, ax in enumerate(axes[r]):
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if r == 0:
-        ax.set_title(cols[c], fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _save(fig, axes, cols, path)

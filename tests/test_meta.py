@@ -26,7 +26,7 @@ FD_EPS_UNET = 1e-7
 FD_RTOL = 1e-5
 # The reverse route on U-Net++ (float64: FD error 1.8e-7, 2.5e-16 from the JVP route) costs
 # ~20 s more compile; TinyNet checks it against FD. Add "reverse" here to check it again.
-UNET_ROUTES = ("jvp",)
+UNET_ROUTES = ("jvp", "reverse")
 LR = 0.1
 # Per-jit XLA options: compile 2-4x faster on CPU; runtime suffers (up to 10x), so only for
 # functions that run once or twice.
@@ -279,6 +279,16 @@ def test_finite_differences_unetpp(unet_f64, route):
   err_a, err_b = unet_f64[route, "fd"]
   print(f"FD rel. error U-Net++ {route}: Ga {err_a:.2e}, Gb {err_b:.2e}")
   assert err_a <= FD_RTOL and err_b <= FD_RTOL
+
+
+def test_unetpp_routes_agree_float64(unet_f64):
+  """The two exact routes on the U-Net++ itself (independent of the FD step size)."""
+  for field in ("ga", "gb", "a_hat", "b_hat"):
+    want = np.asarray(getattr(unet_f64["jvp"], field))
+    got = np.asarray(getattr(unet_f64["reverse"], field))
+    scale = np.abs(want).max()
+    assert scale > 0, field
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * scale, err_msg=field)
 
 
 def test_reverse_route_exact_for_adam(conv_f64):

@@ -1,37 +1,14 @@
-"""MetaDCSeg on PROMISE12, hyper-parameters of the paper's Table 8.
-
-Table 8 row: input 144x144, train batch 1, meta batch 2, 120 epochs (10 warm-up),
-lr 0.0050, weight decay 5e-4, meta step 1, meta lr scale 0.01, lambda_bd 0.30,
-lambda_dice 0.10, tau_dcd 1.0, boundary ratio 0.10 (undefined in the paper: not used, see
-BUILD_NOTES.md), grad threshold 0.10.
+r"""MetaDCSeg on PROMISE12 with the paper's Table 8 hyper-parameters (see table8.py).
 
     metadcseg-train --config=experiments/configs/promise12.py \
-        --config.data.manual_dir=/path/to/PROMISE12 --workdir=/tmp/promise12
+        --config.data.manual_dir=/path/to/PROMISE12 --workdir=runs/promise12
 
-Input: the PROMISE12 training folder (CaseXX.mhd, CaseXX_segmentation.mhd). Cost: a GPU run of hours (120 epochs); on a CPU, days.
-Override the label noise with --config.data.noise.kind=l2b20|l2b40|l2b60|markov_sr|markov_se|dist.
+Input: the PROMISE12 folder (CaseXX.mhd and CaseXX_segmentation.mhd). Cost: 120 epochs, hours on a GPU, days on a CPU.
+Label noise: --config.data.noise.kind=l2b20|l2b40|l2b60|markov_sr|markov_se|dist|none.
 """
 
-from experiments.configs import default
+from experiments.configs import table8
 
 
 def get_config():
-  config = default.get_config()
-  config.data.name = "promise12"
-  config.data.noise.scale_kernels_with_size = False  # L2B kernels as published
-  config.data.size = 144
-  config.data.channels = 1
-  config.model.width = 32
-  config.train.batch_size = 1
-  config.train.meta_batch_size = 2
-  config.train.num_epochs = 120
-  config.train.warmup_epochs = 10
-  config.train.lr = 0.0050
-  config.train.weight_decay = 5e-4
-  config.train.grad_clip = 0.10
-  config.train.eval_every_epochs = 10
-  config.meta.eta = 0.01
-  config.dcd.lambda_bd = 0.30
-  config.dcd.lambda_dice = 0.10
-  config.dcd.tau_dcd = 1.0
-  return config
+  return table8.config_for("promise12")
