@@ -131,6 +131,19 @@ def _plain_pixel_loss(config, logits, labels):
   return losses.ce_map(logits, labels)
 
 
+def objective_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`objective.metadcseg_loss` options from the config (l2b: DCD and Dice off)."""
+  dcd_cfg = config.dcd
+  return dict(
+      lambda_bd=dcd_cfg.lambda_bd, lambda_dice=dcd_cfg.lambda_dice, tau=dcd_cfg.tau,
+      tau_dcd=dcd_cfg.tau_dcd, use_dcd=config.method == "metadcseg" and dcd_cfg.use,
+      use_dice=config.method == "metadcseg" and dcd_cfg.use_dice,
+      detach_weights=dcd_cfg.detach_weights, normalizer=config.meta.normalizer,
+      center_momentum=dcd_cfg.center_momentum,
+      edge_fn=functools.partial(objective.dcd.sobel_edges,
+                                top_fraction=dcd_cfg.edge_top_fraction))
+
+
 def make_train_step(config: ml_collections.ConfigDict, model, optimizer, *,
                     warmup: bool) -> Callable:
   """Returns the pure step `(state, batch, rng) -> (state, metrics)` (not yet jitted).
@@ -147,15 +160,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, *,
   """
   method = config.method
   use_meta_step = method in META_METHODS and not warmup and config.meta.use
-  dcd_cfg = config.dcd
-  objective_kwargs = dict(
-      lambda_bd=dcd_cfg.lambda_bd, lambda_dice=dcd_cfg.lambda_dice, tau=dcd_cfg.tau,
-      tau_dcd=dcd_cfg.tau_dcd, use_dcd=method == "metadcseg" and dcd_cfg.use,
-      use_dice=method == "metadcseg" and dcd_cfg.use_dice,
-      detach_weights=dcd_cfg.detach_weights, normalizer=config.meta.normalizer,
-      center_momentum=dcd_cfg.center_momentum,
-      edge_fn=functools.partial(objective.dcd.sobel_edges,
-                                top_fraction=dcd_cfg.edge_top_fraction))
+  loss_kwargs = objective_kwargs(config)
 
   def step(state: TrainState, batch, rng):
     del rng  # no stochastic layers; kept so the signature is stable (dropout, sharding)
@@ -167,7 +172,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, *,
         return objective.metadcseg_loss(
             logits, features, x, y, a_hat=mo.a_hat, b_hat=mo.b_hat, gamma=mo.gamma,
             pi_a=mo.pi_a, pi_b=mo.pi_b, y_pseudo=mo.y_pseudo,
-            default_centers=state.dcd_centers, **objective_kwargs)
+            default_centers=state.dcd_centers, **loss_kwargs)
 
       grads, new_bs, loss, mo, aux = meta_lib.meta_step_grads(
           model.apply, variables, state.opt_state, optimizer, x, y, batch["meta_image"],
@@ -188,7 +193,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, *,
           w = objective.meta_off_weights(y.shape, normalizer=config.meta.normalizer)
           loss, loss_aux = objective.metadcseg_loss(
               logits, features, x, y, y_pseudo=jnp.argmax(logits, -1), **w,
-              default_centers=state.dcd_centers, **objective_kwargs)
+              default_centers=state.dcd_centers, **loss_kwargs)
         elif method in META_METHODS:  # warm-up, or l2b with meta off
           loss, loss_aux = losses.mean_ce(logits, y), {}
         else:
@@ -211,8 +216,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, *,
       upd2, opt_state = optimizer.tx.update(g2, opt_state, params)
       params = optax.apply_updates(params, upd2)
     ema = optax.incremental_update(params, state.ema_params, 1.0 - config.train.ema_decay)
-    centers = aux.get("new_default_centers", state.dcd_centers) if isinstance(aux, dict) \
-        else state.dcd_centers
+    centers = aux.get("new_default_centers", state.dcd_centers)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                               opt_state=opt_state, ema_params=ema, dcd_centers=centers)
     measurements = {
@@ -222,7 +226,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, optimizer, *,
         **meta_metrics,
     }
     for k in ("ce_term", "bd_term", "dice_term"):
-      if isinstance(aux, dict) and k in aux:
+      if k in aux:
         measurements[k] = aux[k]
     return new_state, measurements
 
@@ -478,7 +482,8 @@ def _write_dcd_figure(path, model, optimizer, state, splits, config) -> None:
   n, nv = config.train.batch_size, config.train.meta_batch_size
   batch = next(pipeline.eval_batches(splits.train, n))
   meta_batch = next(pipeline.eval_batches(splits.meta, nv))
-  maps = viz.dcd_maps(model, optimizer, state, config, jnp.asarray(batch["image"]),
+  maps = viz.dcd_maps(model, optimizer, state, config.meta, objective_kwargs(config),
+                      jnp.asarray(batch["image"]),
                       jnp.asarray(batch["noisy_label"]), jnp.asarray(meta_batch["image"]),
                       jnp.asarray(meta_batch["label"]))
   viz.write_dcd_figure(path, batch["image"], batch["noisy_label"], batch["label"], maps)

@@ -6,7 +6,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import jax
 import numpy as np
+
+from metadcseg_jax import meta
+from metadcseg_jax import objective
 
 
 def _show_image(ax, image: np.ndarray) -> None:
@@ -64,32 +68,23 @@ def write_panel(path: pathlib.Path, eval_fn, state, splits, *, n: int = 6,
   _save(fig, axes, cols, path)
 
 
-def dcd_maps(model, optimizer, state, config, x, y, xv, yv) -> dict[str, np.ndarray]:
+def dcd_maps(model, optimizer, state, meta_cfg, loss_kwargs, x, y, xv, yv
+             ) -> dict[str, np.ndarray]:
   """γ (Eq. 9), the boundary set and the DCD weights (Eq. 12) of one training batch.
 
-  Uses the same meta step and objective as training (not jitted by the caller: this function
-  jits itself once per model).
+  Runs the training step's own meta step (`meta_cfg`) and objective (`loss_kwargs`, from
+  `train.objective_kwargs`), jitted once for the figure.
   """
-  from metadcseg_jax import meta  # pylint: disable=g-import-not-at-top
-  from metadcseg_jax import objective  # pylint: disable=g-import-not-at-top
-  import functools  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-
-  dcd_cfg = config.dcd
 
   def maps(variables, opt_state, centers, x, y, xv, yv):
     mo = meta.meta_weights(model.apply, variables, opt_state, optimizer, x, y, xv, yv,
-                           a0b0=(config.meta.a0, config.meta.b0), eta=config.meta.eta,
-                           normalizer=config.meta.normalizer, route=config.meta.route)
+                           a0b0=(meta_cfg.a0, meta_cfg.b0), eta=meta_cfg.eta,
+                           normalizer=meta_cfg.normalizer, route=meta_cfg.route)
     _, aux = objective.metadcseg_loss(
         mo.logits, mo.features, x, y, a_hat=mo.a_hat, b_hat=mo.b_hat, gamma=mo.gamma,
         pi_a=mo.pi_a, pi_b=mo.pi_b, y_pseudo=mo.y_pseudo, default_centers=centers,
-        lambda_bd=dcd_cfg.lambda_bd, lambda_dice=dcd_cfg.lambda_dice, tau=dcd_cfg.tau,
-        tau_dcd=dcd_cfg.tau_dcd, normalizer=config.meta.normalizer,
-        edge_fn=functools.partial(objective.dcd.sobel_edges,
-                                  top_fraction=dcd_cfg.edge_top_fraction))
-    return {"gamma": mo.gamma, "alpha": mo.a_tilde, "beta": mo.b_tilde, "w": aux["w"],
-            "bd": aux["bd"], "fg_prob": jax.nn.softmax(mo.logits)[..., 1:].sum(-1)}
+        **loss_kwargs)
+    return {"gamma": mo.gamma, "w": aux["w"], "bd": aux["bd"]}
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   out = jax.jit(maps)(variables, state.opt_state, state.dcd_centers, x, y, xv, yv)
