@@ -1,4 +1,4 @@
-"""Times one training step of each method after compilation (issue 3 item 6, issue 4 item 5).
+"""Times one training step of each method after compilation (`metadcseg-bench`).
 
     metadcseg-bench                       # the full table (CPU: ~10-20 min)
     metadcseg-bench --sizes=64 --widths=8 --channels=1 --repeats=3   # quick look
@@ -13,14 +13,14 @@ If torch is importable, also times an L2B-style PyTorch step on an identically s
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import default as default_config
-from metadcseg_jax import train
+from metadcseg_jax import cli
+from metadcseg_jax import methods
 
 _SIZES = flags.DEFINE_list("sizes", ["128"], "Image sizes.")
 _WIDTHS = flags.DEFINE_list("widths", ["16", "32"], "U-Net++ base widths.")
@@ -57,11 +57,9 @@ def _batch(size, channels, batch, seed=0):
 def time_jax_step(method, route, size, width, channels, batch, repeats):
   """Median seconds of one jitted train step (state donated, as in training)."""
   config = _config(method, route, size, width, channels, batch)
-  model = train.build_model(config)
-  optimizer = train.build_optimizer(config, steps_per_epoch=100)
-  step = jax.jit(train.make_train_step(config, model, optimizer, warmup=False),
-                 donate_argnums=(0,))
-  state = train.init_state(config, model, optimizer, jax.random.PRNGKey(0))
+  m = methods.create(config, steps_per_epoch=100)
+  step = jax.jit(m.train_step("main"), donate_argnums=(0,))
+  state = m.init_state(jax.random.PRNGKey(0))
   feed = _batch(size, channels, batch)
   t0 = time.perf_counter()
   state, m = step(state, feed, jax.random.PRNGKey(0))
@@ -122,7 +120,8 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  """Console-script entry (pyproject `metadcseg-bench`)."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

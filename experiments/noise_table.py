@@ -15,6 +15,8 @@ from absl import flags
 import numpy as np
 
 from metadcseg_jax import noise
+from metadcseg_jax.data import synthetic
+from metadcseg_jax.noise import l2b
 
 _N = flags.DEFINE_integer("n", 100, "Blob masks per image size.")
 _SIZES = flags.DEFINE_list("sizes", ["64", "256"], "Image sides.")
@@ -28,8 +30,8 @@ def table(n: int, sizes: Sequence[int], seed: int, gsd: bool) -> str:
           "1 − Dice (mean ± std) | emptied |",
           "|---|---|---|---|---|---|---|"]
   for size in sizes:
-    clean = noise.synthetic_blobs(n, size, seed=seed + 1)
-    settings = [(k, s) for k in noise.L2B_LEVELS for s in (False, True)]
+    clean = synthetic.blob_masks(n, size, seed=seed + 1)
+    settings = [(k, s) for k in l2b.L2B_LEVELS for s in (False, True)]
     if gsd:
       settings += [(k, None) for k in ("markov_sr", "markov_se", "dist")]
     for kind, scale in settings:
@@ -40,7 +42,7 @@ def table(n: int, sizes: Sequence[int], seed: int, gsd: bool) -> str:
       if scale is None:
         kernels, thr, scale_txt = "-", "-", "-"
       else:
-        ks, t = noise.l2b_kernel_sizes(kind, clean.shape,
+        ks, t = l2b.l2b_kernel_sizes(kind, clean.shape,
                                        scale_kernels_with_size=scale)
         kernels, thr, scale_txt = ",".join(map(str, ks)), f"{t:g}", str(scale)
       rows.append(f"| {size} | {kind} | {scale_txt} | {kernels} | {thr} | "

@@ -1,4 +1,4 @@
-"""Where the time of an `l2b` step goes: its parts timed separately (issue 3 profiling).
+"""Where the time of an `l2b` step goes: its parts timed separately.
 
     python -m experiments.profile_meta --sizes=128 --widths=32 --channels=3
 
@@ -22,7 +22,7 @@ import optax
 from experiments import bench_step
 from metadcseg_jax import losses
 from metadcseg_jax import meta
-from metadcseg_jax import train
+from metadcseg_jax import methods
 
 # The benchmark's flags (--sizes, --widths, --channels, --batch, --repeats); the first value of
 # each list is profiled.
@@ -49,9 +49,9 @@ def main(argv):
   del argv
   config = bench_step._config("l2b", "jvp", int(FLAGS.sizes[0]), int(FLAGS.widths[0]), int(FLAGS.channels[0]),
                               FLAGS.batch)
-  model = train.build_model(config)
-  optimizer = train.build_optimizer(config, steps_per_epoch=100)
-  state = train.init_state(config, model, optimizer, jax.random.PRNGKey(0))
+  method = methods.create(config, steps_per_epoch=100)
+  model, optimizer = method.model, method.optimizer
+  state = method.init_state(jax.random.PRNGKey(0))
   batch = bench_step._batch(int(FLAGS.sizes[0]), int(FLAGS.channels[0]), FLAGS.batch)
   x, y, xv, yv = batch["image"], batch["noisy_label"], batch["meta_image"], batch["meta_label"]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -85,11 +85,11 @@ def main(argv):
   print("| part | seconds |\n|---|---|")
   for name, (fn, args) in parts.items():
     print(f"| {name} | {_time(fn, *args):.3f} |", flush=True)
-  for method in ("ce", "l2b"):
-    config.method = method
-    step = jax.jit(train.make_train_step(config, model, optimizer, warmup=False))
+  for name in ("ce", "l2b"):
+    config.method = name
+    step = jax.jit(methods.create(config, steps_per_epoch=100).train_step("main"))
     args = (state, batch, jax.random.PRNGKey(0))
-    print(f"| full {method} step | {_time(step, *args):.3f} |  GFLOP {_flops(step, *args) / 1e9:.2f}")
+    print(f"| full {name} step | {_time(step, *args):.3f} |  GFLOP {_flops(step, *args) / 1e9:.2f}")
 
 
 if __name__ == "__main__":

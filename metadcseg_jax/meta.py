@@ -39,12 +39,41 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metadcseg_jax.losses import ce_map
 from metadcseg_jax.optim import Optimizer
 from metadcseg_jax.types import Array, Params, Variables
 
+# The two exact routes to the meta-gradients, and where Eq. 24 normalises the weights.
 ROUTES = ("reverse", "jvp")
 NORMALIZERS = ("image", "batch")
 EPS_Z = 1e-10  # Eq. 24's guard against an all-zero image
+
+
+class MetaOptions(NamedTuple):
+  """The options of one meta step, as one value (`meta_weights(..., **options.kwargs())`).
+
+  Attributes:
+    a0, b0: the point (a0, b0) where the meta-gradients are taken (SPEC §1 step 5).
+    eta: meta learning rate η (Eq. 22).
+    normalizer: "image" (Eq. 24) or "batch" (L2B's code).
+    route: "reverse" or "jvp".
+  """
+  a0: float = 0.0
+  b0: float = 0.0
+  eta: float = 1.0
+  normalizer: str = "image"
+  route: str = "reverse"
+
+  @classmethod
+  def from_config(cls, meta_config) -> "MetaOptions":
+    """From the `meta` section of a config (fields a0, b0, eta, normalizer, route)."""
+    return cls(float(meta_config.a0), float(meta_config.b0), float(meta_config.eta),
+               str(meta_config.normalizer), str(meta_config.route))
+
+  def kwargs(self) -> dict[str, Any]:
+    """Keyword arguments of `meta_weights` and `meta_step_grads`."""
+    return dict(a0b0=(self.a0, self.b0), eta=self.eta, normalizer=self.normalizer,
+                route=self.route)
 
 
 class MetaOutput(NamedTuple):
@@ -79,13 +108,15 @@ class MetaOutput(NamedTuple):
   features: Array
   meta_loss: Array
 
+  def summary(self) -> dict[str, Array]:
+    """Scalar diagnostics: the meta loss, α's share of the weight, the zero-weight share."""
+    total = jnp.sum(self.a_hat + self.b_hat)
+    return {"meta_loss": self.meta_loss,
+            "alpha_share": jnp.sum(self.a_hat) / jnp.maximum(total, 1e-12),
+            "weight_zero_frac": jnp.mean(self.gamma <= 0)}
+
 
 LossFromOutputs = Callable[[Array, Array, MetaOutput], Tuple[Array, Any]]
-
-
-def pixel_cross_entropy(logits: Array, labels: Array) -> Array:
-  """Per-pixel CE, (B,H,W,L) logits and (B,H,W) int labels -> (B,H,W)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def _forward(apply_fn, variables, params, x):
@@ -98,7 +129,7 @@ def _forward(apply_fn, variables, params, x):
 
 def _meta_loss(apply_fn, variables, params, xv, yv):
   (logits, _), _ = _forward(apply_fn, variables, params, xv)
-  return jnp.mean(pixel_cross_entropy(logits, yv))
+  return jnp.mean(ce_map(logits, yv))
 
 
 def _virtual_update(optimizer, opt_state, params):
@@ -200,7 +231,7 @@ def _reverse_grads(apply_fn, variables, opt_state, optimizer, x, y, y_pseudo, xv
 
   def weighted_train_loss(p, a, b):
     (logits, _), _ = _forward(apply_fn, variables, p, x)
-    return jnp.sum(a * pixel_cross_entropy(logits, y) + b * pixel_cross_entropy(logits, y_pseudo))
+    return jnp.sum(a * ce_map(logits, y) + b * ce_map(logits, y_pseudo))
 
   def unrolled(ab):
     grads = jax.grad(weighted_train_loss)(params, *ab)

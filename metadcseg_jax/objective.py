@@ -32,9 +32,12 @@ import jax.numpy as jnp
 
 from metadcseg_jax import dcd
 from metadcseg_jax.losses import ce_map, foreground_prob, soft_dice_loss
+from metadcseg_jax.meta import NORMALIZERS
+from metadcseg_jax.meta import MetaOutput
 from metadcseg_jax.types import Array
 
-NORMALIZERS = ("image", "batch")
+# The keyword arguments of `metadcseg_loss` that carry the per-pixel weights.
+WEIGHT_KEYS = ("a_hat", "b_hat", "gamma", "pi_a", "pi_b", "y_pseudo")
 
 
 def _check_normalizer(normalizer: str) -> None:
@@ -66,6 +69,11 @@ def meta_off_weights(shape: tuple[int, int, int], *, normalizer: str = "image",
   ones = jnp.ones(shape, dtype)
   zeros = jnp.zeros(shape, dtype)
   return dict(a_hat=ones / n, b_hat=zeros, gamma=ones, pi_a=ones, pi_b=zeros)
+
+
+def pixel_weights(meta_output: MetaOutput) -> dict[str, Array]:
+  """The per-pixel weights of a meta step, as `metadcseg_loss` keyword arguments (B,H,W) each."""
+  return {k: getattr(meta_output, k) for k in WEIGHT_KEYS}
 
 
 def _check_map(name: str, x: Array, shape: tuple[int, ...]) -> None:

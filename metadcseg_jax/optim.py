@@ -17,7 +17,8 @@ from typing import Callable, Optional, Union
 import jax.numpy as jnp
 import optax
 
-_NAMES = ("sgd", "adam", "adamw")
+# Optimizers `make_optimizer` builds (config.train.optimizer).
+NAMES = ("sgd", "adam", "adamw")
 
 
 def lr_schedule(base_lr: float, steps_per_epoch: int) -> optax.Schedule:
@@ -103,8 +104,8 @@ def make_optimizer(
   Returns:
     An `Optimizer`.
   """
-  if name not in _NAMES:
-    raise ValueError(f"name must be one of {_NAMES}, got {name!r}")
+  if name not in NAMES:
+    raise ValueError(f"name must be one of {NAMES}, got {name!r}")
   if grad_clip is not None and grad_clip <= 0:
     raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
   if weight_decay < 0:

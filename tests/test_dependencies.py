@@ -38,9 +38,9 @@ _IMPORT_ALL = textwrap.dedent("""
           failures[name] = f"{type(e).__name__}: {e}"
         for flag in flags.FLAGS.get_flags_for_module(name):
           delattr(flags.FLAGS, flag.name)
-    from metadcseg_jax.data import builders
+    from metadcseg_jax.data import synthetic
     with tempfile.TemporaryDirectory() as d:
-      sources = builders.load_synthetic(data_dir=d, size=16, channels=1, n_train=2, n_val=1,
+      sources = synthetic.load_synthetic(data_dir=d, size=16, channels=1, n_train=2, n_val=1,
                                         n_test=1, seed=0)
       assert sources["train"][1]["image"].shape == (16, 16, 1)
     print(json.dumps({"failures": failures, "modules": sorted(sys.modules)}))

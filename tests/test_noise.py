@@ -11,11 +11,15 @@ import pytest
 from scipy import ndimage
 
 from metadcseg_jax import noise as nz
+from metadcseg_jax.data import synthetic
+from metadcseg_jax.noise import cache as noise_cache
+from metadcseg_jax.noise import gsdnet
+from metadcseg_jax.noise import l2b
 
 
 @pytest.fixture(scope="module")
 def blobs64():
-  return nz.synthetic_blobs(12, 64, seed=3)
+  return synthetic.blob_masks(12, 64, seed=3)
 
 
 def _rect(h, w, r0, c0, rh, rw, value=1):
@@ -46,7 +50,7 @@ def test_same_seed_same_masks_different_seed_differs(kind, blobs64):
 
 
 def test_per_index_independence():
-  masks = nz.synthetic_blobs(10, 48, seed=9)
+  masks = synthetic.blob_masks(10, 48, seed=9)
   full = nz.corrupt_masks(masks, kind="l2b40", seed=1,
                           scale_kernels_with_size=True)
   alone = nz.corrupt_masks(masks[7:8], kind="l2b40", seed=1, indices=[7],
@@ -79,7 +83,7 @@ def test_bbox_ellipse_hand_example():
   want[3, 1:8] = True
   want[2, 2:7] = want[4, 2:7] = True
   want[1, 4] = want[5, 4] = True
-  np.testing.assert_array_equal(nz.bbox_ellipse(m), want)
+  np.testing.assert_array_equal(l2b.bbox_ellipse(m), want)
 
 
 def test_bbox_ellipse_half_integer_centre():
@@ -91,12 +95,12 @@ def test_bbox_ellipse_half_integer_centre():
   m[0:4, 0:4] = 1
   want = np.zeros((6, 6), bool)
   want[1:3, 1:3] = True
-  np.testing.assert_array_equal(nz.bbox_ellipse(m), want)
+  np.testing.assert_array_equal(l2b.bbox_ellipse(m), want)
   # Degenerate box (a single column): the ellipse is the segment itself.
   line = np.zeros((6, 6), np.uint8)
   line[1:5, 2] = 1
-  np.testing.assert_array_equal(nz.bbox_ellipse(line), line.astype(bool))
-  assert not nz.bbox_ellipse(np.zeros((4, 4))).any()
+  np.testing.assert_array_equal(l2b.bbox_ellipse(line), line.astype(bool))
+  assert not l2b.bbox_ellipse(np.zeros((4, 4))).any()
 
 
 # ---------------------------------------------------------------- small masks
@@ -107,7 +111,7 @@ def test_small_masks_emptied_or_kept_and_301_corrupted():
   m300 = _rect(64, 64, 10, 10, 10, 30)  # 300 pixels
   m1 = _rect(64, 64, 5, 5, 1, 1)
   empty = np.zeros((64, 64), np.uint8)
-  for kind in nz.L2B_LEVELS:
+  for kind in l2b.L2B_LEVELS:
     for m in (m300, m1):
       assert not nz.corrupt_mask(m, kind=kind, rng=rng).any()
       np.testing.assert_array_equal(
@@ -129,7 +133,7 @@ def test_small_mask_threshold_scales_with_area():
   m19 = _rect(64, 64, 10, 10, 1, 19)
   assert not nz.corrupt_mask(m18, kind="l2b40", rng=rng,
                              scale_kernels_with_size=True).any()
-  assert nz.l2b_kernel_sizes("l2b40", (64, 64),
+  assert l2b.l2b_kernel_sizes("l2b40", (64, 64),
                              scale_kernels_with_size=True)[1] == 18.75
   # 19 pixels pass the rule, so they are rotated and morphed (not emptied by
   # the rule: a 1-kernel at 64 px would leave most of them).
@@ -139,7 +143,7 @@ def test_small_mask_threshold_scales_with_area():
 
 
 def test_scaled_kernel_sizes():
-  ks = lambda kind, size: nz.l2b_kernel_sizes(
+  ks = lambda kind, size: l2b.l2b_kernel_sizes(
       kind, (size, size), scale_kernels_with_size=True)[0]
   # Nearest odd of k*s: 14*0.25 = 3.5 -> 3, 35*0.25 = 8.75 -> 9,
   # 17/8 = 2.125 -> 3; an even k*s (a tie) goes up: 28*0.25 = 7 (odd) stays,
@@ -148,9 +152,9 @@ def test_scaled_kernel_sizes():
   assert ks("l2b60", 64) == (1, 3, 5, 13, 15)
   assert ks("l2b20", 32) == (1, 1, 1, 3, 3)
   assert ks("l2b40", 256) == (7, 15, 21, 29, 35)
-  assert nz.l2b_kernel_sizes("l2b60", (32, 48))[0] == (7, 14, 21, 49, 63)
+  assert l2b.l2b_kernel_sizes("l2b60", (32, 48))[0] == (7, 14, 21, 49, 63)
   # The shorter side sets the scale.
-  assert nz.l2b_kernel_sizes("l2b40", (64, 512), scale_kernels_with_size=True
+  assert l2b.l2b_kernel_sizes("l2b40", (64, 512), scale_kernels_with_size=True
                              ) == ((1, 3, 5, 7, 9), 18.75)
 
 
@@ -158,11 +162,11 @@ def test_morphology_matches_cv2_conventions():
   # cv2.erode's default border never erodes from the image edge; the window
   # of an even kernel spans [i - k//2, i + k//2 - 1] (cv2's anchor).
   m = _rect(20, 20, 0, 0, 12, 20).astype(bool)  # touches top, left, right
-  er = nz._morph(m, 5, erode=True)
+  er = l2b._morph(m, 5, erode=True)
   np.testing.assert_array_equal(er, _rect(20, 20, 0, 0, 10, 20).astype(bool))
   point = np.zeros((20, 20), bool)
   point[10, 10] = True
-  dil = nz._morph(point, 4, erode=False)
+  dil = l2b._morph(point, 4, erode=False)
   np.testing.assert_array_equal(np.argwhere(dil.any(1)).ravel(), [9, 10, 11, 12])
 
 
@@ -170,8 +174,8 @@ def test_morphology_matches_cv2_conventions():
 
 
 def test_select_kernel_thresholds():
-  thr = nz.L2B_LEVELS["l2b20"][1]  # 0.4, 0.6, 0.8, 0.9, 1.0
-  assert [nz.select_kernel(u, thr) for u in
+  thr = l2b.L2B_LEVELS["l2b20"][1]  # 0.4, 0.6, 0.8, 0.9, 1.0
+  assert [l2b.select_kernel(u, thr) for u in
           (0.0, 0.3999, 0.4, 0.5999, 0.6, 0.85, 0.9, 0.99999)] == [
               0, 0, 1, 1, 2, 3, 4, 4]
 
@@ -183,13 +187,13 @@ def test_kernel_frequencies_follow_cumulative_thresholds(monkeypatch):
     seen.append((k, erode))
     return mask
 
-  monkeypatch.setattr(nz, "_morph", fake_morph)
+  monkeypatch.setattr(l2b, "_morph", fake_morph)
   mask = _rect(32, 32, 6, 6, 20, 20)
   n = 4000
   rng = np.random.default_rng(11)
   for _ in range(n):
     nz.corrupt_mask(mask, kind="l2b60", rng=rng)
-  kernels, thr = nz.L2B_LEVELS["l2b60"]
+  kernels, thr = l2b.L2B_LEVELS["l2b60"]
   p = np.diff(np.concatenate([[0.0], thr]))
   counts = np.array([sum(k == kk for k, _ in seen) for kk in kernels])
   sigma = np.sqrt(n * p * (1 - p))
@@ -203,9 +207,9 @@ def test_kernel_frequencies_follow_cumulative_thresholds(monkeypatch):
 
 def test_rotation_matches_scipy_nearest(blobs64):
   m = blobs64[0]
-  np.testing.assert_array_equal(nz.rotate_nearest(m, 0), m)
+  np.testing.assert_array_equal(l2b.rotate_nearest(m, 0), m)
   for angle in (-20, -9, 4, 17):
-    ours = nz.rotate_nearest(m, angle)
+    ours = l2b.rotate_nearest(m, angle)
     ref = ndimage.rotate(m, angle, order=0, reshape=False)
     # Same direction and centre; only rounding ties may differ.
     assert (ours != ref).sum() <= 3
@@ -218,14 +222,14 @@ def test_rotation_matches_scipy_nearest(blobs64):
     for f in (math.cos, math.sin):
       exact = f(math.radians(a)) * 2**20
       assert abs(exact % 1 - 0.5) > 1e-3
-      assert abs(exact - (nz._COS_Q if f is math.cos else nz._SIN_Q)[a]) <= .5
+      assert abs(exact - (l2b._COS_Q if f is math.cos else l2b._SIN_Q)[a]) <= .5
 
 
 # ---------------------------------------------------------------- levels
 
 
 def test_larger_level_larger_corruption():
-  clean = nz.synthetic_blobs(24, 128, seed=4)
+  clean = synthetic.blob_masks(24, 128, seed=4)
   means = [nz.measured_corruption(
       clean, nz.corrupt_masks(clean, kind=k, seed=0)).mean()
            for k in ("l2b20", "l2b40", "l2b60")]
@@ -238,18 +242,18 @@ def test_larger_level_larger_corruption():
 
 def test_blur_weights_and_threshold():
   g = np.exp(-np.arange(-2, 3)**2 / 8.0)
-  np.testing.assert_allclose(np.asarray(nz._BLUR_Q) / 2**16, g / g.sum(),
+  np.testing.assert_allclose(np.asarray(gsdnet._BLUR_Q) / 2**16, g / g.sum(),
                              atol=1 / 2**16)
-  assert sum(nz._BLUR_Q) == 2**16
+  assert sum(gsdnet._BLUR_Q) == 2**16
   sq = _rect(32, 32, 8, 8, 16, 16).astype(bool)
-  out = nz.blur_threshold(sq)
+  out = gsdnet.blur_threshold(sq)
   # Interior and far background unchanged; a convex corner loses a pixel
   # (its blurred value is about 0.44 < 0.5).
   assert out[10:22, 10:22].all() and not out[:6].any()
   assert not out[8, 8] and out[8, 12]
   lone = np.zeros((9, 9), bool)
   lone[4, 4] = True
-  assert not nz.blur_threshold(lone).any()
+  assert not gsdnet.blur_threshold(lone).any()
 
 
 def test_markov_expands_and_shrinks_on_average(blobs64):
@@ -270,13 +274,13 @@ def test_markov_flips_only_boundary_pixels():
   disk = _disk(40, 12).astype(bool)
   rng = np.random.default_rng(0)
   # One expansion step with θ2 = 1 adds exactly the outer 4-boundary.
-  grown = nz.markov_boundary_noise(disk, rng, steps=1, theta1=1.0, theta2=1.0)
+  grown = gsdnet.markov_boundary_noise(disk, rng, steps=1, theta1=1.0, theta2=1.0)
   ring = ndimage.binary_dilation(disk) & ~disk  # cross: 4-adjacent
-  np.testing.assert_array_equal(grown, nz.blur_threshold(disk | ring))
+  np.testing.assert_array_equal(grown, gsdnet.blur_threshold(disk | ring))
   # One erosion step with θ2 = 1 removes exactly the inner boundary.
-  shrunk = nz.markov_boundary_noise(disk, rng, steps=1, theta1=0.0, theta2=1.0)
+  shrunk = gsdnet.markov_boundary_noise(disk, rng, steps=1, theta1=0.0, theta2=1.0)
   np.testing.assert_array_equal(
-      shrunk, nz.blur_threshold(ndimage.binary_erosion(disk)))
+      shrunk, gsdnet.blur_threshold(ndimage.binary_erosion(disk)))
 
 
 def test_dist_noise_changes_radius_by_n():
@@ -339,9 +343,9 @@ def test_measured_corruption_hand_example():
 
 
 def test_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
-  labels = nz.synthetic_blobs(5, 32, seed=0)
+  labels = synthetic.blob_masks(5, 32, seed=0)
   kw = dict(cache_dir=tmp_path, dataset_key="toy/train", kind="l2b20", seed=3)
-  first = nz.cached_noisy_labels(labels, options={"small_mask": "keep"}, **kw)
+  first = noise_cache.cached_noisy_labels(labels, options={"small_mask": "keep"}, **kw)
   np.testing.assert_array_equal(
       first, nz.corrupt_masks(labels, kind="l2b20", seed=3, small_mask="keep"))
   npy = tmp_path / "noisy_l2b20_seed3.npy"
@@ -359,25 +363,25 @@ def test_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
   real = nz.corrupt_masks
   monkeypatch.setattr(nz, "corrupt_masks",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
-  again = nz.cached_noisy_labels(labels, options={"small_mask": "keep"}, **kw)
+  again = noise_cache.cached_noisy_labels(labels, options={"small_mask": "keep"}, **kw)
   np.testing.assert_array_equal(again, first)
   assert not calls and os.stat(npy).st_mtime_ns == mtime
   assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
 
   # A changed option, changed labels or a damaged file rebuild.
-  nz.cached_noisy_labels(labels, options={"small_mask": "empty"}, **kw)
+  noise_cache.cached_noisy_labels(labels, options={"small_mask": "empty"}, **kw)
   assert len(calls) == 1
   assert json.loads((tmp_path / "manifest.json").read_text())[npy.name][
       "options"]["small_mask"] == "empty"
-  nz.cached_noisy_labels(labels[::-1].copy(), options={"small_mask": "empty"},
+  noise_cache.cached_noisy_labels(labels[::-1].copy(), options={"small_mask": "empty"},
                          **kw)
   assert len(calls) == 2
   np.save(npy, np.zeros_like(labels))
-  fixed = nz.cached_noisy_labels(labels[::-1].copy(),
+  fixed = noise_cache.cached_noisy_labels(labels[::-1].copy(),
                                  options={"small_mask": "empty"}, **kw)
   assert len(calls) == 3 and fixed.any()
   # Another kind adds its own entry beside the first.
-  nz.cached_noisy_labels(labels, **{**kw, "kind": "dist"})
+  noise_cache.cached_noisy_labels(labels, **{**kw, "kind": "dist"})
   assert set(json.loads((tmp_path / "manifest.json").read_text())) == {
       "noisy_l2b20_seed3.npy", "noisy_dist_seed3.npy"}
 
@@ -435,3 +439,17 @@ def test_golden_fingerprints():
                            .tobytes()).hexdigest()[:16]
          for k, (o, _) in cases.items()}
   assert got == {k: h for k, (_, h) in cases.items()}
+
+
+def test_cache_files_get_ordinary_permissions(tmp_path):
+  """Another user sharing the data folder can read the cache (no 0600 temporary-file mode)."""
+  labels = synthetic.blob_masks(4, 32, seed=0)
+  old = os.umask(0o022)
+  try:
+    noise_cache.cached_noisy_labels(labels, cache_dir=tmp_path, dataset_key="k", kind="l2b20",
+                                    seed=0)
+  finally:
+    os.umask(old)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+  assert modes == {"noisy_l2b20_seed0.npy": 0o644, "manifest.json": 0o644}
+

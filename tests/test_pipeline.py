@@ -172,6 +172,6 @@ def test_prepare_data_meta_is_clean_and_train_is_noisy(synthetic_splits):
 def test_prepare_data_rejects_empty_split(synthetic_splits, monkeypatch):
   cfg, _ = synthetic_splits
   fake = {"train": _fake_source(8), "val": [], "test": _fake_source(2)}
-  monkeypatch.setattr(pipeline, "load_sources", lambda data: (fake, "fake", {}))
+  monkeypatch.setattr(pipeline, "open_dataset", lambda data: (fake, "fake", {}))
   with pytest.raises(ValueError, match="fake\\): split 'val' is empty"):
     pipeline.prepare_data(cfg, meta_batch_size=2)

@@ -63,7 +63,7 @@ def kvasir(tmp_path_factory):
   root = tmp_path_factory.mktemp("kvasir_raw")
   truth = _write_pairs(root / "Kvasir-SEG", 12, ext="jpg", mask_ext="jpg")
   data_dir = tmp_path_factory.mktemp("kvasir_data")
-  sources = real.load_sources("kvasir_seg", data_dir=data_dir, manual_dir=root, size=32)
+  sources = real.load_dataset("kvasir_seg", data_dir=data_dir, manual_dir=root, size=32)
   return root, data_dir, truth, sources
 
 
@@ -100,14 +100,14 @@ def test_kvasir_rerun_reads_split_file(kvasir):
   content["splits"]["test"].append(moved)
   path.write_text(json.dumps(content))
   # A build at another size reuses the (edited) file instead of re-splitting.
-  again = real.load_sources("kvasir_seg", data_dir=data_dir, manual_dir=root, size=16)
+  again = real.load_dataset("kvasir_seg", data_dir=data_dir, manual_dir=root, size=16)
   assert moved in _ids(again["test"]) and moved not in _ids(again["train"])
   assert again["val"][0]["image"].shape == (16, 16, 3)
   # A file that names cases the folder lacks is an error, never a silent re-split.
   content["splits"]["test"].append("ghost")
   path.write_text(json.dumps(content))
   with pytest.raises(ValueError, match="ghost"):
-    real.load_sources("kvasir_seg", data_dir=data_dir, manual_dir=root, size=24)
+    real.load_dataset("kvasir_seg", data_dir=data_dir, manual_dir=root, size=24)
 
 
 def test_split_rule_and_seed():
@@ -139,7 +139,7 @@ def test_folder_lossless_and_skipped_files(folder):
   root, data_dir, truth = folder
   builder = real.get_dataset_builder("folder", data_dir=data_dir, manual_dir=root, size=32)
   assert "channels-1" in builder.builder_config.name  # all images grey: inferred 1 channel
-  sources = real.load_sources("folder", data_dir=data_dir, manual_dir=root, size=32)
+  sources = real.load_dataset("folder", data_dir=data_dir, manual_dir=root, size=32)
   _check_splits(sources, truth)
   for src in sources.values():
     for i in range(len(src)):
@@ -158,8 +158,8 @@ def test_folder_multiclass_rgb_and_resize(tmp_path):
     classes = np.where(mask, 2, (np.arange(40)[None, :] < 5).astype(np.uint8))
     Image.fromarray(classes.astype(np.uint8)).save(tmp_path / "raw" / "masks" / f"{stem}.png")
   with pytest.raises(ValueError, match=r"values \[2\]"):
-    real.load_sources("folder", data_dir=tmp_path / "d0", manual_dir=tmp_path / "raw", size=20)
-  sources = real.load_sources("folder", data_dir=tmp_path / "d", manual_dir=tmp_path / "raw",
+    real.load_dataset("folder", data_dir=tmp_path / "d0", manual_dir=tmp_path / "raw", size=20)
+  sources = real.load_dataset("folder", data_dir=tmp_path / "d", manual_dir=tmp_path / "raw",
                               size=20, num_classes=3)
   rec = sources["train"][0]
   assert rec["image"].shape == (20, 20, 3)
@@ -185,7 +185,7 @@ def _bad_folder(tmp_path, n=4):
 
 
 def _build_folder(root, tmp_path, **options):
-  return real.load_sources("folder", data_dir=tmp_path / "data", manual_dir=root, size=16,
+  return real.load_dataset("folder", data_dir=tmp_path / "data", manual_dir=root, size=16,
                            **options)
 
 
@@ -219,6 +219,27 @@ def test_folder_bad_input_names_the_file(tmp_path, case):
     match = "wrong layout.*masks"
   with pytest.raises(ValueError, match=match):
     _build_folder(root, tmp_path, channels=3)
+  # A failed build leaves nothing half-made behind: no build folder, no split file.
+  assert not (tmp_path / "data" / "folder").exists()
+
+
+def test_folder_options_come_from_the_config(tmp_path):
+  """Grey images read as 3 channels and masks with classes {0, 1, 2}, set from config.data."""
+  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
+  from metadcseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  truth = _write_pairs(tmp_path / "raw", 5, size=32, grey=True)
+  for stem, (_, mask) in truth.items():
+    classes = np.where(mask, 2, (np.arange(32)[None, :] < 5).astype(np.uint8))
+    Image.fromarray(classes.astype(np.uint8)).save(tmp_path / "raw" / "masks" / f"{stem}.png")
+  config = tiny.get_config()
+  config.data.name, config.data.manual_dir = "folder", str(tmp_path / "raw")
+  config.data.data_dir, config.data.size = str(tmp_path / "data"), 32
+  config.data.channels, config.data.num_classes = 3, 3
+  sources, key, _ = pipeline.open_dataset(config.data)
+  rec = sources["train"][0]
+  assert rec["image"].shape == (32, 32, 3) and (rec["label"] == 2).any()
+  np.testing.assert_array_equal(rec["image"][..., 0], rec["image"][..., 2])  # grey, repeated
+  assert key.startswith("folder/")
 
 
 def test_registry_rejects_unknown_names_and_options(tmp_path):
@@ -268,7 +289,7 @@ def promise(tmp_path_factory):
 
 def test_promise12_slices_normalisation_and_spacing(promise, tmp_path):
   root, volumes = promise
-  sources = real.load_sources("promise12", data_dir=tmp_path, manual_dir=root, size=20)
+  sources = real.load_dataset("promise12", data_dir=tmp_path, manual_dir=root, size=20)
   builder = real.get_dataset_builder("promise12", data_dir=tmp_path, manual_dir=root, size=20)
   per_split = _check_splits(sources, volumes)
   assert {s: len(v) for s, v in per_split.items()} == {"train": 2, "val": 1, "test": 1}
@@ -295,7 +316,7 @@ def test_promise12_slices_normalisation_and_spacing(promise, tmp_path):
 
 def test_promise12_foreground_slices_for_training_only(promise, tmp_path):
   root, volumes = promise
-  sources = real.load_sources("promise12", data_dir=tmp_path, manual_dir=root, size=10,
+  sources = real.load_dataset("promise12", data_dir=tmp_path, manual_dir=root, size=10,
                               train_slices="foreground")
   train_cases = set(_ids(sources["train"]))
   assert len(sources["train"]) == sum(volumes[c][0].shape[0] - 2 for c in train_cases)
@@ -312,7 +333,7 @@ def test_promise12_missing_segmentation(promise, tmp_path):
     if not p.name.startswith("Case01_segmentation"):
       (raw / p.name).symlink_to(p)
   with pytest.raises(ValueError, match="image without a mask.*Case01.mhd"):
-    real.load_sources("promise12", data_dir=tmp_path / "d", manual_dir=raw, size=10)
+    real.load_dataset("promise12", data_dir=tmp_path / "d", manual_dir=raw, size=10)
 
 
 def _write_decathlon(root, volumes, modality, labels, *, affine_zooms=(0.9, 0.8, 2.5)):
@@ -352,7 +373,7 @@ def test_msd_brain_modality_whole_tumour_and_nonzero_zscore(brain, tmp_path):
   root, volumes = brain
   builder = real.get_dataset_builder("msd_brain", data_dir=tmp_path, manual_dir=root, size=20,
                                      modality="t2w")
-  sources = real.load_sources("msd_brain", data_dir=tmp_path, manual_dir=root, size=20,
+  sources = real.load_dataset("msd_brain", data_dir=tmp_path, manual_dir=root, size=20,
                               modality="t2w")
   _check_splits(sources, volumes)
   src = sources["test"]
@@ -371,7 +392,7 @@ def test_msd_brain_modality_whole_tumour_and_nonzero_zscore(brain, tmp_path):
   assert content["cases"][case_id]["spacing_mm"] == pytest.approx([0.8, 0.9, 2.5])
   assert content["skipped_files"] == ["Task01_BrainTumour/imagesTr/._BRATS_000.nii.gz"]
   with pytest.raises(ValueError, match="modality 'PD' not in"):
-    real.load_sources("msd_brain", data_dir=tmp_path, manual_dir=root, size=20, modality="PD")
+    real.load_dataset("msd_brain", data_dir=tmp_path, manual_dir=root, size=20, modality="PD")
 
 
 def test_msd_heart_and_layout_errors(tmp_path):
@@ -380,7 +401,7 @@ def test_msd_heart_and_layout_errors(tmp_path):
              for i in range(3)}
   root = tmp_path / "heart"
   _write_decathlon(root, volumes, {"0": "MRI"}, {"0": "background", "1": "left atrium"})
-  sources = real.load_sources("msd_heart", data_dir=tmp_path / "d", manual_dir=root, size=8)
+  sources = real.load_dataset("msd_heart", data_dir=tmp_path / "d", manual_dir=root, size=8)
   _check_splits(sources, volumes)
   assert sources["val"][0]["image"].shape == (8, 8, 1)
   assert sum(len(s) for s in sources.values()) == 12
@@ -389,21 +410,21 @@ def test_msd_heart_and_layout_errors(tmp_path):
   bad["la_001"] = (volumes["la_001"][0], volumes["la_001"][1] * 2)
   _write_decathlon(tmp_path / "bad", bad, {"0": "MRI"}, {"0": "background", "1": "atrium"})
   with pytest.raises(ValueError, match=r"la_001.nii.gz has values \[2\]"):
-    real.load_sources("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
+    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
                       size=8)
   # A label volume of another shape, an unreadable image: both named.
   bad_label = tmp_path / "bad" / "labelsTr" / "la_001.nii.gz"
   nib.save(nib.Nifti1Image(np.zeros((16, 15, 4), np.float32), np.eye(4)), str(bad_label))
   with pytest.raises(ValueError, match="size mismatch.*la_001.nii.gz"):
-    real.load_sources("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
+    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
                       size=8)
   (tmp_path / "bad" / "imagesTr" / "la_001.nii.gz").write_bytes(b"not a nifti")
   with pytest.raises(ValueError, match="cannot read volume file .*imagesTr/la_001.nii.gz"):
-    real.load_sources("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
+    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
                       size=8)
   (tmp_path / "bad" / "dataset.json").unlink()
   with pytest.raises(ValueError, match="wrong layout.*dataset.json"):
-    real.load_sources("msd_heart", data_dir=tmp_path / "d3", manual_dir=tmp_path / "bad",
+    real.load_dataset("msd_heart", data_dir=tmp_path / "d3", manual_dir=tmp_path / "bad",
                       size=8)
 
 
@@ -414,7 +435,7 @@ def test_msd_heart_and_layout_errors(tmp_path):
 def test_real_kvasir_sample(shared_data, tmp_path):
   manual_dir = shared_data / "kvasir_seg_sample"
   start = time.perf_counter()
-  sources = real.load_sources("kvasir_seg", data_dir=tmp_path, manual_dir=manual_dir, size=64)
+  sources = real.load_dataset("kvasir_seg", data_dir=tmp_path, manual_dir=manual_dir, size=64)
   seconds = time.perf_counter() - start
   stems = [p.stem for p in (manual_dir / "Kvasir-SEG" / "images").glob("*.jpg")]
   per_split = _check_splits(sources, stems)
@@ -448,7 +469,7 @@ def brats_decathlon(shared_data, tmp_path):
 
 def test_real_brats_sample(brats_decathlon, tmp_path):
   root, cases = brats_decathlon
-  sources = real.load_sources("msd_brain", data_dir=tmp_path / "d", manual_dir=root.parent,
+  sources = real.load_dataset("msd_brain", data_dir=tmp_path / "d", manual_dir=root.parent,
                               size=64)
   _check_splits(sources, cases)
   for src in sources.values():

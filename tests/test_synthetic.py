@@ -175,7 +175,7 @@ def built(tmp_path_factory):
     mp.setattr(socket.socket, "connect_ex", refuse)
     mp.setattr(socket, "create_connection", refuse)
     mp.setattr(socket, "getaddrinfo", refuse)
-    sources = builders.load_synthetic(data_dir=data_dir, **TINY)
+    sources = synthetic.load_synthetic(data_dir=data_dir, **TINY)
   return data_dir, sources, attempts, _tree_state(data_dir)
 
 
@@ -212,7 +212,7 @@ def test_builder_splits_disjoint(built):
 
 def test_second_load_reuses_files(built):
   data_dir, sources, _, state = built
-  again = builders.load_synthetic(data_dir=data_dir, **TINY)
+  again = synthetic.load_synthetic(data_dir=data_dir, **TINY)
   assert _tree_state(data_dir) == state
   np.testing.assert_array_equal(again["train"][2]["image"],
                                 sources["train"][2]["image"])
@@ -228,8 +228,8 @@ def test_data_source_survives_pickling(built):
 
 def test_build_deterministic_across_directories(built, tmp_path):
   data_dir, _, _, _ = built
-  builders.load_synthetic(data_dir=tmp_path, **TINY)
-  name = builders.synthetic_config_name(**TINY)
+  synthetic.load_synthetic(data_dir=tmp_path, **TINY)
+  name = synthetic.synthetic_config_name(**TINY)
   a = data_dir / "synthetic_segmentation" / name
   b = tmp_path / "synthetic_segmentation" / name
   files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
@@ -239,35 +239,35 @@ def test_build_deterministic_across_directories(built, tmp_path):
 
 
 def test_config_names_unique_and_predefined_reused(tmp_path):
-  name = builders.synthetic_config_name(64, 1, 400, 50, 50, 0)
+  name = synthetic.synthetic_config_name(64, 1, 400, 50, 50, 0)
   assert name == "s64_c1_n400-50-50_seed0"
-  cfg = builders.synthetic_builder_config(64, 1, 400, 50, 50, 0)
-  assert cfg is builders.SyntheticSegmentation.builder_configs[name]
-  variants = {builders.synthetic_builder_config(*args).name for args in [
+  cfg = synthetic.synthetic_builder_config(64, 1, 400, 50, 50, 0)
+  assert cfg is synthetic.SyntheticSegmentation.builder_configs[name]
+  variants = {synthetic.synthetic_builder_config(*args).name for args in [
       (64, 1, 400, 50, 50, 0), (64, 3, 400, 50, 50, 0), (32, 1, 400, 50, 50, 0),
       (64, 1, 40, 50, 50, 0), (64, 1, 400, 5, 50, 0), (64, 1, 400, 50, 5, 0),
       (64, 1, 400, 50, 50, 1)]}
   assert len(variants) == 7
   # A copy of a predefined config (what unpickling makes) is taken by name;
   # a different config under a predefined name is refused.
-  builder = builders.SyntheticSegmentation(
+  builder = synthetic.SyntheticSegmentation(
       data_dir=tmp_path, config=copy.copy(cfg))
   assert builder.builder_config is cfg
   with pytest.raises(ValueError, match="differs from the predefined"):
-    builders.SyntheticSegmentation(
+    synthetic.SyntheticSegmentation(
         data_dir=tmp_path, config=dataclasses.replace(cfg, seed=3))
 
 
 def test_bad_configs_and_examples_rejected(built):
   data_dir, _, _, _ = built
   with pytest.raises(ValueError, match="n_val"):
-    builders.synthetic_builder_config(32, 1, 4, 0, 2, 0)
+    synthetic.synthetic_builder_config(32, 1, 4, 0, 2, 0)
   with pytest.raises(ValueError, match="size"):
-    builders.synthetic_builder_config(8, 1, 4, 2, 2, 0)
+    synthetic.synthetic_builder_config(8, 1, 4, 2, 2, 0)
   with pytest.raises(ValueError, match="data_dir"):
-    builders.load_synthetic(data_dir=None, **TINY)
-  builder = builders.SyntheticSegmentation(
-      data_dir=data_dir, config=builders.synthetic_builder_config(**TINY))
+    synthetic.load_synthetic(data_dir=None, **TINY)
+  builder = synthetic.SyntheticSegmentation(
+      data_dir=data_dir, config=synthetic.synthetic_builder_config(**TINY))
   image = np.zeros((32, 32, 1), np.float32)
   label = np.zeros((32, 32), np.uint8)
   ok = builder.encode_example(image=image, label=label, case_id="a")

@@ -13,8 +13,12 @@ import optax
 import pytest
 
 from experiments.configs import tiny
+from metadcseg_jax import checkpoint
 from metadcseg_jax import train
+from metadcseg_jax import validate
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.errors import NonFiniteLossError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
@@ -57,6 +61,8 @@ def test_run_writes_metrics_results_panel_and_checkpoints(full_run, tiny_config)
   assert results["test"]["ema"]["n_cases"] == tiny_config.data.n_test
   ckpts = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   assert ckpts == ["1", "2"]
+  history = _lines(workdir / "config_history.jsonl")
+  assert len(history) == 1 and history[0]["config"]["method"] == "metadcseg"
   info = json.loads((workdir / "data_info.json").read_text())
   assert info["n_meta"] == 2 and info["noise"]["kind"] == "l2b40"
 
@@ -67,18 +73,20 @@ class _Crash(RuntimeError):
 
 def test_killed_run_resumes_to_identical_metrics(full_run, tiny_config, tmp_path, monkeypatch):
   _, want = full_run
-  original = train._Checkpointer.save
+  original = checkpoint.Checkpointer.save
 
   def save_then_crash(self, epoch, state, data_state):
     original(self, epoch, state, data_state)
     self.manager.wait_until_finished()
     raise _Crash(f"killed after epoch {epoch}")
 
-  monkeypatch.setattr(train._Checkpointer, "save", save_then_crash)
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_crash)
   with pytest.raises(_Crash):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert [l["epoch"] for l in _lines(tmp_path / "metrics.jsonl") if l["split"] == "train"] == [1]
-  monkeypatch.setattr(train._Checkpointer, "save", original)
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"epoch": 2, "split": "tr')  # a kill in the middle of writing a line
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
   got = train.train_and_evaluate(tiny_config, str(tmp_path))
   for params in ("raw", "ema"):
     for k, v in want["test"][params].items():
@@ -125,15 +133,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_config, t
   monkeypatch.setattr(pipeline, "train_dataset", poisoned)
   steps_per_epoch = (tiny_config.data.n_train - 2) // tiny_config.train.batch_size
   assert steps_per_epoch < 7 < 2 * steps_per_epoch
-  with pytest.raises(train.NonFiniteLossError, match=r"step 7 \(epoch 2\).*epoch 1"):
+  with pytest.raises(NonFiniteLossError, match=r"step 7 \(epoch 2\).*epoch 1"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
 
 
 def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
   config = ml_collections.ConfigDict(tiny_config.to_dict())
-  model = train.build_model(config)
-  optimizer = train.build_optimizer(config, steps_per_epoch=5)
   rng = np.random.default_rng(0)
   size = config.data.size
   label = (np.add.outer(np.arange(size), np.arange(size)) % 17 < 7).astype(np.int32)
@@ -145,9 +151,9 @@ def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
   }
   for method in ("l2b", "metadcseg"):
     config.method = method
-    # The trainer's own compiled step (metadcseg's is already compiled by the full run).
-    _, _, _, step, _ = train._compiled_steps(train._step_cache_key(config), 5)
-    state = train.init_state(config, model, optimizer, jax.random.PRNGKey(0))
+    compiled = train.compiled_for(config, 5)
+    step = compiled.step("main")
+    state = compiled.method.init_state(jax.random.PRNGKey(0))
     before = jax.tree.map(np.asarray, state.params)
     new_state, m = step(state, batch, jax.random.PRNGKey(1))
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
@@ -156,7 +162,7 @@ def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
     assert float(moved) > 0, method
     assert int(new_state.step) == 1
     if method == "metadcseg":
-      assert np.isfinite(np.asarray(new_state.dcd_centers)).all()
+      assert np.isfinite(np.asarray(new_state.extra["dcd_centers"])).all()
 
 
 def _parse(argv):
@@ -175,17 +181,22 @@ def test_unknown_config_key_and_bad_values_are_refused(tiny_config):
   assert _parse(["prog", tiny_py, "--config.method=ce"]).method == "ce"
   bad = ml_collections.ConfigDict(tiny_config.to_dict())
   bad.method = "nope"
-  with pytest.raises(ValueError, match="config.method='nope'"):
-    train.check_config(bad)
+  with pytest.raises(ConfigError, match="config.method must be one of"):
+    validate.check_config(bad)
   bad.method = "l2b"
   bad.data.size = 40
-  with pytest.raises(ValueError, match="divisible by 16"):
-    train.check_config(bad)
+  with pytest.raises(ConfigError, match="divisible by 16"):
+    validate.check_config(bad)
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "synthetic", "kvasir_seg", "promise12", "msd_heart",
-                                  "msd_brain"])
-def test_every_config_loads_and_passes_checks(name):
-  train.check_config(_parse(["prog", f"--config={CONFIG_DIR / (name + '.py')}"]))
+@pytest.mark.parametrize("name", ["default", "tiny", "synthetic", "kvasir_seg", "promise12",
+                                  "msd_heart", "msd_brain"])
+def test_every_config_loads_and_passes_checks(name, tmp_path):
+  config = _parse(["prog", f"--config={CONFIG_DIR / (name + '.py')}"])
+  if config.data.name != "synthetic":
+    with pytest.raises(ConfigError, match="manual_dir"):
+      validate.check_config(config)
+    config.data.manual_dir = str(tmp_path)
+  validate.check_config(config)
   doc = (CONFIG_DIR / (name + ".py")).read_text()
   assert "metadcseg-train --config=experiments/configs/" + name in doc

@@ -7,14 +7,14 @@ command line, e.g. `--config.method=ce --config.train.num_epochs=5`.
 """
 
 import ml_collections
-
-METHODS = ("ce", "gce", "sce", "l2b", "metadcseg")
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # One of METHODS: plain losses (ce, gce, sce), L2B (meta step, no DCD) or MetaDCSeg.
+  # metadcseg_jax.methods.NAMES: plain losses (ce, gce, sce), L2B (meta step, no DCD),
+  # MetaDCSeg.
   config.method = "metadcseg"
 
   config.model = ml_collections.ConfigDict()
@@ -27,7 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = "synthetic"  # synthetic | kvasir_seg | promise12 | msd_brain | msd_heart | folder
   config.data.data_dir = "~/metadcseg_data"  # TFDS builds and noisy-label caches live here
   config.data.manual_dir = ""  # raw data folder for real datasets
-  config.data.options = ml_collections.ConfigDict()  # dataset-specific builder options
+  # Reading a folder of your own (name "folder"): channels and num_classes above, and
+  # masks binarised as value > mask_threshold (JPEG-compressed masks), mask stem = image stem +
+  # mask_suffix (e.g. "_segmentation").
+  config.data.mask_threshold = config_dict.placeholder(int)
+  config.data.options = ml_collections.ConfigDict()
+  config.data.options.mask_suffix = ""
+  # Volumes (promise12, msd_*): which training slices to keep ("all", "foreground",
+  # "nonzero"); MSD Brain: the modality (name or index in dataset.json, default FLAIR).
+  config.data.options.train_slices = config_dict.placeholder(str)
+  config.data.options.modality = config_dict.placeholder(str)
   config.data.size = 64
   config.data.channels = 1
   config.data.num_classes = 2

@@ -22,6 +22,6 @@ def get_config():
   config.train.warmup_epochs = 1
   config.train.eval_every_epochs = 1
   config.train.eval_batch_size = 8
-  config.train.log_every_steps = 0
+  config.train.log_every_steps = 2
   config.train.num_panel_images = 2
   return config

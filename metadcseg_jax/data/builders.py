@@ -40,15 +40,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from metadcseg_jax.data import synthetic
+from metadcseg_jax import files
+from metadcseg_jax.data import check_labels
+from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.errors import DataError
 
 FILE_FORMAT = "array_record"
-SPLITS = ("train", "val", "test")
+
+# Builds are logged by this project; TFDS's progress bars would flood a log file.
+tfds.disable_progress_bar()
 
 DataSource = Sequence[Mapping[str, Any]]
 
@@ -86,11 +92,11 @@ class SegmentationConfig(tfds.core.BuilderConfig):
     for field in ("height", "width", "channels", "num_classes"):
       value = getattr(self, field)
       if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(
+        raise ConfigError(
             f"{type(self).__name__}.{field} must be a positive integer, got "
             f"{value!r}")
     if self.num_classes > 256:
-      raise ValueError(
+      raise ConfigError(
           f"num_classes={self.num_classes} does not fit the uint8 labels")
 
 
@@ -168,20 +174,17 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     label = np.asarray(label)
     want = (config.height, config.width, config.channels)
     if image.shape != want:
-      raise ValueError(
+      raise DataError(
           f"case {case_id!r} slice {slice_index}: image shape {image.shape}, "
           f"config {config.name!r} wants {want}")
     if label.shape != want[:2]:
-      raise ValueError(
+      raise DataError(
           f"case {case_id!r} slice {slice_index}: label shape {label.shape}, "
           f"config {config.name!r} wants {want[:2]}")
     if not np.all(np.isfinite(image)):
-      raise ValueError(
+      raise DataError(
           f"case {case_id!r} slice {slice_index}: image has non-finite values")
-    if label.size and (label.min() < 0 or label.max() >= config.num_classes):
-      raise ValueError(
-          f"case {case_id!r} slice {slice_index}: label values "
-          f"[{label.min()}, {label.max()}] outside [0, {config.num_classes})")
+    check_labels(label, config.num_classes, f"case {case_id!r} slice {slice_index}")
     return {
         "image": image.astype(np.float32),
         "label": label.astype(np.uint8),
@@ -221,8 +224,16 @@ def prepare_sources(
   if not isinstance(builder, SegmentationBuilder):
     raise ValueError(
         f"builder must be a SegmentationBuilder, got {type(builder).__name__}")
-  builder.download_and_prepare(
-      download_config=offline_download_config(manual_dir=manual_dir))
+  # A failed build (a bad file halfway through) must not leave half-made folders or a split
+  # file behind: the next attempt would trip over them.
+  root = pathlib.Path(builder.data_dir_root) / builder.name
+  before = files.snapshot(root)
+  try:
+    builder.download_and_prepare(
+        download_config=offline_download_config(manual_dir=manual_dir))
+  except BaseException:
+    files.remove_new(root, before)
+    raise
   available = tuple(builder.info.splits.keys())
   splits = available if splits is None else tuple(splits)
   missing = [s for s in splits if s not in available]
@@ -231,130 +242,3 @@ def prepare_sources(
         f"splits {missing} not in {builder.name}/{builder.builder_config_name} "
         f"(has {sorted(available)})")
   return {s: builder.as_data_source(split=s) for s in splits}
-
-
-# --- Synthetic data ---------------------------------------------------------
-
-
-@dataclasses.dataclass(eq=False, kw_only=True)
-class SyntheticConfig(SegmentationConfig):
-  """Config of `SyntheticSegmentation`: square images, split sizes, seed."""
-
-  n_train: int = 400
-  n_val: int = 50
-  n_test: int = 50
-  seed: int = 0
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.height != self.width:
-      raise ValueError(
-          f"synthetic images are square, got height={self.height}, "
-          f"width={self.width}")
-    if self.height < synthetic.MIN_SIZE:
-      raise ValueError(
-          f"size must be >= {synthetic.MIN_SIZE}, got {self.height}")
-    # TFDS refuses to finalise a split with no examples.
-    for field, low in (("n_train", 1), ("n_val", 1), ("n_test", 1),
-                       ("seed", 0)):
-      value = getattr(self, field)
-      if not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(
-            f"{field} must be an integer >= {low}, got {value!r}")
-
-  @property
-  def split_sizes(self) -> dict[str, int]:
-    return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
-
-
-def synthetic_config_name(
-    size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
-) -> str:
-  """E.g. 's64_c1_n400-50-50_seed0'."""
-  return f"s{size}_c{channels}_n{n_train}-{n_val}-{n_test}_seed{seed}"
-
-
-def _new_synthetic_config(size, channels, n_train, n_val, n_test, seed):
-  return SyntheticConfig(
-      name=synthetic_config_name(size, channels, n_train, n_val, n_test, seed),
-      description=(
-          f"{size}x{size}x{channels} synthetic lesions, {n_train}/{n_val}/"
-          f"{n_test} train/val/test examples, seed {seed}."),
-      height=size, width=size, channels=channels, num_classes=2,
-      n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
-
-
-class SyntheticSegmentation(SegmentationBuilder):
-  """Seeded synthetic lesions (see `metadcseg_jax.data.synthetic`).
-
-  Record i of split s is `synthetic.split_example(seed, s, i, ...)`, with
-  case_id 'synthetic-{s}-{i:05d}' and slice_index 0.
-  """
-
-  # Tied to the generator: a change of the arrays is a new dataset version.
-  VERSION = tfds.core.Version(synthetic.GENERATOR_VERSION)
-  RELEASE_NOTES = {synthetic.GENERATOR_VERSION: "Initial release."}
-  BUILDER_CONFIGS = [
-      _new_synthetic_config(64, 1, 400, 50, 50, 0),
-      _new_synthetic_config(64, 3, 400, 50, 50, 0),
-  ]
-  DESCRIPTION = (
-      "Synthetic medical-looking binary segmentation: textured background, "
-      "bias field, 1-3 low-contrast lesions with blurred edges, noise.")
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # generated, nothing to download
-    return {split: self._generate_examples(split, n)
-            for split, n in self.builder_config.split_sizes.items()}
-
-  def _generate_examples(self, split: str, n: int) -> Iterator[tuple[int, Any]]:
-    config = self.builder_config
-    for i in range(n):
-      image, label = synthetic.split_example(
-          config.seed, split, i, size=config.height, channels=config.channels)
-      yield i, self.encode_example(
-          image=image, label=label, case_id=f"synthetic-{split}-{i:05d}",
-          slice_index=0)
-
-
-def synthetic_builder_config(
-    size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
-) -> SyntheticConfig:
-  """The uniquely named config for these parameters (a predefined one if any)."""
-  name = synthetic_config_name(size, channels, n_train, n_val, n_test, seed)
-  predefined = SyntheticSegmentation.builder_configs.get(name)
-  if predefined is not None:
-    return predefined
-  return _new_synthetic_config(size, channels, n_train, n_val, n_test, seed)
-
-
-def load_synthetic(
-    *,
-    data_dir: str | os.PathLike,
-    size: int,
-    channels: int,
-    n_train: int,
-    n_val: int,
-    n_test: int,
-    seed: int,
-) -> dict[str, DataSource]:
-  """Builds the synthetic dataset under `data_dir` if needed; returns sources.
-
-  Args:
-    data_dir: TFDS data directory; the dataset lands in
-      `data_dir/synthetic_segmentation/<config name>/<version>/`.
-    size: image side H = W.
-    channels: image channels C.
-    n_train, n_val, n_test: examples per split.
-    seed: dataset seed.
-
-  Returns:
-    {'train', 'val', 'test': data source}; record i of split s equals
-    `synthetic.split_example(seed, s, i, size=size, channels=channels)`.
-  """
-  if data_dir is None:
-    raise ValueError("data_dir must be a directory path, got None")
-  config = synthetic_builder_config(size, channels, n_train, n_val, n_test,
-                                    seed)
-  builder = SyntheticSegmentation(data_dir=os.fspath(data_dir), config=config)
-  return prepare_sources(builder, splits=SPLITS)

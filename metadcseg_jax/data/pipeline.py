@@ -21,9 +21,16 @@ import grain
 import ml_collections
 import numpy as np
 
+from metadcseg_jax import noise
+from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import augment as augment_lib
-
-SPLITS = ("train", "val", "test")
+from metadcseg_jax.data import builders
+from metadcseg_jax.data import check_labels
+from metadcseg_jax.data import real
+from metadcseg_jax.data import synthetic
+from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.errors import DataError
+from metadcseg_jax.noise import cache as noise_cache
 
 
 def _as_str(value: Any) -> str:
@@ -54,6 +61,11 @@ class Records:
   def __len__(self) -> int:
     return len(self.indices)
 
+  def subset(self, k: int) -> "Records":
+    """The first `k` examples of this split."""
+    return Records(self.source, self.indices[:k], name=self.name, num_classes=self.num_classes,
+                   image_shape=self.image_shape, noisy_labels=self.noisy_labels)
+
   def case_id(self, i: int) -> str:
     return _as_str(self.source[int(self.indices[i])]["case_id"])
 
@@ -64,13 +76,13 @@ class Records:
     label = np.asarray(record["label"])
     where = f"{self.name} example {index} (case {_as_str(record.get('case_id', index))})"
     if image.shape != self.image_shape:
-      raise ValueError(f"{where}: image shape {image.shape} != expected {self.image_shape}")
+      raise DataError(f"{where}: image shape {image.shape} != expected {self.image_shape}")
     if label.shape != image.shape[:2]:
-      raise ValueError(f"{where}: label shape {label.shape} does not match image shape "
+      raise DataError(f"{where}: label shape {label.shape} does not match image shape "
                        f"{image.shape[:2]}")
     check_labels(label, self.num_classes, where)
     if not np.all(np.isfinite(image)):
-      raise ValueError(f"{where}: image contains NaN or Inf")
+      raise DataError(f"{where}: image contains NaN or Inf")
     noisy = label if self.noisy_labels is None else self.noisy_labels[index]
     return {
         "image": image,
@@ -78,14 +90,6 @@ class Records:
         "noisy_label": np.asarray(noisy).astype(np.int32),
         "index": np.int64(index),
     }
-
-
-def check_labels(label: np.ndarray, num_classes: int, where: str) -> None:
-  """Raises ValueError naming `where` if a label is outside [0, num_classes)."""
-  if label.size and (label.min() < 0 or label.max() >= num_classes):
-    bad = np.unique(label[(label < 0) | (label >= num_classes)])
-    raise ValueError(f"{where}: label values {bad.tolist()[:10]} outside [0, {num_classes}); "
-                     f"set config.data.num_classes or fix the mask")
 
 
 @dataclasses.dataclass
@@ -98,7 +102,7 @@ class DataSplits:
   info: dict[str, Any]  # sizes, meta indices, noise summary, per-case spacing (mm)
 
 
-def load_sources(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str, dict]:
+def open_dataset(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str, dict]:
   """Builds (if needed) and opens the dataset named by `data.name`.
 
   Returns:
@@ -107,20 +111,18 @@ def load_sources(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str, 
     (slice, row, col) for volumetric datasets ({} otherwise).
   """
   data_dir = str(pathlib.Path(data.data_dir).expanduser().resolve())
-  from metadcseg_jax.data import builders  # pylint: disable=g-import-not-at-top
   if data.name == "synthetic":
-    sources = builders.load_synthetic(
+    sources = synthetic.load_synthetic(
         data_dir=data_dir, size=data.size, channels=data.channels, n_train=data.n_train,
         n_val=data.n_val, n_test=data.n_test, seed=data.seed)
-    key = builders.synthetic_builder_config(
+    key = synthetic.synthetic_builder_config(
         data.size, data.channels, data.n_train, data.n_val, data.n_test, data.seed).name
     return sources, key, {}
-  from metadcseg_jax.data import real  # pylint: disable=g-import-not-at-top
   if not data.manual_dir:
-    raise ValueError(f"dataset {data.name!r} needs --config.data.manual_dir=<folder with the "
+    raise ConfigError(f"dataset {data.name!r} needs --config.data.manual_dir=<folder with the "
                      f"raw data>")
   builder = real.get_dataset_builder(data.name, data_dir=data_dir, manual_dir=data.manual_dir,
-                                     size=data.size, **dict(data.get("options", {})))
+                                     size=data.size, **builder_options(data))
   sources = builders.prepare_sources(builder, splits=SPLITS, manual_dir=data.manual_dir)
   # resized_spacing gives (row, col, slice); a stacked volume is (slice, row, col).
   spacing = {c: (float(v[2]), float(v[0]), float(v[1]))
@@ -128,12 +130,26 @@ def load_sources(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str, 
   return sources, f"{data.name}/{builder.builder_config.name}", spacing
 
 
+def builder_options(data: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The real builder's options from `config.data` (unset ones keep the builder's default)."""
+  cls = real.BUILDERS[data.name]
+  given = {"mask_suffix": data.options.get("mask_suffix") or None,
+           "train_slices": data.options.get("train_slices"),
+           "modality": data.options.get("modality"),
+           "mask_threshold": data.get("mask_threshold")}
+  if data.name == "folder":
+    # The folder's channel and class counts come from the config itself.
+    given.update(channels=data.channels, num_classes=None if data.num_classes == 2
+                 else data.num_classes)
+  return {k: v for k, v in given.items() if k in cls.OPTIONS and v is not None}
+
+
 def _split_meta(n_train: int, *, fraction: float, min_size: int,
                 seed: int) -> tuple[np.ndarray, np.ndarray]:
   """Seeded split of the training indices into (train, meta), SPEC §4 (2%, >= one batch)."""
   n_meta = max(int(math.ceil(fraction * n_train)), min_size)
   if n_meta >= n_train:
-    raise ValueError(f"meta split of {n_meta} examples leaves no training examples out of "
+    raise ConfigError(f"meta split of {n_meta} examples leaves no training examples out of "
                      f"{n_train}; lower config.data.meta_fraction or the meta batch size")
   perm = np.random.default_rng([seed, 0x6D657461]).permutation(n_train)
   return np.sort(perm[n_meta:]), np.sort(perm[:n_meta])
@@ -160,10 +176,10 @@ def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> 
   Returns:
     DataSplits; `info` records sizes, the meta indices and the measured corruption.
   """
-  sources, key, spacing = load_sources(config)
+  sources, key, spacing = open_dataset(config)
   for split in SPLITS:
     if split not in sources or len(sources[split]) == 0:
-      raise ValueError(f"dataset {config.name!r} ({key}): split {split!r} is empty")
+      raise DataError(f"dataset {config.name!r} ({key}): split {split!r} is empty")
   shape = (config.size, config.size, config.channels)
   n_train = len(sources["train"])
   train_idx, meta_idx = _split_meta(n_train, fraction=config.meta_fraction,
@@ -209,10 +225,9 @@ def _noisy_labels(clean: np.ndarray, config: ml_collections.ConfigDict,
   kind = config.noise.kind
   if kind in ("none", "", None):
     return clean.copy(), {"kind": "none"}
-  from metadcseg_jax import noise  # pylint: disable=g-import-not-at-top
   cache_dir = noise_cache_dir(config, key)
   options = noise_options(config.noise)
-  noisy = noise.cached_noisy_labels(clean, cache_dir=cache_dir, dataset_key=key,
+  noisy = noise_cache.cached_noisy_labels(clean, cache_dir=cache_dir, dataset_key=key,
                                     kind=kind, seed=config.noise.seed, options=options)
   corruption = noise.measured_corruption(clean, noisy)
   info = {"kind": kind, "seed": config.noise.seed, "options": options,
@@ -236,7 +251,7 @@ def train_dataset(records: Records, *, batch_size: int, seed: int, augment: bool
   `iter(ds)` gives an iterator whose `get_state()` / `set_state()` a checkpoint stores.
   """
   if len(records) < batch_size:
-    raise ValueError(f"{records.name}: {len(records)} examples, fewer than one batch of "
+    raise ConfigError(f"{records.name}: {len(records)} examples, fewer than one batch of "
                      f"{batch_size}")
   ds = grain.MapDataset.source(records).shuffle(seed=seed)
   if augment:

@@ -1,7 +1,7 @@
 """Readers shared by the real-dataset builders: file pairing, decoding, resizing, splits.
 
 Everything here is plain numpy/PIL (plus SimpleITK or nibabel, imported only when a volume is
-read) and raises `ValueError` naming the offending file, so a bad raw folder fails before or
+read) and raises `DataError` (a ValueError) naming the offending file, so a bad raw folder fails before or
 while the TFDS builder writes anything, never by silently dropping data.
 
 Conventions:
@@ -25,7 +25,10 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-SPLITS = ("train", "val", "test")
+from metadcseg_jax import files
+from metadcseg_jax.data import SPLITS
+from metadcseg_jax.errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SPLIT_FILE_VERSION = 1
@@ -60,7 +63,7 @@ def require_dir(path: os.PathLike | str, what: str) -> pathlib.Path:
   """`path` as a Path, or a ValueError explaining the expected layout."""
   path = pathlib.Path(path).expanduser()
   if not path.is_dir():
-    raise ValueError(f"wrong layout: {what} folder {path} does not exist or is not a folder")
+    raise DataError(f"wrong layout: {what} folder {path} does not exist or is not a folder")
   return path
 
 
@@ -86,7 +89,7 @@ def list_files(folder: pathlib.Path, suffixes: Sequence[str], *, root: pathlib.P
       continue
     stem = parsed[0]
     if stem in files:
-      raise ValueError(f"two files in {folder} share the name {stem!r}: {files[stem].name} and "
+      raise DataError(f"two files in {folder} share the name {stem!r}: {files[stem].name} and "
                        f"{path.name}; keep one")
     files[stem] = path
   return Listing(files, skipped)
@@ -102,7 +105,7 @@ def pair_files(images: Listing, masks: Listing, *, images_dir: pathlib.Path,
     ValueError: an image without a mask, a mask without an image, or no images at all.
   """
   if not images.files:
-    raise ValueError(f"no image files ({', '.join(suffixes)}) found in {images_dir}")
+    raise DataError(f"no image files ({', '.join(suffixes)}) found in {images_dir}")
   by_image_stem = {}
   unmatched_masks = []
   for stem, path in masks.files.items():
@@ -112,11 +115,11 @@ def pair_files(images: Listing, masks: Listing, *, images_dir: pathlib.Path,
     by_image_stem[stem[:len(stem) - len(mask_suffix)] if mask_suffix else stem] = path
   missing = [p for s, p in images.files.items() if s not in by_image_stem]
   if missing:
-    raise ValueError(f"image without a mask in {masks_dir} (mask stem = image stem"
+    raise DataError(f"image without a mask in {masks_dir} (mask stem = image stem"
                      f"{' + ' + repr(mask_suffix) if mask_suffix else ''}): {_listed(missing)}")
   orphans = unmatched_masks + [p for s, p in by_image_stem.items() if s not in images.files]
   if orphans:
-    raise ValueError(f"mask without an image in {images_dir}: {_listed(orphans)}")
+    raise DataError(f"mask without an image in {images_dir}: {_listed(orphans)}")
   return {s: (images.files[s], by_image_stem[s]) for s in images.files}
 
 
@@ -125,7 +128,7 @@ def _open(path: pathlib.Path) -> Image.Image:
     image = Image.open(path)
     image.load()
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...: all mean unreadable
-    raise ValueError(f"cannot read image file {path}: {e}") from e
+    raise DataError(f"cannot read image file {path}: {e}") from e
   return image
 
 
@@ -135,7 +138,7 @@ def image_channels(path: pathlib.Path) -> int:
     with Image.open(path) as image:
       return 1 if image.mode in _GREY_MODES else 3
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"cannot read image file {path}: {e}") from e
+    raise DataError(f"cannot read image file {path}: {e}") from e
 
 
 def read_image(path: pathlib.Path, *, channels: int) -> tuple[np.ndarray, bool]:
@@ -177,7 +180,7 @@ def _integral(array: np.ndarray, path: object) -> np.ndarray:
   rounded = np.rint(array)
   if not np.array_equal(rounded, array):
     bad = np.unique(array[rounded != array])[:_MAX_LISTED]
-    raise ValueError(f"label file {path} holds non-integer values, e.g. {bad.tolist()}")
+    raise DataError(f"label file {path} holds non-integer values, e.g. {bad.tolist()}")
   return rounded.astype(np.int64)
 
 
@@ -205,7 +208,7 @@ def mask_to_label(raw: np.ndarray, *, path: object, num_classes: int | None = No
   if bad.size:
     kind = ("binary (0/1 or 0/255)" if num_classes is None
             else f"binary or class indices in [0, {num_classes})")
-    raise ValueError(f"mask {path} has values {bad[:10].tolist()} that are neither {kind}; "
+    raise DataError(f"mask {path} has values {bad[:10].tolist()} that are neither {kind}; "
                      f"set num_classes, or mask_threshold for JPEG-compressed masks")
   return raw.astype(np.uint8)
 
@@ -213,7 +216,7 @@ def mask_to_label(raw: np.ndarray, *, path: object, num_classes: int | None = No
 def check_same_size(image_shape: Sequence[int], label_shape: Sequence[int], image_path: object,
                     label_path: object) -> None:
   if tuple(image_shape) != tuple(label_shape):
-    raise ValueError(f"size mismatch: image {image_path} is {tuple(image_shape)} but its mask "
+    raise DataError(f"size mismatch: image {image_path} is {tuple(image_shape)} but its mask "
                      f"{label_path} is {tuple(label_shape)}")
 
 
@@ -283,7 +286,7 @@ def volume_info(path: pathlib.Path) -> tuple[tuple[int, ...], tuple[float, float
       image = nib.load(str(path))
       shape, zooms = image.shape, image.header.get_zooms()
       if len(shape) < 3:
-        raise ValueError(f"expected a 3D or 4D volume, got shape {shape}")
+        raise DataError(f"expected a 3D or 4D volume, got shape {shape}")
       return ((shape[2], shape[1], shape[0]) + tuple(shape[3:]),
               _mm(zooms[1], zooms[0], zooms[2]))
     sitk = _import("SimpleITK", "SimpleITK")
@@ -292,12 +295,12 @@ def volume_info(path: pathlib.Path) -> tuple[tuple[int, ...], tuple[float, float
     reader.ReadImageInformation()
     size, spacing = reader.GetSize(), reader.GetSpacing()
     if len(size) != 3:
-      raise ValueError(f"expected a 3D volume, got size {size}")
+      raise DataError(f"expected a 3D volume, got size {size}")
     return (size[2], size[1], size[0]), _mm(spacing[1], spacing[0], spacing[2])
   except ImportError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"cannot read volume file {path}: {e}") from e
+    raise DataError(f"cannot read volume file {path}: {e}") from e
 
 
 def read_volume(path: pathlib.Path, *, channel: int | None = None) -> np.ndarray:
@@ -308,7 +311,7 @@ def read_volume(path: pathlib.Path, *, channel: int | None = None) -> np.ndarray
       proxy = nib.load(str(path)).dataobj
       data = np.asarray(proxy[..., channel] if channel is not None else proxy)
       if data.ndim != 3:
-        raise ValueError(f"expected a 3D volume after channel selection, got {data.shape}")
+        raise DataError(f"expected a 3D volume after channel selection, got {data.shape}")
       return np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.float32)
     sitk = _import("SimpleITK", "SimpleITK")
     data = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
@@ -316,7 +319,7 @@ def read_volume(path: pathlib.Path, *, channel: int | None = None) -> np.ndarray
   except ImportError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"cannot read volume file {path}: {e}") from e
+    raise DataError(f"cannot read volume file {path}: {e}") from e
 
 
 def read_label_volume(path: pathlib.Path, *, allowed: Iterable[int]) -> np.ndarray:
@@ -325,7 +328,7 @@ def read_label_volume(path: pathlib.Path, *, allowed: Iterable[int]) -> np.ndarr
   values = np.unique(labels)
   bad = values[~np.isin(values, list(allowed))]
   if bad.size:
-    raise ValueError(f"label file {path} has values {bad[:10].tolist()} outside the labels "
+    raise DataError(f"label file {path} has values {bad[:10].tolist()} outside the labels "
                      f"{sorted(allowed)} of dataset.json")
   return labels
 
@@ -344,11 +347,11 @@ def split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
     ValueError: fewer than 3 cases, or fractions that leave a split empty.
   """
   if set(fractions) != set(SPLITS) or any(f <= 0 for f in fractions.values()):
-    raise ValueError(f"split fractions need positive 'train', 'val', 'test', got {fractions}")
+    raise DataError(f"split fractions need positive 'train', 'val', 'test', got {fractions}")
   if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-    raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    raise DataError(f"split fractions must sum to 1, got {fractions}")
   if n < len(SPLITS):
-    raise ValueError(f"need at least {len(SPLITS)} cases for train/val/test splits, found {n}")
+    raise DataError(f"need at least {len(SPLITS)} cases for train/val/test splits, found {n}")
   n_test = max(1, math.ceil(fractions["test"] * n - 1e-9))
   n_val = max(1, int(math.floor(fractions["val"] * n + 0.5)))
   if n - n_test - n_val < 1:  # tiny folders: fractions would empty train
@@ -387,10 +390,10 @@ def load_or_make_splits(path: pathlib.Path, ids: Sequence[str], *, dataset: str,
       content = json.loads(path.read_text())
       listed = sorted(i for s in SPLITS for i in content["splits"][s])
     except (OSError, ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"cannot read split file {path}: {e}; delete it to re-split") from e
+      raise DataError(f"cannot read split file {path}: {e}; delete it to re-split") from e
     if listed != ids:
       gone, new = sorted(set(listed) - set(ids)), sorted(set(ids) - set(listed))
-      raise ValueError(f"split file {path} does not match {source}: missing from the folder "
+      raise DataError(f"split file {path} does not match {source}: missing from the folder "
                        f"{_listed(gone) or 'none'}; not in the file {_listed(new) or 'none'}. "
                        f"Delete the file (or use another data_dir) to re-split")
     if content.get("source") != str(source):
@@ -408,9 +411,7 @@ def load_or_make_splits(path: pathlib.Path, ids: Sequence[str], *, dataset: str,
   if cases is not None:
     content["cases"] = {k: dict(v) for k, v in sorted(cases.items())}
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(content, indent=1))
-  os.replace(tmp, path)  # atomic: a crashed build never leaves half a split file
+  files.write_atomic(path, json.dumps(content, indent=1))  # never half a split file
   logging.info("wrote split file %s: %s", path, content["counts"])
   return content
 

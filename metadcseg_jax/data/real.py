@@ -3,7 +3,7 @@
 Each builder reads the user's raw folder (`manual_dir`, never downloaded) and writes 2D records
 {"image" (size,size,C) float32, "label" (size,size) uint8, "case_id", "slice_index"} for the
 splits 'train', 'val' and 'test', the record format of the synthetic set, so
-`load_sources(name, ...)` is a drop-in for it.
+`load_dataset(name, ...)` is a drop-in for it.
 
 Decisions (see the module docstrings of `readers` for file conventions):
   * Sizes (builder configs): the paper's Table 8 input sizes by default (Kvasir-SEG 256,
@@ -45,10 +45,12 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import builders
 from metadcseg_jax.data import readers
+from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.errors import DataError
 
-SPLITS = readers.SPLITS
 SLICE_POLICIES = ("all", "foreground", "nonzero")
 _SPLIT_FILE = "splits.json"  # copy kept inside each prepared build
 
@@ -92,12 +94,12 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
     """The config of one build; its name encodes everything that changes the records."""
     size = cls.DEFAULT_SIZE if size is None else size
     if not isinstance(size, (int, np.integer)) or size < 8:
-      raise ValueError(f"size must be an integer >= 8, got {size!r}")
+      raise ConfigError(f"size must be an integer >= 8, got {size!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-      raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+      raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     unknown = sorted(set(options) - set(cls.OPTIONS))
     if unknown:
-      raise ValueError(f"unknown options {unknown} for {cls.name}; known: {sorted(cls.OPTIONS)}")
+      raise ConfigError(f"unknown options {unknown} for {cls.name}; known: {sorted(cls.OPTIONS)}")
     full = {**cls.OPTIONS, **options}
     cls._check_options(full)
     parts = [f"size{int(size)}"] + ([f"seed{int(seed)}"] if seed else [])
@@ -119,7 +121,7 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
   @classmethod
   def _check_options(cls, options: Mapping[str, Any]) -> None:
     if "train_slices" in options and options["train_slices"] not in SLICE_POLICIES:
-      raise ValueError(f"train_slices must be one of {SLICE_POLICIES}, got "
+      raise ConfigError(f"train_slices must be one of {SLICE_POLICIES}, got "
                        f"{options['train_slices']!r}")
 
   @classmethod
@@ -147,7 +149,7 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
       try:
         root = dl_manager.manual_dir
       except AssertionError as e:  # TFDS's way of saying the folder is missing or empty
-        raise ValueError(f"building {self.name} needs manual_dir, the raw data folder: {e}") from e
+        raise DataError(f"building {self.name} needs manual_dir, the raw data folder: {e}") from e
     return readers.require_dir(pathlib.Path(root).expanduser().resolve(), f"{self.name} raw data")
 
   def split_file_path(self, root: pathlib.Path | None = None) -> pathlib.Path:
@@ -282,11 +284,11 @@ class Folder(_ImageFolderBuilder, skip_registration=True):
   def _check_options(cls, options):
     n, c, t = options["num_classes"], options["channels"], options["mask_threshold"]
     if n is not None and (not isinstance(n, int) or not 2 <= n <= 256):
-      raise ValueError(f"num_classes must be None or an integer in [2, 256], got {n!r}")
+      raise ConfigError(f"num_classes must be None or an integer in [2, 256], got {n!r}")
     if c not in (None, 1, 3):
-      raise ValueError(f"channels must be None, 1 or 3, got {c!r}")
+      raise ConfigError(f"channels must be None, 1 or 3, got {c!r}")
     if t is not None and (not isinstance(t, int) or n not in (None, 2)):
-      raise ValueError(f"mask_threshold must be an integer and needs binary masks, got {t!r}")
+      raise ConfigError(f"mask_threshold must be an integer and needs binary masks, got {t!r}")
 
   @classmethod
   def _extra_name_parts(cls, manual_dir):
@@ -305,12 +307,12 @@ class Folder(_ImageFolderBuilder, skip_registration=True):
     # the image headers when not given.
     if options.get("channels") is None:
       if manual_dir is None:
-        raise ValueError("folder: pass channels=1 or 3, or manual_dir to infer it")
+        raise ConfigError("folder: pass channels=1 or 3, or manual_dir to infer it")
       root = readers.require_dir(manual_dir, "folder raw data")
       images = readers.list_files(readers.require_dir(root / "images", "images/"),
                                   readers.IMAGE_SUFFIXES, root=root)
       if not images.files:
-        raise ValueError(f"no image files ({', '.join(readers.IMAGE_SUFFIXES)}) found in "
+        raise ConfigError(f"no image files ({', '.join(readers.IMAGE_SUFFIXES)}) found in "
                          f"{root / 'images'}")
       options["channels"] = max(readers.image_channels(p) for p in images.files.values())
     return super().make_config(size=size, seed=seed, manual_dir=manual_dir, **options)
@@ -332,7 +334,7 @@ def slice_mask(policy: str, volume: np.ndarray, label: np.ndarray) -> np.ndarray
     return label.reshape(label.shape[0], -1).any(axis=1)
   if policy == "nonzero":
     return (volume.reshape(volume.shape[0], -1) != 0).any(axis=1)
-  raise ValueError(f"slice policy must be one of {SLICE_POLICIES}, got {policy!r}")
+  raise DataError(f"slice policy must be one of {SLICE_POLICIES}, got {policy!r}")
 
 
 class _VolumeBuilder(_RealBuilder, skip_registration=True):
@@ -383,7 +385,7 @@ class _VolumeBuilder(_RealBuilder, skip_registration=True):
     logging.info("%s/%s: kept %d of %d axial slices (train_slices=%r applies to train only)",
                  self.name, split, kept, total, policy)
     if not kept:
-      raise ValueError(f"{self.name}: no {split} slices left with train_slices={policy!r} "
+      raise DataError(f"{self.name}: no {split} slices left with train_slices={policy!r} "
                        f"(cases {[c for c, _ in items]})")
     self.info.metadata.setdefault("slices", {})[split] = {
         "kept": kept, "total": total, "policy": policy}
@@ -420,7 +422,7 @@ def _resolve_modality(modality: str | int, modalities: Mapping[str, str],
     found = [i for i, n in names.items() if n.lower() == str(modality).lower()]
     if found:
       return found[0]
-  raise ValueError(f"modality {modality!r} not in {path}'s modalities {names}")
+  raise DataError(f"modality {modality!r} not in {path}'s modalities {names}")
 
 
 class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
@@ -437,21 +439,21 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
   def _channel(self, modalities: Mapping[str, str], path: pathlib.Path) -> int:
     del path
     if len(modalities) != 1:
-      raise ValueError(f"{self.name} expects one modality, dataset.json lists {modalities}")
+      raise DataError(f"{self.name} expects one modality, dataset.json lists {modalities}")
     return 0
 
   def _pairs(self, root):
     task = self._task_root(root)
     info_path = task / "dataset.json"
     if not info_path.is_file():
-      raise ValueError(f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, "
+      raise DataError(f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, "
                        f"labelsTr/ and dataset.json)")
     try:
       info = json.loads(info_path.read_text())
       modalities, labels = info["modality"], info["labels"]
       self._labels = tuple(sorted(int(k) for k in labels))
     except (OSError, ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"cannot read {info_path} (needs 'modality' and 'labels'): {e}") from e
+      raise DataError(f"cannot read {info_path} (needs 'modality' and 'labels'): {e}") from e
     channel = self._channel(modalities, info_path)
     images_dir = readers.require_dir(task / "imagesTr", "imagesTr/")
     labels_dir = readers.require_dir(task / "labelsTr", "labelsTr/")
@@ -464,10 +466,10 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
     for case_id, (image_path, _) in pairs.items():
       shape, _ = readers.volume_info(image_path)
       if len(shape) == 4 and shape[3] != len(modalities):
-        raise ValueError(f"{image_path} has {shape[3]} channels but {info_path} lists "
+        raise DataError(f"{image_path} has {shape[3]} channels but {info_path} lists "
                          f"{len(modalities)} modalities")
       if len(shape) == 3 and channel != 0:
-        raise ValueError(f"{image_path} is 3D, modality index {channel} needs a 4D volume")
+        raise DataError(f"{image_path} is 3D, modality index {channel} needs a 4D volume")
       channels[case_id] = channel if len(shape) == 4 else None
     return pairs, images.skipped + masks.skipped, channels
 
@@ -477,7 +479,7 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
       for key in ("image", "label"):
         path = task / str(entry.get(key, "")) if isinstance(entry, dict) else None
         if path is None or not path.is_file():
-          raise ValueError(f"{info_path} lists a training {key} that is missing: {entry}")
+          raise DataError(f"{info_path} lists a training {key} that is missing: {entry}")
       listed.add(readers.strip_suffix(path.name, readers.NIFTI_SUFFIXES)[0])
     extra = sorted(set(pairs) - listed)
     if training and extra:
@@ -544,17 +546,17 @@ def get_dataset_builder(name: str, *, data_dir: str | pathlib.Path,
     **options: `seed` (split seed, default 0) and the builder's OPTIONS.
 
   Returns:
-    The builder; `builder.download_and_prepare()` builds it, `load_sources` does both.
+    The builder; `builder.download_and_prepare()` builds it, `load_dataset` does both.
   """
   if name not in BUILDERS:
-    raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+    raise ConfigError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
   cls = BUILDERS[name]
   config = cls.make_config(size=size, manual_dir=manual_dir, **options)
   return cls(data_dir=str(pathlib.Path(data_dir).expanduser().resolve()), config=config,
              manual_dir=manual_dir)
 
 
-def load_sources(name: str, *, data_dir: str | pathlib.Path,
+def load_dataset(name: str, *, data_dir: str | pathlib.Path,
                  manual_dir: str | pathlib.Path | None, size: int | None = None,
                  **options) -> dict[str, Any]:
   """Builds (once) and opens a real dataset: {'train', 'val', 'test'} -> random-access source.
@@ -571,5 +573,5 @@ def read_split_file(builder: _RealBuilder) -> dict:
   """The split file of a prepared build (case ids per split, seed, source, spacing per case)."""
   path = pathlib.Path(builder.data_dir, _SPLIT_FILE)
   if not path.is_file():
-    raise ValueError(f"{path} not found: prepare the builder first")
+    raise DataError(f"{path} not found: prepare the builder first")
   return json.loads(path.read_text())

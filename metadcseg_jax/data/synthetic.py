@@ -43,10 +43,18 @@ generator; `make_split` seeds each example from `(seed, split, index)` through
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from typing import Any, Iterator
 import zlib
 
 import numpy as np
 from scipy import ndimage
+from skimage import draw
+import tensorflow_datasets as tfds
+
+from metadcseg_jax.data import SPLITS
+from metadcseg_jax.data import builders
 
 # Bump when the generated arrays change: the TFDS builder uses it as its version.
 GENERATOR_VERSION = "1.0.0"
@@ -259,3 +267,151 @@ def make_split(
     images[i], labels[i] = split_example(
         seed, split_name, i, size=size, channels=channels)
   return images, labels
+
+
+
+def blob_masks(n: int, size: int, *, seed: int = 0) -> np.ndarray:
+  """Random blob masks for tests and calibration tables (not for training).
+
+  Each mask is the union of 1-3 rotated ellipses with centres in the middle
+  60% of the image and semi-axes of 12-30% of the side.
+
+  Returns:
+    (n, size, size) uint8 in {0, 1}.
+  """
+  rng = np.random.default_rng(seed)
+  out = np.zeros((n, size, size), np.uint8)
+  for i in range(n):
+    for _ in range(rng.integers(1, 4)):
+      r, c = rng.uniform(0.3, 0.7, 2) * size
+      a, b = rng.uniform(0.12, 0.3, 2) * size
+      rr, cc = draw.ellipse(r, c, a, b, shape=(size, size),
+                            rotation=rng.uniform(0, np.pi))
+      out[i, rr, cc] = 1
+  return out
+
+
+# --- The TFDS builder -------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class SyntheticConfig(builders.SegmentationConfig):
+  """Config of `SyntheticSegmentation`: square images, split sizes, seed."""
+
+  n_train: int = 400
+  n_val: int = 50
+  n_test: int = 50
+  seed: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.height != self.width:
+      raise ValueError(
+          f"synthetic images are square, got height={self.height}, "
+          f"width={self.width}")
+    if self.height < MIN_SIZE:
+      raise ValueError(
+          f"size must be >= {MIN_SIZE}, got {self.height}")
+    # TFDS refuses to finalise a split with no examples.
+    for field, low in (("n_train", 1), ("n_val", 1), ("n_test", 1),
+                       ("seed", 0)):
+      value = getattr(self, field)
+      if not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(
+            f"{field} must be an integer >= {low}, got {value!r}")
+
+  @property
+  def split_sizes(self) -> dict[str, int]:
+    return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+
+
+def synthetic_config_name(
+    size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
+) -> str:
+  """E.g. 's64_c1_n400-50-50_seed0'."""
+  return f"s{size}_c{channels}_n{n_train}-{n_val}-{n_test}_seed{seed}"
+
+
+def _new_synthetic_config(size, channels, n_train, n_val, n_test, seed):
+  return SyntheticConfig(
+      name=synthetic_config_name(size, channels, n_train, n_val, n_test, seed),
+      description=(
+          f"{size}x{size}x{channels} synthetic lesions, {n_train}/{n_val}/"
+          f"{n_test} train/val/test examples, seed {seed}."),
+      height=size, width=size, channels=channels, num_classes=2,
+      n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+
+
+class SyntheticSegmentation(builders.SegmentationBuilder):
+  """Seeded synthetic lesions (see `make_example`).
+
+  Record i of split s is `split_example(seed, s, i, ...)`, with
+  case_id 'synthetic-{s}-{i:05d}' and slice_index 0.
+  """
+
+  # Tied to the generator: a change of the arrays is a new dataset version.
+  VERSION = tfds.core.Version(GENERATOR_VERSION)
+  RELEASE_NOTES = {GENERATOR_VERSION: "Initial release."}
+  BUILDER_CONFIGS = [
+      _new_synthetic_config(64, 1, 400, 50, 50, 0),
+      _new_synthetic_config(64, 3, 400, 50, 50, 0),
+  ]
+  DESCRIPTION = (
+      "Synthetic medical-looking binary segmentation: textured background, "
+      "bias field, 1-3 low-contrast lesions with blurred edges, noise.")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # generated, nothing to download
+    return {split: self._generate_examples(split, n)
+            for split, n in self.builder_config.split_sizes.items()}
+
+  def _generate_examples(self, split: str, n: int) -> Iterator[tuple[int, Any]]:
+    config = self.builder_config
+    for i in range(n):
+      image, label = split_example(
+          config.seed, split, i, size=config.height, channels=config.channels)
+      yield i, self.encode_example(
+          image=image, label=label, case_id=f"synthetic-{split}-{i:05d}",
+          slice_index=0)
+
+
+def synthetic_builder_config(
+    size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
+) -> SyntheticConfig:
+  """The uniquely named config for these parameters (a predefined one if any)."""
+  name = synthetic_config_name(size, channels, n_train, n_val, n_test, seed)
+  predefined = SyntheticSegmentation.builder_configs.get(name)
+  if predefined is not None:
+    return predefined
+  return _new_synthetic_config(size, channels, n_train, n_val, n_test, seed)
+
+
+def load_synthetic(
+    *,
+    data_dir: str | os.PathLike,
+    size: int,
+    channels: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int,
+) -> dict[str, builders.DataSource]:
+  """Builds the synthetic dataset under `data_dir` if needed; returns sources.
+
+  Args:
+    data_dir: TFDS data directory; the dataset lands in
+      `data_dir/synthetic_segmentation/<config name>/<version>/`.
+    size: image side H = W.
+    channels: image channels C.
+    n_train, n_val, n_test: examples per split.
+    seed: dataset seed.
+
+  Returns:
+    {'train', 'val', 'test': data source}; record i of split s equals
+    `split_example(seed, s, i, size=size, channels=channels)`.
+  """
+  if data_dir is None:
+    raise ValueError("data_dir must be a directory path, got None")
+  config = synthetic_builder_config(size, channels, n_train, n_val, n_test,
+                                    seed)
+  builder = SyntheticSegmentation(data_dir=os.fspath(data_dir), config=config)
+  return builders.prepare_sources(builder, splits=SPLITS)

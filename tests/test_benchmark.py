@@ -1,4 +1,4 @@
-"""Tests of experiments/sweep.py (table, resume), metadcseg_jax/plots.py and the Colab notebook.
+"""Tests of metadcseg_jax/benchmark.py: the sweep table, resume, the corruption table.
 
 No training: runs are hand-written results.json files, and the trainer is monkeypatched.
 """
@@ -7,15 +7,14 @@ import json
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
-from experiments import sweep
 from experiments.configs import tiny
-from metadcseg_jax import plots
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "experiments" / "colab.ipynb"
-
+from metadcseg_jax import benchmark
+from metadcseg_jax import noise
+from metadcseg_jax import train
+from metadcseg_jax.data import pipeline
 
 def _results(dice, iou, hd95, *, method="ce", epoch=2, raw_dice=None):
   summary = {"dice": dice, "iou": iou, "miou": (iou + 0.9) / 2, "hd": hd95 + 1.0,
@@ -26,7 +25,7 @@ def _results(dice, iou, hd95, *, method="ce", epoch=2, raw_dice=None):
 
 
 def _write_run(root, noise, method, seed, results):
-  d = sweep.run_dir(root, noise, method, seed)
+  d = benchmark.run_dir(root, noise, method, seed)
   d.mkdir(parents=True, exist_ok=True)
   (d / "results.json").write_text(json.dumps(results))
   return d
@@ -48,7 +47,7 @@ def fake_sweep(tmp_path):
 
 
 def test_collect_means_and_sample_std(fake_sweep):
-  rows = sweep.collect(fake_sweep)
+  rows = benchmark.collect(fake_sweep)
   # Noise order none < l2b40 (NOISE_ORDER), methods ce < metadcseg (METHOD_ORDER).
   assert [(r["noise"], r["method"]) for r in rows] == [
       ("none", "ce"), ("l2b40", "ce"), ("l2b40", "metadcseg")]
@@ -71,23 +70,23 @@ def test_collect_means_and_sample_std(fake_sweep):
 
 
 def test_collect_filters_and_orders(fake_sweep):
-  rows = sweep.collect(fake_sweep, methods=["metadcseg", "ce"], noises=["l2b40"], seeds=[0, 1])
+  rows = benchmark.collect(fake_sweep, methods=["metadcseg", "ce"], noises=["l2b40"], seeds=[0, 1])
   assert [(r["method"], r["seeds"]) for r in rows] == [("metadcseg", [0]), ("ce", [0, 1])]
   assert rows[1]["ema"]["dice"]["mean"] == pytest.approx(0.65)
 
 
 def test_collect_errors(tmp_path):
   with pytest.raises(ValueError, match="not a directory"):
-    sweep.collect(tmp_path / "missing")
-  d = sweep.run_dir(tmp_path, "none", "ce", 0)
+    benchmark.collect(tmp_path / "missing")
+  d = benchmark.run_dir(tmp_path, "none", "ce", 0)
   d.mkdir(parents=True)
   (d / "results.json").write_text('{"epoch": 1}')
   with pytest.raises(ValueError, match="results.json"):
-    sweep.collect(tmp_path)
+    benchmark.collect(tmp_path)
 
 
 def test_to_markdown(fake_sweep):
-  md = sweep.to_markdown(sweep.collect(fake_sweep), command="metadcseg-sweep --seeds=0,1,2")
+  md = benchmark.to_markdown(benchmark.collect(fake_sweep), command="metadcseg-sweep --seeds=0,1,2")
   assert "metadcseg-sweep --seeds=0,1,2" in md
   lines = md.splitlines()
   # Pivot: one row per noise, one column per method; "-" where a combination has no run.
@@ -97,11 +96,10 @@ def test_to_markdown(fake_sweep):
   assert (f"| l2b40 | ce | 0,1,2 | 2 | 0.7000 ± 0.1000 | 0.5500 ± 0.0500 | "
           f"14.00 ± {math.sqrt(28):.2f} |") in lines
   assert "| none | ce | 0 | 2 | 0.9500 | 0.9100 | 2.00 |" in lines
-  assert "No finished runs" in sweep.to_markdown([])
+  assert "No finished runs" in benchmark.to_markdown([])
 
 
 def test_run_sweep_skips_finished_runs(tmp_path, monkeypatch):
-  from metadcseg_jax import train  # pylint: disable=g-import-not-at-top
   calls = []
 
   def fake_train(config, workdir):
@@ -119,12 +117,12 @@ def test_run_sweep_skips_finished_runs(tmp_path, monkeypatch):
   lines = []
   kwargs = dict(methods=["ce", "l2b"], noises=["none", "l2b40"], seeds=[0, 1],
                 command="cmd", echo=lines.append)
-  rows = sweep.run_sweep(config, tmp_path, **kwargs)
+  rows = benchmark.run_sweep(config, tmp_path, **kwargs)
 
   expected = [(n, m, s) for s in (0, 1) for n in ("none", "l2b40") for m in ("ce", "l2b")]
   expected.remove(("l2b40", "l2b", 1))
   assert [c[:3] for c in calls] == expected
-  assert all(pathlib.Path(c[3]) == sweep.run_dir(tmp_path, *c[:3]).resolve() for c in calls)
+  assert all(pathlib.Path(c[3]) == benchmark.run_dir(tmp_path, *c[:3]).resolve() for c in calls)
   assert config.method == tiny.get_config().method  # the base config is not modified
   assert any("[8/8] l2b40/l2b/seed1: done already" in l for l in lines)
   assert any(l.startswith("[1/8] none/ce/seed0: EMA Dice 0.5000") for l in lines)
@@ -137,79 +135,52 @@ def test_run_sweep_skips_finished_runs(tmp_path, monkeypatch):
 
   # A second call (a resumed sweep) trains nothing.
   calls.clear()
-  sweep.run_sweep(config, tmp_path, **kwargs)
+  benchmark.run_sweep(config, tmp_path, **kwargs)
   assert not calls
 
 
 def test_run_sweep_rejects_bad_grid(tmp_path):
   with pytest.raises(ValueError, match="--methods"):
-    sweep.run_sweep(tiny.get_config(), tmp_path, methods=["ce", "dice"], noises=["none"],
+    benchmark.run_sweep(tiny.get_config(), tmp_path, methods=["ce", "dice"], noises=["none"],
                     seeds=[0])
   with pytest.raises(ValueError, match="--noise"):
-    sweep.run_sweep(tiny.get_config(), tmp_path, methods=["ce"], noises=["l2b50"], seeds=[0])
+    benchmark.run_sweep(tiny.get_config(), tmp_path, methods=["ce"], noises=["l2b50"], seeds=[0])
   with pytest.raises(ValueError, match="--seeds"):
-    sweep.parse_seeds(["0", "one"])
+    benchmark.parse_seeds(["0", "one"])
 
 
 def test_command_line():
-  assert sweep.command_line(["/usr/bin/metadcseg-sweep", "--workdir=a b"]) == \
+  assert benchmark.command_line(["/usr/bin/metadcseg-sweep", "--workdir=a b"]) == \
       "metadcseg-sweep '--workdir=a b'"
-  assert sweep.command_line(["/x/experiments/sweep.py", "--seeds=0"]) == \
+  assert benchmark.command_line(["/x/experiments/sweep.py", "--seeds=0"]) == \
       "python -m experiments.sweep --seeds=0"
 
 
-def _png_size(path):
-  data = pathlib.Path(path).read_bytes()
-  assert data[:8] == b"\x89PNG\r\n\x1a\n"
-  return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-
-
-def test_plot_curves_writes_png(tmp_path):
-  lines = []
-  for epoch in (1, 2, 3, 4):
-    lines.append({"epoch": epoch, "step": 6 * epoch, "split": "train", "loss": 1.0 / epoch,
-                  "lr": 0.05 * (1 - epoch / 5), "images_per_s": 10.0 * epoch, "grad_norm": 1.0,
-                  "ce_term": 0.5 / epoch})
-    if epoch % 2 == 0:
-      for params, d in (("raw", 0.5), ("ema", 0.6)):
-        lines.append({"epoch": epoch, "step": 6 * epoch, "split": "test", "params": params,
-                      "dice": d + 0.1 * epoch, "iou": d, "hd95": 3.0})
-  path = tmp_path / "metrics.jsonl"
-  path.write_text("".join(json.dumps(l) + "\n" for l in lines))
-  out = plots.plot_curves(path, tmp_path / "figs" / "curves.png")
-  w, h = _png_size(out)
-  assert w > h > 300  # the 2x2 figure, landscape
-
-  train_records, test_records = plots.read_metrics(path)
-  assert [r["epoch"] for r in train_records] == [1, 2, 3, 4] and len(test_records) == 4
-  path.write_text(path.read_text() + "{not json\n")
-  with pytest.raises(ValueError, match=r"metrics.jsonl:9"):
-    plots.plot_curves(path, tmp_path / "bad.png")
-  with pytest.raises(ValueError, match="no such file"):
-    plots.plot_curves(tmp_path / "missing.jsonl", tmp_path / "bad.png")
-
-
-def test_plot_sweep_writes_png(fake_sweep, tmp_path):
-  out = plots.plot_sweep(sweep.collect(fake_sweep), tmp_path / "sweep.png")
-  assert min(_png_size(out)) > 100
+def test_sweep_plot_writes_png(fake_sweep, tmp_path):
+  from metadcseg_jax import figures  # pylint: disable=g-import-not-at-top
+  out = figures.plot_sweep(benchmark.collect(fake_sweep), tmp_path / "sweep.png")
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
   with pytest.raises(ValueError, match="empty"):
-    plots.plot_sweep([], tmp_path / "none.png")
+    figures.plot_sweep([], tmp_path / "none.png")
 
 
-def test_notebook_is_valid_and_compiles():
-  nb = json.loads(NOTEBOOK.read_text())
-  assert nb["nbformat"] == 4
-  kinds = [c["cell_type"] for c in nb["cells"]]
-  assert kinds[0] == "markdown" and kinds.count("code") >= 6
-  text = "\n".join("".join(c["source"]) for c in nb["cells"])
-  for needle in ("pip install", "jax[cuda12]", "jax.devices()", "train_and_evaluate",
-                 "synthetic.get_config()", "panel.png", "plot_curves", 'data.name = "kvasir_seg"',
-                 "manual_dir", "metadcseg-corrupt", "run_sweep"):
-    assert needle in text, needle
-  for i, cell in enumerate(nb["cells"]):
-    if cell["cell_type"] != "code":
-      continue
-    assert cell["outputs"] == [] and cell["execution_count"] is None, f"cell {i} has outputs"
-    src = "".join(cell["source"])
-    py = "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%")))
-    compile(py, f"colab.ipynb cell {i}", "exec")
+def test_table_matches_the_cache_training_reads(tmp_path):
+  config = tiny.get_config()
+  config.data.data_dir = str(tmp_path)
+  table = benchmark.corruption_table(config, ["l2b20", "l2b60"])
+  rows = [l for l in table.splitlines() if l.startswith("| l2b")]
+  assert len(rows) == 2
+  sources, key, _ = pipeline.open_dataset(config.data)
+  cache = pathlib.Path(pipeline.noise_cache_dir(config.data, key))
+  files = sorted(p.name for p in cache.glob("noisy_*.npy"))
+  assert files == ["noisy_l2b20_seed0.npy", "noisy_l2b60_seed0.npy"]
+  clean = pipeline.load_labels(sources["train"], key, 2)
+  for row, kind in zip(rows, ("l2b20", "l2b60")):
+    noisy = np.load(cache / f"noisy_{kind}_seed0.npy")
+    want = noise.measured_corruption(clean, noisy).mean()
+    assert row.split("|")[3].strip() == f"{want:.3f}"
+  # The stronger level corrupts more, and a rerun reuses the files untouched.
+  assert float(rows[1].split("|")[3]) > float(rows[0].split("|")[3])
+  mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("noisy_*.npy")}
+  assert benchmark.corruption_table(config, ["l2b20", "l2b60"]) == table
+  assert {p: p.stat().st_mtime_ns for p in cache.glob("noisy_*.npy")} == mtimes

@@ -1,14 +1,14 @@
-"""Training curves of one run and the bar chart of a sweep (PNG, matplotlib Agg).
+"""Figures (PNG, matplotlib Agg): predictions, a method's per-pixel maps, curves, benchmarks.
 
-    plots.plot_curves("runs/synthetic/metrics.jsonl", "runs/synthetic/curves.png")
-    plots.plot_sweep(sweep.collect("runs/sweep"), "runs/sweep/sweep.png")
+    figures.write_panel("runs/x/panel.png", predictor, state, splits)
+    figures.write_maps_figure("runs/x/dcd.png", batch, method.explain(state, batch))
+    figures.plot_curves("runs/x/metrics.jsonl", "runs/x/curves.png")
+    figures.plot_sweep(rows, "runs/sweep/sweep.png")
 
-`plot_curves` reads the trainer's metrics.jsonl (one "train" line per epoch: epoch, step, loss,
-lr, images_per_s, ...; one "test" line per evaluation and parameter set "raw"/"ema" with the
-SPEC §7 metrics). `plot_sweep` takes the rows of `experiments.sweep.collect`.
+Nothing here knows a method's insides: the panel calls `Predictor`, the maps figure draws the
+`PixelMap`s a method's `explain` returns.
 """
 
-import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -16,41 +16,127 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import colors  # pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import numpy as np
+
+from metadcseg_jax import evaluate
+from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.methods import base
+
+def _show_image(ax, image: np.ndarray) -> None:
+  img = image[..., 0] if image.shape[-1] == 1 else image
+  lo, hi = np.percentile(img, (1, 99))
+  ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
+
+
+def _show_mask(ax, image: np.ndarray, mask: np.ndarray, color: str) -> None:
+  _show_image(ax, image)
+  ax.imshow(np.ma.masked_where(mask == 0, mask), cmap=colors.ListedColormap([color]),
+            alpha=0.45, vmin=0, vmax=1)
+  if mask.any():
+    ax.contour(mask > 0, levels=[0.5], colors=color, linewidths=0.8)
+
+
+def _save(fig, axes, cols, path) -> None:
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  for ax, title in zip(axes[0], cols):
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def write_panel(path: pathlib.Path, predictor: evaluate.Predictor, state: Any, splits, *,
+                n: int = 6, batch_size: int = 16) -> None:
+  """Rows of test images (image, label, prediction) and of training images (image, clean label,
+  noisy label, prediction) with the EMA parameters.
+
+  Args:
+    path: the PNG to write.
+    predictor: the run's `evaluate.Predictor`.
+    state: the trained state.
+    splits: `pipeline.DataSplits`; the first `n` images of test and of train are shown.
+    n: images per split.
+    batch_size: prediction batch size.
+  """
+  rows = []
+  for name, records in (("test", splits.test), ("train", splits.train)):
+    subset = records.subset(min(n, len(records)))
+    out = predictor.predict_split(state, subset, variant="ema", batch_size=batch_size)
+    rows += [(name, {key: v[i] for key, v in out.items()}) for i in range(len(subset))]
+  cols = ["image", "label", "noisy label", "prediction (EMA)", "fg probability"]
+  fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.2 * len(cols), 2.2 * len(rows)),
+                           squeeze=False)
+  for r, (name, ex) in enumerate(rows):
+    _show_image(axes[r, 0], ex["image"])
+    axes[r, 0].set_ylabel(name)
+    _show_mask(axes[r, 1], ex["image"], ex["label"], "lime")
+    if name == "train":
+      _show_mask(axes[r, 2], ex["image"], ex["noisy_label"], "orange")
+    else:
+      axes[r, 2].text(0.5, 0.5, "(test: clean)", ha="center", va="center")
+    _show_mask(axes[r, 3], ex["image"], ex["pred"], "red")
+    axes[r, 4].imshow(ex["prob"], cmap="magma", vmin=0, vmax=1)
+  _save(fig, axes, cols, path)
+
+
+def write_maps_figure(path: pathlib.Path, batch: Mapping[str, np.ndarray],
+                      maps: Sequence[base.PixelMap]) -> None:
+  """Per training image: the image with its clean label, the noisy label, then each map (the
+  paper's Fig. 3 for MetaDCSeg's γ and DCD weights).
+
+  Args:
+    path: the PNG to write.
+    batch: "image" (B,H,W,C), "label" and "noisy_label" (B,H,W).
+    maps: the method's `explain` output, values (B,H,W) each (NaN pixels undrawn).
+  """
+  cols = ["image + clean label", "noisy label"] + [m.title for m in maps]
+  images = np.asarray(batch["image"])
+  n = len(images)
+  fig, axes = plt.subplots(n, len(cols), figsize=(2.8 * len(cols), 2.4 * n), squeeze=False)
+  for r in range(n):
+    _show_mask(axes[r, 0], images[r], np.asarray(batch["label"][r]), "lime")
+    _show_mask(axes[r, 1], images[r], np.asarray(batch["noisy_label"][r]), "orange")
+    for c, m in enumerate(maps, start=2):
+      values = np.asarray(m.values[r], np.float64)
+      shown = np.ma.masked_invalid(values)
+      if m.log:
+        _show_image(axes[r, c], images[r])
+        top = float(shown.max()) if shown.count() and shown.max() > 0 else 1.0
+        norm = colors.LogNorm(vmin=top * 1e-4, vmax=top)
+        im = axes[r, c].imshow(np.ma.maximum(shown, top * 1e-4), cmap="inferno", norm=norm)
+      else:
+        im = axes[r, c].imshow(shown, cmap="viridis")
+      fig.colorbar(im, ax=axes[r, c], fraction=0.046)
+  _save(fig, axes, cols, path)
+
 
 _LABELS = {"dice": "Dice", "iou": "IoU", "miou": "mIoU", "hd": "HD", "hd95": "HD95",
            "asd": "ASD"}
 
 
 def read_metrics(path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """Reads a metrics.jsonl file.
+  """Reads a metrics.jsonl file (torn lines dropped with a warning, `workdir.MetricsLog`).
 
   Args:
     path: the trainer's `workdir/metrics.jsonl`.
 
   Returns:
-    `(train, test)`: the "train" records (one per epoch) and the "test" records (one per
-    evaluation and parameter set), each in file order.
+    `(train, evaluations)`: the "train" records (one per epoch) and the others (one per
+    evaluation, split and parameter set), each in file order.
 
   Raises:
-    ValueError: the file is missing, or a line is not a JSON object with "split" and "epoch".
+    ValueError: the file is missing.
   """
   path = pathlib.Path(path)
   if not path.is_file():
     raise ValueError(f"metrics_jsonl_path={str(path)!r}: no such file")
-  train, test = [], []
-  for n, line in enumerate(path.read_text().splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or "split" not in record or "epoch" not in record:
-      raise ValueError(f"{path}:{n}: expected a JSON object with 'split' and 'epoch'")
-    (train if record["split"] == "train" else test).append(record)
-  return train, test
+  records = workdir_lib.MetricsLog(path).read()
+  return ([r for r in records if r.get("split") == "train"],
+          [r for r in records if r.get("split") != "train"])
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +236,7 @@ def plot_sweep(table_rows: Sequence[Mapping[str, Any]], out_png, *,
   """Grouped bars of the final EMA `metric` per method, one group per noise level.
 
   Args:
-    table_rows: rows of `experiments.sweep.collect`: each has "noise", "method" and
+    table_rows: rows of `benchmark.collect`: each has "noise", "method" and
       `row["ema"][metric]` = {"mean": float, "std": float | None, ...}. Noise levels and methods
       appear in the order of the rows.
     out_png: the PNG to write (its folder is created).

@@ -1,0 +1,228 @@
+"""The method interface: all the trainer, evaluation, checkpoints and figures know of a method.
+
+A method turns a config into a training state and a pure, jittable train step, and predicts
+class probabilities from a state. The trainer never looks inside the state (a checkpoint saves
+it as an opaque pytree) and never branches on the method's name.
+
+    class MyMethod(base.SingleNetworkMethod):   # or base.Method for several networks
+      name = "mine"
+
+      def train_step(self, phase):
+        def step(state, batch, rng):            # (state, batch, rng) -> (state, metrics)
+          ...
+        return step
+
+and one line in `metadcseg_jax/methods/__init__.py`'s `REGISTRY`.
+
+Batch keys a step receives: "image" (B,H,W,C) float32 and "noisy_label" (B,H,W) int32 (the
+labels to learn from; the clean "label" is never given to a step); with `uses_meta_batch`,
+also the clean "meta_image" (Bv,H,W,C) and "meta_label" (Bv,H,W).
+"""
+
+import abc
+import functools
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from metadcseg_jax import models
+from metadcseg_jax import optim
+from metadcseg_jax.types import Array
+
+# (state, batch, rng) -> (state, metrics): what `Method.train_step` returns (not yet jitted).
+StepFn = Callable[[Any, dict[str, Array], Array], tuple[Any, dict[str, Array]]]
+# Parameter sets a prediction can use: the raw parameters and their exponential moving average.
+VARIANTS = ("raw", "ema")
+
+
+class PixelMap(NamedTuple):
+  """One per-pixel map of a batch for a method's figure.
+
+  Attributes:
+    title: the column title (name the equation).
+    values: (B,H,W) floats; NaN pixels are left undrawn.
+    log: draw on a logarithmic colour scale.
+  """
+  title: str
+  values: Array
+  log: bool = False
+
+
+class Method(abc.ABC):
+  """A training method: state, train step(s), prediction.
+
+  Attributes:
+    name: the registry name (`config.method`).
+    uses_meta_batch: the step reads "meta_image"/"meta_label" (a clean batch of the meta
+      split), drawn by the trainer from its own stream.
+    figure_name: file name of the figure `explain` feeds, or None.
+    config: the full config.
+    steps_per_epoch: optimizer steps per epoch (for schedules).
+  """
+
+  name: ClassVar[str] = ""
+  uses_meta_batch: ClassVar[bool] = False
+  figure_name: ClassVar[str | None] = None
+
+  def __init__(self, config: ml_collections.ConfigDict, *, steps_per_epoch: int):
+    self.config = config
+    self.steps_per_epoch = steps_per_epoch
+
+  @abc.abstractmethod
+  def init_state(self, rng: Array) -> Any:
+    """The initial training state: a pytree with an int32 scalar `step` field."""
+
+  def phase(self, epoch: int) -> str:
+    """Which train step epoch `epoch` (0-based) uses; each phase is compiled once, lazily."""
+    del epoch
+    return "train"
+
+  @abc.abstractmethod
+  def train_step(self, phase: str) -> StepFn:
+    """The pure step `(state, batch, rng) -> (state, metrics)` of `phase` (scalar metrics)."""
+
+  @abc.abstractmethod
+  def predict(self, state: Any, images: Array, *, variant: str = "raw") -> Array:
+    """Class probabilities (B,H,W,L) of images (B,H,W,C) with the `variant` parameters."""
+
+  def learning_rate(self, step: int) -> float | None:
+    """The learning rate at train step `step`, for the log (None if the method has none)."""
+    del step
+    return None
+
+  def explain(self, state: Any, batch: dict[str, Array]) -> list[PixelMap]:
+    """Per-pixel maps of one training batch for the figure `figure_name` (none by default).
+
+    `batch` holds "image", "noisy_label" and, with `uses_meta_batch`, a meta batch.
+    """
+    del state, batch
+    return []
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The state of a one-network method; a checkpoint holds exactly this.
+
+  Attributes:
+    step: optimizer steps taken, int32 scalar.
+    params: the network's parameters.
+    batch_stats: BatchNorm running statistics.
+    opt_state: the optimizer state (momentum buffer, step count).
+    ema_params: exponential moving average of `params`.
+    rng: the loop's key (the per-step key is `fold_in(rng, step)`).
+    extra: method-specific state (e.g. the DCD fallback centers), a dict pytree.
+  """
+  step: Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any
+  rng: Array
+  extra: Any
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model):
+  return jax.jit(functools.partial(model.init, train=False))
+
+
+class SingleNetworkMethod(Method):
+  """One U-Net / U-Net++ trained by SGD (or Adam) with an EMA copy: the shared machinery."""
+
+  def __init__(self, config, *, steps_per_epoch):
+    super().__init__(config, steps_per_epoch=steps_per_epoch)
+    self.model = models.build_model(
+        config.model.name, num_classes=config.data.num_classes, width=config.model.width,
+        deep_supervision=config.model.deep_supervision, dtype=jnp.dtype(config.model.dtype))
+    t = config.train
+    # The schedule counts optimizer updates: per epoch, steps times updates per step.
+    self.schedule = optim.lr_schedule(t.lr, steps_per_epoch * self.updates_per_step())
+    self.optimizer = optim.make_optimizer(
+        name=t.optimizer, learning_rate=self.schedule, momentum=t.momentum,
+        weight_decay=t.weight_decay, grad_clip=t.grad_clip or None)
+
+  def updates_per_step(self) -> int:
+    """Optimizer updates one train step makes (the learning rate is set per epoch)."""
+    return 1
+
+  def learning_rate(self, step):
+    return float(self.schedule(step * self.updates_per_step()))
+
+  def init_extra(self) -> dict[str, Array]:
+    """Method-specific state (`TrainState.extra`)."""
+    return {}
+
+  def init_state(self, rng):
+    rng_init, rng_loop = jax.random.split(rng)
+    size, channels = self.config.data.size, self.config.data.channels
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    # The partitionable threefry (jax's default) made XLA take ~40 s to compile the ~60
+    # parameter draws of a U-Net++ on a 2-core CPU; the classic one takes ~5 s and is as
+    # deterministic.
+    with jax.threefry_partitionable(False):
+      variables = _jitted_init(self.model)(rng_init, x)
+    params = variables["params"]
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=self.optimizer.tx.init(params), ema_params=jax.tree.map(jnp.copy, params),
+        rng=rng_loop, extra=self.init_extra())
+    # Committed like a restored checkpoint, so a resumed run hits the same compiled steps.
+    return jax.device_put(state, jax.devices()[0])
+
+  def forward(self, params, batch_stats, x: Array) -> tuple[tuple[Array, Array], Any]:
+    """Train-mode forward of x (B,H,W,C): `((logits (B,H,W,L), features (B,H,W,D)), stats)`."""
+    outputs, updates = self.model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                        train=True, mutable=["batch_stats"])
+    return outputs, updates["batch_stats"]
+
+  def update_params(self, params, opt_state, grads) -> tuple[Any, Any]:
+    """One real optimizer update (clipping included): `(params, opt_state)`."""
+    updates, opt_state = self.optimizer.tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def finish_step(self, state: TrainState, params, opt_state, batch_stats, *,
+                  extra: dict[str, Array] | None = None) -> TrainState:
+    """The state after a step: new parameters, their EMA, the step count."""
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - self.config.train.ema_decay)
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state, ema_params=ema,
+                         extra=state.extra if extra is None else extra)
+
+  def apply_gradients(self, state: TrainState, grads, batch_stats, *,
+                      extra: dict[str, Array] | None = None) -> TrainState:
+    """`update_params` then `finish_step`."""
+    params, opt_state = self.update_params(state.params, state.opt_state, grads)
+    return self.finish_step(state, params, opt_state, batch_stats, extra=extra)
+
+  @staticmethod
+  def measurements(loss: Array, grads, params) -> dict[str, Array]:
+    """The metrics every step reports: loss, gradient and parameter norms."""
+    return {"loss": loss, "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params)}
+
+  def plain_step(self, pixel_loss: Callable[[Array, Array], Array]) -> StepFn:
+    """A step on `mean(pixel_loss(logits (B,H,W,L), labels (B,H,W)))` of the noisy labels."""
+
+    def step(state: TrainState, batch, rng):
+      del rng  # no stochastic layers; the signature is shared with methods that need one
+
+      def loss_fn(params):
+        (logits, _), stats = self.forward(params, state.batch_stats, batch["image"])
+        return jnp.mean(pixel_loss(logits, batch["noisy_label"])), stats
+
+      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      new_state = self.apply_gradients(state, grads, stats)
+      return new_state, self.measurements(loss, grads, new_state.params)
+
+    return step
+
+  def predict(self, state, images, *, variant="raw"):
+    params = state.ema_params if variant == "ema" else state.params
+    logits, _ = self.model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                 train=False)
+    return jax.nn.softmax(logits, axis=-1)
