@@ -27,8 +27,9 @@ _WIDTHS = flags.DEFINE_list("widths", ["16", "32"], "U-Net++ base widths.")
 _CHANNELS = flags.DEFINE_list("channels", ["1", "3"], "Input channels.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Training (and meta) batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per function (median reported).")
-_STEPS = flags.DEFINE_list("steps", ["ce", "l2b_jvp", "l2b_reverse", "metadcseg"],
-                           "Which steps to time.")
+_STEPS = flags.DEFINE_list(
+  "steps", ["ce", "l2b_jvp", "l2b_reverse", "metadcseg"], "Which steps to time."
+)
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch L2B step if torch imports.")
 
 
@@ -47,10 +48,10 @@ def _batch(size, channels, batch, seed=0):
   yy, xx = np.mgrid[:size, :size]
   label = (((yy - size / 2) ** 2 + (xx - size / 3) ** 2) < (size / 4) ** 2).astype(np.int32)
   return {
-      "image": jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
-      "noisy_label": jnp.asarray(np.stack([label] * batch)),
-      "meta_image": jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
-      "meta_label": jnp.asarray(np.stack([label] * batch)),
+    "image": jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
+    "noisy_label": jnp.asarray(np.stack([label] * batch)),
+    "meta_image": jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
+    "meta_label": jnp.asarray(np.stack([label] * batch)),
   }
 
 
@@ -82,10 +83,16 @@ def main(argv):
       from experiments import torch_ref  # pylint: disable=g-import-not-at-top
     except ImportError:
       torch_ref = None
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"batch {_BATCH.value}, median of {_REPEATS.value}")
-  names = {"ce": ("ce", "jvp"), "l2b_jvp": ("l2b", "jvp"), "l2b_reverse": ("l2b", "reverse"),
-           "metadcseg": ("metadcseg", "jvp")}
+  print(
+    f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+    f"batch {_BATCH.value}, median of {_REPEATS.value}"
+  )
+  names = {
+    "ce": ("ce", "jvp"),
+    "l2b_jvp": ("l2b", "jvp"),
+    "l2b_reverse": ("l2b", "reverse"),
+    "metadcseg": ("metadcseg", "jvp"),
+  }
   header = "| size | width | ch | " + " | ".join(f"{s} (s)" for s in _STEPS.value)
   header += " | torch plain (s) | torch L2B (s) |" if torch_ref else " |"
   print(header)

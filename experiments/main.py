@@ -12,7 +12,8 @@ from metadcseg_jax import cli
 from metadcseg_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training configuration file (ml_collections).", lock_config=True)
+  "config", None, "Training configuration file (ml_collections).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, figures.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -1,7 +1,8 @@
 r"""Measured corruption 1 - Dice (Eq. 20) of each noise kind on synthetic blobs.
 
 Prints a markdown table (mean ± std over masks, and the share of non-empty
-masks that came out empty, by the small-mask rule or by erosion) for the L2B levels with and without kernel scaling,
+masks that came out empty, by the small-mask rule or by erosion) for the L2B levels with and
+without kernel scaling,
 and optionally GSD-Net's Markov and distance noise. Run:
 
   python -m experiments.noise_table          # ~4 s on this 2-core CPU
@@ -26,9 +27,11 @@ _GSD = flags.DEFINE_bool("gsd", False, "Also GSD-Net's markov/dist kinds.")
 
 def table(n: int, sizes: Sequence[int], seed: int, gsd: bool) -> str:
   """Returns the markdown table."""
-  rows = ["| size | kind | kernel scaling | kernels | small-mask threshold | "
-          "1 − Dice (mean ± std) | emptied |",
-          "|---|---|---|---|---|---|---|"]
+  rows = [
+    "| size | kind | kernel scaling | kernels | small-mask threshold | "
+    "1 − Dice (mean ± std) | emptied |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for size in sizes:
     clean = synthetic.blob_masks(n, size, seed=seed + 1)
     settings = [(k, s) for k in l2b.L2B_LEVELS for s in (False, True)]
@@ -42,11 +45,12 @@ def table(n: int, sizes: Sequence[int], seed: int, gsd: bool) -> str:
       if scale is None:
         kernels, thr, scale_txt = "-", "-", "-"
       else:
-        ks, t = l2b.l2b_kernel_sizes(kind, clean.shape,
-                                       scale_kernels_with_size=scale)
+        ks, t = l2b.l2b_kernel_sizes(kind, clean.shape, scale_kernels_with_size=scale)
         kernels, thr, scale_txt = ",".join(map(str, ks)), f"{t:g}", str(scale)
-      rows.append(f"| {size} | {kind} | {scale_txt} | {kernels} | {thr} | "
-                  f"{rate.mean():.3f} ± {rate.std():.3f} | {emptied:.0%} |")
+      rows.append(
+        f"| {size} | {kind} | {scale_txt} | {kernels} | {thr} | "
+        f"{rate.mean():.3f} ± {rate.std():.3f} | {emptied:.0%} |"
+      )
   return "\n".join(rows)
 
 

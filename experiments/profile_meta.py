@@ -47,8 +47,9 @@ def _flops(fn, *args):
 
 def main(argv):
   del argv
-  config = bench_step._config("l2b", "jvp", int(FLAGS.sizes[0]), int(FLAGS.widths[0]), int(FLAGS.channels[0]),
-                              FLAGS.batch)
+  config = bench_step._config(
+    "l2b", "jvp", int(FLAGS.sizes[0]), int(FLAGS.widths[0]), int(FLAGS.channels[0]), FLAGS.batch
+  )
   method = methods.create(config, steps_per_epoch=100)
   model, optimizer = method.model, method.optimizer
   state = method.init_state(jax.random.PRNGKey(0))
@@ -57,15 +58,17 @@ def main(argv):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
 
   def fwd(p, x):
-    return model.apply({"params": p, "batch_stats": state.batch_stats}, x, train=True,
-                       mutable=["batch_stats"])[0][0]
+    return model.apply(
+      {"params": p, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+    )[0][0]
 
   def ce(p, x, y):
     return losses.mean_ce(fwd(p, x), y)
 
   def meta_part(p, opt_state):
-    upd, _ = optimizer.base.update(jax.tree.map(jnp.zeros_like, p),
-                                   optimizer.base_state(opt_state), p)
+    upd, _ = optimizer.base.update(
+      jax.tree.map(jnp.zeros_like, p), optimizer.base_state(opt_state), p
+    )
     return jax.grad(ce)(optax.apply_updates(p, upd), xv, yv)
 
   def jvp_part(p, v):
@@ -73,15 +76,20 @@ def main(argv):
 
   mw = functools.partial(meta.meta_weights, model.apply, optimizer=optimizer, route="jvp")
   parts = {
-      "train forward": (jax.jit(fwd), (state.params, x)),
-      "train forward+backward": (jax.jit(jax.grad(ce)), (state.params, x, y)),
-      "virtual step + meta fwd/bwd": (jax.jit(meta_part), (state.params, state.opt_state)),
-      "JVP of train forward": (jax.jit(jvp_part), (state.params, state.params)),
-      "meta_weights (jvp route)": (
-          jax.jit(lambda v, s: mw(v, s, x=x, y=y, xv=xv, yv=yv)), (variables, state.opt_state)),
+    "train forward": (jax.jit(fwd), (state.params, x)),
+    "train forward+backward": (jax.jit(jax.grad(ce)), (state.params, x, y)),
+    "virtual step + meta fwd/bwd": (jax.jit(meta_part), (state.params, state.opt_state)),
+    "JVP of train forward": (jax.jit(jvp_part), (state.params, state.params)),
+    "meta_weights (jvp route)": (
+      jax.jit(lambda v, s: mw(v, s, x=x, y=y, xv=xv, yv=yv)),
+      (variables, state.opt_state),
+    ),
   }
-  print(f"U-Net++ width {int(FLAGS.widths[0])}, {int(FLAGS.sizes[0])}x{int(FLAGS.sizes[0])}x{int(FLAGS.channels[0])}, "
-        f"batch {FLAGS.batch}, median of {FLAGS.repeats}, {jax.devices()[0].device_kind}")
+  size, width, channels = int(FLAGS.sizes[0]), int(FLAGS.widths[0]), int(FLAGS.channels[0])
+  print(
+    f"U-Net++ width {width}, {size}x{size}x{channels}, batch {FLAGS.batch}, "
+    f"median of {FLAGS.repeats}, {jax.devices()[0].device_kind}"
+  )
   print("| part | seconds |\n|---|---|")
   for name, (fn, args) in parts.items():
     print(f"| {name} | {_time(fn, *args):.3f} |", flush=True)

@@ -15,22 +15,32 @@ from metadcseg_jax import benchmark
 from metadcseg_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training configuration file (ml_collections).", lock_config=True)
+  "config", None, "Training configuration file (ml_collections).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of the sweep.")
-_METHODS = flags.DEFINE_list("methods", ["ce", "l2b", "metadcseg"],
-                             f"Methods to train, from {benchmark.METHOD_ORDER}.")
-_NOISE = flags.DEFINE_list("noise", ["none", "l2b20", "l2b40", "l2b60"],
-                           "Label-noise kinds (config.data.noise.kind); none = clean.")
+_METHODS = flags.DEFINE_list(
+  "methods", ["ce", "l2b", "metadcseg"], f"Methods to train, from {benchmark.METHOD_ORDER}."
+)
+_NOISE = flags.DEFINE_list(
+  "noise",
+  ["none", "l2b20", "l2b40", "l2b60"],
+  "Label-noise kinds (config.data.noise.kind); none = clean.",
+)
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds (config.seed), integers.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  benchmark.run_sweep(_CONFIG.value, _WORKDIR.value, methods=_METHODS.value,
-                      noises=_NOISE.value, seeds=benchmark.parse_seeds(_SEEDS.value),
-                      command=benchmark.command_line(sys.argv),
-                      echo=lambda line: print(line, flush=True))
+  benchmark.run_sweep(
+    _CONFIG.value,
+    _WORKDIR.value,
+    methods=_METHODS.value,
+    noises=_NOISE.value,
+    seeds=benchmark.parse_seeds(_SEEDS.value),
+    command=benchmark.command_line(sys.argv),
+    echo=lambda line: print(line, flush=True),
+  )
 
 
 def run():

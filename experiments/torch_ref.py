@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 
 class VGGBlock(nn.Module):
-
   def __init__(self, cin, cmid, cout):
     super().__init__()
     self.conv1, self.bn1 = nn.Conv2d(cin, cmid, 3, padding=1), nn.BatchNorm2d(cmid)
@@ -30,7 +29,6 @@ class VGGBlock(nn.Module):
 
 
 class NestedUNet(nn.Module):
-
   def __init__(self, num_classes, in_ch, width):
     super().__init__()
     nb = [width * m for m in (1, 2, 4, 8, 16)]
@@ -90,8 +88,9 @@ def time_steps(size, width, channels, batch, repeats, lr=0.05, momentum=0.9, wd=
     g = F.cross_entropy(logits, pseudo, reduction="none")
     eps_a = torch.zeros_like(f, requires_grad=True)
     eps_b = torch.zeros_like(g, requires_grad=True)
-    grads = torch.autograd.grad((eps_a * f + eps_b * g).sum(), list(params.values()),
-                                create_graph=True)
+    grads = torch.autograd.grad(
+      (eps_a * f + eps_b * g).sum(), list(params.values()), create_graph=True
+    )
     new = {}
     for n, p, gr in zip(names, params.values(), grads):
       buf = opt.state.get(p, {}).get("momentum_buffer")
@@ -106,8 +105,12 @@ def time_steps(size, width, channels, batch, repeats, lr=0.05, momentum=0.9, wd=
     a, b = a / z, b / z
     opt.zero_grad()
     logits = model(x)
-    loss = ((a * F.cross_entropy(logits, y, reduction="none")
-             + b * F.cross_entropy(logits, pseudo, reduction="none")).sum(dim=(1, 2))).mean()
+    loss = (
+      (
+        a * F.cross_entropy(logits, y, reduction="none")
+        + b * F.cross_entropy(logits, pseudo, reduction="none")
+      ).sum(dim=(1, 2))
+    ).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
     opt.step()

@@ -82,8 +82,9 @@ def check_grid(methods: Sequence[str], noises: Sequence[str], seeds: Sequence[in
       raise ConfigError(f"--{name}: repeated values in {list(values)}")
 
 
-def run_config(config: ml_collections.ConfigDict, *, method: str, noise: str,
-               seed: int) -> ml_collections.ConfigDict:
+def run_config(
+  config: ml_collections.ConfigDict, *, method: str, noise: str, seed: int
+) -> ml_collections.ConfigDict:
   """A copy of `config` with the combination's method, noise kind and seed."""
   cfg = config.copy_and_resolve_references()
   cfg.method = method
@@ -92,21 +93,31 @@ def run_config(config: ml_collections.ConfigDict, *, method: str, noise: str,
   return cfg
 
 
-def combinations(methods: Sequence[str], noises: Sequence[str],
-                 seeds: Sequence[int]) -> list[tuple[str, str, int]]:
+def combinations(
+  methods: Sequence[str], noises: Sequence[str], seeds: Sequence[int]
+) -> list[tuple[str, str, int]]:
   """(noise, method, seed) in run order: seeds outermost, then noise, then method."""
   return [(n, m, s) for s in seeds for n in noises for m in methods]
 
 
 def _short(results: Mapping[str, Any]) -> str:
   ema, raw = results["test"]["ema"], results["test"]["raw"]
-  return (f"EMA Dice {ema['dice']:.4f} IoU {ema['iou']:.4f} HD95 {ema['hd95']:.2f} "
-          f"(raw Dice {raw['dice']:.4f}, epoch {results['epoch']})")
+  return (
+    f"EMA Dice {ema['dice']:.4f} IoU {ema['iou']:.4f} HD95 {ema['hd95']:.2f} "
+    f"(raw Dice {raw['dice']:.4f}, epoch {results['epoch']})"
+  )
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir, *, methods: Sequence[str],
-              noises: Sequence[str], seeds: Sequence[int], command: str = "",
-              echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_sweep(
+  config: ml_collections.ConfigDict,
+  workdir,
+  *,
+  methods: Sequence[str],
+  noises: Sequence[str],
+  seeds: Sequence[int],
+  command: str = "",
+  echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
   """Trains every (noise, method, seed) not finished yet, then writes the sweep's outputs.
 
   Args:
@@ -142,32 +153,39 @@ def run_sweep(config: ml_collections.ConfigDict, workdir, *, methods: Sequence[s
       if results["epoch"] != config.train.num_epochs:
         # Without results.json the trainer resumes from the last checkpoint: right for more
         # epochs, wrong for fewer (it would re-evaluate the longer run).
-        fix = (f"delete {done} to train on from its checkpoint"
-               if results["epoch"] < config.train.num_epochs else f"delete {rdir} to redo it")
-        note = (f"  WARNING: finished at epoch {results['epoch']}, the config asks for "
-                f"{config.train.num_epochs}; {fix}")
+        fix = (
+          f"delete {done} to train on from its checkpoint"
+          if results["epoch"] < config.train.num_epochs
+          else f"delete {rdir} to redo it"
+        )
+        note = (
+          f"  WARNING: finished at epoch {results['epoch']}, the config asks for "
+          f"{config.train.num_epochs}; {fix}"
+        )
       echo(f"{tag}: done already, {_short(results)}{note}")
       continue
     echo(f"{tag}: training in {rdir}")
     t0 = time.perf_counter()
     try:
       results = train.train_and_evaluate(
-          run_config(config, method=method, noise=noise, seed=seed), str(rdir))
+        run_config(config, method=method, noise=noise, seed=seed), str(rdir)
+      )
     except NonFiniteLossError as e:
       # One diverging method must not cost the rest of the sweep; rerunning retries it.
       echo(f"{tag}: FAILED: {e}")
       failed.append({"noise": noise, "method": method, "seed": seed, "error": str(e)})
       continue
     echo(f"{tag}: {_short(results)}  [{time.perf_counter() - t0:.0f} s]")
-    write_outputs(root, methods=methods, noises=noises, seeds=seeds, command=command,
-                  failed=failed)
-  rows = write_outputs(root, methods=methods, noises=noises, seeds=seeds, command=command,
-                       failed=failed)
+    write_outputs(root, methods=methods, noises=noises, seeds=seeds, command=command, failed=failed)
+  rows = write_outputs(
+    root, methods=methods, noises=noises, seeds=seeds, command=command, failed=failed
+  )
   echo(f"table: {root / 'sweep.md'}   rows: {root / 'sweep.json'}   plot: {root / 'sweep.png'}")
   if failed:
     raise NonFiniteLossError(
-        f"{len(failed)} of {len(combos)} runs diverged: "
-        + ", ".join(f"{f['noise']}/{f['method']}/seed{f['seed']}" for f in failed))
+      f"{len(failed)} of {len(combos)} runs diverged: "
+      + ", ".join(f"{f['noise']}/{f['method']}/seed{f['seed']}" for f in failed)
+    )
   return rows
 
 
@@ -198,9 +216,13 @@ def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
   return [v for v in preferred if v in values] + sorted(values - set(preferred))
 
 
-def collect(workdir, *, methods: Sequence[str] | None = None,
-            noises: Sequence[str] | None = None,
-            seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+def collect(
+  workdir,
+  *,
+  methods: Sequence[str] | None = None,
+  noises: Sequence[str] | None = None,
+  seeds: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
   """Table rows from the finished runs under `workdir` (`<noise>/<method>/seed<k>/results.json`).
 
   Args:
@@ -222,30 +244,41 @@ def collect(workdir, *, methods: Sequence[str] | None = None,
     raise ValueError(f"workdir={str(workdir)!r}: not a directory")
   found: dict[tuple[str, str], list[tuple[int, pathlib.Path, dict[str, Any]]]] = {}
   for path in root.glob("*/*/seed*/results.json"):
-    seed_name = path.parent.name[len("seed"):]
+    seed_name = path.parent.name[len("seed") :]
     if not seed_name.isdigit():
       continue
     seed, method, noise = int(seed_name), path.parent.parent.name, path.parent.parent.parent.name
-    if ((methods is not None and method not in methods) or
-        (noises is not None and noise not in noises) or (seeds is not None and seed not in seeds)):
+    if (
+      (methods is not None and method not in methods)
+      or (noises is not None and noise not in noises)
+      or (seeds is not None and seed not in seeds)
+    ):
       continue
     found.setdefault((noise, method), []).append((seed, path.parent, _load_results(path)))
   noise_order = list(noises) if noises is not None else _order((n for n, _ in found), NOISE_ORDER)
-  method_order = (list(methods) if methods is not None
-                  else _order((m for _, m in found), METHOD_ORDER))
+  method_order = (
+    list(methods) if methods is not None else _order((m for _, m in found), METHOD_ORDER)
+  )
   rows = []
   for noise in noise_order:
     for method in method_order:
       runs = sorted(found.get((noise, method), []), key=lambda r: r[0])
       if not runs:
         continue
-      row = {"noise": noise, "method": method,
-             "dataset": sorted({str(r[2].get("dataset", "?")) for r in runs}),
-             "epochs": [int(r[2]["epoch"]) for r in runs],
-             "seeds": [r[0] for r in runs], "workdirs": [str(r[1]) for r in runs]}
+      row = {
+        "noise": noise,
+        "method": method,
+        "dataset": sorted({str(r[2].get("dataset", "?")) for r in runs}),
+        "epochs": [int(r[2]["epoch"]) for r in runs],
+        "seeds": [r[0] for r in runs],
+        "workdirs": [str(r[1]) for r in runs],
+      }
       for params in ("ema", "raw"):
-        row[params] = {k: _stat([r[2]["test"][params][k] for r in runs])
-                       for k in METRICS if all(k in r[2]["test"][params] for r in runs)}
+        row[params] = {
+          k: _stat([r[2]["test"][params][k] for r in runs])
+          for k in METRICS
+          if all(k in r[2]["test"][params] for r in runs)
+        }
       rows.append(row)
   return rows
 
@@ -258,8 +291,9 @@ def _fmt(stat: Mapping[str, Any] | None, digits: int) -> str:
   return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def to_markdown(rows: Sequence[Mapping[str, Any]], *, command: str = "",
-                failed: Sequence[Mapping[str, Any]] = ()) -> str:
+def to_markdown(
+  rows: Sequence[Mapping[str, Any]], *, command: str = "", failed: Sequence[Mapping[str, Any]] = ()
+) -> str:
   """The sweep's markdown: the command line, a noise x method table of EMA Dice, and a long
   table of EMA Dice, IoU and HD95 (mean ± sample std over seeds; the mean alone for one seed).
 
@@ -278,26 +312,41 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], *, command: str = "",
     out += ["No finished runs yet.", ""]
   else:
     datasets = sorted({d for r in rows for d in r["dataset"]})
-    out += [f"Dataset: {', '.join(datasets)}. Mean ± std (ddof=1) over seeds; HD95 in pixels "
-            "unless the dataset has a spacing.", ""]
+    out += [
+      f"Dataset: {', '.join(datasets)}. Mean ± std (ddof=1) over seeds; HD95 in pixels "
+      "unless the dataset has a spacing.",
+      "",
+    ]
     noises = list(dict.fromkeys(r["noise"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["noise"], r["method"]): r for r in rows}
-    out += ["## EMA Dice", "", "| noise | " + " | ".join(methods) + " |",
-            "|---|" + "---|" * len(methods)]
+    out += [
+      "## EMA Dice",
+      "",
+      "| noise | " + " | ".join(methods) + " |",
+      "|---|" + "---|" * len(methods),
+    ]
     for noise in noises:
-      vals = [_fmt(cell[noise, m]["ema"].get("dice"), 4) if (noise, m) in cell else "-"
-              for m in methods]
+      vals = [
+        _fmt(cell[noise, m]["ema"].get("dice"), 4) if (noise, m) in cell else "-" for m in methods
+      ]
       out.append(f"| {noise} | " + " | ".join(vals) + " |")
-    out += ["", "## All runs", "",
-            "| noise | method | seeds | epochs | " + " | ".join(
-                f"EMA {label}" for _, label, _ in TABLE_METRICS) + " |",
-            "|---|---|---|---|" + "---|" * len(TABLE_METRICS)]
+    out += [
+      "",
+      "## All runs",
+      "",
+      "| noise | method | seeds | epochs | "
+      + " | ".join(f"EMA {label}" for _, label, _ in TABLE_METRICS)
+      + " |",
+      "|---|---|---|---|" + "---|" * len(TABLE_METRICS),
+    ]
     for r in rows:
       epochs = sorted(set(r["epochs"]))
       vals = [_fmt(r["ema"].get(k), digits) for k, _, digits in TABLE_METRICS]
-      out.append(f"| {r['noise']} | {r['method']} | {','.join(map(str, r['seeds']))} | "
-                 f"{','.join(map(str, epochs))} | " + " | ".join(vals) + " |")
+      out.append(
+        f"| {r['noise']} | {r['method']} | {','.join(map(str, r['seeds']))} | "
+        f"{','.join(map(str, epochs))} | " + " | ".join(vals) + " |"
+      )
     out.append("")
   if failed:
     out += ["## Failed runs", ""]
@@ -317,14 +366,22 @@ def _json_safe(obj):
   return obj
 
 
-def write_outputs(workdir, *, methods=None, noises=None, seeds=None, command: str = "",
-                  failed: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+def write_outputs(
+  workdir,
+  *,
+  methods=None,
+  noises=None,
+  seeds=None,
+  command: str = "",
+  failed: Sequence[Mapping[str, Any]] = (),
+) -> list[dict[str, Any]]:
   """Writes sweep.md, sweep.json and (when there are rows) sweep.png; returns the rows."""
   root = pathlib.Path(workdir)
   rows = collect(root, methods=methods, noises=noises, seeds=seeds)
   (root / "sweep.md").write_text(to_markdown(rows, command=command, failed=failed))
-  (root / "sweep.json").write_text(json.dumps(
-      _json_safe({"command": command, "rows": rows, "failed": list(failed)}), indent=1))
+  (root / "sweep.json").write_text(
+    json.dumps(_json_safe({"command": command, "rows": rows, "failed": list(failed)}), indent=1)
+  )
   if rows:
     try:
       figures.plot_sweep(rows, root / "sweep.png")
@@ -357,21 +414,32 @@ def corruption_table(config: ml_collections.ConfigDict, kinds: Sequence[str]) ->
     raise ConfigError(f"--kinds: unknown {bad or 'empty list'}, choose from {noise.KINDS}")
   sources, key, _ = pipeline.open_dataset(config.data)
   clean = pipeline.load_labels(sources["train"], f"{key}/train", config.data.num_classes)
-  rows = [f"dataset {key}: {len(clean)} training masks, noise seed {config.data.noise.seed}",
-          "", "| kind | options | 1 - Dice mean | std | min | max | emptied |",
-          "|---|---|---|---|---|---|---|"]
+  rows = [
+    f"dataset {key}: {len(clean)} training masks, noise seed {config.data.noise.seed}",
+    "",
+    "| kind | options | 1 - Dice mean | std | min | max | emptied |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for kind in kinds:
     noise_cfg = config.data.noise.copy_and_resolve_references()
     with noise_cfg.unlocked():
       noise_cfg.kind = kind
     options = pipeline.noise_options(noise_cfg)
     noisy = noise_cache.cached_noisy_labels(
-        clean, cache_dir=pipeline.noise_cache_dir(config.data, key), dataset_key=key, kind=kind,
-        seed=config.data.noise.seed, options=options)
+      clean,
+      cache_dir=pipeline.noise_cache_dir(config.data, key),
+      dataset_key=key,
+      kind=kind,
+      seed=config.data.noise.seed,
+      options=options,
+    )
     rate = noise.measured_corruption(clean, noisy)
-    emptied = np.mean((noisy.reshape(len(noisy), -1).max(1) == 0)
-                      & (clean.reshape(len(clean), -1).max(1) > 0))
+    emptied = np.mean(
+      (noisy.reshape(len(noisy), -1).max(1) == 0) & (clean.reshape(len(clean), -1).max(1) > 0)
+    )
     opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
-    rows.append(f"| {kind} | {opts} | {rate.mean():.3f} | {rate.std():.3f} | {rate.min():.3f} "
-                f"| {rate.max():.3f} | {emptied:.0%} |")
+    rows.append(
+      f"| {kind} | {opts} | {rate.mean():.3f} | {rate.std():.3f} | {rate.min():.3f} "
+      f"| {rate.max():.3f} | {emptied:.0%} |"
+    )
   return "\n".join(rows)

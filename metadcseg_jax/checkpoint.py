@@ -41,8 +41,11 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """'model.width: 4 (checkpoint) vs 8 (now)' for every setting that differs."""
   a, b = flatten(saved), flatten(current)
-  return [f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now"
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return [
+    f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now"
+    for k in sorted(set(a) | set(b))
+    if a.get(k) != b.get(k)
+  ]
 
 
 def _key_name(key) -> str:
@@ -55,9 +58,12 @@ def _key_name(key) -> str:
 def _shapes(tree) -> dict[str, tuple]:
   """{"params/conv0_0/...": shape}: the same names for a dataclass state and its stored dict."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_name(k) for k in path):
-          None if getattr(v, "shape", ()) is None else tuple(getattr(v, "shape", ()))
-          for path, v in leaves}
+  return {
+    "/".join(_key_name(k) for k in path): None
+    if getattr(v, "shape", ()) is None
+    else tuple(getattr(v, "shape", ()))
+    for path, v in leaves
+  }
 
 
 def _first_line(error: Exception) -> str:
@@ -68,36 +74,44 @@ def _first_line(error: Exception) -> str:
 class Checkpointer:
   """Saves and restores `(state, data iterator states)` under `directory`."""
 
-  def __init__(self, directory: pathlib.Path, *, keep: int,
-               config: ml_collections.ConfigDict):
+  def __init__(self, directory: pathlib.Path, *, keep: int, config: ml_collections.ConfigDict):
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self.directory = pathlib.Path(directory).resolve()  # orbax needs an absolute path
     self.settings = json.loads(config.to_json_best_effort())
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     # Handlers named up front, so a fresh process can read an item's metadata before restoring.
-    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_handlers=handlers)
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def save(self, epoch: int, state: Any, data_state: dict[str, Any]) -> None:
-    self.manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(self.settings)))
+    self.manager.save(
+      epoch,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(self.settings),
+      ),
+    )
 
   def latest_epoch(self) -> int | None:
     return self.manager.latest_step()
 
   def _saved_settings(self, epoch: int, fallback: dict[str, Any] | None) -> dict[str, Any] | None:
     try:
-      return self.manager.restore(epoch, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))["config"]
+      return self.manager.restore(epoch, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+        "config"
+      ]
     except Exception:  # pylint: disable=broad-except  (older or damaged: use the workdir's)
       return fallback
 
-  def _check_fits(self, epoch: int, abstract_state: Any,
-                  fallback_settings: dict[str, Any] | None) -> None:
+  def _check_fits(
+    self, epoch: int, abstract_state: Any, fallback_settings: dict[str, Any] | None
+  ) -> None:
     """Raises CheckpointError when the stored arrays do not fit `abstract_state`."""
     metadata = self.manager.item_metadata(epoch)["state"]
     stored = _shapes(getattr(metadata, "tree", metadata))
@@ -108,11 +122,12 @@ class Checkpointer:
     saved = self._saved_settings(epoch, fallback_settings)
     diff = differing_settings(saved, self.settings) if saved is not None else []
     raise CheckpointError(
-        f"the checkpoint of epoch {epoch} in {self.directory} does not fit the current "
-        f"settings ({len(changed)} arrays differ, e.g. {changed[0]}: "
-        f"{stored.get(changed[0])} stored, {wanted.get(changed[0])} now). Settings that "
-        f"differ: {'; '.join(diff) if diff else 'none recorded'}. Use the settings it was "
-        f"trained with, or another --workdir")
+      f"the checkpoint of epoch {epoch} in {self.directory} does not fit the current "
+      f"settings ({len(changed)} arrays differ, e.g. {changed[0]}: "
+      f"{stored.get(changed[0])} stored, {wanted.get(changed[0])} now). Settings that "
+      f"differ: {'; '.join(diff) if diff else 'none recorded'}. Use the settings it was "
+      f"trained with, or another --workdir"
+    )
 
   def _move_aside(self, epoch: int) -> pathlib.Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -122,9 +137,9 @@ class Checkpointer:
     self.manager.reload()
     return target
 
-  def restore_latest(self, abstract_state: Any, *,
-                     fallback_settings: dict[str, Any] | None = None
-                     ) -> tuple[int, Any, dict[str, Any]] | None:
+  def restore_latest(
+    self, abstract_state: Any, *, fallback_settings: dict[str, Any] | None = None
+  ) -> tuple[int, Any, dict[str, Any]] | None:
     """The newest checkpoint that restores, as `(epoch, state, data_state)`; None if none.
 
     Args:
@@ -140,23 +155,33 @@ class Checkpointer:
     for epoch in epochs:
       try:
         self._check_fits(epoch, abstract_state, fallback_settings)
-        restored = self.manager.restore(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+          epoch,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+        )
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
         target = self._move_aside(epoch)
         failures.append(f"epoch {epoch}: {_first_line(e)}")
-        logging.warning("the checkpoint of epoch %d does not restore (%s); moved it to %s and "
-                        "trying the one before", epoch, _first_line(e), target)
+        logging.warning(
+          "the checkpoint of epoch %d does not restore (%s); moved it to %s and "
+          "trying the one before",
+          epoch,
+          _first_line(e),
+          target,
+        )
         continue
       if failures:
         logging.warning("resuming from the checkpoint of epoch %d", epoch)
       return epoch, restored["state"], restored["data"]
     if failures:
       raise CheckpointError(
-          f"no checkpoint in {self.directory} restores ({'; '.join(failures)}); they were moved "
-          f"to {self.directory / DAMAGED}. Run again to start over, or use another --workdir")
+        f"no checkpoint in {self.directory} restores ({'; '.join(failures)}); they were moved "
+        f"to {self.directory / DAMAGED}. Run again to start over, or use another --workdir"
+      )
     return None
 
   def close(self) -> None:

@@ -44,19 +44,25 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (KeyError, AttributeError) as e:
     # ml_collections' locked config: KeyError("'lrr'\nDid you mean "lr" instead of "lrr"?").
     if os.environ.get("METADCSEG_DEBUG") or any(
-        (m := re.match(r"^--?(v|verbosity)=(\d+)$", a)) and int(m.group(2)) >= 1 for a in argv):
+      (m := re.match(r"^--?(v|verbosity)=(\d+)$", a)) and int(m.group(2)) >= 1 for a in argv
+    ):
       raise
     hint = re.search(r"Did you mean (.*?)\?", str(e))
     bad = [a for a in argv[1:] if a.startswith("--config.")]
-    _fail(f"unknown config setting in {' '.join(bad) or 'the command line'}"
-          + (f" (did you mean {hint.group(1)}?)" if hint else ""))
+    _fail(
+      f"unknown config setting in {' '.join(bad) or 'the command line'}"
+      + (f" (did you mean {hint.group(1)}?)" if hint else "")
+    )
   return []
 
 
 def _only_our_info(record) -> bool:
   # orbax and tfds log several INFO lines per checkpoint or build; keep their warnings only.
-  return record.levelno >= std_logging.WARNING or "metadcseg_jax" in record.pathname or (
-      "experiments" in record.pathname)
+  return (
+    record.levelno >= std_logging.WARNING
+    or "metadcseg_jax" in record.pathname
+    or ("experiments" in record.pathname)
+  )
 
 
 def run(main: Callable[[list[str]], Any]) -> None:

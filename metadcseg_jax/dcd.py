@@ -1,9 +1,9 @@
 """Dynamic Center Distance boundary weighting (MetaDCSeg §3.3, App. A.5).
 
-Per image, the prediction splits the pixels into three regions (Eq. 6-8):
+Per image, the prediction splits the pixels into three regions (Eq. 6, Eq. 7, Eq. 8):
 confident foreground, confident background and a boundary band (the
 uncertain pixels plus image edges). Each region gets a feature center weighted
-by the meta-learned reliability γ (Eq. 9-10, fallback Eq. 47), each pixel a
+by the meta-learned reliability γ (Eq. 9, Eq. 10, fallback Eq. 47), each pixel a
 Dynamic Center Distance (Eq. 11, clipped as in Eq. 46), and the boundary pixels
 a softmax weight over that distance (Eq. 12).
 
@@ -13,7 +13,7 @@ pluggable: PiDiNet (the paper's) has no weights available offline, so the
 default is a Sobel magnitude keeping the top 5% of pixels (`sobel_edges`).
 
 References:
-  MetaDCSeg, §3.3 and App. A.4-A.5 (`papers/metadcseg.txt`).
+  MetaDCSeg §3.3, App. A.4.2 and App. A.5.1.
 """
 
 from typing import Callable
@@ -97,9 +97,10 @@ def sobel_edges(image: Array, *, top_fraction: float = 0.05) -> Array:
   return (mag >= threshold) & (mag > 0)
 
 
-def regions(fg_prob: Array, edges: Array, *, tau: float = 0.7,
-            exclusive: bool = False) -> tuple[Array, Array, Array]:
-  """Uncertainty-aware region decomposition of one image (Eq. 6-8).
+def regions(
+  fg_prob: Array, edges: Array, *, tau: float = 0.7, exclusive: bool = False
+) -> tuple[Array, Array, Array]:
+  """Uncertainty-aware region decomposition of one image (Eq. 6, Eq. 7, Eq. 8).
 
   fg = M̂ > τ (Eq. 6), bg = M̂ < 1 − τ (Eq. 7),
   bd = (1 − τ ≤ M̂ ≤ τ) ∪ edges (Eq. 8).
@@ -121,8 +122,7 @@ def regions(fg_prob: Array, edges: Array, *, tau: float = 0.7,
   if not 0.5 < tau < 1.0:
     raise ValueError(f"tau must be in (0.5, 1), got {tau}.")
   if fg_prob.shape != edges.shape:
-    raise ValueError(f"fg_prob {fg_prob.shape} and edges {edges.shape} must "
-                     "have the same shape.")
+    raise ValueError(f"fg_prob {fg_prob.shape} and edges {edges.shape} must have the same shape.")
   m = jax.lax.stop_gradient(fg_prob)
   edges = edges.astype(bool)
   fg = m > tau
@@ -134,14 +134,14 @@ def regions(fg_prob: Array, edges: Array, *, tau: float = 0.7,
   return fg, bg, bd
 
 
-def region_centers(h: Array, gamma: Array, masks: Array,
-                   default_centers: Array, *,
-                   min_pixels: int = MIN_PIXELS) -> tuple[Array, Array]:
+def region_centers(
+  h: Array, gamma: Array, masks: Array, default_centers: Array, *, min_pixels: int = MIN_PIXELS
+) -> tuple[Array, Array]:
   """γ-weighted region feature centers of one image (Eq. 10, fallback Eq. 47).
 
   c_k = Σ_{P_k} γ·h / Σ_{P_k} γ. γ is stop-gradiented; h keeps its gradient.
   A region with fewer than `min_pixels` pixels or with Σγ = 0 uses its
-  default center instead (Eq. 47, SPEC §2); no NaN reaches value or gradient.
+  default center instead (Eq. 47, MetaDCSeg §3.3); no NaN reaches value or gradient.
 
   Args:
     h: (H, W, D) features.
@@ -156,11 +156,11 @@ def region_centers(h: Array, gamma: Array, masks: Array,
   """
   _check_rank("h", h, 3)
   if gamma.shape != h.shape[:2] or masks.shape != (3,) + h.shape[:2]:
-    raise ValueError(f"gamma {gamma.shape} must be (H, W) and masks "
-                     f"{masks.shape} (3, H, W) for h {h.shape}.")
+    raise ValueError(
+      f"gamma {gamma.shape} must be (H, W) and masks {masks.shape} (3, H, W) for h {h.shape}."
+    )
   if default_centers.shape != (3, h.shape[-1]):
-    raise ValueError(f"default_centers must be (3, {h.shape[-1]}), got "
-                     f"{default_centers.shape}.")
+    raise ValueError(f"default_centers must be (3, {h.shape[-1]}), got {default_centers.shape}.")
   gamma = jax.lax.stop_gradient(gamma).astype(h.dtype)
   m = masks.astype(h.dtype)  # (3, H, W)
   count = jnp.sum(masks, axis=(1, 2))  # (3,)
@@ -170,8 +170,9 @@ def region_centers(h: Array, gamma: Array, masks: Array,
   valid = (count >= min_pixels) & (gsum > 0)
   # Double where: the unused division must not produce NaN gradients either.
   safe_gsum = jnp.where(valid, gsum, 1.0)
-  centers = jnp.where(valid[:, None], num / safe_gsum[:, None],
-                      jax.lax.stop_gradient(default_centers).astype(h.dtype))
+  centers = jnp.where(
+    valid[:, None], num / safe_gsum[:, None], jax.lax.stop_gradient(default_centers).astype(h.dtype)
+  )
   return centers, ~valid
 
 
@@ -182,9 +183,8 @@ def _safe_norm(x: Array) -> Array:
   return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
 
 
-def dcd_map(h: Array, centers: Array, *, eps: float = DCD_EPS,
-            dcd_max: float = DCD_MAX) -> Array:
-  """Dynamic Center Distance of every pixel of one image (Eq. 11, 46).
+def dcd_map(h: Array, centers: Array, *, eps: float = DCD_EPS, dcd_max: float = DCD_MAX) -> Array:
+  """Dynamic Center Distance of every pixel of one image (Eq. 11, Eq. 46).
 
   DCD = min(‖h − c_fg‖·‖h − c_bg‖ / (‖h − c_bd‖ + ε), DCD_max).
 
@@ -203,8 +203,7 @@ def dcd_map(h: Array, centers: Array, *, eps: float = DCD_EPS,
   """
   _check_rank("h", h, 3)
   if centers.shape != (3, h.shape[-1]):
-    raise ValueError(f"centers must be (3, {h.shape[-1]}), got "
-                     f"{centers.shape}.")
+    raise ValueError(f"centers must be (3, {h.shape[-1]}), got {centers.shape}.")
   d = _safe_norm(h[:, :, None, :] - centers[None, None])  # (H, W, 3)
   num = d[..., FG] * d[..., BG]
   den = d[..., BD] + eps
@@ -239,13 +238,21 @@ def boundary_weights(dcd: Array, bd: Array, *, tau_dcd: float = 1.0) -> Array:
   return e / jnp.where(total > 0, total, 1.0)
 
 
-def dcd_weights_single(h: Array, fg_prob: Array, image: Array, gamma: Array,
-                       default_centers: Array, *, tau: float = 0.7,
-                       tau_dcd: float = 1.0, min_pixels: int = MIN_PIXELS,
-                       detach_weights: bool = False,
-                       exclusive: bool = False,
-                       edge_fn: EdgeFn = sobel_edges) -> dict[str, Array]:
-  """Eq. 6-12 for one image: regions, centers, DCD and boundary weights.
+def dcd_weights_single(
+  h: Array,
+  fg_prob: Array,
+  image: Array,
+  gamma: Array,
+  default_centers: Array,
+  *,
+  tau: float = 0.7,
+  tau_dcd: float = 1.0,
+  min_pixels: int = MIN_PIXELS,
+  detach_weights: bool = False,
+  exclusive: bool = False,
+  edge_fn: EdgeFn = sobel_edges,
+) -> dict[str, Array]:
+  """Regions (Eq. 6, Eq. 7, Eq. 8), centers (Eq. 10), DCD (Eq. 11), weights (Eq. 12) of one image.
 
   Args:
     h: (H, W, D) penultimate decoder features (Eq. 5).
@@ -253,11 +260,11 @@ def dcd_weights_single(h: Array, fg_prob: Array, image: Array, gamma: Array,
     image: (H, W, C) input image, for `edge_fn`.
     gamma: (H, W) reliability γ (Eq. 9).
     default_centers: (3, D) fallback centers (Eq. 47).
-    tau: region threshold τ (Eq. 6-8).
+    tau: region threshold τ (Eq. 6, Eq. 7, Eq. 8).
     tau_dcd: softmax temperature (Eq. 12).
     min_pixels: τ_min (Eq. 47).
     detach_weights: stop the gradient at w; by default it flows through h into
-      the weights (Eq. 43-44), via the pixel features and via the centers.
+      the weights (Eq. 43, Eq. 44), via the pixel features and via the centers.
     exclusive: see `regions`.
     edge_fn: image (H, W, C) -> bool (H, W) edge mask.
 
@@ -268,18 +275,17 @@ def dcd_weights_single(h: Array, fg_prob: Array, image: Array, gamma: Array,
   edges = edge_fn(image)
   fg, bg, bd = regions(fg_prob, edges, tau=tau, exclusive=exclusive)
   masks = jnp.stack([fg, bg, bd])
-  centers, used_fallback = region_centers(h, gamma, masks, default_centers,
-                                          min_pixels=min_pixels)
+  centers, used_fallback = region_centers(h, gamma, masks, default_centers, min_pixels=min_pixels)
   dcd = dcd_map(h, centers)
   w = boundary_weights(dcd, bd, tau_dcd=tau_dcd)
   if detach_weights:
     w = jax.lax.stop_gradient(w)
-  return dict(w=w, dcd=dcd, masks=masks, centers=centers,
-              used_fallback=used_fallback)
+  return dict(w=w, dcd=dcd, masks=masks, centers=centers, used_fallback=used_fallback)
 
 
-def dcd_weights(h: Array, fg_prob: Array, image: Array, gamma: Array,
-                default_centers: Array, **kwargs) -> dict[str, Array]:
+def dcd_weights(
+  h: Array, fg_prob: Array, image: Array, gamma: Array, default_centers: Array, **kwargs
+) -> dict[str, Array]:
   """`dcd_weights_single` vmapped over the batch.
 
   Args:
@@ -297,10 +303,8 @@ def dcd_weights(h: Array, fg_prob: Array, image: Array, gamma: Array,
     if x.shape != (b, hh, ww):
       raise ValueError(f"{name} must be {(b, hh, ww)}, got {x.shape}.")
   if image.shape[:3] != (b, hh, ww):
-    raise ValueError(f"image {image.shape} must be (B, H, W, C) with "
-                     f"B, H, W = {(b, hh, ww)}.")
-  fn = lambda h_, p_, x_, g_: dcd_weights_single(h_, p_, x_, g_,
-                                                  default_centers, **kwargs)
+    raise ValueError(f"image {image.shape} must be (B, H, W, C) with B, H, W = {(b, hh, ww)}.")
+  fn = lambda h_, p_, x_, g_: dcd_weights_single(h_, p_, x_, g_, default_centers, **kwargs)
   return jax.vmap(fn)(h, fg_prob, image, gamma)
 
 
@@ -309,8 +313,9 @@ def init_default_centers(dim: int, dtype=jnp.float32) -> Array:
   return jnp.zeros((3, dim), dtype)
 
 
-def update_default_centers(default_centers: Array, batch_centers: Array,
-                           valid: Array, *, momentum: float = 0.9) -> Array:
+def update_default_centers(
+  default_centers: Array, batch_centers: Array, valid: Array, *, momentum: float = 0.9
+) -> Array:
   """EMA of the default centers from one batch's valid centers (Eq. 47).
 
   new_k = momentum·old_k + (1 − momentum)·mean_{b: valid[b,k]} c_{b,k};
@@ -329,13 +334,13 @@ def update_default_centers(default_centers: Array, batch_centers: Array,
   """
   if not 0.0 <= momentum <= 1.0:
     raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
-  if (batch_centers.ndim != 3
-      or batch_centers.shape[1:] != default_centers.shape):
-    raise ValueError(f"batch_centers must be (B, {default_centers.shape[0]}, "
-                     f"{default_centers.shape[1]}), got {batch_centers.shape}.")
+  if batch_centers.ndim != 3 or batch_centers.shape[1:] != default_centers.shape:
+    raise ValueError(
+      f"batch_centers must be (B, {default_centers.shape[0]}, "
+      f"{default_centers.shape[1]}), got {batch_centers.shape}."
+    )
   if valid.shape != batch_centers.shape[:2]:
-    raise ValueError(f"valid must be {batch_centers.shape[:2]}, got "
-                     f"{valid.shape}.")
+    raise ValueError(f"valid must be {batch_centers.shape[:2]}, got {valid.shape}.")
   batch_centers = jax.lax.stop_gradient(batch_centers)
   v = valid.astype(batch_centers.dtype)[..., None]  # (B, 3, 1)
   n = jnp.sum(v, axis=0)  # (3, 1)

@@ -1,4 +1,4 @@
-"""Evaluation of a trained state on a split: predictions in order, then SPEC §7 metrics.
+"""Evaluation of a trained state on a split: predictions in order, then MetaDCSeg §4.1 metrics.
 
 Method-agnostic: it calls `method.predict(state, images, variant=...)` and nothing else, for
 each parameter variant ("raw" and "ema") of `methods.base.VARIANTS`.
@@ -30,14 +30,15 @@ class Predictor:
     last one padded)."""
     out = []
     for start in range(0, len(images), batch_size):
-      chunk = images[start:start + batch_size]
+      chunk = images[start : start + batch_size]
       x = np.zeros((batch_size,) + chunk.shape[1:], np.float32)
-      x[:len(chunk)] = chunk
-      out.append(np.asarray(self._jitted(state, x, variant=variant))[:len(chunk)])
+      x[: len(chunk)] = chunk
+      out.append(np.asarray(self._jitted(state, x, variant=variant))[: len(chunk)])
     return np.concatenate(out)
 
-  def predict_split(self, state: Any, records: pipeline.Records, *, variant: str,
-                    batch_size: int) -> dict[str, np.ndarray]:
+  def predict_split(
+    self, state: Any, records: pipeline.Records, *, variant: str, batch_size: int
+  ) -> dict[str, np.ndarray]:
     """A split's images in order with their labels and predictions.
 
     Returns:
@@ -54,9 +55,16 @@ class Predictor:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def evaluate(predictor: Predictor, state: Any, records: pipeline.Records, *, batch_size: int,
-             num_classes: int, spacing=None) -> dict[str, dict[str, float]]:
-  """SPEC §7 metrics of a split for each parameter variant.
+def evaluate(
+  predictor: Predictor,
+  state: Any,
+  records: pipeline.Records,
+  *,
+  batch_size: int,
+  num_classes: int,
+  spacing=None,
+) -> dict[str, dict[str, float]]:
+  """MetaDCSeg §4.1 metrics of a split for each parameter variant.
 
   3D datasets (several slices per case id) are scored per volume, 2D ones per image, in pixels
   unless `spacing` ({case id: (slice, row, col) mm}) is given for the volumes.
@@ -70,11 +78,17 @@ def evaluate(predictor: Predictor, state: Any, records: pipeline.Records, *, bat
   for variant in base.VARIANTS:
     out = predictor.predict_split(state, records, variant=variant, batch_size=batch_size)
     if per_volume:
-      slice_idx = [int(np.asarray(records.source[int(i)]["slice_index"]))
-                   for i in records.indices]
-      cases = list(metrics_lib.volume_metrics(
-          out["pred"], out["label"], np.asarray(case_ids), slice_indices=np.asarray(slice_idx),
-          num_classes=num_classes, spacing=spacing).values())
+      slice_idx = [int(np.asarray(records.source[int(i)]["slice_index"])) for i in records.indices]
+      cases = list(
+        metrics_lib.volume_metrics(
+          out["pred"],
+          out["label"],
+          np.asarray(case_ids),
+          slice_indices=np.asarray(slice_idx),
+          num_classes=num_classes,
+          spacing=spacing,
+        ).values()
+      )
     else:
       cases = metrics_lib.batch_case_metrics(out["pred"], out["label"], num_classes=num_classes)
     results[variant] = metrics_lib.summarize(cases)

@@ -24,6 +24,7 @@ from metadcseg_jax import evaluate
 from metadcseg_jax import workdir as workdir_lib
 from metadcseg_jax.methods import base
 
+
 def _show_image(ax, image: np.ndarray) -> None:
   img = image[..., 0] if image.shape[-1] == 1 else image
   lo, hi = np.percentile(img, (1, 99))
@@ -32,8 +33,13 @@ def _show_image(ax, image: np.ndarray) -> None:
 
 def _show_mask(ax, image: np.ndarray, mask: np.ndarray, color: str) -> None:
   _show_image(ax, image)
-  ax.imshow(np.ma.masked_where(mask == 0, mask), cmap=colors.ListedColormap([color]),
-            alpha=0.45, vmin=0, vmax=1)
+  ax.imshow(
+    np.ma.masked_where(mask == 0, mask),
+    cmap=colors.ListedColormap([color]),
+    alpha=0.45,
+    vmin=0,
+    vmax=1,
+  )
   if mask.any():
     ax.contour(mask > 0, levels=[0.5], colors=color, linewidths=0.8)
 
@@ -49,8 +55,15 @@ def _save(fig, axes, cols, path) -> None:
   plt.close(fig)
 
 
-def write_panel(path: pathlib.Path, predictor: evaluate.Predictor, state: Any, splits, *,
-                n: int = 6, batch_size: int = 16) -> None:
+def write_panel(
+  path: pathlib.Path,
+  predictor: evaluate.Predictor,
+  state: Any,
+  splits,
+  *,
+  n: int = 6,
+  batch_size: int = 16,
+) -> None:
   """Rows of test images (image, label, prediction) and of training images (image, clean label,
   noisy label, prediction) with the EMA parameters.
 
@@ -68,8 +81,9 @@ def write_panel(path: pathlib.Path, predictor: evaluate.Predictor, state: Any, s
     out = predictor.predict_split(state, subset, variant="ema", batch_size=batch_size)
     rows += [(name, {key: v[i] for key, v in out.items()}) for i in range(len(subset))]
   cols = ["image", "label", "noisy label", "prediction (EMA)", "fg probability"]
-  fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.2 * len(cols), 2.2 * len(rows)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    len(rows), len(cols), figsize=(2.2 * len(cols), 2.2 * len(rows)), squeeze=False
+  )
   for r, (name, ex) in enumerate(rows):
     _show_image(axes[r, 0], ex["image"])
     axes[r, 0].set_ylabel(name)
@@ -83,8 +97,9 @@ def write_panel(path: pathlib.Path, predictor: evaluate.Predictor, state: Any, s
   _save(fig, axes, cols, path)
 
 
-def write_maps_figure(path: pathlib.Path, batch: Mapping[str, np.ndarray],
-                      maps: Sequence[base.PixelMap]) -> None:
+def write_maps_figure(
+  path: pathlib.Path, batch: Mapping[str, np.ndarray], maps: Sequence[base.PixelMap]
+) -> None:
   """Per training image: the image with its clean label, the noisy label, then each map (the
   paper's Fig. 3 for MetaDCSeg's γ and DCD weights).
 
@@ -114,8 +129,7 @@ def write_maps_figure(path: pathlib.Path, batch: Mapping[str, np.ndarray],
   _save(fig, axes, cols, path)
 
 
-_LABELS = {"dice": "Dice", "iou": "IoU", "miou": "mIoU", "hd": "HD", "hd95": "HD95",
-           "asd": "ASD"}
+_LABELS = {"dice": "Dice", "iou": "IoU", "miou": "mIoU", "hd": "HD", "hd95": "HD95", "asd": "ASD"}
 
 
 def read_metrics(path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -135,8 +149,10 @@ def read_metrics(path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   if not path.is_file():
     raise ValueError(f"metrics_jsonl_path={str(path)!r}: no such file")
   records = workdir_lib.MetricsLog(path).read()
-  return ([r for r in records if r.get("split") == "train"],
-          [r for r in records if r.get("split") != "train"])
+  return (
+    [r for r in records if r.get("split") == "train"],
+    [r for r in records if r.get("split") != "train"],
+  )
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -178,8 +194,12 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
   x, y = _series(train, "loss")
   if x.size:
     ax_loss.plot(x, y, "o-", ms=3, label="loss", color="black")
-    for key, color in (("ce_term", "tab:blue"), ("bd_term", "tab:orange"),
-                       ("dice_term", "tab:green"), ("meta_loss", "tab:purple")):
+    for key, color in (
+      ("ce_term", "tab:blue"),
+      ("bd_term", "tab:orange"),
+      ("dice_term", "tab:green"),
+      ("meta_loss", "tab:purple"),
+    ):
       xt, yt = _series(train, key)
       if xt.size:
         ax_loss.plot(xt, yt, ".--", lw=1, label=key, color=color)
@@ -201,8 +221,9 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
     if x.size:
       any_dice = True
       ax_dice.plot(x, y, style, ms=4, label=params)
-      ax_dice.annotate(f"{y[-1]:.3f}", (x[-1], y[-1]), textcoords="offset points",
-                       xytext=(4, 0), fontsize=8)
+      ax_dice.annotate(
+        f"{y[-1]:.3f}", (x[-1], y[-1]), textcoords="offset points", xytext=(4, 0), fontsize=8
+      )
   if any_dice:
     ax_dice.legend(fontsize=8)
   else:
@@ -231,8 +252,9 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
   return out
 
 
-def plot_sweep(table_rows: Sequence[Mapping[str, Any]], out_png, *,
-               metric: str = "dice") -> pathlib.Path:
+def plot_sweep(
+  table_rows: Sequence[Mapping[str, Any]], out_png, *, metric: str = "dice"
+) -> pathlib.Path:
   """Grouped bars of the final EMA `metric` per method, one group per noise level.
 
   Args:
@@ -270,8 +292,9 @@ def plot_sweep(table_rows: Sequence[Mapping[str, Any]], out_png, *,
         xs.append(centers[i] + (j - (len(methods) - 1) / 2) * width)
         means.append(stat["mean"])
         stds.append(stat.get("std") or 0.0)
-    bars = ax.bar(xs, means, width * 0.95, yerr=stds if any(stds) else None, capsize=3,
-                  label=method)
+    bars = ax.bar(
+      xs, means, width * 0.95, yerr=stds if any(stds) else None, capsize=3, label=method
+    )
     ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
   ax.set_xticks(centers, noises)
   ax.set_xlabel("label noise")

@@ -1,9 +1,9 @@
 """Per-pixel segmentation losses on logits (B,H,W,L) and integer labels (B,H,W).
 
-Pure functions, no reduction unless the name says so: the meta step (SPEC §1)
+Pure functions, no reduction unless the name says so: the meta step (MetaDCSeg §3.2)
 weights every pixel's loss itself. `ce_map` is the `f`/`g` of MetaDCSeg
 Eq. 13, `soft_dice_loss` its Dice term; `gce_map` and `sce_map` are the
-plain noise-robust baselines of SPEC §6.
+plain noise-robust baselines of the seed papers' comparisons.
 
 Example:
   >>> logits = jnp.zeros((2, 4, 4, 2)); labels = jnp.zeros((2, 4, 4), int)
@@ -21,13 +21,13 @@ from metadcseg_jax.types import Array
 def check_logits_labels(logits: Array, labels: Array) -> None:
   """Raises ValueError unless `labels.shape == logits.shape[:-1]` and labels are integers."""
   if logits.ndim < 2:
-    raise ValueError(
-        f"logits must be (B,...,L) with at least 2 dims, got shape {logits.shape}")
+    raise ValueError(f"logits must be (B,...,L) with at least 2 dims, got shape {logits.shape}")
   if tuple(labels.shape) != tuple(logits.shape[:-1]):
     raise ValueError(
-        f"labels shape {tuple(labels.shape)} must equal logits shape "
-        f"{tuple(logits.shape)} without its class axis, i.e. "
-        f"{tuple(logits.shape[:-1])}")
+      f"labels shape {tuple(labels.shape)} must equal logits shape "
+      f"{tuple(logits.shape)} without its class axis, i.e. "
+      f"{tuple(logits.shape[:-1])}"
+    )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
 
@@ -35,8 +35,9 @@ def check_logits_labels(logits: Array, labels: Array) -> None:
 def _check_classes(logits: Array) -> None:
   if logits.shape[-1] < 2:
     raise ValueError(
-        "logits need a background and at least one foreground class "
-        f"(L >= 2), got shape {logits.shape}")
+      "logits need a background and at least one foreground class "
+      f"(L >= 2), got shape {logits.shape}"
+    )
 
 
 def ce_map(logits: Array, labels: Array) -> Array:
@@ -62,7 +63,7 @@ def foreground_prob(logits: Array) -> Array:
   """Predicted foreground probability `M̂ = 1 - softmax(logits)[..., 0]`.
 
   For L > 2 this is the probability of any non-background class
-  (SPEC §2). Computed as `-expm1(log_softmax[..., 0])`, which equals
+  (MetaDCSeg §3.3). Computed as `-expm1(log_softmax[..., 0])`, which equals
   `1 - p_0` but keeps precision where the foreground is unlikely.
 
   Args:
@@ -128,8 +129,9 @@ def gce_map(logits: Array, labels: Array, *, q: float = 0.7) -> Array:
   return -jnp.expm1(-q * ce_map(logits, labels)) / q
 
 
-def sce_map(logits: Array, labels: Array, *, alpha: float = 0.1,
-            beta: float = 1.0, log_clip: float = -4.0) -> Array:
+def sce_map(
+  logits: Array, labels: Array, *, alpha: float = 0.1, beta: float = 1.0, log_clip: float = -4.0
+) -> Array:
   """Per-pixel symmetric cross-entropy `alpha · CE + beta · RCE`.
 
   The reverse CE `RCE = -Σ_k p_k log q_k` with the one-hot label `q` and
@@ -148,7 +150,7 @@ def sce_map(logits: Array, labels: Array, *, alpha: float = 0.1,
 
   References:
     Wang et al., "Symmetric Cross Entropy for Robust Learning with Noisy
-    Labels", ICCV 2019, Eq. 5-7.
+    Labels", ICCV 2019, Eq. 5, Eq. 6, Eq. 7.
   """
   if not log_clip < 0.0:
     raise ValueError(f"log_clip must be negative (it stands for log 0), got {log_clip}")

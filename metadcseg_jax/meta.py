@@ -1,12 +1,12 @@
 """Exact pixel-wise meta-gradients: meta-weighted bootstrapping (MetaDCSeg §3.2, App. A.3).
 
-One training iteration at parameters θ with optimizer state s (SPEC §1, paper Eq. 21-24):
+One training iteration at parameters θ with optimizer state s (MetaDCSeg §3.2, App. A.3):
 
   p = softmax(F(x; θ)),  y_pseudo = argmax p                         (held fixed)
   f = CE(p, y),  g = CE(p, y_pseudo)                                  per pixel, (B,H,W)  (Eq. 25)
   θ̂(a, b) = θ + U(∇θ Σ_{i,h,w} (a·f + b·g), s)                                          (Eq. 21)
   Lval(θ̂) = mean CE(F(xv; θ̂), yv)
-  Ga, Gb = ∂Lval/∂a, ∂Lval/∂b  at (a, b) = (a0, b0)                                 (Eq. 22, 28)
+  Ga, Gb = ∂Lval/∂a, ∂Lval/∂b  at (a, b) = (a0, b0)                                 (Eq. 22, Eq. 28)
   ã = max(a0 − η·Ga, 0),  b̃ = max(b0 − η·Gb, 0)                                          (Eq. 23)
   â = ã / (Z + 1e-10),  b̂ = b̃ / (Z + 1e-10),  Z = Σ_hw (ã + b̃)  per image or batch       (Eq. 24)
   γ = ã + b̃  (Eq. 9),  πa = ã / γ,  πb = b̃ / γ  (0 where γ = 0)
@@ -53,11 +53,12 @@ class MetaOptions(NamedTuple):
   """The options of one meta step, as one value (`meta_weights(..., **options.kwargs())`).
 
   Attributes:
-    a0, b0: the point (a0, b0) where the meta-gradients are taken (SPEC §1 step 5).
+    a0, b0: the point (a0, b0) where the meta-gradients are taken (MetaDCSeg §3.2.2, App. A.3).
     eta: meta learning rate η (Eq. 22).
     normalizer: "image" (Eq. 24) or "batch" (L2B's code).
     route: "reverse" or "jvp".
   """
+
   a0: float = 0.0
   b0: float = 0.0
   eta: float = 1.0
@@ -67,13 +68,17 @@ class MetaOptions(NamedTuple):
   @classmethod
   def from_config(cls, meta_config) -> "MetaOptions":
     """From the `meta` section of a config (fields a0, b0, eta, normalizer, route)."""
-    return cls(float(meta_config.a0), float(meta_config.b0), float(meta_config.eta),
-               str(meta_config.normalizer), str(meta_config.route))
+    return cls(
+      float(meta_config.a0),
+      float(meta_config.b0),
+      float(meta_config.eta),
+      str(meta_config.normalizer),
+      str(meta_config.route),
+    )
 
   def kwargs(self) -> dict[str, Any]:
     """Keyword arguments of `meta_weights` and `meta_step_grads`."""
-    return dict(a0b0=(self.a0, self.b0), eta=self.eta, normalizer=self.normalizer,
-                route=self.route)
+    return dict(a0b0=(self.a0, self.b0), eta=self.eta, normalizer=self.normalizer, route=self.route)
 
 
 class MetaOutput(NamedTuple):
@@ -94,6 +99,7 @@ class MetaOutput(NamedTuple):
     features: its penultimate features, (B,H,W,D).
     meta_loss: Lval(θ̂(a0, b0)), scalar.
   """
+
   ga: Array
   gb: Array
   a_tilde: Array
@@ -111,9 +117,11 @@ class MetaOutput(NamedTuple):
   def summary(self) -> dict[str, Array]:
     """Scalar diagnostics: the meta loss, α's share of the weight, the zero-weight share."""
     total = jnp.sum(self.a_hat + self.b_hat)
-    return {"meta_loss": self.meta_loss,
-            "alpha_share": jnp.sum(self.a_hat) / jnp.maximum(total, 1e-12),
-            "weight_zero_frac": jnp.mean(self.gamma <= 0)}
+    return {
+      "meta_loss": self.meta_loss,
+      "alpha_share": jnp.sum(self.a_hat) / jnp.maximum(total, 1e-12),
+      "weight_zero_frac": jnp.mean(self.gamma <= 0),
+    }
 
 
 LossFromOutputs = Callable[[Array, Array, MetaOutput], Tuple[Array, Any]]
@@ -121,8 +129,9 @@ LossFromOutputs = Callable[[Array, Array, MetaOutput], Tuple[Array, Any]]
 
 def _forward(apply_fn, variables, params, x):
   """Train-mode forward: `((logits, features), new_batch_stats)`."""
-  outputs, updates = apply_fn({**variables, "params": params}, x, train=True,
-                              mutable=["batch_stats"])
+  outputs, updates = apply_fn(
+    {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+  )
   logits, features = outputs
   return (logits, features), updates.get("batch_stats", {})
 
@@ -143,9 +152,9 @@ def _virtual_update(optimizer, opt_state, params):
   return update
 
 
-def linearize_update(optimizer: Optimizer, opt_state: optax.OptState, params: Params,
-                     grads: Params) -> Tuple[Params, Callable[[Params], Params],
-                                             Callable[[Params], Params]]:
+def linearize_update(
+  optimizer: Optimizer, opt_state: optax.OptState, params: Params, grads: Params
+) -> Tuple[Params, Callable[[Params], Params], Callable[[Params], Params]]:
   """The virtual step's update `U(·, s)` at `grads`, with its linear part and transpose.
 
   For an update affine in the gradient, `U(g) = U(0) + L g`, these are `U(grads)`, `g -> L g`
@@ -175,8 +184,9 @@ def _check_args(optimizer, x, y, xv, yv, a0b0, eta, normalizer, route):
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
   if route == "jvp" and not optimizer.linear_in_grad:
     raise ValueError(
-        f"route='jvp' needs an update linear in the gradient; optimizer {optimizer.name!r} is "
-        "not: use route='reverse'")
+      f"route='jvp' needs an update linear in the gradient; optimizer {optimizer.name!r} is "
+      "not: use route='reverse'"
+    )
   if len(a0b0) != 2:
     raise ValueError(f"a0b0 must be a pair of floats (a0, b0), got {a0b0!r}")
   if isinstance(eta, (int, float)) and eta <= 0:
@@ -199,7 +209,10 @@ def _static_float(value, name):
 
 
 def _ce_logit_grads(logits, y, y_pseudo):
-  """∂f/∂logits and ∂g/∂logits per pixel: softmax − one-hot, (B,H,W,L) each."""
+  """∂f/∂logits and ∂g/∂logits of the pixel losses f, g (Eq. 25): softmax − one-hot.
+
+  Args: logits (B,H,W,L); y, y_pseudo (B,H,W) int. Returns: two (B,H,W,L) arrays.
+  """
   p = jax.nn.softmax(logits, axis=-1)
   num_classes = logits.shape[-1]
   df = p - jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
@@ -208,7 +221,12 @@ def _ce_logit_grads(logits, y, y_pseudo):
 
 
 def _rectify_normalize(ga, gb, a0, b0, eta, normalizer):
-  """Eq. 23-24 and Eq. 9: `(ã, b̃, â, b̂, γ, πa, πb)`."""
+  """Meta update a0 − η·Ga (Eq. 22, Eq. 28), rectify (Eq. 23), normalise (Eq. 24), γ (Eq. 9).
+
+  Args: Ga, Gb (B,H,W); the point (a0, b0); η; the normaliser.
+
+  Returns: `(ã, b̃, â, b̂, γ, πa, πb)`, (B,H,W) each.
+  """
   a_t = jnp.maximum(a0 - eta * ga, 0.0)
   b_t = jnp.maximum(b0 - eta * gb, 0.0)
   gamma = a_t + b_t
@@ -223,9 +241,10 @@ def _rectify_normalize(ga, gb, a0, b0, eta, normalizer):
   return a_t, b_t, a_hat, b_hat, gamma, pi_a, pi_b
 
 
-def _reverse_grads(apply_fn, variables, opt_state, optimizer, x, y, y_pseudo, xv, yv, a0, b0,
-                   dtype):
-  """Reverse-over-reverse: `jax.grad` of Lval(θ̂(a, b)) w.r.t. (a, b) (Eq. 21-22)."""
+def _reverse_grads(
+  apply_fn, variables, opt_state, optimizer, x, y, y_pseudo, xv, yv, a0, b0, dtype
+):
+  """Reverse-over-reverse: `jax.grad` of Lval(θ̂(a, b)) w.r.t. (a, b) (Eq. 21, Eq. 22)."""
   params = variables["params"]
   update = _virtual_update(optimizer, opt_state, params)
 
@@ -243,8 +262,7 @@ def _reverse_grads(apply_fn, variables, opt_state, optimizer, x, y, y_pseudo, xv
   return ga, gb, meta_loss
 
 
-def _jvp_grads(apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0, fwd_jvp, fwd_vjp,
-               df, dg):
+def _jvp_grads(apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0, fwd_jvp, fwd_vjp, df, dg):
   """Forward-over-reverse: `Ga_k = <Lᵀ∇Lval(θ̂), ∇θ f_k>` from one JVP (Eq. 29).
 
   `fwd_jvp` / `fwd_vjp` are the linearised training forward at θ and its transpose.
@@ -265,20 +283,39 @@ def _jvp_grads(apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0, fwd_jv
   return ga, gb, meta_loss
 
 
-def _meta_from_forward(apply_fn, variables, opt_state, optimizer, x, y, xv, yv, outputs, fwd_jvp,
-                       fwd_vjp, a0, b0, eta, normalizer, route):
+def _meta_from_forward(
+  apply_fn,
+  variables,
+  opt_state,
+  optimizer,
+  x,
+  y,
+  xv,
+  yv,
+  outputs,
+  fwd_jvp,
+  fwd_vjp,
+  a0,
+  b0,
+  eta,
+  normalizer,
+  route,
+):
   logits, features = outputs
   if logits.shape[:3] != y.shape:
-    raise ValueError(f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = "
-                     f"y.shape {y.shape}")
+    raise ValueError(
+      f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = y.shape {y.shape}"
+    )
   y_pseudo = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   df, dg = _ce_logit_grads(logits, y, y_pseudo)
   if route == "reverse":
-    ga, gb, meta_loss = _reverse_grads(apply_fn, variables, opt_state, optimizer, x, y, y_pseudo,
-                                       xv, yv, a0, b0, logits.dtype)
+    ga, gb, meta_loss = _reverse_grads(
+      apply_fn, variables, opt_state, optimizer, x, y, y_pseudo, xv, yv, a0, b0, logits.dtype
+    )
   else:
-    ga, gb, meta_loss = _jvp_grads(apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0,
-                                   fwd_jvp, fwd_vjp, df, dg)
+    ga, gb, meta_loss = _jvp_grads(
+      apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0, fwd_jvp, fwd_vjp, df, dg
+    )
   weights = _rectify_normalize(ga, gb, a0, b0, eta, normalizer)
   out = MetaOutput(ga, gb, *weights, y_pseudo, logits, features, meta_loss)
   return jax.tree.map(jax.lax.stop_gradient, out)
@@ -288,7 +325,8 @@ def _linearized_forward(apply_fn, variables, x):
   """Training forward at θ, linearised: `(outputs, jvp, vjp, new_batch_stats)`."""
   params = variables["params"]
   outputs, fwd_jvp, new_stats = jax.linearize(
-      lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True)
+    lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True
+  )
   fwd_transpose = jax.linear_transpose(fwd_jvp, params)
 
   def fwd_vjp(cotangents):
@@ -301,21 +339,25 @@ def _linearized_forward(apply_fn, variables, x):
 
 
 def meta_weights(
-    apply_fn: Callable[..., Any],
-    variables: Variables,
-    opt_state: optax.OptState,
-    optimizer: Optimizer,
-    x: Array,
-    y: Array,
-    xv: Array,
-    yv: Array,
-    *,
-    a0b0: Tuple[float, float] = (0.0, 0.0),
-    eta: float = 1.0,
-    normalizer: str = "image",
-    route: str = "reverse",
+  apply_fn: Callable[..., Any],
+  variables: Variables,
+  opt_state: optax.OptState,
+  optimizer: Optimizer,
+  x: Array,
+  y: Array,
+  xv: Array,
+  yv: Array,
+  *,
+  a0b0: Tuple[float, float] = (0.0, 0.0),
+  eta: float = 1.0,
+  normalizer: str = "image",
+  route: str = "reverse",
 ) -> MetaOutput:
-  """Pixel-wise meta-weights from exact one-step meta-gradients (SPEC §1 steps 1-8).
+  """Pixel-wise meta-weights from exact one-step meta-gradients (MetaDCSeg App. A.3).
+
+  With the per-pixel losses f, g (Eq. 25), the virtual step θ̂(a, b) (Eq. 21), the meta-gradients
+  Ga, Gb of the clean meta loss at θ̂ (Eq. 22, Eq. 28; by one JVP on the "jvp" route, Eq. 29),
+  rectified (Eq. 23) and normalised (Eq. 24) into the weights of the bootstrapping loss (Eq. 1).
 
   Args:
     apply_fn: the flax `model.apply`; called as `apply_fn(variables, x, train=True,
@@ -352,25 +394,41 @@ def meta_weights(
   else:
     outputs, _ = _forward(apply_fn, variables, variables["params"], x)
     fwd_jvp = fwd_vjp = None
-  return _meta_from_forward(apply_fn, variables, opt_state, optimizer, x, y, xv, yv, outputs,
-                            fwd_jvp, fwd_vjp, a0, b0, eta, normalizer, route)
+  return _meta_from_forward(
+    apply_fn,
+    variables,
+    opt_state,
+    optimizer,
+    x,
+    y,
+    xv,
+    yv,
+    outputs,
+    fwd_jvp,
+    fwd_vjp,
+    a0,
+    b0,
+    eta,
+    normalizer,
+    route,
+  )
 
 
 def meta_step_grads(
-    apply_fn: Callable[..., Any],
-    variables: Variables,
-    opt_state: optax.OptState,
-    optimizer: Optimizer,
-    x: Array,
-    y: Array,
-    xv: Array,
-    yv: Array,
-    loss_from_outputs: LossFromOutputs,
-    *,
-    a0b0: Tuple[float, float] = (0.0, 0.0),
-    eta: float = 1.0,
-    normalizer: str = "image",
-    route: str = "reverse",
+  apply_fn: Callable[..., Any],
+  variables: Variables,
+  opt_state: optax.OptState,
+  optimizer: Optimizer,
+  x: Array,
+  y: Array,
+  xv: Array,
+  yv: Array,
+  loss_from_outputs: LossFromOutputs,
+  *,
+  a0b0: Tuple[float, float] = (0.0, 0.0),
+  eta: float = 1.0,
+  normalizer: str = "image",
+  route: str = "reverse",
 ) -> Tuple[Params, Any, Array, MetaOutput, Any]:
   """Meta-weights plus the real training gradient, sharing the training forward.
 
@@ -407,14 +465,31 @@ def meta_step_grads(
     outputs, fwd_jvp, fwd_vjp, new_stats = _linearized_forward(apply_fn, variables, x)
   else:
     outputs, fwd_vjp_raw, new_stats = jax.vjp(
-        lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True)
+      lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True
+    )
     fwd_jvp = None
     fwd_vjp = fwd_vjp_raw
-  meta = _meta_from_forward(apply_fn, jax.lax.stop_gradient(variables), opt_state, optimizer, x,
-                            y, xv, yv, jax.lax.stop_gradient(outputs), fwd_jvp, fwd_vjp, a0, b0,
-                            eta, normalizer, route)
-  loss, loss_vjp, aux = jax.vjp(lambda lo, fe: loss_from_outputs(lo, fe, meta), *outputs,
-                                has_aux=True)
+  meta = _meta_from_forward(
+    apply_fn,
+    jax.lax.stop_gradient(variables),
+    opt_state,
+    optimizer,
+    x,
+    y,
+    xv,
+    yv,
+    jax.lax.stop_gradient(outputs),
+    fwd_jvp,
+    fwd_vjp,
+    a0,
+    b0,
+    eta,
+    normalizer,
+    route,
+  )
+  loss, loss_vjp, aux = jax.vjp(
+    lambda lo, fe: loss_from_outputs(lo, fe, meta), *outputs, has_aux=True
+  )
   cotangents = loss_vjp(jnp.ones_like(loss))
   (grads,) = fwd_vjp(cotangents)
   return grads, new_stats, loss, meta, aux

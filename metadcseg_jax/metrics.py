@@ -1,11 +1,11 @@
-"""Evaluation metrics (SPEC §7): Dice, IoU, mIoU, HD, HD95 and ASD per case.
+"""Evaluation metrics (MetaDCSeg §4.1): Dice, IoU, mIoU, HD, HD95 and ASD per case.
 
 Host-side numpy/scipy code, run at evaluation time and never inside `jit`. A
 *case* is one 2D image (2D data) or one 3D volume (3D data, see
 `volume_metrics`); every metric is computed per case and then averaged over
 cases by `summarize`.
 
-Conventions (the contract is SPEC §7; the paper, MetaDCSeg §4.1, names mIoU,
+Conventions (this project's, see BUILD_NOTES.md; the paper, MetaDCSeg §4.1, names mIoU,
 DSC and HD without defining them):
 
 * Foreground is `label > 0` (all non-background classes merged). Dice and IoU
@@ -64,33 +64,34 @@ def _as_labels(x: Any, name: str) -> np.ndarray:
     # a probability map is not, and would silently binarise by `> 0`.
     if not np.all(np.isfinite(x)) or not np.all(x == np.round(x)):
       raise ValueError(
-          f"{name} has non-integer values (dtype {x.dtype}); pass a label map "
-          "(e.g. argmax over classes), not probabilities or logits.")
+        f"{name} has non-integer values (dtype {x.dtype}); pass a label map "
+        "(e.g. argmax over classes), not probabilities or logits."
+      )
     return x.astype(np.int64)
   raise ValueError(f"{name} must hold integer labels, got dtype {x.dtype}.")
 
 
-def _check_pair(pred: Any, target: Any, num_classes: int,
-                ndims: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(
+  pred: Any, target: Any, num_classes: int, ndims: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
   """Validates a (pred, target) pair of label maps; returns int64 arrays."""
   if int(num_classes) != num_classes or num_classes < 2:
     raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
   pred = _as_labels(pred, "pred")
   target = _as_labels(target, "target")
   if pred.shape != target.shape:
-    raise ValueError(
-        f"pred and target shapes differ: {pred.shape} vs {target.shape}.")
+    raise ValueError(f"pred and target shapes differ: {pred.shape} vs {target.shape}.")
   if pred.ndim not in ndims:
-    raise ValueError(
-        f"pred/target must have ndim in {ndims}, got shape {pred.shape}.")
+    raise ValueError(f"pred/target must have ndim in {ndims}, got shape {pred.shape}.")
   if pred.size == 0:
     raise ValueError(f"pred/target are empty arrays (shape {pred.shape}).")
   for name, x in (("pred", pred), ("target", target)):
     lo, hi = int(x.min()), int(x.max())
     if lo < 0 or hi >= num_classes:
       raise ValueError(
-          f"{name} labels must lie in [0, {num_classes - 1}] "
-          f"(num_classes={num_classes}), found range [{lo}, {hi}].")
+        f"{name} labels must lie in [0, {num_classes - 1}] "
+        f"(num_classes={num_classes}), found range [{lo}, {hi}]."
+      )
   return pred, target
 
 
@@ -103,8 +104,8 @@ def _check_spacing(spacing: Spacing, ndim: int) -> np.ndarray:
     sp = np.full(ndim, float(sp))
   if sp.shape != (ndim,):
     raise ValueError(
-        f"spacing must be a scalar or have one entry per axis ({ndim}), "
-        f"got {spacing!r}.")
+      f"spacing must be a scalar or have one entry per axis ({ndim}), got {spacing!r}."
+    )
   if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
     raise ValueError(f"spacing must be finite and > 0, got {spacing!r}.")
   return sp
@@ -124,8 +125,9 @@ def boundary(mask: np.ndarray) -> np.ndarray:
   return mask & ~ndimage.binary_erosion(mask, structure=cross)
 
 
-def surface_distances(pred: np.ndarray, target: np.ndarray, *,
-                      spacing: Spacing = None) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(
+  pred: np.ndarray, target: np.ndarray, *, spacing: Spacing = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Both directed boundary-to-boundary distance sets of two non-empty masks.
 
   Args:
@@ -176,9 +178,10 @@ def mean_iou(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
   return float(np.mean(inter[present] / union[present]))
 
 
-def case_metrics(pred: Any, target: Any, *, num_classes: int = 2,
-                 spacing: Spacing = None) -> dict[str, float | bool]:
-  """All SPEC §7 metrics for one case (a 2D image or a 3D volume).
+def case_metrics(
+  pred: Any, target: Any, *, num_classes: int = 2, spacing: Spacing = None
+) -> dict[str, float | bool]:
+  """All MetaDCSeg §4.1 metrics for one case (a 2D image or a 3D volume).
 
   Args:
     pred: (H, W) or (D, H, W) predicted integer labels in [0, num_classes).
@@ -216,14 +219,23 @@ def case_metrics(pred: Any, target: Any, *, num_classes: int = 2,
     hd95 = float(np.percentile(pooled, HD_PERCENTILE))
     asd = float(pooled.mean())
   return {
-      "dice": dice, "iou": iou, "miou": mean_iou(pred, target, num_classes),
-      "hd": hd, "hd95": hd95, "asd": asd,
-      "pred_empty": n_p == 0, "target_empty": n_t == 0,
+    "dice": dice,
+    "iou": iou,
+    "miou": mean_iou(pred, target, num_classes),
+    "hd": hd,
+    "hd95": hd95,
+    "asd": asd,
+    "pred_empty": n_p == 0,
+    "target_empty": n_t == 0,
   }
 
 
 def batch_case_metrics(
-    preds: Any, targets: Any, *, num_classes: int = 2, spacing: Spacing = None,
+  preds: Any,
+  targets: Any,
+  *,
+  num_classes: int = 2,
+  spacing: Spacing = None,
 ) -> list[dict[str, float | bool]]:
   """`case_metrics` for each image of a 2D batch.
 
@@ -237,16 +249,21 @@ def batch_case_metrics(
     A list of B per-image metric dicts.
   """
   preds, targets = _check_pair(preds, targets, num_classes, (3,))
-  return [case_metrics(p, t, num_classes=num_classes, spacing=spacing)
-          for p, t in zip(preds, targets)]
+  return [
+    case_metrics(p, t, num_classes=num_classes, spacing=spacing) for p, t in zip(preds, targets)
+  ]
 
 
 def volume_metrics(
-    preds: Any, targets: Any, case_ids: Any, *,
-    slice_indices: Any = None, num_classes: int = 2,
-    spacing: Spacing | Mapping[Hashable, Spacing] = None,
+  preds: Any,
+  targets: Any,
+  case_ids: Any,
+  *,
+  slice_indices: Any = None,
+  num_classes: int = 2,
+  spacing: Spacing | Mapping[Hashable, Spacing] = None,
 ) -> dict[Hashable, dict[str, float | bool]]:
-  """Per-volume metrics for 3D data evaluated slice by slice (SPEC §7).
+  """Per-volume metrics for 3D data evaluated slice by slice (MetaDCSeg §4.1).
 
   Slices are grouped by case id, ordered by slice index and stacked into
   (D, H, W) volumes; each volume is one case. A case with a single slice is
@@ -275,17 +292,14 @@ def volume_metrics(
   case_ids = np.asarray(case_ids)
   n = preds.shape[0]
   if case_ids.shape != (n,):
-    raise ValueError(
-        f"case_ids must have shape ({n},) to match preds, got "
-        f"{case_ids.shape}.")
+    raise ValueError(f"case_ids must have shape ({n},) to match preds, got {case_ids.shape}.")
   given_order = slice_indices is None
   if given_order:
     slice_indices = np.arange(n)
   else:
     slice_indices = _as_labels(slice_indices, "slice_indices")
     if slice_indices.shape != (n,):
-      raise ValueError(f"slice_indices must have shape ({n},), got "
-                       f"{slice_indices.shape}.")
+      raise ValueError(f"slice_indices must have shape ({n},), got {slice_indices.shape}.")
   results = {}
   for cid in sorted(set(case_ids.tolist())):
     rows = np.flatnonzero(case_ids == cid)
@@ -295,17 +309,17 @@ def volume_metrics(
       raise ValueError(f"case {cid!r} has duplicate slice indices.")
     if not given_order and np.any(np.diff(idx) != 1):
       raise ValueError(
-          f"case {cid!r} has non-contiguous slice indices "
-          f"{idx.min()}..{idx.max()} for {len(idx)} slices; stacking them "
-          "would misplace the volume's geometry.")
+        f"case {cid!r} has non-contiguous slice indices "
+        f"{idx.min()}..{idx.max()} for {len(idx)} slices; stacking them "
+        "would misplace the volume's geometry."
+      )
     if isinstance(spacing, Mapping):
       if cid not in spacing:
         raise ValueError(f"spacing mapping has no entry for case {cid!r}.")
       sp = spacing[cid]
     else:
       sp = spacing
-    results[cid] = case_metrics(preds[rows], targets[rows],
-                                num_classes=num_classes, spacing=sp)
+    results[cid] = case_metrics(preds[rows], targets[rows], num_classes=num_classes, spacing=sp)
   return results
 
 
@@ -318,7 +332,7 @@ def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, float | int]:
 
   Returns:
     `{dice, iou, miou, hd, hd95, asd}` means over cases (empty-mask cases
-    included with their SPEC values), and ints `n_cases`, `n_both_empty`,
+    included with the values above), and ints `n_cases`, `n_both_empty`,
     `n_one_empty` (pred xor target empty), `n_pred_empty`, `n_target_empty`.
 
   Raises:
@@ -332,16 +346,15 @@ def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, float | int]:
     missing = [k for k in need if k not in c]
     if missing:
       raise ValueError(f"case {i} lacks keys {missing}.")
-  out: dict[str, float | int] = {
-      k: float(np.mean([c[k] for c in cases])) for k in METRIC_KEYS}
+  out: dict[str, float | int] = {k: float(np.mean([c[k] for c in cases])) for k in METRIC_KEYS}
   pe = np.array([bool(c["pred_empty"]) for c in cases])
   te = np.array([bool(c["target_empty"]) for c in cases])
   out.update(
-      n_cases=len(cases),
-      n_both_empty=int(np.sum(pe & te)),
-      n_one_empty=int(np.sum(pe ^ te)),
-      n_pred_empty=int(pe.sum()),
-      n_target_empty=int(te.sum()),
+    n_cases=len(cases),
+    n_both_empty=int(np.sum(pe & te)),
+    n_one_empty=int(np.sum(pe ^ te)),
+    n_pred_empty=int(pe.sum()),
+    n_target_empty=int(te.sum()),
   )
   return out
 
@@ -363,17 +376,16 @@ class MetricAccumulator:
 
   def add_case(self, pred: Any, target: Any) -> dict[str, float | bool]:
     """Scores one (H, W) or (D, H, W) case, stores and returns its dict."""
-    case = case_metrics(pred, target, num_classes=self.num_classes,
-                        spacing=self.spacing)
+    case = case_metrics(pred, target, num_classes=self.num_classes, spacing=self.spacing)
     self.cases.append(case)
     return case
 
   def add_batch(self, preds: Any, targets: Any) -> None:
     """Scores each image of a (B, H, W) batch."""
-    self.cases.extend(batch_case_metrics(
-        preds, targets, num_classes=self.num_classes, spacing=self.spacing))
+    self.cases.extend(
+      batch_case_metrics(preds, targets, num_classes=self.num_classes, spacing=self.spacing)
+    )
 
   def result(self) -> dict[str, float | int]:
     """`summarize` over every case added so far."""
     return summarize(self.cases)
-

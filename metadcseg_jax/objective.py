@@ -1,4 +1,4 @@
-"""The MetaDCSeg training objective (Eq. 13, SPEC §3).
+"""The MetaDCSeg training objective (Eq. 13, MetaDCSeg §3.4).
 
 Per image i,
 
@@ -19,10 +19,10 @@ use_dice=False)`).
 
 The meta weights (â, b̂, γ, πa, πb, y_pseudo) are used as given: for the real
 step pass them without gradient (the meta module's outputs are constants
-there); γ is stop-gradiented inside the centers regardless (SPEC §2).
+there); γ is stop-gradiented inside the centers regardless (MetaDCSeg §3.3).
 
 References:
-  MetaDCSeg, Eq. 1, 6-13, 24, 43-47 (`papers/metadcseg.txt`).
+  MetaDCSeg §3.3, §3.4 and App. A.5.
 """
 
 from typing import Any
@@ -42,12 +42,12 @@ WEIGHT_KEYS = ("a_hat", "b_hat", "gamma", "pi_a", "pi_b", "y_pseudo")
 
 def _check_normalizer(normalizer: str) -> None:
   if normalizer not in NORMALIZERS:
-    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got "
-                     f"{normalizer!r}.")
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}.")
 
 
-def meta_off_weights(shape: tuple[int, int, int], *, normalizer: str = "image",
-                     dtype=jnp.float32) -> dict[str, Array]:
+def meta_off_weights(
+  shape: tuple[int, int, int], *, normalizer: str = "image", dtype=jnp.float32
+) -> dict[str, Array]:
   """Weights of the "meta off" ablation: plain CE on the noisy labels.
 
   â = 1/HW (1/(B·HW) with the batch normaliser, so the first term is the
@@ -86,8 +86,15 @@ def _weighted_sum(f: Array, g: Array, a: Array, b: Array) -> Array:
   return jnp.sum(a * f + b * g, axis=(1, 2))
 
 
-def l2b_loss(logits: Array, noisy_label: Array, *, a_hat: Array, b_hat: Array,
-             y_pseudo: Array, normalizer: str = "image") -> Array:
+def l2b_loss(
+  logits: Array,
+  noisy_label: Array,
+  *,
+  a_hat: Array,
+  b_hat: Array,
+  y_pseudo: Array,
+  normalizer: str = "image",
+) -> Array:
   """First term of Eq. 13: the meta-weighted bootstrapping loss (Eq. 1, L2B).
 
   Args:
@@ -104,39 +111,42 @@ def l2b_loss(logits: Array, noisy_label: Array, *, a_hat: Array, b_hat: Array,
   """
   _check_normalizer(normalizer)
   shape = logits.shape[:3]
-  for name, x in (("noisy_label", noisy_label), ("a_hat", a_hat),
-                  ("b_hat", b_hat), ("y_pseudo", y_pseudo)):
+  for name, x in (
+    ("noisy_label", noisy_label),
+    ("a_hat", a_hat),
+    ("b_hat", b_hat),
+    ("y_pseudo", y_pseudo),
+  ):
     _check_map(name, x, shape)
-  per_image = _weighted_sum(ce_map(logits, noisy_label),
-                            ce_map(logits, y_pseudo), a_hat, b_hat)
+  per_image = _weighted_sum(ce_map(logits, noisy_label), ce_map(logits, y_pseudo), a_hat, b_hat)
   return jnp.mean(per_image) if normalizer == "image" else jnp.sum(per_image)
 
 
 def metadcseg_loss(
-    logits: Array,
-    features: Array,
-    image: Array,
-    noisy_label: Array,
-    *,
-    a_hat: Array,
-    b_hat: Array,
-    gamma: Array,
-    pi_a: Array,
-    pi_b: Array,
-    y_pseudo: Array,
-    default_centers: Array,
-    lambda_bd: float,
-    lambda_dice: float,
-    tau: float = 0.7,
-    tau_dcd: float = 1.0,
-    use_dcd: bool = True,
-    use_dice: bool = True,
-    detach_weights: bool = False,
-    normalizer: str = "image",
-    edge_fn: dcd.EdgeFn = dcd.sobel_edges,
-    center_momentum: float = 0.9,
+  logits: Array,
+  features: Array,
+  image: Array,
+  noisy_label: Array,
+  *,
+  a_hat: Array,
+  b_hat: Array,
+  gamma: Array,
+  pi_a: Array,
+  pi_b: Array,
+  y_pseudo: Array,
+  default_centers: Array,
+  lambda_bd: float,
+  lambda_dice: float,
+  tau: float = 0.7,
+  tau_dcd: float = 1.0,
+  use_dcd: bool = True,
+  use_dice: bool = True,
+  detach_weights: bool = False,
+  normalizer: str = "image",
+  edge_fn: dcd.EdgeFn = dcd.sobel_edges,
+  center_momentum: float = 0.9,
 ) -> tuple[Array, dict[str, Any]]:
-  """The full MetaDCSeg objective (Eq. 13, SPEC §3).
+  """The full MetaDCSeg objective (Eq. 13, MetaDCSeg §3.4).
 
   Args:
     logits: (B, H, W, L) float; class 0 is background.
@@ -150,12 +160,12 @@ def metadcseg_loss(
     default_centers: (3, D) fallback centers (Eq. 47), from the train state.
     lambda_bd: λ1, weight of the boundary term.
     lambda_dice: λ2, weight of the Dice term.
-    tau: region threshold τ (Eq. 6-8).
+    tau: region threshold τ (Eq. 6, Eq. 7, Eq. 8).
     tau_dcd: temperature of Eq. 12.
     use_dcd: include the DCD boundary term (ablation "DCD off" when False).
     use_dice: include the Dice term (ablation "Dice off" when False).
     detach_weights: stop the gradient at the boundary weights w (default:
-      gradients flow through h into w, Eq. 43-44).
+      gradients flow through h into w, Eq. 43, Eq. 44).
     normalizer: "image" or "batch" (see module docstring).
     edge_fn: image (H, W, C) -> bool (H, W) edge mask; vmapped here.
     center_momentum: EMA momentum of the default centers.
@@ -174,22 +184,26 @@ def metadcseg_loss(
   """
   _check_normalizer(normalizer)
   if logits.ndim != 4 or logits.shape[-1] < 2:
-    raise ValueError(f"logits must be (B, H, W, L) with L >= 2, got "
-                     f"{logits.shape}.")
+    raise ValueError(f"logits must be (B, H, W, L) with L >= 2, got {logits.shape}.")
   shape = logits.shape[:3]
-  for name, x in (("noisy_label", noisy_label), ("a_hat", a_hat),
-                  ("b_hat", b_hat), ("gamma", gamma), ("pi_a", pi_a),
-                  ("pi_b", pi_b), ("y_pseudo", y_pseudo)):
+  for name, x in (
+    ("noisy_label", noisy_label),
+    ("a_hat", a_hat),
+    ("b_hat", b_hat),
+    ("gamma", gamma),
+    ("pi_a", pi_a),
+    ("pi_b", pi_b),
+    ("y_pseudo", y_pseudo),
+  ):
     _check_map(name, x, shape)
   if features.ndim != 4 or features.shape[:3] != shape:
-    raise ValueError(f"features must be (B, H, W, D) with B, H, W = {shape}, "
-                     f"got {features.shape}.")
+    raise ValueError(f"features must be (B, H, W, D) with B, H, W = {shape}, got {features.shape}.")
   if image.ndim != 4 or image.shape[:3] != shape:
-    raise ValueError(f"image must be (B, H, W, C) with B, H, W = {shape}, "
-                     f"got {image.shape}.")
+    raise ValueError(f"image must be (B, H, W, C) with B, H, W = {shape}, got {image.shape}.")
   if default_centers.shape != (3, features.shape[-1]):
-    raise ValueError(f"default_centers must be (3, {features.shape[-1]}), got "
-                     f"{default_centers.shape}.")
+    raise ValueError(
+      f"default_centers must be (3, {features.shape[-1]}), got {default_centers.shape}."
+    )
 
   f = ce_map(logits, noisy_label)
   g = ce_map(logits, y_pseudo)
@@ -200,26 +214,39 @@ def metadcseg_loss(
   zeros_b = jnp.zeros((b,), f.dtype)
   if use_dcd:
     out = dcd.dcd_weights(
-        features, foreground_prob(logits), image, gamma, default_centers,
-        tau=tau, tau_dcd=tau_dcd, detach_weights=detach_weights,
-        edge_fn=edge_fn)
+      features,
+      foreground_prob(logits),
+      image,
+      gamma,
+      default_centers,
+      tau=tau,
+      tau_dcd=tau_dcd,
+      detach_weights=detach_weights,
+      edge_fn=edge_fn,
+    )
     bd_i = jnp.sum(out["w"] * (pi_a * f + pi_b * g), axis=(1, 2))
     dcd_aux = dict(
-        centers=out["centers"], used_fallback=out["used_fallback"],
-        w=out["w"], dcd=out["dcd"], bd=out["masks"][:, dcd.BD],
-        new_default_centers=dcd.update_default_centers(
-            default_centers, out["centers"], ~out["used_fallback"],
-            momentum=center_momentum))
+      centers=out["centers"],
+      used_fallback=out["used_fallback"],
+      w=out["w"],
+      dcd=out["dcd"],
+      bd=out["masks"][:, dcd.BD],
+      new_default_centers=dcd.update_default_centers(
+        default_centers, out["centers"], ~out["used_fallback"], momentum=center_momentum
+      ),
+    )
   else:
     bd_i = zeros_b
     dcd_aux = dict(
-        centers=jnp.broadcast_to(default_centers, (b,) + default_centers.shape),
-        used_fallback=jnp.ones((b, 3), bool), w=jnp.zeros(shape, f.dtype),
-        dcd=jnp.zeros(shape, f.dtype), bd=jnp.zeros(shape, bool),
-        new_default_centers=default_centers)
+      centers=jnp.broadcast_to(default_centers, (b,) + default_centers.shape),
+      used_fallback=jnp.ones((b, 3), bool),
+      w=jnp.zeros(shape, f.dtype),
+      dcd=jnp.zeros(shape, f.dtype),
+      bd=jnp.zeros(shape, bool),
+      new_default_centers=default_centers,
+    )
   dice_i = soft_dice_loss(logits, noisy_label) if use_dice else zeros_b
 
   loss = ce_term + jnp.mean(lambda_bd * bd_i + lambda_dice * dice_i)
-  aux = dict(ce_term=ce_term, bd_term=jnp.mean(bd_i),
-             dice_term=jnp.mean(dice_i), **dcd_aux)
+  aux = dict(ce_term=ce_term, bd_term=jnp.mean(bd_i), dice_term=jnp.mean(dice_i), **dcd_aux)
   return loss, aux

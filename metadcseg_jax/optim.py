@@ -1,6 +1,7 @@
 """Optimizers: the real training update and its clip-free base for the virtual step.
 
-The meta step (SPEC §1 step 3) replays the *real* update on a virtual gradient, momentum buffer
+The meta step (MetaDCSeg App. A.3, Eq. 21) replays the *real* update on a virtual gradient,
+momentum buffer
 and weight decay included, but without gradient clipping. `make_optimizer` therefore returns
 both the real transformation `tx` and the clip-free `base` it is built from, plus a way to pull
 the base's state out of the real state, so the two always share one momentum buffer.
@@ -50,7 +51,7 @@ class Optimizer:
   Attributes:
     tx: the real update: `chain(clip_by_global_norm(grad_clip), base)`, or `base` alone when no
       clipping is set. Use `tx.init` / `tx.update` in the training loop.
-    base: the same update without clipping (used by the virtual step, SPEC §1 step 3).
+    base: the same update without clipping (used by the virtual step, MetaDCSeg App. A.3, Eq. 21).
     base_state: maps a state of `tx` to the state of `base` inside it (the same arrays: the
       real momentum buffer and step count).
     linear_in_grad: whether `base.update` is affine in the gradient, `U(g) = U(0) + L g`
@@ -75,13 +76,13 @@ def _identity_state(opt_state):
 
 
 def make_optimizer(
-    *,
-    name: str = "sgd",
-    learning_rate: Union[float, optax.Schedule],
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    grad_clip: Optional[float] = None,
-    nesterov: bool = False,
+  *,
+  name: str = "sgd",
+  learning_rate: Union[float, optax.Schedule],
+  momentum: float = 0.9,
+  weight_decay: float = 5e-4,
+  grad_clip: Optional[float] = None,
+  nesterov: bool = False,
 ) -> Optimizer:
   """Builds the real optimizer and its clip-free base.
 
@@ -114,17 +115,17 @@ def make_optimizer(
     raise ValueError(f"momentum must be in [0, 1), got {momentum}")
   if name == "sgd":
     base = optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
     )
   elif name == "adam":
-    base = optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.adam(learning_rate))
+    base = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
   else:
     base = optax.adamw(learning_rate, weight_decay=weight_decay)
   if grad_clip is None:
     tx, base_state = base, _identity_state
   else:
     tx, base_state = optax.chain(optax.clip_by_global_norm(grad_clip), base), _chain_base_state
-  return Optimizer(tx=tx, base=base, base_state=base_state,
-                   linear_in_grad=(name == "sgd"), name=name)
+  return Optimizer(
+    tx=tx, base=base, base_state=base_state, linear_in_grad=(name == "sgd"), name=name
+  )

@@ -92,8 +92,9 @@ class Progress:
   invocation (compilation excluded) to the remaining steps.
   """
 
-  def __init__(self, *, total_steps: int, steps_per_epoch: int, batch_size: int, every: int,
-               num_epochs: int):
+  def __init__(
+    self, *, total_steps: int, steps_per_epoch: int, batch_size: int, every: int, num_epochs: int
+  ):
     self.total, self.per_epoch, self.batch = total_steps, steps_per_epoch, batch_size
     self.every, self.num_epochs = every, num_epochs
     self._mark = None  # (time, global step) of the first measured point
@@ -112,8 +113,13 @@ class Progress:
     rate = (step - s0) / max(now - t0, 1e-9)
     images_per_s = (step - s1) * self.batch / max(now - t1, 1e-9)
     self._last = (now, step)
-    logging.info("%s  loss %.4f  %.1f img/s  %s left", where, loss, images_per_s,
-                 _duration((self.total - step) / max(rate, 1e-9)))
+    logging.info(
+      "%s  loss %.4f  %.1f img/s  %s left",
+      where,
+      loss,
+      images_per_s,
+      _duration((self.total - step) / max(rate, 1e-9)),
+    )
 
   def due(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
@@ -157,30 +163,41 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
   pipeline.save_info(splits, wd.path / "data_info.json")
   steps_per_epoch = len(splits.train) // t.batch_size
   if steps_per_epoch == 0:
-    raise ConfigError(f"config.train.batch_size={t.batch_size} exceeds the {len(splits.train)} "
-                      f"training examples")
+    raise ConfigError(
+      f"config.train.batch_size={t.batch_size} exceeds the {len(splits.train)} training examples"
+    )
   logging.info("data: %s", {k: v for k, v in splits.info.items() if k != "meta_indices"})
 
   compiled = compiled_for(config, steps_per_epoch)
   method = compiled.method
   state = method.init_state(jax.random.PRNGKey(config.seed))
-  train_it = iter(pipeline.train_dataset(splits.train, batch_size=t.batch_size,
-                                         seed=config.seed, augment=config.data.augment))
-  meta_it = iter(pipeline.train_dataset(splits.meta, batch_size=t.meta_batch_size,
-                                        seed=config.seed + 7, augment=config.data.augment))
+  train_it = iter(
+    pipeline.train_dataset(
+      splits.train, batch_size=t.batch_size, seed=config.seed, augment=config.data.augment
+    )
+  )
+  meta_it = iter(
+    pipeline.train_dataset(
+      splits.meta, batch_size=t.meta_batch_size, seed=config.seed + 7, augment=config.data.augment
+    )
+  )
 
   ckpt = checkpoint.Checkpointer(wd.checkpoints, keep=t.keep_checkpoints, config=config)
   start_epoch = 0
-  restored = ckpt.restore_latest(jax.eval_shape(lambda: state),
-                                 fallback_settings=wd.first_config())
+  restored = ckpt.restore_latest(jax.eval_shape(lambda: state), fallback_settings=wd.first_config())
   if restored is not None:
     start_epoch, state, data_state = restored
     train_it.set_state(data_state["train"])
     meta_it.set_state(data_state["meta"])
     logging.info("resumed from %s at epoch %d", wd.checkpoints, start_epoch)
   wd.metrics.truncate_after(start_epoch)
-  progress = Progress(total_steps=t.num_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                      batch_size=t.batch_size, every=t.log_every_steps, num_epochs=t.num_epochs)
+  progress = Progress(
+    total_steps=t.num_epochs * steps_per_epoch,
+    steps_per_epoch=steps_per_epoch,
+    batch_size=t.batch_size,
+    every=t.log_every_steps,
+    num_epochs=t.num_epochs,
+  )
   results: dict[str, Any] = {}
 
   try:
@@ -204,25 +221,50 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
       bad = _first_bad_step(stacked["loss"], first_step)
       if bad is not None:
         last = ckpt.latest_epoch()
-        where = (f"the last good checkpoint (epoch {last}) is kept in {wd.checkpoints}"
-                 if last is not None else "no checkpoint had been written yet")
-        raise NonFiniteLossError(f"non-finite training loss at step {bad} (epoch {epoch + 1}); "
-                                 f"stopped without saving: {where}")
+        where = (
+          f"the last good checkpoint (epoch {last}) is kept in {wd.checkpoints}"
+          if last is not None
+          else "no checkpoint had been written yet"
+        )
+        raise NonFiniteLossError(
+          f"non-finite training loss at step {bad} (epoch {epoch + 1}); "
+          f"stopped without saving: {where}"
+        )
       dt = time.perf_counter() - t0
-      record = {"epoch": epoch + 1, "step": int(state.step), "split": "train", "phase": phase,
-                "lr": method.learning_rate(first_step),
-                "images_per_s": steps_per_epoch * t.batch_size / dt,
-                **{k: float(np.mean(v)) for k, v in stacked.items()}}
-      logging.info("epoch %d/%d  loss %.4f  %.1f img/s  (%s, %s)", epoch + 1, t.num_epochs,
-                   record["loss"], record["images_per_s"], phase, _duration(dt))
+      record = {
+        "epoch": epoch + 1,
+        "step": int(state.step),
+        "split": "train",
+        "phase": phase,
+        "lr": method.learning_rate(first_step),
+        "images_per_s": steps_per_epoch * t.batch_size / dt,
+        **{k: float(np.mean(v)) for k, v in stacked.items()},
+      }
+      logging.info(
+        "epoch %d/%d  loss %.4f  %.1f img/s  (%s, %s)",
+        epoch + 1,
+        t.num_epochs,
+        record["loss"],
+        record["images_per_s"],
+        phase,
+        _duration(dt),
+      )
       wd.metrics.append(record)
       if (epoch + 1) % t.eval_every_epochs == 0 or epoch + 1 == t.num_epochs:
         ev = _evaluate(compiled, state, splits, config)
         for variant, summary in ev.items():
-          wd.metrics.append({"epoch": epoch + 1, "step": int(state.step), "split": "test",
-                             "params": variant, **summary})
-        logging.info("epoch %d test dice raw %.4f ema %.4f", epoch + 1, ev["raw"]["dice"],
-                     ev["ema"]["dice"])
+          wd.metrics.append(
+            {
+              "epoch": epoch + 1,
+              "step": int(state.step),
+              "split": "test",
+              "params": variant,
+              **summary,
+            }
+          )
+        logging.info(
+          "epoch %d test dice raw %.4f ema %.4f", epoch + 1, ev["raw"]["dice"], ev["ema"]["dice"]
+        )
         results = {"epoch": epoch + 1, "test": ev}
       if (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs:
         ckpt.save(epoch + 1, state, {"train": train_it.get_state(), "meta": meta_it.get_state()})
@@ -231,8 +273,14 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
 
   if not results:  # resumed after the last epoch: evaluate the restored state
     results = {"epoch": t.num_epochs, "test": _evaluate(compiled, state, splits, config)}
-  results.update({"method": config.method, "dataset": splits.info["dataset_key"],
-                  "noise": splits.info["noise"], "workdir": str(wd.path)})
+  results.update(
+    {
+      "method": config.method,
+      "dataset": splits.info["dataset_key"],
+      "noise": splits.info["noise"],
+      "workdir": str(wd.path),
+    }
+  )
   files.write_atomic(wd.path / "results.json", json.dumps(results, indent=1))
   _write_figures(compiled, state, splits, config, wd)
   return results
@@ -243,17 +291,23 @@ def summary(results: dict[str, Any]) -> str:
   raw, ema = results["test"]["raw"], results["test"]["ema"]
   wd = pathlib.Path(results["workdir"])
   figs = sorted(p.name for p in wd.glob("*.png"))
-  return (f"\nfinal test Dice: raw {raw['dice']:.4f}, EMA {ema['dice']:.4f} "
-          f"(EMA IoU {ema['iou']:.4f}, HD95 {ema['hd95']:.2f})\n"
-          f"results: {wd / 'results.json'}\nmetrics: {wd / 'metrics.jsonl'}\n"
-          f"figures: {', '.join(figs) or '(none)'} in {wd}")
+  return (
+    f"\nfinal test Dice: raw {raw['dice']:.4f}, EMA {ema['dice']:.4f} "
+    f"(EMA IoU {ema['iou']:.4f}, HD95 {ema['hd95']:.2f})\n"
+    f"results: {wd / 'results.json'}\nmetrics: {wd / 'metrics.jsonl'}\n"
+    f"figures: {', '.join(figs) or '(none)'} in {wd}"
+  )
 
 
 def _evaluate(compiled: Compiled, state, splits: pipeline.DataSplits, config):
-  return evaluate.evaluate(compiled.predictor, state, splits.test,
-                           batch_size=config.train.eval_batch_size,
-                           num_classes=config.data.num_classes,
-                           spacing=splits.info["spacing"] or None)
+  return evaluate.evaluate(
+    compiled.predictor,
+    state,
+    splits.test,
+    batch_size=config.train.eval_batch_size,
+    num_classes=config.data.num_classes,
+    spacing=splits.info["spacing"] or None,
+  )
 
 
 def _write_figures(compiled: Compiled, state, splits, config, wd: workdir_lib.Workdir) -> None:
@@ -261,13 +315,23 @@ def _write_figures(compiled: Compiled, state, splits, config, wd: workdir_lib.Wo
   t = config.train
   method = compiled.method
   try:
-    figures.write_panel(wd.path / "panel.png", compiled.predictor, state, splits,
-                        n=t.num_panel_images, batch_size=t.eval_batch_size)
+    figures.write_panel(
+      wd.path / "panel.png",
+      compiled.predictor,
+      state,
+      splits,
+      n=t.num_panel_images,
+      batch_size=t.eval_batch_size,
+    )
     figures.plot_curves(wd.metrics.path, wd.path / "curves.png")
     if method.figure_name:
       batch = next(pipeline.eval_batches(splits.train, t.batch_size))
-      feed = _feed(batch, next(pipeline.eval_batches(splits.meta, t.meta_batch_size))
-                   if method.uses_meta_batch else None)
+      feed = _feed(
+        batch,
+        next(pipeline.eval_batches(splits.meta, t.meta_batch_size))
+        if method.uses_meta_batch
+        else None,
+      )
       maps = method.explain(state, jax.tree.map(jnp.asarray, feed))
       if maps:
         figures.write_maps_figure(wd.path / method.figure_name, batch, maps)

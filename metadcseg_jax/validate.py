@@ -33,11 +33,17 @@ def _int(low: int | None = None, high: int | None = None) -> Callable[[Any], str
     if high is not None and v > high:
       return f"must be <= {high}, got {v}"
     return None
+
   return check
 
 
-def _float(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Callable[[Any], str | None]:
+def _float(
+  low: float | None = None,
+  high: float | None = None,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> Callable[[Any], str | None]:
   def check(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
       return f"must be a finite number, got {v!r}"
@@ -46,6 +52,7 @@ def _float(low: float | None = None, high: float | None = None, *, low_open: boo
     if high is not None and (v > high or (high_open and v == high)):
       return f"must be {'<' if high_open else '<='} {high}, got {v}"
     return None
+
   return check
 
 
@@ -60,61 +67,61 @@ def _bool(v):
 
 # (dotted key, check). Keys absent from a config are skipped (older configs, library use).
 RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
-    ("seed", _int(0)),
-    ("method", _one_of(methods.NAMES)),
-    ("model.name", _one_of(models.MODEL_NAMES)),
-    ("model.width", _int(1)),
-    ("model.deep_supervision", _bool),
-    ("model.dtype", _one_of(DTYPES)),
-    ("data.name", _one_of(DATASETS)),
-    ("data.size", _int(16)),
-    ("data.channels", _int(1)),
-    ("data.num_classes", _int(2, 256)),
-    ("data.n_train", _int(1)),
-    ("data.n_val", _int(1)),
-    ("data.n_test", _int(1)),
-    ("data.seed", _int(0)),
-    ("data.meta_fraction", _float(0.0, 1.0, low_open=True, high_open=True)),
-    ("data.augment", _bool),
-    ("data.noise.kind", _one_of(("none", *noise.KINDS))),
-    ("data.noise.seed", _int(0)),
-    ("data.noise.scale_kernels_with_size", _bool),
-    ("data.noise.small_mask", _one_of(("empty", "keep"))),
-    ("train.batch_size", _int(1)),
-    ("train.meta_batch_size", _int(1)),
-    ("train.num_epochs", _int(1)),
-    ("train.warmup_epochs", _int(0)),
-    ("train.optimizer", _one_of(optim.NAMES)),
-    ("train.lr", _float(0.0, low_open=True)),
-    ("train.momentum", _float(0.0, 1.0, high_open=True)),
-    ("train.weight_decay", _float(0.0)),
-    ("train.grad_clip", _float(0.0)),
-    ("train.ema_decay", _float(0.0, 1.0, high_open=True)),
-    ("train.eval_every_epochs", _int(1)),
-    ("train.eval_batch_size", _int(1)),
-    ("train.log_every_steps", _int(0)),
-    ("train.checkpoint_every_epochs", _int(1)),
-    ("train.keep_checkpoints", _int(1)),
-    ("train.num_panel_images", _int(0)),
-    ("meta.route", _one_of(meta.ROUTES)),
-    ("meta.a0", _float(0.0)),
-    ("meta.b0", _float(0.0)),
-    ("meta.eta", _float(0.0, low_open=True)),
-    ("meta.normalizer", _one_of(meta.NORMALIZERS)),
-    ("meta.extra_clean_step", _bool),
-    ("meta.use", _bool),
-    ("dcd.use", _bool),
-    ("dcd.use_dice", _bool),
-    ("dcd.tau", _float(0.5, 1.0, low_open=True, high_open=True)),
-    ("dcd.tau_dcd", _float(0.0, low_open=True)),
-    ("dcd.lambda_bd", _float(0.0)),
-    ("dcd.lambda_dice", _float(0.0)),
-    ("dcd.edge_top_fraction", _float(0.0, 1.0)),
-    ("dcd.detach_weights", _bool),
-    ("dcd.center_momentum", _float(0.0, 1.0)),
-    ("loss.gce_q", _float(0.0, 1.0, low_open=True)),
-    ("loss.sce_alpha", _float(0.0)),
-    ("loss.sce_beta", _float(0.0)),
+  ("seed", _int(0)),
+  ("method", _one_of(methods.NAMES)),
+  ("model.name", _one_of(models.MODEL_NAMES)),
+  ("model.width", _int(1)),
+  ("model.deep_supervision", _bool),
+  ("model.dtype", _one_of(DTYPES)),
+  ("data.name", _one_of(DATASETS)),
+  ("data.size", _int(16)),
+  ("data.channels", _int(1)),
+  ("data.num_classes", _int(2, 256)),
+  ("data.n_train", _int(1)),
+  ("data.n_val", _int(1)),
+  ("data.n_test", _int(1)),
+  ("data.seed", _int(0)),
+  ("data.meta_fraction", _float(0.0, 1.0, low_open=True, high_open=True)),
+  ("data.augment", _bool),
+  ("data.noise.kind", _one_of(("none", *noise.KINDS))),
+  ("data.noise.seed", _int(0)),
+  ("data.noise.scale_kernels_with_size", _bool),
+  ("data.noise.small_mask", _one_of(("empty", "keep"))),
+  ("train.batch_size", _int(1)),
+  ("train.meta_batch_size", _int(1)),
+  ("train.num_epochs", _int(1)),
+  ("train.warmup_epochs", _int(0)),
+  ("train.optimizer", _one_of(optim.NAMES)),
+  ("train.lr", _float(0.0, low_open=True)),
+  ("train.momentum", _float(0.0, 1.0, high_open=True)),
+  ("train.weight_decay", _float(0.0)),
+  ("train.grad_clip", _float(0.0)),
+  ("train.ema_decay", _float(0.0, 1.0, high_open=True)),
+  ("train.eval_every_epochs", _int(1)),
+  ("train.eval_batch_size", _int(1)),
+  ("train.log_every_steps", _int(0)),
+  ("train.checkpoint_every_epochs", _int(1)),
+  ("train.keep_checkpoints", _int(1)),
+  ("train.num_panel_images", _int(0)),
+  ("meta.route", _one_of(meta.ROUTES)),
+  ("meta.a0", _float(0.0)),
+  ("meta.b0", _float(0.0)),
+  ("meta.eta", _float(0.0, low_open=True)),
+  ("meta.normalizer", _one_of(meta.NORMALIZERS)),
+  ("meta.extra_clean_step", _bool),
+  ("meta.use", _bool),
+  ("dcd.use", _bool),
+  ("dcd.use_dice", _bool),
+  ("dcd.tau", _float(0.5, 1.0, low_open=True, high_open=True)),
+  ("dcd.tau_dcd", _float(0.0, low_open=True)),
+  ("dcd.lambda_bd", _float(0.0)),
+  ("dcd.lambda_dice", _float(0.0)),
+  ("dcd.edge_top_fraction", _float(0.0, 1.0)),
+  ("dcd.detach_weights", _bool),
+  ("dcd.center_momentum", _float(0.0, 1.0)),
+  ("loss.gce_q", _float(0.0, 1.0, low_open=True)),
+  ("loss.sce_alpha", _float(0.0)),
+  ("loss.sce_beta", _float(0.0)),
 )
 
 
@@ -143,42 +150,56 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
 
   data, train = config.data, config.train
   if data.size % 16:
-    found.append(f"config.data.size={data.size} must be divisible by 16 (the U-Net pools 4 "
-                 f"times)")
+    found.append(f"config.data.size={data.size} must be divisible by 16 (the U-Net pools 4 times)")
   if data.name != "synthetic" and not data.manual_dir:
-    found.append(f"config.data.name={data.name!r} needs config.data.manual_dir, the folder "
-                 f"with the raw dataset")
+    found.append(
+      f"config.data.name={data.name!r} needs config.data.manual_dir, the folder "
+      f"with the raw dataset"
+    )
   elif data.name != "synthetic" and not pathlib.Path(data.manual_dir).expanduser().is_dir():
     found.append(f"config.data.manual_dir={data.manual_dir!r} is not a folder")
   fixed = {"kvasir_seg": 3, "promise12": 1, "msd_brain": 1, "msd_heart": 1}
   if data.name in fixed and data.channels != fixed[data.name]:
-    found.append(f"config.data.channels={data.channels}: {data.name} images have "
-                 f"{fixed[data.name]} channel(s)")
+    found.append(
+      f"config.data.channels={data.channels}: {data.name} images have {fixed[data.name]} channel(s)"
+    )
   if data.name == "folder" and data.channels not in (1, 3):
-    found.append(f"config.data.channels={data.channels}: a folder's images are read as 1 "
-                 f"(grey) or 3 (RGB) channels")
+    found.append(
+      f"config.data.channels={data.channels}: a folder's images are read as 1 "
+      f"(grey) or 3 (RGB) channels"
+    )
   threshold = data.get("mask_threshold")
   if threshold is not None:
     if data.name != "folder":
       found.append("config.data.mask_threshold applies to config.data.name='folder' only")
     elif not (isinstance(threshold, int) and 0 <= threshold <= 255 and data.num_classes == 2):
-      found.append(f"config.data.mask_threshold={threshold!r} must be an integer in [0, 255] "
-                   f"with config.data.num_classes=2")
+      found.append(
+        f"config.data.mask_threshold={threshold!r} must be an integer in [0, 255] "
+        f"with config.data.num_classes=2"
+      )
   if data.name != "synthetic" and data.num_classes != 2 and data.name != "folder":
-    found.append(f"config.data.num_classes={data.num_classes}: {data.name} has 2 classes "
-                 f"(background, foreground)")
+    found.append(
+      f"config.data.num_classes={data.num_classes}: {data.name} has 2 classes "
+      f"(background, foreground)"
+    )
   if train.warmup_epochs > train.num_epochs:
-    found.append(f"config.train.warmup_epochs={train.warmup_epochs} exceeds "
-                 f"config.train.num_epochs={train.num_epochs}")
+    found.append(
+      f"config.train.warmup_epochs={train.warmup_epochs} exceeds "
+      f"config.train.num_epochs={train.num_epochs}"
+    )
   if "meta" in config and config.meta.route == "jvp" and train.optimizer != "sgd":
-    found.append(f"config.meta.route='jvp' needs an update linear in the gradient "
-                 f"(config.train.optimizer='sgd'); use route='reverse' with "
-                 f"{train.optimizer!r}")
+    found.append(
+      f"config.meta.route='jvp' needs an update linear in the gradient "
+      f"(config.train.optimizer='sgd'); use route='reverse' with "
+      f"{train.optimizer!r}"
+    )
   if config.model.deep_supervision and config.model.name != "unet++":
     found.append("config.model.deep_supervision needs config.model.name='unet++'")
   if data.name == "synthetic" and data.n_train < train.batch_size + train.meta_batch_size:
-    found.append(f"config.data.n_train={data.n_train} is smaller than one training batch "
-                 f"({train.batch_size}) plus one meta batch ({train.meta_batch_size})")
+    found.append(
+      f"config.data.n_train={data.n_train} is smaller than one training batch "
+      f"({train.batch_size}) plus one meta batch ({train.meta_batch_size})"
+    )
   return found
 
 
@@ -189,4 +210,3 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(found[0])
   if found:
     raise ConfigError(f"{len(found)} settings are wrong: " + "; ".join(found))
-

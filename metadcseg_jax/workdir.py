@@ -87,8 +87,13 @@ class MetricsLog:
           raise ValueError("not a record with an 'epoch'")
       except ValueError as e:
         where = "its last line" if n == len(lines) else f"line {n}"
-        logging.warning("%s: dropped %s, which is not a whole JSON record (%s); a run killed "
-                        "while writing leaves such a line", self.path, where, e)
+        logging.warning(
+          "%s: dropped %s, which is not a whole JSON record (%s); a run killed "
+          "while writing leaves such a line",
+          self.path,
+          where,
+          e,
+        )
         continue
       records.append(record)
     return records
@@ -126,8 +131,13 @@ class Workdir:
       return {}
 
   def _try_lock(self) -> bool:
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
-          "process_start": _process_start(os.getpid()), "argv": sys.argv}
+    me = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": _now(),
+      "process_start": _process_start(os.getpid()),
+      "argv": sys.argv,
+    }
     try:
       fd = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
@@ -146,21 +156,29 @@ class Workdir:
       return
     holder = self._holder()
     pid, host = holder.get("pid"), holder.get("host")
-    stale = (host == socket.gethostname() and isinstance(pid, int)
-             and not _alive(pid, holder.get("process_start")))
+    stale = (
+      host == socket.gethostname()
+      and isinstance(pid, int)
+      and not _alive(pid, holder.get("process_start"))
+    )
     if stale or not holder:
-      logging.warning("%s: taking over the lock of %s, which is no longer running",
-                      self.path, f"pid {pid} on {host} (started {holder.get('started')})"
-                      if holder else "an unreadable lock file")
+      logging.warning(
+        "%s: taking over the lock of %s, which is no longer running",
+        self.path,
+        f"pid {pid} on {host} (started {holder.get('started')})"
+        if holder
+        else "an unreadable lock file",
+      )
       self._lock_path.unlink(missing_ok=True)
       if self._try_lock():
         return
       holder = self._holder()
       pid, host = holder.get("pid"), holder.get("host")
     raise WorkdirError(
-        f"workdir {self.path} is in use by pid {pid} on {host} since {holder.get('started')}; "
-        f"wait for that run to finish, use another --workdir, or delete {self._lock_path} if "
-        f"that run is gone")
+      f"workdir {self.path} is in use by pid {pid} on {host} since {holder.get('started')}; "
+      f"wait for that run to finish, use another --workdir, or delete {self._lock_path} if "
+      f"that run is gone"
+    )
 
   def release(self) -> None:
     if self._holder().get("pid") == os.getpid():
@@ -176,16 +194,20 @@ class Workdir:
 
   # -- settings ----------------------------------------------------------------------------
 
-  def record_config(self, config: ml_collections.ConfigDict, argv: list[str] | None = None
-                    ) -> None:
+  def record_config(self, config: ml_collections.ConfigDict, argv: list[str] | None = None) -> None:
     """Keeps the first invocation's settings in config.json and appends every invocation's
     to config_history.jsonl, so the settings behind each checkpoint stay known."""
     settings = json.loads(config.to_json_best_effort())
     first = self.path / "config.json"
     if not first.exists():
       files.write_atomic(first, json.dumps(settings, indent=1))
-    entry = {"time": _now(), "host": socket.gethostname(), "pid": os.getpid(),
-             "argv": list(sys.argv if argv is None else argv), "config": settings}
+    entry = {
+      "time": _now(),
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "argv": list(sys.argv if argv is None else argv),
+      "config": settings,
+    }
     with (self.path / "config_history.jsonl").open("a") as f:
       f.write(json.dumps(entry) + "\n")
 

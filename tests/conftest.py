@@ -22,3 +22,10 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"{SHARED_DATA} not present")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def run_data_dir(tmp_path_factory):
+  """One data folder for the tests that run whole programs (console scripts, the notebook):
+  JAX's persistent compilation cache under it lets the later ones skip compiling."""
+  return tmp_path_factory.mktemp("run_data")

@@ -16,12 +16,28 @@ from metadcseg_jax import noise
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 
+
 def _results(dice, iou, hd95, *, method="ce", epoch=2, raw_dice=None):
-  summary = {"dice": dice, "iou": iou, "miou": (iou + 0.9) / 2, "hd": hd95 + 1.0,
-             "hd95": hd95, "asd": hd95 / 3, "n_cases": 8, "n_both_empty": 0, "n_one_empty": 1}
+  summary = {
+    "dice": dice,
+    "iou": iou,
+    "miou": (iou + 0.9) / 2,
+    "hd": hd95 + 1.0,
+    "hd95": hd95,
+    "asd": hd95 / 3,
+    "n_cases": 8,
+    "n_both_empty": 0,
+    "n_one_empty": 1,
+  }
   raw = dict(summary, dice=dice if raw_dice is None else raw_dice)
-  return {"epoch": epoch, "test": {"raw": raw, "ema": summary}, "method": method,
-          "dataset": "synthetic_s32", "noise": {"kind": "?"}, "workdir": "elsewhere"}
+  return {
+    "epoch": epoch,
+    "test": {"raw": raw, "ema": summary},
+    "method": method,
+    "dataset": "synthetic_s32",
+    "noise": {"kind": "?"},
+    "workdir": "elsewhere",
+  }
 
 
 def _write_run(root, noise, method, seed, results):
@@ -50,7 +66,10 @@ def test_collect_means_and_sample_std(fake_sweep):
   rows = benchmark.collect(fake_sweep)
   # Noise order none < l2b40 (NOISE_ORDER), methods ce < metadcseg (METHOD_ORDER).
   assert [(r["noise"], r["method"]) for r in rows] == [
-      ("none", "ce"), ("l2b40", "ce"), ("l2b40", "metadcseg")]
+    ("none", "ce"),
+    ("l2b40", "ce"),
+    ("l2b40", "metadcseg"),
+  ]
   none_ce, ce, meta = rows
   assert ce["seeds"] == [0, 1, 2] and meta["seeds"] == [0, 3] and none_ce["seeds"] == [0]
   # By hand: mean(0.6, 0.7, 0.8) = 0.7, sample std = sqrt((0.01 + 0 + 0.01) / 2) = 0.1.
@@ -93,8 +112,9 @@ def test_to_markdown(fake_sweep):
   assert "| noise | ce | metadcseg |" in lines
   assert "| none | 0.9500 | - |" in lines
   assert f"| l2b40 | 0.7000 ± 0.1000 | 0.8800 ± {0.04 / math.sqrt(2):.4f} |" in lines
-  assert (f"| l2b40 | ce | 0,1,2 | 2 | 0.7000 ± 0.1000 | 0.5500 ± 0.0500 | "
-          f"14.00 ± {math.sqrt(28):.2f} |") in lines
+  assert (
+    f"| l2b40 | ce | 0,1,2 | 2 | 0.7000 ± 0.1000 | 0.5500 ± 0.0500 | 14.00 ± {math.sqrt(28):.2f} |"
+  ) in lines
   assert "| none | ce | 0 | 2 | 0.9500 | 0.9100 | 2.00 |" in lines
   assert "No finished runs" in benchmark.to_markdown([])
 
@@ -115,8 +135,9 @@ def test_run_sweep_skips_finished_runs(tmp_path, monkeypatch):
   config.lock()  # as config_flags hands it over
   _write_run(tmp_path, "l2b40", "l2b", 1, _results(0.99, 0.9, 1.0, method="l2b"))
   lines = []
-  kwargs = dict(methods=["ce", "l2b"], noises=["none", "l2b40"], seeds=[0, 1],
-                command="cmd", echo=lines.append)
+  kwargs = dict(
+    methods=["ce", "l2b"], noises=["none", "l2b40"], seeds=[0, 1], command="cmd", echo=lines.append
+  )
   rows = benchmark.run_sweep(config, tmp_path, **kwargs)
 
   expected = [(n, m, s) for s in (0, 1) for n in ("none", "l2b40") for m in ("ce", "l2b")]
@@ -141,8 +162,9 @@ def test_run_sweep_skips_finished_runs(tmp_path, monkeypatch):
 
 def test_run_sweep_rejects_bad_grid(tmp_path):
   with pytest.raises(ValueError, match="--methods"):
-    benchmark.run_sweep(tiny.get_config(), tmp_path, methods=["ce", "dice"], noises=["none"],
-                    seeds=[0])
+    benchmark.run_sweep(
+      tiny.get_config(), tmp_path, methods=["ce", "dice"], noises=["none"], seeds=[0]
+    )
   with pytest.raises(ValueError, match="--noise"):
     benchmark.run_sweep(tiny.get_config(), tmp_path, methods=["ce"], noises=["l2b50"], seeds=[0])
   with pytest.raises(ValueError, match="--seeds"):
@@ -150,14 +172,19 @@ def test_run_sweep_rejects_bad_grid(tmp_path):
 
 
 def test_command_line():
-  assert benchmark.command_line(["/usr/bin/metadcseg-sweep", "--workdir=a b"]) == \
-      "metadcseg-sweep '--workdir=a b'"
-  assert benchmark.command_line(["/x/experiments/sweep.py", "--seeds=0"]) == \
-      "python -m experiments.sweep --seeds=0"
+  assert (
+    benchmark.command_line(["/usr/bin/metadcseg-sweep", "--workdir=a b"])
+    == "metadcseg-sweep '--workdir=a b'"
+  )
+  assert (
+    benchmark.command_line(["/x/experiments/sweep.py", "--seeds=0"])
+    == "python -m experiments.sweep --seeds=0"
+  )
 
 
 def test_sweep_plot_writes_png(fake_sweep, tmp_path):
   from metadcseg_jax import figures  # pylint: disable=g-import-not-at-top
+
   out = figures.plot_sweep(benchmark.collect(fake_sweep), tmp_path / "sweep.png")
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
   with pytest.raises(ValueError, match="empty"):

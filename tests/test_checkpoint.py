@@ -11,8 +11,9 @@ from metadcseg_jax.errors import CheckpointError
 
 
 def _config(width=4):
-  return ml_collections.ConfigDict({"model": {"width": width, "name": "unet++"},
-                                    "train": {"lr": 0.05}})
+  return ml_collections.ConfigDict(
+    {"model": {"width": width, "name": "unet++"}, "train": {"lr": 0.05}}
+  )
 
 
 def _state(width=4, value=0.0):

@@ -28,30 +28,44 @@ def _script(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("cli_data")
+def data_dir(run_data_dir):
+  return run_data_dir
 
 
 def _run(args, *, env=None, timeout=600):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
-  return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout,
-                        cwd=ROOT)
+  return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def quick_start(data_dir, tmp_path_factory):
   """The quick start on the tiny config, with every imported module listed (-X importtime)."""
   workdir = tmp_path_factory.mktemp("quick") / "run"
-  out = _run([_script("metadcseg-train"), f"--config={TINY}", f"--workdir={workdir}",
-              f"--config.data.data_dir={data_dir}"], env={"PYTHONPROFILEIMPORTTIME": "1"})
+  out = _run(
+    [
+      _script("metadcseg-train"),
+      f"--config={TINY}",
+      f"--workdir={workdir}",
+      f"--config.data.data_dir={data_dir}",
+    ],
+    env={"PYTHONPROFILEIMPORTTIME": "1"},
+  )
   return workdir, out
 
 
 def test_quick_start_writes_every_output(quick_start):
   workdir, out = quick_start
   assert out.returncode == 0, out.stderr[-3000:]
-  for name in ("results.json", "metrics.jsonl", "panel.png", "curves.png", "dcd.png",
-               "config.json", "config_history.jsonl", "data_info.json"):
+  for name in (
+    "results.json",
+    "metrics.jsonl",
+    "panel.png",
+    "curves.png",
+    "dcd.png",
+    "config.json",
+    "config_history.jsonl",
+    "data_info.json",
+  ):
     assert (workdir / name).stat().st_size > 0, name
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
   assert "final test Dice" in out.stdout and str(workdir / "results.json") in out.stdout
@@ -71,8 +85,14 @@ def test_quick_start_imports_only_declared_dependencies(quick_start):
 def test_second_invocation_resumes_instead_of_retraining(quick_start, data_dir):
   workdir, first = quick_start
   before = (workdir / "results.json").read_text()
-  out = _run([_script("metadcseg-train"), f"--config={TINY}", f"--workdir={workdir}",
-              f"--config.data.data_dir={data_dir}"])
+  out = _run(
+    [
+      _script("metadcseg-train"),
+      f"--config={TINY}",
+      f"--workdir={workdir}",
+      f"--config.data.data_dir={data_dir}",
+    ]
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from" in out.stderr and "at epoch 2" in out.stderr
   assert "epoch 1/2" not in out.stderr  # nothing trained again
@@ -83,8 +103,14 @@ def test_second_invocation_resumes_instead_of_retraining(quick_start, data_dir):
 
 
 def test_corrupt_command(data_dir):
-  out = _run([_script("metadcseg-corrupt"), f"--config={TINY}",
-              f"--config.data.data_dir={data_dir}", "--kinds=l2b20,l2b60"])
+  out = _run(
+    [
+      _script("metadcseg-corrupt"),
+      f"--config={TINY}",
+      f"--config.data.data_dir={data_dir}",
+      "--kinds=l2b20,l2b60",
+    ]
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [l for l in out.stdout.splitlines() if l.startswith("| l2b")]
   assert [r.split("|")[1].strip() for r in rows] == ["l2b20", "l2b60"]
@@ -92,24 +118,41 @@ def test_corrupt_command(data_dir):
 
 
 def test_step_benchmark_command():
-  out = _run([_script("metadcseg-bench"), "--sizes=32", "--widths=4", "--channels=1",
-              "--steps=ce,l2b_jvp", "--repeats=1", "--batch=2", "--notorch"])
+  out = _run(
+    [
+      _script("metadcseg-bench"),
+      "--sizes=32",
+      "--widths=4",
+      "--channels=1",
+      "--steps=ce,l2b_jvp",
+      "--repeats=1",
+      "--batch=2",
+      "--notorch",
+    ]
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   row = [l for l in out.stdout.splitlines() if l.startswith("| 32 | 4 | 1 |")]
   assert len(row) == 1 and all(float(c) > 0 for c in row[0].strip("|").split("|")[3:])
   assert "meta/plain ratio:" in out.stdout
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--config.train.lrr=3"], "error: unknown config setting in --config.train.lrr=3 (did you "
-                               "mean \"lr\" instead of \"lrr\"?)"),
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    (
+      ["--config.train.lrr=3"],
+      "error: unknown config setting in --config.train.lrr=3 (did you "
+      "mean \"lr\" instead of \"lrr\"?)",
+    ),
     (["--config.train.batch_size=0"], "error: config.train.batch_size must be >= 1, got 0"),
     (["--config.data.name=kvasir"], "error: config.data.name must be one of ('synthetic', "),
     (["--config.train.lr=abc"], "error: flag --config.train.lr=abc: could not convert"),
-])
+  ],
+)
 def test_user_errors_are_one_line(extra, message, tmp_path):
-  out = _run([_script("metadcseg-train"), f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
-              *extra])
+  out = _run(
+    [_script("metadcseg-train"), f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *extra]
+  )
   assert out.returncode == 2
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert lines[0].startswith(message), out.stderr
@@ -121,10 +164,12 @@ def test_workdir_errors_are_one_line_and_debug_keeps_the_traceback(tmp_path):
   not_a_dir.write_text("x")
   out = _run([_script("metadcseg-train"), f"--config={TINY}", f"--workdir={not_a_dir}"])
   assert out.returncode == 2 and "Traceback" not in out.stderr
-  assert out.stderr.strip() == f"error: workdir {not_a_dir} exists and is not a directory: pass " \
-                               f"a folder"
-  out = _run([_script("metadcseg-train"), f"--config={TINY}", f"--workdir={not_a_dir}",
-              "--verbosity=1"])
+  assert (
+    out.stderr.strip() == f"error: workdir {not_a_dir} exists and is not a directory: pass a folder"
+  )
+  out = _run(
+    [_script("metadcseg-train"), f"--config={TINY}", f"--workdir={not_a_dir}", "--verbosity=1"]
+  )
   assert out.returncode != 0 and "Traceback" in out.stderr and "WorkdirError" in out.stderr
 
 
@@ -133,8 +178,11 @@ def test_a_busy_workdir_is_refused_with_the_holder_named(tmp_path):
   workdir.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
   try:
-    (workdir / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
-                                               "started": "now", "process_start": None}))
+    (workdir / ".lock").write_text(
+      json.dumps(
+        {"pid": holder.pid, "host": os.uname().nodename, "started": "now", "process_start": None}
+      )
+    )
     out = _run([_script("metadcseg-train"), f"--config={TINY}", f"--workdir={workdir}"])
   finally:
     holder.kill()

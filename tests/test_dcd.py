@@ -17,10 +17,8 @@ from metadcseg_jax import dcd
 
 def test_sobel_magnitude_matches_scipy():
   x = np.random.RandomState(0).rand(9, 11, 3).astype(np.float32)
-  ref = sum(np.hypot(ndimage.sobel(x[..., c], 0), ndimage.sobel(x[..., c], 1))
-            for c in range(3))
-  np.testing.assert_allclose(dcd.sobel_magnitude(jnp.asarray(x)), ref,
-                             rtol=1e-5, atol=1e-5)
+  ref = sum(np.hypot(ndimage.sobel(x[..., c], 0), ndimage.sobel(x[..., c], 1)) for c in range(3))
+  np.testing.assert_allclose(dcd.sobel_magnitude(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_sobel_edges_fraction_step_and_flat():
@@ -45,10 +43,8 @@ def test_sobel_edges_fraction_step_and_flat():
 
 
 def test_regions_by_hand_and_overlap():
-  m = jnp.array([[0.9, 0.7, 0.5, 0.3],
-                 [0.2, 0.71, 0.29, 0.31]], jnp.float32)
-  edges = jnp.array([[1, 0, 0, 0],
-                     [1, 0, 0, 0]], bool)
+  m = jnp.array([[0.9, 0.7, 0.5, 0.3], [0.2, 0.71, 0.29, 0.31]], jnp.float32)
+  edges = jnp.array([[1, 0, 0, 0], [1, 0, 0, 0]], bool)
   fg, bg, bd = dcd.regions(m, edges, tau=0.7)
   # Thresholds: fg > 0.7, bg < 0.3, bd in [0.3, 0.7] (both ends inclusive).
   np.testing.assert_array_equal(fg, [[1, 0, 0, 0], [0, 1, 0, 0]])
@@ -82,10 +78,14 @@ def test_regions_by_hand_and_overlap():
 #   w_row1 = 1/(4(1+e²)), w_row2 = e²/(4(1+e²)); 0 on rows 0 and 3.
 
 H_HAND = np.array(
-    [[[2, 0], [2, 0], [4, 0], [4, 0]],
-     [[1, 1], [1, 1], [1, 1], [1, 1]],
-     [[1, -2], [1, -2], [1, -2], [1, -2]],
-     [[-1, 0], [-1, 0], [-1, 0], [-1, 0]]], np.float32)
+  [
+    [[2, 0], [2, 0], [4, 0], [4, 0]],
+    [[1, 1], [1, 1], [1, 1], [1, 1]],
+    [[1, -2], [1, -2], [1, -2], [1, -2]],
+    [[-1, 0], [-1, 0], [-1, 0], [-1, 0]],
+  ],
+  np.float32,
+)
 G_HAND = np.array([[1, 1, 0, 2], [1] * 4, [1] * 4, [1] * 4], np.float32)
 ROWS = np.arange(4)[:, None] * np.ones((1, 4), int)
 MASKS_HAND = np.stack([ROWS == 0, ROWS == 3, (ROWS == 1) | (ROWS == 2)])
@@ -93,25 +93,26 @@ MASKS_HAND = np.stack([ROWS == 0, ROWS == 3, (ROWS == 1) | (ROWS == 2)])
 
 def test_hand_example_centers_dcd_weights():
   centers, fallback = dcd.region_centers(
-      jnp.asarray(H_HAND), jnp.asarray(G_HAND), jnp.asarray(MASKS_HAND),
-      jnp.zeros((3, 2)), min_pixels=4)
+    jnp.asarray(H_HAND),
+    jnp.asarray(G_HAND),
+    jnp.asarray(MASKS_HAND),
+    jnp.zeros((3, 2)),
+    min_pixels=4,
+  )
   np.testing.assert_allclose(centers, [[3, 0], [-1, 0], [1, -0.5]], atol=1e-6)
   assert not np.asarray(fallback).any()
   d = np.asarray(dcd.dcd_map(jnp.asarray(H_HAND), centers))
   np.testing.assert_allclose(d[1], [10 / 3] * 4, rtol=1e-5)
   np.testing.assert_allclose(d[2], [16 / 3] * 4, rtol=1e-5)
-  np.testing.assert_allclose(
-      d[0], [3 / math.sqrt(1.25)] * 2 + [5 / math.sqrt(9.25)] * 2, rtol=1e-5)
+  np.testing.assert_allclose(d[0], [3 / math.sqrt(1.25)] * 2 + [5 / math.sqrt(9.25)] * 2, rtol=1e-5)
   np.testing.assert_allclose(d[3], 0, atol=1e-6)
-  w = np.asarray(dcd.boundary_weights(jnp.asarray(d),
-                                      jnp.asarray(MASKS_HAND[2])))
+  w = np.asarray(dcd.boundary_weights(jnp.asarray(d), jnp.asarray(MASKS_HAND[2])))
   e2 = math.e**2
   np.testing.assert_allclose(w[1], 1 / (4 * (1 + e2)), rtol=1e-5)
   np.testing.assert_allclose(w[2], e2 / (4 * (1 + e2)), rtol=1e-5)
   assert (w[0] == 0).all() and (w[3] == 0).all()
   # Temperature 2 halves the log-ratio between the two rows.
-  w2 = np.asarray(dcd.boundary_weights(jnp.asarray(d),
-                                       jnp.asarray(MASKS_HAND[2]), tau_dcd=2.0))
+  w2 = np.asarray(dcd.boundary_weights(jnp.asarray(d), jnp.asarray(MASKS_HAND[2]), tau_dcd=2.0))
   np.testing.assert_allclose(w2[2, 0] / w2[1, 0], math.e, rtol=1e-5)
 
 
@@ -139,10 +140,11 @@ def test_center_fallback_small_region_and_zero_gamma():
   # fg: rows 0-2, but γ = 0 on rows 1-2: (2,0),(2,0),(4,0),(4,0) -> (3, 0).
   np.testing.assert_allclose(c[0], [3.0, 0.0], atol=1e-6)
   # No NaN in the gradient through a fallback region, none into γ.
-  g_h, g_gamma = jax.jit(jax.grad(
-      lambda h, g: jnp.sum(dcd.region_centers(h, g, jnp.asarray(big),
-                                              default)[0]),
-      argnums=(0, 1)))(h, jnp.asarray(gamma))
+  g_h, g_gamma = jax.jit(
+    jax.grad(
+      lambda h, g: jnp.sum(dcd.region_centers(h, g, jnp.asarray(big), default)[0]), argnums=(0, 1)
+    )
+  )(h, jnp.asarray(gamma))
   assert np.isfinite(g_h).all()
   np.testing.assert_array_equal(g_gamma, 0.0)
   # Only fg is a real center: its gradient is γ/Σγ = 1/4 per feature entry.
@@ -163,8 +165,7 @@ def test_dcd_clip_and_finite_gradients_at_centers():
   assert float(d.max()) <= 100.0
   assert float(d[1, 0]) == 100.0
   assert float(d[1, 1]) == 0.0 and float(d[1, 2]) == 0.0
-  g_h, g_c = jax.jit(jax.grad(lambda h, c: jnp.sum(dcd.dcd_map(h, c)),
-                              argnums=(0, 1)))(h, centers)
+  g_h, g_c = jax.jit(jax.grad(lambda h, c: jnp.sum(dcd.dcd_map(h, c)), argnums=(0, 1)))(h, centers)
   assert np.isfinite(g_h).all() and np.isfinite(g_c).all()
   np.testing.assert_array_equal(g_h[1, 0], 0.0)  # clipped pixel
   assert np.abs(g_h).sum() > 0
@@ -185,15 +186,18 @@ def test_full_pipeline_finite_when_feature_is_its_bd_center():
   no_edges = lambda x: jnp.zeros(x.shape[:2], bool)
 
   def loss(h):
-    out = dcd.dcd_weights_single(h, jnp.asarray(prob), jnp.zeros((8, 8, 1)),
-                                 jnp.ones((8, 8)), jnp.zeros((3, 2)),
-                                 edge_fn=no_edges)
+    out = dcd.dcd_weights_single(
+      h,
+      jnp.asarray(prob),
+      jnp.zeros((8, 8, 1)),
+      jnp.ones((8, 8)),
+      jnp.zeros((3, 2)),
+      edge_fn=no_edges,
+    )
     return jnp.sum(out["w"] * jnp.arange(64.0).reshape(8, 8)), out
 
-  (value, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-      jnp.asarray(h))
-  np.testing.assert_allclose(out["centers"][2], h[3:5].mean(axis=(0, 1)),
-                             atol=1e-6)
+  (value, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(h))
+  np.testing.assert_allclose(out["centers"][2], h[3:5].mean(axis=(0, 1)), atol=1e-6)
   assert not np.asarray(out["used_fallback"]).any()
   assert np.isfinite(value) and np.isfinite(g).all() and np.abs(g).sum() > 0
 
@@ -238,8 +242,7 @@ def test_vmapped_equals_python_loop():
   for i in range(h.shape[0]):
     single = single_fn(h[i], prob[i], image[i], gamma[i], default)
     for key, value in single.items():
-      np.testing.assert_allclose(batched[key][i], value, rtol=2e-5, atol=1e-6,
-                                 err_msg=key)
+      np.testing.assert_allclose(batched[key][i], value, rtol=2e-5, atol=1e-6, err_msg=key)
   fb = np.asarray(batched["used_fallback"])
   assert fb[-1, dcd.FG] and not fb[0].any()
   np.testing.assert_allclose(batched["centers"][-1, dcd.FG], default[dcd.FG])
@@ -254,9 +257,9 @@ def _bd_loss_fn(h, w_frozen, frozen, *, prob, image, gamma, head, detach):
   w = w(h) (detached or not), or w_frozen where frozen = 1.
   """
   f = jax.nn.softplus(h @ head)
-  out = dcd.dcd_weights_single(h, prob, image, gamma,
-                               jnp.zeros((3, h.shape[-1]), h.dtype),
-                               detach_weights=detach)
+  out = dcd.dcd_weights_single(
+    h, prob, image, gamma, jnp.zeros((3, h.shape[-1]), h.dtype), detach_weights=detach
+  )
   w = frozen * w_frozen + (1 - frozen) * out["w"]
   return jnp.sum(w * f), out
 
@@ -265,17 +268,17 @@ def test_boundary_term_gradients_match_finite_differences_x64():
   with jax.enable_x64(True):
     hb, prob, image, gamma = _toy_batch(b=1, size=12, d=3, seed=3)
     h = jnp.asarray(hb[0], jnp.float64)
-    kw = dict(prob=jnp.asarray(prob[0], jnp.float64),
-              image=jnp.asarray(image[0], jnp.float64),
-              gamma=jnp.asarray(gamma[0], jnp.float64),
-              head=jnp.array([0.5, -1.0, 0.3]))
+    kw = dict(
+      prob=jnp.asarray(prob[0], jnp.float64),
+      image=jnp.asarray(image[0], jnp.float64),
+      gamma=jnp.asarray(gamma[0], jnp.float64),
+      head=jnp.array([0.5, -1.0, 0.3]),
+    )
     full = functools.partial(_bd_loss_fn, **kw, detach=False)
     det = functools.partial(_bd_loss_fn, **kw, detach=True)
     zero_w = jnp.zeros(h.shape[:2])
-    (_, out), g_full = jax.jit(jax.value_and_grad(full, has_aux=True))(
-        h, zero_w, 0.0)
-    (_, _), g_det = jax.jit(jax.value_and_grad(det, has_aux=True))(
-        h, zero_w, 0.0)
+    (_, out), g_full = jax.jit(jax.value_and_grad(full, has_aux=True))(h, zero_w, 0.0)
+    (_, _), g_det = jax.jit(jax.value_and_grad(det, has_aux=True))(h, zero_w, 0.0)
     assert not np.asarray(out["used_fallback"]).any()
     assert float(out["dcd"].max()) < 100  # away from the clip's kink
     w0 = out["w"]
@@ -308,15 +311,13 @@ def test_boundary_term_gradients_match_finite_differences_x64():
 
 def test_update_default_centers_by_hand():
   old = jnp.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
-  batch = jnp.array([[[10.0, 0.0], [5.0, 5.0], [9.0, 9.0]],
-                     [[20.0, 0.0], [7.0, 7.0], [9.0, 9.0]]])
+  batch = jnp.array([[[10.0, 0.0], [5.0, 5.0], [9.0, 9.0]], [[20.0, 0.0], [7.0, 7.0], [9.0, 9.0]]])
   valid = jnp.array([[True, True, False], [True, False, False]])
   new = dcd.update_default_centers(old, batch, valid, momentum=0.9)
   # fg: mean (15, 0) -> 0.9·(1,1) + 0.1·(15,0) = (2.4, 0.9)
   # bg: only image 0 -> 0.9·(2,2) + 0.1·(5,5) = (2.3, 2.3)
   # bd: no valid center -> unchanged (3, 3)
-  np.testing.assert_allclose(new, [[2.4, 0.9], [2.3, 2.3], [3.0, 3.0]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(new, [[2.4, 0.9], [2.3, 2.3], [3.0, 3.0]], rtol=1e-6)
   np.testing.assert_array_equal(dcd.init_default_centers(5), np.zeros((3, 5)))
   with pytest.raises(ValueError, match="valid"):
     dcd.update_default_centers(old, batch, valid[:, :2])

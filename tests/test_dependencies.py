@@ -53,23 +53,31 @@ OPTIONAL_MODULES = {"experiments.torch_ref": ("bench", "torch")}
 
 def test_every_module_imports_and_every_import_is_declared():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", _IMPORT_ALL, json.dumps(list(OPTIONAL_MODULES))],
-                       cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", _IMPORT_ALL, json.dumps(list(OPTIONAL_MODULES))],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["failures"] == {}
   assert "metadcseg_jax.train" in report["modules"] and "experiments.main" in report["modules"]
   bad = _deps.undeclared(report["modules"])
-  assert bad == {}, (f"imported at run time but not declared in pyproject.toml (module: the "
-                     f"distributions that provide it): {bad}")
+  assert bad == {}, (
+    f"imported at run time but not declared in pyproject.toml (module: the "
+    f"distributions that provide it): {bad}"
+  )
 
 
 def test_optional_modules_import_only_what_their_extra_declares():
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   for module, (extra, top) in OPTIONAL_MODULES.items():
-    names = {canonicalize_name(Requirement(r).name)
-             for r in project["optional-dependencies"][extra]}
+    names = {
+      canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"][extra]
+    }
     assert canonicalize_name(top) in names, (module, extra)
     source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
     assert re.search(rf"^import {top}$", source, re.M), module
@@ -77,8 +85,7 @@ def test_optional_modules_import_only_what_their_extra_declares():
 
 def test_the_check_catches_an_undeclared_module():
   # pytest and medpy are installed here, but only through the `test` extra.
-  assert set(_deps.undeclared(["pytest", "medpy.metric", "numpy", "json"])) == {"pytest",
-                                                                                 "medpy"}
+  assert set(_deps.undeclared(["pytest", "medpy.metric", "numpy", "json"])) == {"pytest", "medpy"}
   assert _deps.undeclared(["pytest", "medpy"], extras=("test",)) == {}
   # The package that broke fresh installs: provided by importlib_resources, declared by us.
   assert "importlib-resources" in _deps.declared_closure()
@@ -111,24 +118,34 @@ def test_constraints_pin_every_declared_dependency_inside_its_range():
       pins[canonicalize_name(name)] = version
   reqs = [Requirement(r) for r in project["dependencies"]]
   # The extras the test command installs; cuda12 and bench depend on the platform.
-  reqs += [Requirement(r) for group in ("test", "data")
-           for r in project["optional-dependencies"][group]]
+  reqs += [
+    Requirement(r) for group in ("test", "data") for r in project["optional-dependencies"][group]
+  ]
   for req in reqs:
     name = canonicalize_name(req.name)
     if name == "metadcseg-jax" or req.marker is not None:
       continue
     assert name in pins, f"constraints.txt does not pin {req.name}"
     assert req.specifier.contains(pins[name], prereleases=True), (
-        f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}")
+      f"constraints.txt pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}"
+    )
   # The fast-moving libraries have an upper bound.
-  for name in ("jax", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
-               "array-record"):
+  for name in (
+    "jax",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "tensorflow-datasets",
+    "array-record",
+  ):
     spec = next(r.specifier for r in reqs if canonicalize_name(r.name) == name)
     assert any(s.operator in ("<", "<=", "~=", "==") for s in spec), name
 
 
-@pytest.mark.parametrize("script", ["metadcseg-train", "metadcseg-corrupt", "metadcseg-bench",
-                                    "metadcseg-sweep"])
+@pytest.mark.parametrize(
+  "script", ["metadcseg-train", "metadcseg-corrupt", "metadcseg-bench", "metadcseg-sweep"]
+)
 def test_console_scripts_are_declared(script):
   scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
   module, func = scripts[script].split(":")

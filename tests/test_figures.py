@@ -19,13 +19,31 @@ def _png_size(path):
 def test_plot_curves_writes_png(tmp_path):
   lines = []
   for epoch in (1, 2, 3, 4):
-    lines.append({"epoch": epoch, "step": 6 * epoch, "split": "train", "loss": 1.0 / epoch,
-                  "lr": 0.05 * (1 - epoch / 5), "images_per_s": 10.0 * epoch, "grad_norm": 1.0,
-                  "ce_term": 0.5 / epoch})
+    lines.append(
+      {
+        "epoch": epoch,
+        "step": 6 * epoch,
+        "split": "train",
+        "loss": 1.0 / epoch,
+        "lr": 0.05 * (1 - epoch / 5),
+        "images_per_s": 10.0 * epoch,
+        "grad_norm": 1.0,
+        "ce_term": 0.5 / epoch,
+      }
+    )
     if epoch % 2 == 0:
       for params, d in (("raw", 0.5), ("ema", 0.6)):
-        lines.append({"epoch": epoch, "step": 6 * epoch, "split": "test", "params": params,
-                      "dice": d + 0.1 * epoch, "iou": d, "hd95": 3.0})
+        lines.append(
+          {
+            "epoch": epoch,
+            "step": 6 * epoch,
+            "split": "test",
+            "params": params,
+            "dice": d + 0.1 * epoch,
+            "iou": d,
+            "hd95": 3.0,
+          }
+        )
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps(l) + "\n" for l in lines))
   out = figures.plot_curves(path, tmp_path / "figs" / "curves.png")
@@ -43,8 +61,11 @@ def test_plot_curves_writes_png(tmp_path):
 
 def test_maps_figure_draws_each_map_and_skips_nan(tmp_path):
   rng = np.random.default_rng(0)
-  batch = {"image": rng.standard_normal((2, 16, 16, 1)), "label": np.zeros((2, 16, 16), int),
-           "noisy_label": np.ones((2, 16, 16), int)}
+  batch = {
+    "image": rng.standard_normal((2, 16, 16, 1)),
+    "label": np.zeros((2, 16, 16), int),
+    "noisy_label": np.ones((2, 16, 16), int),
+  }
   w = rng.uniform(1e-5, 1.0, (2, 16, 16))
   w[:, :4] = np.nan  # outside the boundary set
   maps = [base.PixelMap("gamma", rng.uniform(size=(2, 16, 16))), base.PixelMap("w", w, log=True)]

@@ -33,15 +33,16 @@ def test_ce_map_matches_numpy():
   assert got.shape == labels.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
-      losses.mean_ce(jnp.asarray(logits), jnp.asarray(labels)), want.mean(),
-      rtol=1e-5)
+    losses.mean_ce(jnp.asarray(logits), jnp.asarray(labels)), want.mean(), rtol=1e-5
+  )
 
 
 def test_foreground_prob_is_one_minus_background():
   logits, _ = _random_batch(num_classes=4)
   p0 = np.exp(_np_log_softmax(logits))[..., 0]
-  np.testing.assert_allclose(losses.foreground_prob(jnp.asarray(logits)),
-                             1.0 - p0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    losses.foreground_prob(jnp.asarray(logits)), 1.0 - p0, rtol=1e-5, atol=1e-6
+  )
 
 
 def _logits_from_fg_prob(fg):
@@ -98,12 +99,16 @@ def test_gce_limits_and_formula():
   logits_j, labels_j = jnp.asarray(logits), jnp.asarray(labels)
   p_y = np.exp(_np_label_log_prob(logits, labels))
   ce = losses.ce_map(logits_j, labels_j)
-  np.testing.assert_allclose(losses.gce_map(logits_j, labels_j, q=1e-4), ce,
-                             rtol=2e-3, atol=1e-6)
-  np.testing.assert_allclose(losses.gce_map(logits_j, labels_j, q=1.0), 1 - p_y,
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(losses.gce_map(logits_j, labels_j),  # q = 0.7
-                             (1 - p_y**0.7) / 0.7, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(losses.gce_map(logits_j, labels_j, q=1e-4), ce, rtol=2e-3, atol=1e-6)
+  np.testing.assert_allclose(
+    losses.gce_map(logits_j, labels_j, q=1.0), 1 - p_y, rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    losses.gce_map(logits_j, labels_j),  # q = 0.7
+    (1 - p_y**0.7) / 0.7,
+    rtol=1e-5,
+    atol=1e-6,
+  )
   with pytest.raises(ValueError, match="q must be"):
     losses.gce_map(logits_j, labels_j, q=0.0)
 
@@ -121,19 +126,18 @@ def test_sce_matches_numpy():
   assert got.shape == labels.shape
   # float32 log-softmax is accurate to ~1e-6 absolute, times |A| in RCE.
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
-  got = losses.sce_map(jnp.asarray(logits), jnp.asarray(labels),
-                       alpha=0.5, beta=2.0, log_clip=-9.0)
+  got = losses.sce_map(jnp.asarray(logits), jnp.asarray(labels), alpha=0.5, beta=2.0, log_clip=-9.0)
   np.testing.assert_allclose(
-      got, 0.5 * ce + 2.0 * (-(p * np.where(onehot > 0, 0.0, -9.0)).sum(-1)),
-      rtol=1e-5, atol=5e-5)
+    got, 0.5 * ce + 2.0 * (-(p * np.where(onehot > 0, 0.0, -9.0)).sum(-1)), rtol=1e-5, atol=5e-5
+  )
 
 
 _PIXEL_LOSSES = {
-    "ce": losses.ce_map,
-    "gce": losses.gce_map,
-    "sce": losses.sce_map,
-    "dice": losses.soft_dice_loss,
-    "fg": lambda logits, labels: losses.foreground_prob(logits),
+  "ce": losses.ce_map,
+  "gce": losses.gce_map,
+  "sce": losses.sce_map,
+  "dice": losses.soft_dice_loss,
+  "fg": lambda logits, labels: losses.foreground_prob(logits),
 }
 
 
@@ -164,13 +168,18 @@ def test_gradients_and_hessians_match_finite_differences_float64():
       for name in _PIXEL_LOSSES:
         f = lambda z, name=name: objective(name, z)
         g = jax.grad(f)(z)
-        out[name] = (jnp.max(jnp.abs(g - _central_diff(f, z, 1e-5))),
-                     jnp.max(jnp.abs(g)), jnp.all(jnp.isfinite(g)))
+        out[name] = (
+          jnp.max(jnp.abs(g - _central_diff(f, z, 1e-5))),
+          jnp.max(jnp.abs(g)),
+          jnp.all(jnp.isfinite(g)),
+        )
       f = lambda z: objective("ce", z)
       h_fd = _central_diff(jax.grad(f), z, 1e-5)
-      hessian_errors = (jnp.max(jnp.abs(jax.hessian(f)(z) - h_fd)),
-                        jnp.max(jnp.abs(jax.jacrev(jax.grad(f))(z) - h_fd)),
-                        jnp.max(jnp.abs(h_fd)))
+      hessian_errors = (
+        jnp.max(jnp.abs(jax.hessian(f)(z) - h_fd)),
+        jnp.max(jnp.abs(jax.jacrev(jax.grad(f))(z) - h_fd)),
+        jnp.max(jnp.abs(h_fd)),
+      )
       return out, hessian_errors
 
     first, (hf_err, hr_err, h_max) = errors(z)
@@ -179,8 +188,14 @@ def test_gradients_and_hessians_match_finite_differences_float64():
       assert g_err < 1e-8, (name, g_err)
     assert h_max > 1e-2 and hf_err < 1e-8 and hr_err < 1e-8, (hf_err, hr_err)
 
-    check_grads(jax.jit(lambda z: objective("ce", z)), (z,), order=1,
-                modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+    check_grads(
+      jax.jit(lambda z: objective("ce", z)),
+      (z,),
+      order=1,
+      modes=["fwd", "rev"],
+      atol=1e-6,
+      rtol=1e-6,
+    )
 
 
 def test_gradients_finite_at_saturated_logits_float32():
@@ -188,9 +203,11 @@ def test_gradients_finite_at_saturated_logits_float32():
   _, labels = _random_batch(seed=4, num_classes=2)
   logits = jnp.asarray(80.0 * (1.0 - 2.0 * np.eye(2, dtype=np.float32)[labels]))
   labels = jnp.asarray(labels)
-  grads = jax.jit(lambda z: {
-      name: jax.grad(lambda z: jnp.sum(fn(z, labels)))(z)
-      for name, fn in _PIXEL_LOSSES.items()})(logits)
+  grads = jax.jit(
+    lambda z: {
+      name: jax.grad(lambda z: jnp.sum(fn(z, labels)))(z) for name, fn in _PIXEL_LOSSES.items()
+    }
+  )(logits)
   for name, grad in grads.items():
     assert np.all(np.isfinite(grad)), name
   # CE keeps a full-size gradient where the label's probability underflows.

@@ -36,6 +36,7 @@ _jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 class TinyNet(nn.Module):
   """conv3x3 -> BatchNorm -> tanh -> conv3x3 (features) -> tanh -> conv1x1 (logits); smooth."""
+
   num_classes: int = 3
 
   @nn.compact
@@ -49,6 +50,7 @@ class TinyNet(nn.Module):
 
 class PixelLinear(nn.Module):
   """A per-pixel linear classifier (1x1 conv); its features are its input."""
+
   num_classes: int = 2
 
   @nn.compact
@@ -91,7 +93,8 @@ def _random_variables(model, x, rng):
     return np.ones(leaf.shape) if keys[-1] in ("scale", "var") else np.zeros(leaf.shape)
 
   return jax.tree_util.tree_map_with_path(
-      lambda p, leaf: jnp.asarray(draw(p, leaf), x.dtype), dict(shapes))
+    lambda p, leaf: jnp.asarray(draw(p, leaf), x.dtype), dict(shapes)
+  )
 
 
 def _make_problem(model, opt, *, shape, num_classes, dtype=jnp.float32, seed=0, fake_steps=2):
@@ -106,8 +109,10 @@ def _make_problem(model, opt, *, shape, num_classes, dtype=jnp.float32, seed=0, 
   yv = jnp.asarray(rng.integers(0, num_classes, shape[:3]), jnp.int32)
   variables = _random_variables(model, x, rng)
   params = variables["params"]
-  fake_grads = [jax.tree.map(lambda p: jnp.asarray(0.3 * rng.normal(size=p.shape), dtype), params)
-                for _ in range(fake_steps)]
+  fake_grads = [
+    jax.tree.map(lambda p: jnp.asarray(0.3 * rng.normal(size=p.shape), dtype), params)
+    for _ in range(fake_steps)
+  ]
 
   @_jit
   def steps(params, fake_grads):
@@ -123,9 +128,22 @@ def _make_problem(model, opt, *, shape, num_classes, dtype=jnp.float32, seed=0, 
 
 def _meta_fn(pb, *, route, a0b0=(0.0, 0.0), normalizer="image", opt=None, apply_fn=None):
   """Jitted `(variables, opt_state, x, y, xv, yv, eta) -> MetaOutput`."""
-  return _jit(lambda v, s, x, y, xv, yv, eta: meta.meta_weights(
-      apply_fn or pb.apply_fn, v, s, opt or pb.opt, x, y, xv, yv, a0b0=a0b0, eta=eta,
-      normalizer=normalizer, route=route))
+  return _jit(
+    lambda v, s, x, y, xv, yv, eta: meta.meta_weights(
+      apply_fn or pb.apply_fn,
+      v,
+      s,
+      opt or pb.opt,
+      x,
+      y,
+      xv,
+      yv,
+      a0b0=a0b0,
+      eta=eta,
+      normalizer=normalizer,
+      route=route,
+    )
+  )
 
 
 def _run(fn, pb, eta=1.0, opt_state=None):
@@ -139,8 +157,9 @@ def _unrolled_objective(apply_fn, opt, variables, opt_state, x, y, xv, yv):
   ce = optax.softmax_cross_entropy_with_integer_labels
 
   def forward(p, images):
-    (logits, _), _ = apply_fn({**variables, "params": p}, images, train=True,
-                              mutable=["batch_stats"])
+    (logits, _), _ = apply_fn(
+      {**variables, "params": p}, images, train=True, mutable=["batch_stats"]
+    )
     return logits
 
   y_pseudo = jnp.argmax(forward(params, x), -1)
@@ -209,14 +228,13 @@ def conv_f64():
         out = _run(_meta_fn(pb, route=route, a0b0=a0b0), pb)
         res[route, a0b0] = _fd_errors(fd, pb, out, a0b0, idx, FD_EPS)
         if route == "reverse" and a0b0 == (0.0, 0.0):
-          res["eps_sweep"] = {eps: _fd_errors(fd, pb, out, a0b0, idx, eps)
-                              for eps in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)}
+          res["eps_sweep"] = {
+            eps: _fd_errors(fd, pb, out, a0b0, idx, eps) for eps in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+          }
     adam = optim.make_optimizer(name="adam", learning_rate=1e-2, weight_decay=5e-4)
-    pb_adam = _make_problem(TinyNet(), adam, shape=(2, 8, 8, 2), num_classes=3,
-                            dtype=jnp.float64)
+    pb_adam = _make_problem(TinyNet(), adam, shape=(2, 8, 8, 2), num_classes=3, dtype=jnp.float64)
     out = _run(_meta_fn(pb_adam, route="reverse"), pb_adam)
-    res["adam"] = _fd_errors(_central_differences(pb_adam), pb_adam, out, (0.0, 0.0), idx,
-                             FD_EPS)
+    res["adam"] = _fd_errors(_central_differences(pb_adam), pb_adam, out, (0.0, 0.0), idx, FD_EPS)
   return res
 
 
@@ -234,8 +252,10 @@ def unet_f64():
     pb = _make_problem(model, sgd, shape=(2, 32, 32, 1), num_classes=2, dtype=jnp.float64)
     (logits, _), _ = pb.apply_fn(pb.variables, pb.x, train=True, mutable=["batch_stats"])
     if logits.dtype != jnp.float64:
-      pytest.fail(f"U-Net++ with dtype float64 returned {logits.dtype} logits: a float64 "
-                  "finite-difference check needs float64 outputs")
+      pytest.fail(
+        f"U-Net++ with dtype float64 returned {logits.dtype} logits: a float64 "
+        "finite-difference check needs float64 outputs"
+      )
     fd = _central_differences(pb)
     idx = _pixels(pb, 1)
     res = {}
@@ -269,8 +289,10 @@ def conv32_out(conv32):
 @pytest.mark.parametrize("a0b0", [(0.0, 0.0), (1.0, 0.0)])
 def test_finite_differences_tiny_conv(conv_f64, route, a0b0):
   err_a, err_b = conv_f64[route, a0b0]
-  print(f"FD rel. error {route} {a0b0}: Ga {err_a:.2e}, Gb {err_b:.2e}; "
-        f"eps sweep {conv_f64['eps_sweep']}")
+  print(
+    f"FD rel. error {route} {a0b0}: Ga {err_a:.2e}, Gb {err_b:.2e}; "
+    f"eps sweep {conv_f64['eps_sweep']}"
+  )
   assert err_a <= FD_RTOL and err_b <= FD_RTOL
 
 
@@ -298,7 +320,8 @@ def test_reverse_route_exact_for_adam(conv_f64):
 
 
 def test_eq29_inner_product_form():
-  # Fresh SGD state, no weight decay: θ̂ = θ at (0, 0), so Ga_k = −λ <∇Lval(θ), ∇f_k(θ)> (Eq. 29),
+  # Fresh SGD state, no weight decay: θ̂ = θ at (0, 0), so Ga_k = −λ <∇Lval(θ), ∇f_k(θ)>
+  # (Eq. 29),
   # checked pixel by pixel with an explicit Jacobian.
   opt = optim.make_optimizer(learning_rate=0.3, weight_decay=0.0)
   pb = _make_problem(PixelLinear(), opt, shape=(2, 4, 4, 3), num_classes=2, fake_steps=0)
@@ -308,8 +331,10 @@ def test_eq29_inner_product_form():
   logits = lambda p, x: pb.apply_fn({"params": p}, x, train=True)[0]
   grad_val = jax.grad(lambda p: jnp.mean(ce(logits(p, pb.xv), pb.yv)))(params)
   jac_f = jax.jacrev(lambda p: ce(logits(p, pb.x), pb.y))(params)  # leaves (B,H,W,...)
-  inner = sum(jnp.tensordot(j, g, axes=g.ndim) for j, g in
-              zip(jax.tree.leaves(jac_f), jax.tree.leaves(grad_val)))
+  inner = sum(
+    jnp.tensordot(j, g, axes=g.ndim)
+    for j, g in zip(jax.tree.leaves(jac_f), jax.tree.leaves(grad_val))
+  )
   np.testing.assert_allclose(out.ga, -0.3 * inner, rtol=1e-4, atol=1e-7)
 
 
@@ -335,8 +360,9 @@ def test_sgd_update_transpose_is_minus_lr():
   v = {"w": jnp.array([[0.5, -1.0, 2.0], [3.0, 0.0, -0.25]])}
   sched = optim.lr_schedule(0.2, steps_per_epoch=2)
   for nesterov, factor in ((False, 1.0), (True, 1.9)):
-    opt = optim.make_optimizer(learning_rate=sched, weight_decay=5e-4, grad_clip=0.1,
-                               nesterov=nesterov)
+    opt = optim.make_optimizer(
+      learning_rate=sched, weight_decay=5e-4, grad_clip=0.1, nesterov=nesterov
+    )
     state = opt.tx.init(params)
     for _ in range(5):  # count 5 -> epoch 2; a non-zero buffer
       _, state = opt.tx.update(v, state, params)
@@ -351,7 +377,8 @@ def test_sgd_update_transpose_is_minus_lr():
 
 
 def test_weights_independent_of_lr_and_eta(conv32, conv32_out):
-  # With (0, 0), a fresh state and no weight decay θ̂ = θ, so Ga ∝ λ and â, b̂, π do not depend
+  # With (0, 0), a fresh state and no weight decay θ̂ = θ, so Ga ∝ λ and â, b̂, π do not
+  # depend
   # on λ; η cancels in the normalisation for any state.
   outs = []
   for lr in (0.01, 0.1):
@@ -401,8 +428,9 @@ def test_batchnorm_train_mode_and_running_stats_untouched(conv32, conv32_out):
   assert "batch_stats" not in meta.MetaOutput._fields
   for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(conv32.variables["batch_stats"])):
     np.testing.assert_array_equal(b, a)
-  (train_logits, _), _ = conv32.apply_fn(conv32.variables, conv32.x, train=True,
-                                         mutable=["batch_stats"])
+  (train_logits, _), _ = conv32.apply_fn(
+    conv32.variables, conv32.x, train=True, mutable=["batch_stats"]
+  )
   eval_logits, _ = conv32.apply_fn(conv32.variables, conv32.x, train=False)
   np.testing.assert_allclose(out.logits, train_logits, rtol=1e-5, atol=1e-6)
   assert not np.allclose(out.logits, eval_logits, atol=1e-3)
@@ -425,16 +453,18 @@ def test_flipped_labels_get_lower_alpha():
   # the right half's training labels are flipped to 0; the meta batch is clean.
   h = w = 8
   cls = np.zeros((h, w), np.int32)
-  cls[:, w // 2:] = 1
+  cls[:, w // 2 :] = 1
   rng = np.random.default_rng(0)
+
   def images(n):
     sign = 2.0 * cls - 1.0
     chans = [sign + 0.3 * rng.normal(size=(n, h, w)), 0.3 * rng.normal(size=(n, h, w))]
     return jnp.asarray(np.stack(chans, -1), jnp.float32)
+
   x, xv = images(2), images(2)
   yv = jnp.asarray(np.broadcast_to(cls, (2, h, w)))
   flipped = np.zeros((2, h, w), bool)
-  flipped[:, ::2, w // 2:] = True
+  flipped[:, ::2, w // 2 :] = True
   y = jnp.asarray(np.where(flipped, 0, cls[None]))
   model = PixelLinear()
   variables = model.init(jax.random.PRNGKey(0), x, train=False)
@@ -464,39 +494,49 @@ def _loss_from_outputs(y):
   def loss(logits, features, mo):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     # Uses features too, so both cotangents of the shared forward are exercised.
-    feat = jnp.sum(mo.pi_a[..., None] * features ** 2) / features.size
+    feat = jnp.sum(mo.pi_a[..., None] * features**2) / features.size
     total = jnp.sum(jnp.sum(mo.a_hat * ce, axis=(1, 2))) / y.shape[0] + 0.1 * feat
     return total, {"feat": feat}
+
   return loss
 
 
-@pytest.mark.parametrize("route,a0b0", [("jvp", (0.0, 0.0)), ("jvp", (1.0, 0.0)),
-                                        ("reverse", (0.0, 0.0))])
+@pytest.mark.parametrize(
+  "route,a0b0", [("jvp", (0.0, 0.0)), ("jvp", (1.0, 0.0)), ("reverse", (0.0, 0.0))]
+)
 def test_meta_step_grads_matches_plain_grad(conv32, conv32_out, route, a0b0):
   pb = conv32
   loss_fn = _loss_from_outputs(pb.y)
-  step = _jit(lambda v, s, x, y, xv, yv: meta.meta_step_grads(
-      pb.apply_fn, v, s, pb.opt, x, y, xv, yv, loss_fn, a0b0=a0b0, route=route))
+  step = _jit(
+    lambda v, s, x, y, xv, yv: meta.meta_step_grads(
+      pb.apply_fn, v, s, pb.opt, x, y, xv, yv, loss_fn, a0b0=a0b0, route=route
+    )
+  )
   grads, new_stats, loss, mo, aux = step(pb.variables, pb.opt_state, *pb.data)
   mw = conv32_out[route, a0b0]
   for name in ("a_hat", "b_hat", "ga", "gb", "logits"):
     np.testing.assert_allclose(getattr(mo, name), getattr(mw, name), rtol=1e-4, atol=1e-7)
 
   def plain(params):
-    (logits, features), upd = pb.apply_fn({**pb.variables, "params": params}, pb.x, train=True,
-                                          mutable=["batch_stats"])
+    (logits, features), upd = pb.apply_fn(
+      {**pb.variables, "params": params}, pb.x, train=True, mutable=["batch_stats"]
+    )
     total, aux = loss_fn(logits, features, mo)
     return total, (upd["batch_stats"], aux)
 
   (want_loss, (want_stats, want_aux)), want = _jit(jax.value_and_grad(plain, has_aux=True))(
-      pb.variables["params"])
+    pb.variables["params"]
+  )
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   np.testing.assert_allclose(aux["feat"], want_aux["feat"], rtol=1e-6)
   for g, gw in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, gw, rtol=1e-5, atol=1e-7)
   # The new running statistics are those of the training forward at θ, and they moved.
-  for s, sw, old in zip(jax.tree.leaves(new_stats), jax.tree.leaves(want_stats),
-                        jax.tree.leaves(pb.variables["batch_stats"])):
+  for s, sw, old in zip(
+    jax.tree.leaves(new_stats),
+    jax.tree.leaves(want_stats),
+    jax.tree.leaves(pb.variables["batch_stats"]),
+  ):
     np.testing.assert_allclose(s, sw, rtol=1e-6, atol=1e-7)
     assert not np.allclose(s, old)
 

@@ -13,7 +13,7 @@ SQ18 = math.sqrt(18.0)
 
 def _square(shape, r0, c0, size):
   m = np.zeros(shape, np.int32)
-  m[r0:r0 + size, c0:c0 + size] = 1
+  m[r0 : r0 + size, c0 : c0 + size] = 1
   return m
 
 
@@ -53,8 +53,7 @@ def test_shifted_square_by_hand():
   t = _square((12, 12), 2, 2, 5)
   p = _square((12, 12), 2, 3, 5)
   got = metrics.case_metrics(p, t)
-  _assert_case(got, dice=0.8, iou=2 / 3, hd=1.0, hd95=1.0, asd=0.5,
-               miou=(114 / 124 + 2 / 3) / 2)
+  _assert_case(got, dice=0.8, iou=2 / 3, hd=1.0, hd95=1.0, asd=0.5, miou=(114 / 124 + 2 / 3) / 2)
   assert got["pred_empty"] is False and got["target_empty"] is False
 
 
@@ -72,8 +71,7 @@ def test_outlier_pins_pooled_hd95_and_asd():
   p = t.copy()
   p[6, 6] = 1
   got = metrics.case_metrics(p, t)
-  _assert_case(got, dice=8 / 9, iou=4 / 5, hd=SQ18, hd95=0.6 * SQ18,
-               asd=SQ18 / 9)
+  _assert_case(got, dice=8 / 9, iou=4 / 5, hd=SQ18, hd95=0.6 * SQ18, asd=SQ18 / 9)
   # Symmetric in its arguments.
   swapped = metrics.case_metrics(t, p)
   for k in metrics.METRIC_KEYS:
@@ -123,8 +121,14 @@ def test_3d_volume_by_hand():
   t[1:4, 1:4, 1:4] = 1
   p = np.zeros_like(t)
   p[2:5, 1:4, 1:4] = 1
-  _assert_case(metrics.case_metrics(p, t, spacing=(3.0, 1.0, 1.0)),
-               dice=2 / 3, iou=0.5, hd=3.0, hd95=3.0, asd=56 / 52)
+  _assert_case(
+    metrics.case_metrics(p, t, spacing=(3.0, 1.0, 1.0)),
+    dice=2 / 3,
+    iou=0.5,
+    hd=3.0,
+    hd95=3.0,
+    asd=56 / 52,
+  )
   _assert_case(metrics.case_metrics(p, t), hd=1.0, hd95=1.0, asd=20 / 52)
 
 
@@ -137,13 +141,11 @@ def test_empty_masks_and_counts():
   _assert_case(both, dice=1.0, iou=1.0, hd=0.0, hd95=0.0, asd=0.0, miou=1.0)
   pred_empty = metrics.case_metrics(empty, sq)
   # mIoU: background IoU (144-25)/144, foreground 0.
-  _assert_case(pred_empty, dice=0.0, iou=0.0, hd=diag, hd95=diag, asd=diag,
-               miou=(119 / 144) / 2)
+  _assert_case(pred_empty, dice=0.0, iou=0.0, hd=diag, hd95=diag, asd=diag, miou=(119 / 144) / 2)
   assert pred_empty["pred_empty"] and not pred_empty["target_empty"]
   target_empty = metrics.case_metrics(sq, empty, spacing=(2.0, 0.5))
   diag_mm = math.sqrt(24.0**2 + 6.0**2)
-  _assert_case(target_empty, dice=0.0, iou=0.0, hd=diag_mm, hd95=diag_mm,
-               asd=diag_mm)
+  _assert_case(target_empty, dice=0.0, iou=0.0, hd=diag_mm, hd95=diag_mm, asd=diag_mm)
   assert target_empty["target_empty"] and not target_empty["pred_empty"]
   normal = metrics.case_metrics(_square(shape, 2, 3, 5), sq)
   summary = metrics.summarize([both, pred_empty, target_empty, normal])
@@ -156,14 +158,8 @@ def test_empty_masks_and_counts():
 
 
 def test_miou_three_classes_by_hand():
-  t = np.array([[0, 0, 1, 1],
-                [0, 0, 1, 1],
-                [2, 2, 2, 2],
-                [2, 2, 2, 2]])
-  p = np.array([[0, 0, 0, 1],
-                [0, 0, 1, 1],
-                [2, 2, 2, 2],
-                [2, 2, 1, 2]])
+  t = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2]])
+  p = np.array([[0, 0, 0, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 1, 2]])
   # class 0: inter 4, union 5 -> 0.8; class 1: inter 3 ((0,3),(1,2),(1,3)),
   # union 5 (+(0,2) from T, +(3,2) from P) -> 0.6; class 2: inter 7,
   # union 8 -> 0.875. mIoU = (0.8 + 0.6 + 0.875) / 3.
@@ -202,8 +198,9 @@ def test_batch_accumulator_and_volume_grouping():
   idx = np.concatenate([np.arange(5), np.arange(4)])
   perm = rng.permutation(9)
   sp = {"a": (3.0, 1.0, 1.0), "b": (2.0, 0.5, 0.5)}
-  vols = metrics.volume_metrics(slices_p[perm], slices_t[perm], ids[perm],
-                                slice_indices=idx[perm], spacing=sp)
+  vols = metrics.volume_metrics(
+    slices_p[perm], slices_t[perm], ids[perm], slice_indices=idx[perm], spacing=sp
+  )
   assert list(vols) == ["a", "b"]
   assert vols["a"] == metrics.case_metrics(pa, va, spacing=sp["a"])
   assert vols["b"] == metrics.case_metrics(pb, vb, spacing=sp["b"])
@@ -211,32 +208,28 @@ def test_batch_accumulator_and_volume_grouping():
   assert vols["a"]["hd"] == pytest.approx(3.0)
 
   with pytest.raises(ValueError, match="duplicate"):
-    metrics.volume_metrics(slices_p, slices_t, ids,
-                           slice_indices=np.zeros(9, int))
+    metrics.volume_metrics(slices_p, slices_t, ids, slice_indices=np.zeros(9, int))
   with pytest.raises(ValueError, match="non-contiguous"):
     metrics.volume_metrics(slices_p, slices_t, ids, slice_indices=idx * 2)
   with pytest.raises(ValueError, match="no entry for case 'b'"):
-    metrics.volume_metrics(slices_p, slices_t, ids, slice_indices=idx,
-                           spacing={"a": (1.0, 1.0, 1.0)})
+    metrics.volume_metrics(
+      slices_p, slices_t, ids, slice_indices=idx, spacing={"a": (1.0, 1.0, 1.0)}
+    )
 
 
 @pytest.mark.parametrize(
-    "pred, target, kwargs, match",
-    [
-        (np.zeros((4, 4), int), np.zeros((4, 5), int), {}, "shapes differ"),
-        (np.full((4, 4), 0.5), np.zeros((4, 4), int), {}, "non-integer"),
-        (np.zeros((4, 4), int), np.full((4, 4), 2), {},
-         r"target labels .*\[0, 1\]"),
-        (np.full((4, 4), -1), np.zeros((4, 4), int), {}, r"pred labels"),
-        (np.zeros((4, 4), int), np.zeros((4, 4), int), {"num_classes": 1},
-         "num_classes"),
-        (np.zeros(4, int), np.zeros(4, int), {}, "ndim"),
-        (np.zeros((4, 4), int), np.zeros((4, 4), int),
-         {"spacing": (1.0, 1.0, 1.0)}, "spacing"),
-        (np.zeros((4, 4), int), np.zeros((4, 4), int),
-         {"spacing": (1.0, 0.0)}, "spacing"),
-        (np.zeros((4, 4), "U1"), np.zeros((4, 4), int), {}, "integer labels"),
-    ],
+  "pred, target, kwargs, match",
+  [
+    (np.zeros((4, 4), int), np.zeros((4, 5), int), {}, "shapes differ"),
+    (np.full((4, 4), 0.5), np.zeros((4, 4), int), {}, "non-integer"),
+    (np.zeros((4, 4), int), np.full((4, 4), 2), {}, r"target labels .*\[0, 1\]"),
+    (np.full((4, 4), -1), np.zeros((4, 4), int), {}, r"pred labels"),
+    (np.zeros((4, 4), int), np.zeros((4, 4), int), {"num_classes": 1}, "num_classes"),
+    (np.zeros(4, int), np.zeros(4, int), {}, "ndim"),
+    (np.zeros((4, 4), int), np.zeros((4, 4), int), {"spacing": (1.0, 1.0, 1.0)}, "spacing"),
+    (np.zeros((4, 4), int), np.zeros((4, 4), int), {"spacing": (1.0, 0.0)}, "spacing"),
+    (np.zeros((4, 4), "U1"), np.zeros((4, 4), int), {}, "integer labels"),
+  ],
 )
 def test_input_validation(pred, target, kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -263,16 +256,23 @@ def _blobs(rng, shape, n, sigma):
 def test_matches_medpy_on_random_blobs():
   mb = pytest.importorskip("medpy.metric.binary")
   rng = np.random.default_rng(0)
-  pairs = [(p, t, None if i % 2 else (rng.uniform(0.3, 3), rng.uniform(0.3, 3)))
-           for i, (p, t) in enumerate(zip(_blobs(rng, (32, 32), 20, 2.0),
-                                          _blobs(rng, (32, 32), 20, 2.0)))]
-  pairs += [(p, t, (3.0, 0.7, 0.9)) for p, t in
-            zip(_blobs(rng, (10, 14, 14), 3, 1.5),
-                _blobs(rng, (10, 14, 14), 3, 1.5))]
+  pairs = [
+    (p, t, None if i % 2 else (rng.uniform(0.3, 3), rng.uniform(0.3, 3)))
+    for i, (p, t) in enumerate(zip(_blobs(rng, (32, 32), 20, 2.0), _blobs(rng, (32, 32), 20, 2.0)))
+  ]
+  pairs += [
+    (p, t, (3.0, 0.7, 0.9))
+    for p, t in zip(_blobs(rng, (10, 14, 14), 3, 1.5), _blobs(rng, (10, 14, 14), 3, 1.5))
+  ]
   for p, t, sp in pairs:
     got = metrics.case_metrics(p, t, spacing=sp)
-    want = {"dice": mb.dc(p, t), "iou": mb.jc(p, t), "hd": mb.hd(p, t, sp),
-            "hd95": mb.hd95(p, t, sp), "asd": mb.assd(p, t, sp)}
+    want = {
+      "dice": mb.dc(p, t),
+      "iou": mb.jc(p, t),
+      "hd": mb.hd(p, t, sp),
+      "hd95": mb.hd95(p, t, sp),
+      "asd": mb.assd(p, t, sp),
+    }
     for k, v in want.items():
       assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), (k, sp)
     assert got["hd95"] <= got["hd"] + 1e-12 and got["asd"] <= got["hd"] + 1e-12

@@ -15,9 +15,9 @@ SIZE = 32
 BATCH = 2
 # name -> (build_model kwargs); small widths, distinct L and D to catch swaps.
 CONFIGS = {
-    "unet": dict(name="unet", num_classes=3, width=8),
-    "unet++": dict(name="unet++", num_classes=2, width=4),
-    "unet++ds": dict(name="unet++", num_classes=2, width=4, deep_supervision=True),
+  "unet": dict(name="unet", num_classes=3, width=8),
+  "unet++": dict(name="unet++", num_classes=2, width=4),
+  "unet++ds": dict(name="unet++", num_classes=2, width=4, deep_supervision=True),
 }
 
 
@@ -48,8 +48,9 @@ def _numpy_variables(model, x, seed):
 
 @pytest.fixture(scope="module")
 def x():
-  return jnp.asarray(np.random.default_rng(0).standard_normal(
-      (BATCH, SIZE, SIZE, 3)).astype(np.float32))
+  return jnp.asarray(
+    np.random.default_rng(0).standard_normal((BATCH, SIZE, SIZE, 3)).astype(np.float32)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +60,15 @@ def setups(x):
   for seed, (name, cfg) in enumerate(CONFIGS.items()):
     model = models.build_model(**cfg)
     variables = _numpy_variables(model, x, seed)
-    train_fn = jax.jit(lambda v, x, model=model: model.apply(
-        v, x, train=True, mutable=["batch_stats", "intermediates"]))
+    train_fn = jax.jit(
+      lambda v, x, model=model: model.apply(
+        v, x, train=True, mutable=["batch_stats", "intermediates"]
+      )
+    )
     # Eval with batch_stats mutable so the test can see that nothing changes.
-    eval_fn = jax.jit(lambda v, x, model=model: model.apply(
-        v, x, train=False, mutable=["batch_stats"]))
+    eval_fn = jax.jit(
+      lambda v, x, model=model: model.apply(v, x, train=False, mutable=["batch_stats"])
+    )
     out[name] = (cfg, model, variables, train_fn, eval_fn)
   return out
 
@@ -84,8 +89,7 @@ def test_output_shapes_and_dtypes(setups, x, name):
     assert features.shape == want_features and features.dtype == jnp.float32
     assert np.all(np.isfinite(logits))
   # The plain eval call (no mutable collections) returns the pair itself.
-  logits, features = jax.eval_shape(
-      lambda: model.apply(variables, x, train=False))
+  logits, features = jax.eval_shape(lambda: model.apply(variables, x, train=False))
   assert logits.shape == want_logits and features.shape == want_features
 
 
@@ -96,8 +100,9 @@ def test_batch_stats_fixed_in_eval_and_updated_in_train(setups, x, name):
   _, eval_state = eval_fn(variables, x)
   jax.tree.map(np.testing.assert_array_equal, eval_state["batch_stats"], old)
   _, train_state = train_fn(variables, x)
-  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
-                         train_state["batch_stats"], old)
+  changed = jax.tree.map(
+    lambda a, b: bool(np.any(np.asarray(a) != b)), train_state["batch_stats"], old
+  )
   assert all(jax.tree.leaves(changed)), changed
 
 
@@ -105,16 +110,17 @@ def test_batchnorm_momentum_matches_pytorch(setups, x):
   # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch statistic.
   _, _, variables, train_fn, _ = setups["unet++"]
   params = variables["params"]["conv0_0"]["conv1"]
-  conv = jax.lax.conv_general_dilated(
-      x, params["kernel"], (1, 1), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["bias"]
+  conv = (
+    jax.lax.conv_general_dilated(
+      x, params["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    + params["bias"]
+  )
   conv = np.asarray(conv, np.float64)
   _, state = train_fn(variables, x)
   stats = state["batch_stats"]["conv0_0"]["bn1"]
-  np.testing.assert_allclose(stats["mean"], 0.1 * conv.mean((0, 1, 2)),
-                             rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * conv.var((0, 1, 2)),
-                             rtol=1e-4)
+  np.testing.assert_allclose(stats["mean"], 0.1 * conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * conv.var((0, 1, 2)), rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["unet", "unet++"])
@@ -136,7 +142,8 @@ def test_features_are_input_of_the_classifier(setups, x, name):
   _, _, variables, _, eval_fn = setups[name]
   (logits, features), _ = eval_fn(variables, x)
   np.testing.assert_allclose(
-      logits, _head(features, variables["params"]["final"]), rtol=1e-4, atol=1e-5)
+    logits, _head(features, variables["params"]["final"]), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_deep_supervision_returns_mean_of_heads(setups, x):
@@ -149,7 +156,8 @@ def test_deep_supervision_returns_mean_of_heads(setups, x):
   np.testing.assert_allclose(logits, sum(heads) / 4.0, rtol=1e-5, atol=1e-6)
   # Head j reads X^{0,j}; the fourth reads the returned features X^{0,4}.
   np.testing.assert_allclose(
-      heads[3], _head(features, variables["params"]["final4"]), rtol=1e-4, atol=1e-5)
+    heads[3], _head(features, variables["params"]["final4"]), rtol=1e-4, atol=1e-5
+  )
   assert np.max(np.abs(heads[0] - heads[3])) > 1e-3
 
 
@@ -178,10 +186,12 @@ def _torch_unet_params(in_ch, num_classes, nb):
 
 
 def _count(name, num_classes, deep_supervision=False):
-  model = models.build_model(name, num_classes=num_classes, width=32,
-                             deep_supervision=deep_supervision)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))
+  model = models.build_model(
+    name, num_classes=num_classes, width=32, deep_supervision=deep_supervision
+  )
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
+  )
   return models.count_params(shapes["params"]), shapes
 
 
@@ -195,13 +205,15 @@ def test_param_count_matches_pytorch_reference():
   for num_classes in (1, 2):
     for ds in (False, True):
       assert _count("unet++", num_classes, ds)[0] == _torch_nested_unet_params(
-          3, num_classes, nb, ds), (num_classes, ds)
+        3, num_classes, nb, ds
+      ), (num_classes, ds)
   assert _count("unet", 2)[0] == _torch_unet_params(3, 2, nb)
   # BatchNorm running statistics are state, not parameters (PyTorch buffers).
   bn_params = sum(
-      int(np.prod(leaf.shape))
-      for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"])
-      if path[-2].key.startswith("bn"))
+    int(np.prod(leaf.shape))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"])
+    if path[-2].key.startswith("bn")
+  )
   assert models.count_params(shapes["batch_stats"]) == bn_params
 
 
@@ -209,11 +221,11 @@ def test_bad_inputs_raise():
   model = models.build_model("unet++", num_classes=2, width=4)
   for shape in [(1, 24, 32, 3), (1, 32, 40, 3)]:
     with pytest.raises(ValueError, match=re.escape(str(shape))):
-      jax.eval_shape(lambda shape=shape: model.init(
-          jax.random.key(0), jnp.zeros(shape), train=False))
+      jax.eval_shape(
+        lambda shape=shape: model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+      )
   with pytest.raises(ValueError, match="B,H,W,C"):
-    jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((32, 32, 3)), train=False))
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((32, 32, 3)), train=False))
   with pytest.raises(ValueError, match="unknown model name"):
     models.build_model("resnet", num_classes=2, width=4)
   with pytest.raises(ValueError, match="deep_supervision"):
@@ -233,12 +245,12 @@ def test_upsample_matches_align_corners_interpolation():
   want = np.empty_like(got)
   for c in range(2):
     along_w = np.stack([np.interp(cols, np.arange(4), r) for r in img[0, :, :, c]])
-    want[0, :, :, c] = np.stack(
-        [np.interp(rows, np.arange(3), col) for col in along_w.T], axis=1)
+    want[0, :, :, c] = np.stack([np.interp(rows, np.arange(3), col) for col in along_w.T], axis=1)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # Corners are kept exactly, unlike align_corners=False.
-  np.testing.assert_array_equal(got[0, [0, 0, -1, -1], [0, -1, 0, -1]],
-                                img[0, [0, 0, -1, -1], [0, -1, 0, -1]])
+  np.testing.assert_array_equal(
+    got[0, [0, 0, -1, -1], [0, -1, 0, -1]], img[0, [0, 0, -1, -1], [0, -1, 0, -1]]
+  )
 
 
 def test_bfloat16_computation_float32_params_and_outputs(x):
@@ -259,8 +271,7 @@ def test_float64_computation_keeps_float64_throughout(x):
     model = models.build_model("unet++", num_classes=2, width=4, dtype=jnp.float64)
     x64 = x.astype(jnp.float64)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x64, train=False))
-    assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {
-        jnp.dtype(jnp.float64)}
+    assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float64)}
     apply = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
     (logits, features), _ = jax.eval_shape(apply, variables, x64)
     assert logits.dtype == jnp.float64 and features.dtype == jnp.float64
@@ -272,8 +283,7 @@ def test_init_follows_pytorch_conv_default():
   # kaiming_uniform(a=sqrt(5)) and its bias: both U(±1/sqrt(fan_in)).
   fan_in = 3 * 3 * 16
   bound = 1.0 / math.sqrt(fan_in)
-  kernel = np.asarray(unet_lib._torch_kernel_init()(
-      jax.random.key(0), (3, 3, 16, 64)))
+  kernel = np.asarray(unet_lib._torch_kernel_init()(jax.random.key(0), (3, 3, 16, 64)))
   bias = np.asarray(unet_lib._torch_bias_init(fan_in)(jax.random.key(1), (4096,)))
   for values in (kernel, bias):
     assert np.abs(values).max() <= bound

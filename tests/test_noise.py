@@ -24,14 +24,14 @@ def blobs64():
 
 def _rect(h, w, r0, c0, rh, rw, value=1):
   m = np.zeros((h, w), np.uint8)
-  m[r0:r0 + rh, c0:c0 + rw] = value
+  m[r0 : r0 + rh, c0 : c0 + rw] = value
   return m
 
 
 def _disk(size, radius):
   yy, xx = np.mgrid[:size, :size]
   c = (size - 1) / 2
-  return ((yy - c)**2 + (xx - c)**2 <= radius**2).astype(np.uint8)
+  return ((yy - c) ** 2 + (xx - c) ** 2 <= radius**2).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- determinism
@@ -51,20 +51,21 @@ def test_same_seed_same_masks_different_seed_differs(kind, blobs64):
 
 def test_per_index_independence():
   masks = synthetic.blob_masks(10, 48, seed=9)
-  full = nz.corrupt_masks(masks, kind="l2b40", seed=1,
-                          scale_kernels_with_size=True)
-  alone = nz.corrupt_masks(masks[7:8], kind="l2b40", seed=1, indices=[7],
-                           scale_kernels_with_size=True)
+  full = nz.corrupt_masks(masks, kind="l2b40", seed=1, scale_kernels_with_size=True)
+  alone = nz.corrupt_masks(
+    masks[7:8], kind="l2b40", seed=1, indices=[7], scale_kernels_with_size=True
+  )
   np.testing.assert_array_equal(full[7], alone[0])
   # Order does not matter either: reversed stack, reversed indices.
-  rev = nz.corrupt_masks(masks[::-1], kind="l2b40", seed=1,
-                         indices=np.arange(10)[::-1],
-                         scale_kernels_with_size=True)
+  rev = nz.corrupt_masks(
+    masks[::-1], kind="l2b40", seed=1, indices=np.arange(10)[::-1], scale_kernels_with_size=True
+  )
   np.testing.assert_array_equal(full, rev[::-1])
   # Mask i uses mask_rng(seed, i), i.e. SeedSequence(seed).spawn(...)[i].
   child = np.random.SeedSequence(1).spawn(8)[7]
-  assert (nz.mask_rng(1, 7).integers(0, 2**62)
-          == np.random.Generator(np.random.PCG64(child)).integers(0, 2**62))
+  assert nz.mask_rng(1, 7).integers(0, 2**62) == np.random.Generator(
+    np.random.PCG64(child)
+  ).integers(0, 2**62)
 
 
 # ---------------------------------------------------------------- ellipse
@@ -114,11 +115,9 @@ def test_small_masks_emptied_or_kept_and_301_corrupted():
   for kind in l2b.L2B_LEVELS:
     for m in (m300, m1):
       assert not nz.corrupt_mask(m, kind=kind, rng=rng).any()
-      np.testing.assert_array_equal(
-          nz.corrupt_mask(m, kind=kind, rng=rng, small_mask="keep"), m)
+      np.testing.assert_array_equal(nz.corrupt_mask(m, kind=kind, rng=rng, small_mask="keep"), m)
     for small in ("empty", "keep"):
-      assert not nz.corrupt_mask(empty, kind=kind, rng=rng,
-                                 small_mask=small).any()
+      assert not nz.corrupt_mask(empty, kind=kind, rng=rng, small_mask=small).any()
   m301 = _rect(64, 64, 20, 10, 7, 43)  # 7 x 43 = 301 pixels
   assert m301.sum() == 301
   for seed in range(5):
@@ -131,20 +130,19 @@ def test_small_mask_threshold_scales_with_area():
   rng = np.random.default_rng(0)
   m18 = _rect(64, 64, 10, 10, 3, 6)
   m19 = _rect(64, 64, 10, 10, 1, 19)
-  assert not nz.corrupt_mask(m18, kind="l2b40", rng=rng,
-                             scale_kernels_with_size=True).any()
-  assert l2b.l2b_kernel_sizes("l2b40", (64, 64),
-                             scale_kernels_with_size=True)[1] == 18.75
+  assert not nz.corrupt_mask(m18, kind="l2b40", rng=rng, scale_kernels_with_size=True).any()
+  assert l2b.l2b_kernel_sizes("l2b40", (64, 64), scale_kernels_with_size=True)[1] == 18.75
   # 19 pixels pass the rule, so they are rotated and morphed (not emptied by
   # the rule: a 1-kernel at 64 px would leave most of them).
-  outs = [nz.corrupt_masks(m19[None], kind="l2b20", seed=s,
-                           scale_kernels_with_size=True)[0] for s in range(6)]
+  outs = [
+    nz.corrupt_masks(m19[None], kind="l2b20", seed=s, scale_kernels_with_size=True)[0]
+    for s in range(6)
+  ]
   assert any(o.any() for o in outs)
 
 
 def test_scaled_kernel_sizes():
-  ks = lambda kind, size: l2b.l2b_kernel_sizes(
-      kind, (size, size), scale_kernels_with_size=True)[0]
+  ks = lambda kind, size: l2b.l2b_kernel_sizes(kind, (size, size), scale_kernels_with_size=True)[0]
   # Nearest odd of k*s: 14*0.25 = 3.5 -> 3, 35*0.25 = 8.75 -> 9,
   # 17/8 = 2.125 -> 3; an even k*s (a tie) goes up: 28*0.25 = 7 (odd) stays,
   # 14*1 = 14 -> 15.
@@ -154,8 +152,10 @@ def test_scaled_kernel_sizes():
   assert ks("l2b40", 256) == (7, 15, 21, 29, 35)
   assert l2b.l2b_kernel_sizes("l2b60", (32, 48))[0] == (7, 14, 21, 49, 63)
   # The shorter side sets the scale.
-  assert l2b.l2b_kernel_sizes("l2b40", (64, 512), scale_kernels_with_size=True
-                             ) == ((1, 3, 5, 7, 9), 18.75)
+  assert l2b.l2b_kernel_sizes("l2b40", (64, 512), scale_kernels_with_size=True) == (
+    (1, 3, 5, 7, 9),
+    18.75,
+  )
 
 
 def test_morphology_matches_cv2_conventions():
@@ -175,9 +175,9 @@ def test_morphology_matches_cv2_conventions():
 
 def test_select_kernel_thresholds():
   thr = l2b.L2B_LEVELS["l2b20"][1]  # 0.4, 0.6, 0.8, 0.9, 1.0
-  assert [l2b.select_kernel(u, thr) for u in
-          (0.0, 0.3999, 0.4, 0.5999, 0.6, 0.85, 0.9, 0.99999)] == [
-              0, 0, 1, 1, 2, 3, 4, 4]
+  assert [
+    l2b.select_kernel(u, thr) for u in (0.0, 0.3999, 0.4, 0.5999, 0.6, 0.85, 0.9, 0.99999)
+  ] == [0, 0, 1, 1, 2, 3, 4, 4]
 
 
 def test_kernel_frequencies_follow_cumulative_thresholds(monkeypatch):
@@ -222,7 +222,7 @@ def test_rotation_matches_scipy_nearest(blobs64):
     for f in (math.cos, math.sin):
       exact = f(math.radians(a)) * 2**20
       assert abs(exact % 1 - 0.5) > 1e-3
-      assert abs(exact - (l2b._COS_Q if f is math.cos else l2b._SIN_Q)[a]) <= .5
+      assert abs(exact - (l2b._COS_Q if f is math.cos else l2b._SIN_Q)[a]) <= 0.5
 
 
 # ---------------------------------------------------------------- levels
@@ -230,9 +230,10 @@ def test_rotation_matches_scipy_nearest(blobs64):
 
 def test_larger_level_larger_corruption():
   clean = synthetic.blob_masks(24, 128, seed=4)
-  means = [nz.measured_corruption(
-      clean, nz.corrupt_masks(clean, kind=k, seed=0)).mean()
-           for k in ("l2b20", "l2b40", "l2b60")]
+  means = [
+    nz.measured_corruption(clean, nz.corrupt_masks(clean, kind=k, seed=0)).mean()
+    for k in ("l2b20", "l2b40", "l2b60")
+  ]
   assert means[0] < means[1] < means[2], means
   assert 0.05 < means[0] and means[2] < 0.9
 
@@ -241,9 +242,8 @@ def test_larger_level_larger_corruption():
 
 
 def test_blur_weights_and_threshold():
-  g = np.exp(-np.arange(-2, 3)**2 / 8.0)
-  np.testing.assert_allclose(np.asarray(gsdnet._BLUR_Q) / 2**16, g / g.sum(),
-                             atol=1 / 2**16)
+  g = np.exp(-(np.arange(-2, 3) ** 2) / 8.0)
+  np.testing.assert_allclose(np.asarray(gsdnet._BLUR_Q) / 2**16, g / g.sum(), atol=1 / 2**16)
   assert sum(gsdnet._BLUR_Q) == 2**16
   sq = _rect(32, 32, 8, 8, 16, 16).astype(bool)
   out = gsdnet.blur_threshold(sq)
@@ -265,8 +265,7 @@ def test_markov_expands_and_shrinks_on_average(blobs64):
   assert np.mean(sr / area) < 0.9
   # No step: only the blur acts, which leaves a big disk nearly unchanged.
   disk = _disk(48, 15)
-  out = nz.corrupt_mask(disk, kind="markov_se", rng=np.random.default_rng(0),
-                        steps=0)
+  out = nz.corrupt_mask(disk, kind="markov_se", rng=np.random.default_rng(0), steps=0)
   assert np.abs(out.astype(int) - disk).sum() <= 0.02 * disk.sum()
 
 
@@ -279,8 +278,7 @@ def test_markov_flips_only_boundary_pixels():
   np.testing.assert_array_equal(grown, gsdnet.blur_threshold(disk | ring))
   # One erosion step with θ2 = 1 removes exactly the inner boundary.
   shrunk = gsdnet.markov_boundary_noise(disk, rng, steps=1, theta1=0.0, theta2=1.0)
-  np.testing.assert_array_equal(
-      shrunk, gsdnet.blur_threshold(ndimage.binary_erosion(disk)))
+  np.testing.assert_array_equal(shrunk, gsdnet.blur_threshold(ndimage.binary_erosion(disk)))
 
 
 def test_dist_noise_changes_radius_by_n():
@@ -289,14 +287,14 @@ def test_dist_noise_changes_radius_by_n():
   rng = np.random.default_rng(0)
   for n in (9, 11):
     for mode, sign in (("dilate", 1), ("erode", -1)):
-      out = nz.corrupt_mask(disk, kind="dist", rng=rng, radius_range=(n, n),
-                            mode=mode)
+      out = nz.corrupt_mask(disk, kind="dist", rng=rng, radius_range=(n, n), mode=mode)
       dr = sign * (np.sqrt(out.sum() / np.pi) - r0)
       # d < n keeps a band of width n - 1 < dr <= n (discretisation).
       assert n - 1 < dr <= n, (n, mode, dr)
   # Default: n ~ U{9..11}, dilate or erode with p 0.5.
-  changes = [np.sqrt(nz.corrupt_masks(disk[None], kind="dist", seed=s)
-                     .sum() / np.pi) - r0 for s in range(12)]
+  changes = [
+    np.sqrt(nz.corrupt_masks(disk[None], kind="dist", seed=s).sum() / np.pi) - r0 for s in range(12)
+  ]
   assert all(8 < abs(c) <= 11 for c in changes)
   assert min(changes) < 0 < max(changes)
 
@@ -311,14 +309,16 @@ def test_multiclass_nearest_class():
   m = np.zeros((48, 48), np.uint8)
   m[16:32, 12:24] = 1
   m[16:32, 24:36] = 2
-  out = nz.corrupt_mask(m, kind="dist", rng=np.random.default_rng(0),
-                        radius_range=(4, 4), mode="dilate")
+  out = nz.corrupt_mask(
+    m, kind="dist", rng=np.random.default_rng(0), radius_range=(4, 4), mode="dilate"
+  )
   assert set(np.unique(out)) == {0, 1, 2}
   assert (out[m > 0] == m[m > 0]).all()  # dilation keeps every old pixel
   assert (out[16:32, :12][out[16:32, :12] > 0] == 1).all()
   assert (out[16:32, 36:][out[16:32, 36:] > 0] == 2).all()
-  eroded = nz.corrupt_mask(m, kind="dist", rng=np.random.default_rng(0),
-                           radius_range=(3, 3), mode="erode")
+  eroded = nz.corrupt_mask(
+    m, kind="dist", rng=np.random.default_rng(0), radius_range=(3, 3), mode="erode"
+  )
   keep = eroded > 0
   np.testing.assert_array_equal(eroded[keep], m[keep])
 
@@ -329,12 +329,11 @@ def test_multiclass_nearest_class():
 def test_measured_corruption_hand_example():
   clean = np.zeros((3, 4, 4), np.uint8)
   noisy = np.zeros((3, 4, 4), np.uint8)
-  clean[0, 0, 0:4] = 1      # 4 pixels
-  noisy[0, 0, 2:4] = 1      # 2 of them ...
-  noisy[0, 1, 0] = 1        # ... plus 1 new: Dice = 2*2 / (4 + 3) = 4/7
-  clean[2, 1, 1] = 3        # mask 1 both empty: Dice 1; mask 2 noisy empty
-  np.testing.assert_allclose(nz.measured_corruption(clean, noisy),
-                             [3 / 7, 0.0, 1.0])
+  clean[0, 0, 0:4] = 1  # 4 pixels
+  noisy[0, 0, 2:4] = 1  # 2 of them ...
+  noisy[0, 1, 0] = 1  # ... plus 1 new: Dice = 2*2 / (4 + 3) = 4/7
+  clean[2, 1, 1] = 3  # mask 1 both empty: Dice 1; mask 2 noisy empty
+  np.testing.assert_allclose(nz.measured_corruption(clean, noisy), [3 / 7, 0.0, 1.0])
   with pytest.raises(ValueError, match="shape"):
     nz.measured_corruption(clean, noisy[:2])
 
@@ -347,7 +346,8 @@ def test_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
   kw = dict(cache_dir=tmp_path, dataset_key="toy/train", kind="l2b20", seed=3)
   first = noise_cache.cached_noisy_labels(labels, options={"small_mask": "keep"}, **kw)
   np.testing.assert_array_equal(
-      first, nz.corrupt_masks(labels, kind="l2b20", seed=3, small_mask="keep"))
+    first, nz.corrupt_masks(labels, kind="l2b20", seed=3, small_mask="keep")
+  )
   npy = tmp_path / "noisy_l2b20_seed3.npy"
   entry = json.loads((tmp_path / "manifest.json").read_text())[npy.name]
   assert entry["noise_version"] == nz.NOISE_VERSION
@@ -361,8 +361,7 @@ def test_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
 
   calls = []
   real = nz.corrupt_masks
-  monkeypatch.setattr(nz, "corrupt_masks",
-                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  monkeypatch.setattr(nz, "corrupt_masks", lambda *a, **k: calls.append(1) or real(*a, **k))
   again = noise_cache.cached_noisy_labels(labels, options={"small_mask": "keep"}, **kw)
   np.testing.assert_array_equal(again, first)
   assert not calls and os.stat(npy).st_mtime_ns == mtime
@@ -371,19 +370,23 @@ def test_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
   # A changed option, changed labels or a damaged file rebuild.
   noise_cache.cached_noisy_labels(labels, options={"small_mask": "empty"}, **kw)
   assert len(calls) == 1
-  assert json.loads((tmp_path / "manifest.json").read_text())[npy.name][
-      "options"]["small_mask"] == "empty"
-  noise_cache.cached_noisy_labels(labels[::-1].copy(), options={"small_mask": "empty"},
-                         **kw)
+  assert (
+    json.loads((tmp_path / "manifest.json").read_text())[npy.name]["options"]["small_mask"]
+    == "empty"
+  )
+  noise_cache.cached_noisy_labels(labels[::-1].copy(), options={"small_mask": "empty"}, **kw)
   assert len(calls) == 2
   np.save(npy, np.zeros_like(labels))
-  fixed = noise_cache.cached_noisy_labels(labels[::-1].copy(),
-                                 options={"small_mask": "empty"}, **kw)
+  fixed = noise_cache.cached_noisy_labels(
+    labels[::-1].copy(), options={"small_mask": "empty"}, **kw
+  )
   assert len(calls) == 3 and fixed.any()
   # Another kind adds its own entry beside the first.
   noise_cache.cached_noisy_labels(labels, **{**kw, "kind": "dist"})
   assert set(json.loads((tmp_path / "manifest.json").read_text())) == {
-      "noisy_l2b20_seed3.npy", "noisy_dist_seed3.npy"}
+    "noisy_l2b20_seed3.npy",
+    "noisy_dist_seed3.npy",
+  }
 
 
 # ---------------------------------------------------------------- errors
@@ -423,21 +426,23 @@ def test_golden_fingerprints():
   # if it fails on a new platform, the noise is not portable: investigate.
   assert nz.NOISE_VERSION == "noise-v1"
   yy, xx = np.mgrid[:64, :64]
-  m = np.stack([((yy - 30)**2 + (xx - 27)**2 <= 400),
-                ((yy - 25)**2 * 4 + (xx - 32)**2 <= 900)]).astype(np.uint8)
+  m = np.stack(
+    [((yy - 30) ** 2 + (xx - 27) ** 2 <= 400), ((yy - 25) ** 2 * 4 + (xx - 32) ** 2 <= 900)]
+  ).astype(np.uint8)
   m[1, 44:52, 10:50] = 2
   scaled = dict(scale_kernels_with_size=True)
   cases = {
-      "l2b20": (scaled, "f98af5a2ef13dd4d"),
-      "l2b40": (scaled, "0cd83546c7d791a0"),
-      "l2b60": (scaled, "9796b22f8ccf42f3"),
-      "markov_sr": (dict(steps=40), "2fbe23a9959e6957"),
-      "markov_se": (dict(steps=40), "fbf7be6078e4ed21"),
-      "dist": (dict(radius_range=(2, 4)), "cf737e5f66808842"),
+    "l2b20": (scaled, "f98af5a2ef13dd4d"),
+    "l2b40": (scaled, "0cd83546c7d791a0"),
+    "l2b60": (scaled, "9796b22f8ccf42f3"),
+    "markov_sr": (dict(steps=40), "2fbe23a9959e6957"),
+    "markov_se": (dict(steps=40), "fbf7be6078e4ed21"),
+    "dist": (dict(radius_range=(2, 4)), "cf737e5f66808842"),
   }
-  got = {k: hashlib.sha256(nz.corrupt_masks(m, kind=k, seed=123, **o)
-                           .tobytes()).hexdigest()[:16]
-         for k, (o, _) in cases.items()}
+  got = {
+    k: hashlib.sha256(nz.corrupt_masks(m, kind=k, seed=123, **o).tobytes()).hexdigest()[:16]
+    for k, (o, _) in cases.items()
+  }
   assert got == {k: h for k, (_, h) in cases.items()}
 
 
@@ -446,10 +451,10 @@ def test_cache_files_get_ordinary_permissions(tmp_path):
   labels = synthetic.blob_masks(4, 32, seed=0)
   old = os.umask(0o022)
   try:
-    noise_cache.cached_noisy_labels(labels, cache_dir=tmp_path, dataset_key="k", kind="l2b20",
-                                    seed=0)
+    noise_cache.cached_noisy_labels(
+      labels, cache_dir=tmp_path, dataset_key="k", kind="l2b20", seed=0
+    )
   finally:
     os.umask(old)
   modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
   assert modes == {"noisy_l2b20_seed0.npy": 0o644, "manifest.json": 0o644}
-

@@ -12,10 +12,19 @@ from metadcseg_jax import objective
 
 # One jitted entry point; the compile cache is shared by every test that uses
 # the same static options.
-LOSS = jax.jit(objective.metadcseg_loss,
-               static_argnames=("tau", "tau_dcd", "use_dcd", "use_dice",
-                                "detach_weights", "normalizer", "edge_fn",
-                                "center_momentum"))
+LOSS = jax.jit(
+  objective.metadcseg_loss,
+  static_argnames=(
+    "tau",
+    "tau_dcd",
+    "use_dcd",
+    "use_dice",
+    "detach_weights",
+    "normalizer",
+    "edge_fn",
+    "center_momentum",
+  ),
+)
 B, S, L, D = 2, 16, 3, 4
 
 
@@ -45,20 +54,28 @@ def batch():
   logits = rng.randn(B, S, S, L).astype(np.float32)
   logits[..., 0] += np.where(disc, -2.0, 2.0)  # fg disc, uncertain rim
   return dict(
-      logits=jnp.asarray(logits),
-      features=jnp.asarray(rng.randn(B, S, S, D), jnp.float32),
-      image=jnp.asarray(rng.rand(B, S, S, 1), jnp.float32),
-      noisy_label=jnp.asarray(noisy),
-      y_pseudo=jnp.argmax(jnp.asarray(logits), -1),
-      default_centers=jnp.ones((3, D)) * 0.5)
+    logits=jnp.asarray(logits),
+    features=jnp.asarray(rng.randn(B, S, S, D), jnp.float32),
+    image=jnp.asarray(rng.rand(B, S, S, 1), jnp.float32),
+    noisy_label=jnp.asarray(noisy),
+    y_pseudo=jnp.argmax(jnp.asarray(logits), -1),
+    default_centers=jnp.ones((3, D)) * 0.5,
+  )
 
 
 def _call(batch, weights, **kwargs):
   kwargs.setdefault("lambda_bd", 0.7)
   kwargs.setdefault("lambda_dice", 0.3)
-  return LOSS(batch["logits"], batch["features"], batch["image"],
-              batch["noisy_label"], y_pseudo=batch["y_pseudo"],
-              default_centers=batch["default_centers"], **weights, **kwargs)
+  return LOSS(
+    batch["logits"],
+    batch["features"],
+    batch["image"],
+    batch["noisy_label"],
+    y_pseudo=batch["y_pseudo"],
+    default_centers=batch["default_centers"],
+    **weights,
+    **kwargs,
+  )
 
 
 def test_normalizers_by_hand():
@@ -73,16 +90,23 @@ def test_normalizers_by_hand():
   # Image 0: 0.5·log4 + 0.25·log4/3 + 0.25·log4/3 = 0.5·log4 + 0.5·log4/3
   # Image 1: (0.1+0.2+0.3+0.4)·log4/3 = log4/3
   per_image = np.array([0.5 * l4 + 0.5 * l43, l43])
-  for normalizer, expected in (("image", per_image.mean()),
-                               ("batch", per_image.sum())):
-    got = objective.l2b_loss(logits, y, a_hat=a, b_hat=b, y_pseudo=yp,
-                             normalizer=normalizer)
+  for normalizer, expected in (("image", per_image.mean()), ("batch", per_image.sum())):
+    got = objective.l2b_loss(logits, y, a_hat=a, b_hat=b, y_pseudo=yp, normalizer=normalizer)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     weights = dict(a_hat=a, b_hat=b, gamma=a + b, pi_a=a, pi_b=b)
     loss, aux = LOSS(
-        logits, jnp.zeros((2, 1, 2, 3)), jnp.zeros((2, 1, 2, 1)), y,
-        y_pseudo=yp, default_centers=jnp.zeros((3, 3)), lambda_bd=1.0,
-        lambda_dice=0.5, use_dcd=False, normalizer=normalizer, **weights)
+      logits,
+      jnp.zeros((2, 1, 2, 3)),
+      jnp.zeros((2, 1, 2, 1)),
+      y,
+      y_pseudo=yp,
+      default_centers=jnp.zeros((3, 3)),
+      lambda_bd=1.0,
+      lambda_dice=0.5,
+      use_dcd=False,
+      normalizer=normalizer,
+      **weights,
+    )
     # Dice term is a mean over images under both normalisers (SPEC §3).
     dice = _np_dice(logits, y).mean()
     np.testing.assert_allclose(loss, expected + 0.5 * dice, rtol=1e-6)
@@ -92,8 +116,7 @@ def test_normalizers_by_hand():
 @pytest.mark.parametrize("normalizer", ["image", "batch"])
 def test_meta_off_is_plain_mean_ce(batch, normalizer):
   w = objective.meta_off_weights((B, S, S), normalizer=normalizer)
-  loss, aux = _call(batch, w, use_dcd=False, use_dice=False,
-                    normalizer=normalizer)
+  loss, aux = _call(batch, w, use_dcd=False, use_dice=False, normalizer=normalizer)
   ce = _np_ce(batch["logits"], batch["noisy_label"])
   np.testing.assert_allclose(loss, ce.mean(), rtol=1e-5)
   assert float(aux["bd_term"]) == 0.0 and float(aux["dice_term"]) == 0.0
@@ -106,15 +129,19 @@ def test_meta_off_with_dcd_and_dice(batch):
   # Boundary weights recomputed here from M̂ = 1 − p_0 (numpy), πa = 1, πb = 0.
   fg_prob = 1 - np.exp(_np_log_softmax(np.asarray(batch["logits"])))[..., 0]
   ref = jax.jit(dcd.dcd_weights)(
-      batch["features"], jnp.asarray(fg_prob, jnp.float32), batch["image"],
-      jnp.ones((B, S, S)), batch["default_centers"])
+    batch["features"],
+    jnp.asarray(fg_prob, jnp.float32),
+    batch["image"],
+    jnp.ones((B, S, S)),
+    batch["default_centers"],
+  )
   bd_i = (np.asarray(ref["w"]) * ce).sum((1, 2))
   dice_i = _np_dice(batch["logits"], batch["noisy_label"])
   expected = ce.mean() + np.mean(0.7 * bd_i + 0.3 * dice_i)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(
-      loss, aux["ce_term"] + 0.7 * aux["bd_term"] + 0.3 * aux["dice_term"],
-      rtol=1e-6)
+    loss, aux["ce_term"] + 0.7 * aux["bd_term"] + 0.3 * aux["dice_term"], rtol=1e-6
+  )
   np.testing.assert_allclose(aux["w"], ref["w"], rtol=1e-4, atol=1e-7)
   bd = np.asarray(aux["bd"])
   assert bd.any(axis=(1, 2)).all()
@@ -131,8 +158,7 @@ def test_meta_off_with_dcd_and_dice(batch):
       expect_k = 0.9 * old[k] + 0.1 * centers[valid[:, k], k].mean(0)
     else:
       expect_k = old[k]
-    np.testing.assert_allclose(aux["new_default_centers"][k], expect_k,
-                               rtol=1e-5)
+    np.testing.assert_allclose(aux["new_default_centers"][k], expect_k, rtol=1e-5)
   # The centers moved towards this batch's valid centers.
   assert not np.allclose(aux["new_default_centers"], batch["default_centers"])
 
@@ -145,32 +171,34 @@ def test_meta_weights_enter_both_terms(batch):
   gamma = a_t + b_t
   z = gamma.sum((1, 2), keepdims=True)
   safe = np.where(gamma > 0, gamma, 1)
-  weights = {k: jnp.asarray(v, jnp.float32) for k, v in dict(
-      a_hat=a_t / z, b_hat=b_t / z, gamma=gamma,
+  weights = {
+    k: jnp.asarray(v, jnp.float32)
+    for k, v in dict(
+      a_hat=a_t / z,
+      b_hat=b_t / z,
+      gamma=gamma,
       pi_a=np.where(gamma > 0, a_t / safe, 0),
-      pi_b=np.where(gamma > 0, b_t / safe, 0)).items()}
+      pi_b=np.where(gamma > 0, b_t / safe, 0),
+    ).items()
+  }
   loss, aux = _call(batch, weights)
   f = _np_ce(batch["logits"], batch["noisy_label"])
   g = _np_ce(batch["logits"], batch["y_pseudo"])
   first = (a_t / z * f + b_t / z * g).sum((1, 2)).mean()
   w = np.asarray(aux["w"], np.float64)
-  bd_i = (w * (np.asarray(weights["pi_a"]) * f
-               + np.asarray(weights["pi_b"]) * g)).sum((1, 2))
+  bd_i = (w * (np.asarray(weights["pi_a"]) * f + np.asarray(weights["pi_b"]) * g)).sum((1, 2))
   np.testing.assert_allclose(aux["ce_term"], first, rtol=1e-5)
   np.testing.assert_allclose(aux["bd_term"], bd_i.mean(), rtol=1e-5)
   dice = _np_dice(batch["logits"], batch["noisy_label"]).mean()
-  np.testing.assert_allclose(loss, first + 0.7 * bd_i.mean() + 0.3 * dice,
-                             rtol=1e-5)
+  np.testing.assert_allclose(loss, first + 0.7 * bd_i.mean() + 0.3 * dice, rtol=1e-5)
 
 
 def test_gradients_and_detach(batch):
   w = objective.meta_off_weights((B, S, S))
 
   def grads(detach):
-    fn = lambda lg, ft: _call(dict(batch, logits=lg, features=ft), w,
-                              detach_weights=detach)[0]
-    return jax.jit(jax.grad(fn, argnums=(0, 1)))(batch["logits"],
-                                                  batch["features"])
+    fn = lambda lg, ft: _call(dict(batch, logits=lg, features=ft), w, detach_weights=detach)[0]
+    return jax.jit(jax.grad(fn, argnums=(0, 1)))(batch["logits"], batch["features"])
 
   g_logits, g_feat = grads(False)
   d_logits, d_feat = grads(True)
@@ -185,19 +213,26 @@ def test_empty_boundary_gives_zero_term_and_finite_grads():
   # Confident everywhere (M̂ = 0.99 or 0.01) and a flat image (no edges).
   logits = np.zeros((1, S, S, 2), np.float32)
   logits[0, :, : S // 2, 1] = math.log(99.0)
-  logits[0, :, S // 2:, 0] = math.log(99.0)
+  logits[0, :, S // 2 :, 0] = math.log(99.0)
   y = (np.arange(S)[None, None, :] < S // 2).repeat(S, 1).astype(np.int32)
   w = objective.meta_off_weights((1, S, S))
 
   def fn(lg, ft):
     return objective.metadcseg_loss(
-        lg, ft, jnp.zeros((1, S, S, 1)), jnp.asarray(y),
-        y_pseudo=jnp.asarray(y), default_centers=jnp.zeros((3, D)),
-        lambda_bd=1.0, lambda_dice=1.0, **w)
+      lg,
+      ft,
+      jnp.zeros((1, S, S, 1)),
+      jnp.asarray(y),
+      y_pseudo=jnp.asarray(y),
+      default_centers=jnp.zeros((3, D)),
+      lambda_bd=1.0,
+      lambda_dice=1.0,
+      **w,
+    )
 
-  (loss, aux), (g_l, g_f) = jax.jit(jax.value_and_grad(
-      fn, argnums=(0, 1), has_aux=True))(
-          jnp.asarray(logits), jnp.ones((1, S, S, D)))
+  (loss, aux), (g_l, g_f) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
+    jnp.asarray(logits), jnp.ones((1, S, S, D))
+  )
   assert not np.asarray(aux["bd"]).any()
   assert float(aux["bd_term"]) == 0.0
   np.testing.assert_array_equal(aux["w"], 0.0)
@@ -210,21 +245,40 @@ def test_bad_inputs_raise(batch):
   w = objective.meta_off_weights((B, S, S))
   with pytest.raises(ValueError, match="normalizer"):
     objective.metadcseg_loss(
-        batch["logits"], batch["features"], batch["image"],
-        batch["noisy_label"], y_pseudo=batch["y_pseudo"],
-        default_centers=batch["default_centers"], lambda_bd=1.0,
-        lambda_dice=1.0, normalizer="pixel", **w)
+      batch["logits"],
+      batch["features"],
+      batch["image"],
+      batch["noisy_label"],
+      y_pseudo=batch["y_pseudo"],
+      default_centers=batch["default_centers"],
+      lambda_bd=1.0,
+      lambda_dice=1.0,
+      normalizer="pixel",
+      **w,
+    )
   with pytest.raises(ValueError, match="a_hat"):
     objective.metadcseg_loss(
-        batch["logits"], batch["features"], batch["image"],
-        batch["noisy_label"], y_pseudo=batch["y_pseudo"],
-        default_centers=batch["default_centers"], lambda_bd=1.0,
-        lambda_dice=1.0, **dict(w, a_hat=w["a_hat"][0]))
+      batch["logits"],
+      batch["features"],
+      batch["image"],
+      batch["noisy_label"],
+      y_pseudo=batch["y_pseudo"],
+      default_centers=batch["default_centers"],
+      lambda_bd=1.0,
+      lambda_dice=1.0,
+      **dict(w, a_hat=w["a_hat"][0]),
+    )
   with pytest.raises(ValueError, match="default_centers"):
     objective.metadcseg_loss(
-        batch["logits"], batch["features"], batch["image"],
-        batch["noisy_label"], y_pseudo=batch["y_pseudo"],
-        default_centers=jnp.zeros((3, D + 1)), lambda_bd=1.0,
-        lambda_dice=1.0, **w)
+      batch["logits"],
+      batch["features"],
+      batch["image"],
+      batch["noisy_label"],
+      y_pseudo=batch["y_pseudo"],
+      default_centers=jnp.zeros((3, D + 1)),
+      lambda_bd=1.0,
+      lambda_dice=1.0,
+      **w,
+    )
   with pytest.raises(ValueError, match="shape"):
     objective.meta_off_weights((B, S))

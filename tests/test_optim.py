@@ -17,8 +17,10 @@ def _params():
 
 def _grads(step):
   rng = np.random.default_rng(step)
-  return {"w": jnp.asarray(rng.normal(size=(2, 2)), jnp.float32),
-          "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+  return {
+    "w": jnp.asarray(rng.normal(size=(2, 2)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32),
+  }
 
 
 def _torch_sgd(params, grads_seq, lrs, *, momentum, weight_decay, nesterov=False):
@@ -48,16 +50,23 @@ def test_lr_schedule_epoch_boundaries():
 def test_base_update_matches_pytorch_sgd(nesterov):
   # steps_per_epoch=1 makes the lr change every step, so the schedule's count is checked too.
   sched = optim.lr_schedule(LR, steps_per_epoch=1)
-  opt = optim.make_optimizer(learning_rate=sched, momentum=MOMENTUM, weight_decay=WD,
-                             nesterov=nesterov)
+  opt = optim.make_optimizer(
+    learning_rate=sched, momentum=MOMENTUM, weight_decay=WD, nesterov=nesterov
+  )
   params = _params()
   state = opt.base.init(params)
   grads_seq = [_grads(s) for s in range(3)]
   for grads in grads_seq:
     updates, state = opt.base.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-  want, bufs = _torch_sgd(_params(), grads_seq, [sched(s) for s in range(3)],
-                          momentum=MOMENTUM, weight_decay=WD, nesterov=nesterov)
+  want, bufs = _torch_sgd(
+    _params(),
+    grads_seq,
+    [sched(s) for s in range(3)],
+    momentum=MOMENTUM,
+    weight_decay=WD,
+    nesterov=nesterov,
+  )
   for k in want:
     np.testing.assert_allclose(params[k], want[k], rtol=1e-6, atol=1e-7)
   trace = state[1][0].trace  # chain(add_decayed_weights, sgd=chain(trace, scale))
@@ -86,8 +95,9 @@ def test_clipping_only_in_tx():
   tx_updates, _ = opt.tx.update(grads, state, params)
   base_updates, _ = opt.base.update(grads, opt.base_state(state), params)
   for k in params:
-    np.testing.assert_allclose(tx_updates[k], -LR * (grads[k] * clip / norm + WD * params[k]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      tx_updates[k], -LR * (grads[k] * clip / norm + WD * params[k]), rtol=1e-5
+    )
     np.testing.assert_allclose(base_updates[k], -LR * (grads[k] + WD * params[k]), rtol=1e-5)
   # No clipping configured: tx is the base itself.
   plain = optim.make_optimizer(learning_rate=LR)
@@ -128,8 +138,9 @@ def test_linear_in_grad_flags_and_adam():
     state = opt.tx.init(params)
     updates, state = opt.tx.update(_grads(0), state, params)
     # Adam's first step is ~ -lr * sign(g) (plus the decay term): not linear in g.
-    u2, _ = opt.base.update(jax.tree.map(lambda g: 2 * g, _grads(0)),
-                            opt.base_state(opt.tx.init(params)), params)
+    u2, _ = opt.base.update(
+      jax.tree.map(lambda g: 2 * g, _grads(0)), opt.base_state(opt.tx.init(params)), params
+    )
     assert not np.allclose(u2["w"], 2 * updates["w"], rtol=1e-2)
 
 

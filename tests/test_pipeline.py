@@ -20,9 +20,15 @@ def _fake_source(n, size=32, channels=1, seed=0):
   out = []
   for i in range(n):
     label = _disk(size, rng.integers(4, 10), rng.integers(10, 22), rng.integers(10, 22))
-    image = (label[..., None] + 0.1 * rng.standard_normal((size, size, channels)))
-    out.append({"image": image.astype(np.float32), "label": label,
-                "case_id": f"case{i}".encode(), "slice_index": np.int32(0)})
+    image = label[..., None] + 0.1 * rng.standard_normal((size, size, channels))
+    out.append(
+      {
+        "image": image.astype(np.float32),
+        "label": label,
+        "case_id": f"case{i}".encode(),
+        "slice_index": np.int32(0),
+      }
+    )
   return out
 
 
@@ -30,8 +36,11 @@ def test_augment_same_geometry_for_image_and_labels():
   rng = np.random.default_rng(0)
   label = _disk(48, 12, 20, 26)
   noisy = _disk(48, 9, 22, 22)
-  ex = {"image": np.stack([label, 1 - label], -1).astype(np.float32), "label": label,
-        "noisy_label": noisy}
+  ex = {
+    "image": np.stack([label, 1 - label], -1).astype(np.float32),
+    "label": label,
+    "noisy_label": noisy,
+  }
   for _ in range(10):
     out = augment.augment(ex, rng)
     # The bilinear image is exactly 0/1 away from edges; there it must equal the labels.
@@ -61,8 +70,10 @@ def test_augment_zooms_in_and_rotates_by_at_most_10_degrees():
 
 
 def test_augment_deterministic_per_generator():
-  ex = {"image": np.random.default_rng(1).standard_normal((32, 32, 3)).astype(np.float32),
-        "label": _disk(32, 8)}
+  ex = {
+    "image": np.random.default_rng(1).standard_normal((32, 32, 3)).astype(np.float32),
+    "label": _disk(32, 8),
+  }
   a = augment.augment(ex, np.random.default_rng(5))
   b = augment.augment(ex, np.random.default_rng(5))
   c = augment.augment(ex, np.random.default_rng(6))
@@ -72,8 +83,14 @@ def test_augment_deterministic_per_generator():
 
 def _records(source, n_classes=2, noisy=None, idx=None):
   idx = np.arange(len(source)) if idx is None else idx
-  return pipeline.Records(source, idx, name="fake/train", num_classes=n_classes,
-                          image_shape=source[0]["image"].shape, noisy_labels=noisy)
+  return pipeline.Records(
+    source,
+    idx,
+    name="fake/train",
+    num_classes=n_classes,
+    image_shape=source[0]["image"].shape,
+    noisy_labels=noisy,
+  )
 
 
 def test_records_errors_name_the_example():
@@ -143,12 +160,24 @@ def test_noisy_label_is_augmented_with_the_label():
 
 @pytest.fixture(scope="module")
 def synthetic_splits(tmp_path_factory):
-  cfg = ml_collections.ConfigDict(dict(
-      name="synthetic", data_dir=str(tmp_path_factory.mktemp("data")), manual_dir="",
-      size=32, channels=1, num_classes=2, n_train=40, n_val=4, n_test=6, seed=0,
-      meta_fraction=0.02, augment=True, options={},
-      noise=dict(kind="l2b60", seed=1, scale_kernels_with_size=True,
-                 small_mask="empty")))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      name="synthetic",
+      data_dir=str(tmp_path_factory.mktemp("data")),
+      manual_dir="",
+      size=32,
+      channels=1,
+      num_classes=2,
+      n_train=40,
+      n_val=4,
+      n_test=6,
+      seed=0,
+      meta_fraction=0.02,
+      augment=True,
+      options={},
+      noise=dict(kind="l2b60", seed=1, scale_kernels_with_size=True, small_mask="empty"),
+    )
+  )
   return cfg, pipeline.prepare_data(cfg, meta_batch_size=2)
 
 
@@ -159,8 +188,10 @@ def test_prepare_data_meta_is_clean_and_train_is_noisy(synthetic_splits):
   for i in range(len(splits.meta)):
     ex = splits.meta[i]
     np.testing.assert_array_equal(ex["label"], ex["noisy_label"])
-  differs = [not np.array_equal(splits.train[i]["label"], splits.train[i]["noisy_label"])
-             for i in range(len(splits.train))]
+  differs = [
+    not np.array_equal(splits.train[i]["label"], splits.train[i]["noisy_label"])
+    for i in range(len(splits.train))
+  ]
   assert np.mean(differs) > 0.3
   assert splits.info["noise"]["corruption_mean"] > 0.05
   # Same config and seed -> same noisy labels (served from the cache or rebuilt).

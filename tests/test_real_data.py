@@ -83,8 +83,9 @@ def test_kvasir_records_and_split(kvasir):
       # JPEG masks: grey > 127 recovers the disc up to a few compressed edge pixels.
       assert (rec["label"].astype(bool) != mask).mean() < 0.02
       # Same size: no resampling, so the image is the decoded JPEG / 255.
-      decoded = np.asarray(Image.open(root / "Kvasir-SEG" / "images" /
-                                      f"{rec['case_id'].decode()}.jpg"))
+      decoded = np.asarray(
+        Image.open(root / "Kvasir-SEG" / "images" / f"{rec['case_id'].decode()}.jpg")
+      )
       np.testing.assert_allclose(rec["image"], decoded / 255.0, atol=1e-6)
       assert np.abs(rec["image"] - image / 255.0).mean() < 0.3  # and it is that image
   content = json.loads((data_dir / "kvasir_seg" / "splits_seed0.json").read_text())
@@ -159,8 +160,9 @@ def test_folder_multiclass_rgb_and_resize(tmp_path):
     Image.fromarray(classes.astype(np.uint8)).save(tmp_path / "raw" / "masks" / f"{stem}.png")
   with pytest.raises(ValueError, match=r"values \[2\]"):
     real.load_dataset("folder", data_dir=tmp_path / "d0", manual_dir=tmp_path / "raw", size=20)
-  sources = real.load_dataset("folder", data_dir=tmp_path / "d", manual_dir=tmp_path / "raw",
-                              size=20, num_classes=3)
+  sources = real.load_dataset(
+    "folder", data_dir=tmp_path / "d", manual_dir=tmp_path / "raw", size=20, num_classes=3
+  )
   rec = sources["train"][0]
   assert rec["image"].shape == (20, 20, 3)
   assert set(np.unique(rec["label"])) <= {0, 1, 2} and (rec["label"] == 2).any()
@@ -170,8 +172,9 @@ def test_resize_is_antialiased_bilinear():
   ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))[..., None]
   small = readers.resize_image(ramp, 16)
   centres = (np.arange(16) + 0.5) * 4 - 0.5  # output pixel centres in input pixels
-  np.testing.assert_allclose(small[4:-4, 4:-4, 0], np.tile(centres / 63, (16, 1))[4:-4, 4:-4],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    small[4:-4, 4:-4, 0], np.tile(centres / 63, (16, 1))[4:-4, 4:-4], atol=1e-5
+  )
   checker = (np.indices((64, 64)).sum(0) % 2).astype(np.float32)[..., None]
   np.testing.assert_allclose(readers.resize_image(checker, 16)[2:-2, 2:-2], 0.5, atol=0.02)
   labels = np.repeat(np.repeat(np.arange(16, dtype=np.uint8).reshape(4, 4), 16, 0), 16, 1)
@@ -185,12 +188,23 @@ def _bad_folder(tmp_path, n=4):
 
 
 def _build_folder(root, tmp_path, **options):
-  return real.load_dataset("folder", data_dir=tmp_path / "data", manual_dir=root, size=16,
-                           **options)
+  return real.load_dataset(
+    "folder", data_dir=tmp_path / "data", manual_dir=root, size=16, **options
+  )
 
 
-@pytest.mark.parametrize("case", ["image_without_mask", "mask_without_image", "unreadable",
-                                  "size_mismatch", "bad_values", "empty", "no_masks_dir"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "image_without_mask",
+    "mask_without_image",
+    "unreadable",
+    "size_mismatch",
+    "bad_values",
+    "empty",
+    "no_masks_dir",
+  ],
+)
 def test_folder_bad_input_names_the_file(tmp_path, case):
   root = _bad_folder(tmp_path)
   if case == "image_without_mask":
@@ -227,6 +241,7 @@ def test_folder_options_come_from_the_config(tmp_path):
   """Grey images read as 3 channels and masks with classes {0, 1, 2}, set from config.data."""
   from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
   from metadcseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   truth = _write_pairs(tmp_path / "raw", 5, size=32, grey=True)
   for stem, (_, mask) in truth.items():
     classes = np.where(mask, 2, (np.arange(32)[None, :] < 5).astype(np.uint8))
@@ -246,11 +261,13 @@ def test_registry_rejects_unknown_names_and_options(tmp_path):
   with pytest.raises(ValueError, match="unknown dataset"):
     real.get_dataset_builder("nope", data_dir=tmp_path, manual_dir=tmp_path, size=16)
   with pytest.raises(ValueError, match="unknown options"):
-    real.get_dataset_builder("kvasir_seg", data_dir=tmp_path, manual_dir=tmp_path, size=16,
-                             modality="FLAIR")
+    real.get_dataset_builder(
+      "kvasir_seg", data_dir=tmp_path, manual_dir=tmp_path, size=16, modality="FLAIR"
+    )
   with pytest.raises(ValueError, match="train_slices"):
-    real.get_dataset_builder("msd_heart", data_dir=tmp_path, manual_dir=tmp_path, size=16,
-                             train_slices="some")
+    real.get_dataset_builder(
+      "msd_heart", data_dir=tmp_path, manual_dir=tmp_path, size=16, train_slices="some"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +284,7 @@ def _labels(rng, shape, values=(1,)):
   s, h, w = shape[:3]
   for k in range(1, s - 1):
     y, x = rng.integers(2, h - 8), rng.integers(2, w - 8)
-    lab[k, y:y + 6, x:x + 6] = rng.choice(values)
+    lab[k, y : y + 6, x : x + 6] = rng.choice(values)
   return lab
 
 
@@ -310,14 +327,17 @@ def test_promise12_slices_normalisation_and_spacing(promise, tmp_path):
   assert content["cases"]["Case02"]["spacing_mm"] == pytest.approx([0.7, 0.6, 5.0])
   assert content["cases"]["Case02"]["shape"] == [4, 20, 20]
   assert builder.info.metadata["pixel_spacing_mm"]["Case02"] == pytest.approx([0.7, 0.6, 5.0])
-  assert real.get_dataset_builder("promise12", data_dir=tmp_path, manual_dir=root, size=10).info \
-      .metadata == {}  # not built at 10 yet
+  assert (
+    real.get_dataset_builder("promise12", data_dir=tmp_path, manual_dir=root, size=10).info.metadata
+    == {}
+  )  # not built at 10 yet
 
 
 def test_promise12_foreground_slices_for_training_only(promise, tmp_path):
   root, volumes = promise
-  sources = real.load_dataset("promise12", data_dir=tmp_path, manual_dir=root, size=10,
-                              train_slices="foreground")
+  sources = real.load_dataset(
+    "promise12", data_dir=tmp_path, manual_dir=root, size=10, train_slices="foreground"
+  )
   train_cases = set(_ids(sources["train"]))
   assert len(sources["train"]) == sum(volumes[c][0].shape[0] - 2 for c in train_cases)
   assert all(sources["train"][i]["label"].any() for i in range(len(sources["train"])))
@@ -345,13 +365,24 @@ def _write_decathlon(root, volumes, modality, labels, *, affine_zooms=(0.9, 0.8,
     # Stored NIfTI-style (X, Y, Z[, M]) from our (Z, Y, X[, M]) arrays.
     image_xyz = np.moveaxis(image, (0, 1, 2), (2, 1, 0))
     nib.save(nib.Nifti1Image(image_xyz, affine), str(root / "imagesTr" / f"{case_id}.nii.gz"))
-    nib.save(nib.Nifti1Image(label.transpose(2, 1, 0).astype(np.float32), affine),
-             str(root / "labelsTr" / f"{case_id}.nii.gz"))
-    training.append({"image": f"./imagesTr/{case_id}.nii.gz",
-                     "label": f"./labelsTr/{case_id}.nii.gz"})
-  (root / "dataset.json").write_text(json.dumps({
-      "name": "fake", "modality": modality, "labels": labels, "numTraining": len(volumes),
-      "training": training}))
+    nib.save(
+      nib.Nifti1Image(label.transpose(2, 1, 0).astype(np.float32), affine),
+      str(root / "labelsTr" / f"{case_id}.nii.gz"),
+    )
+    training.append(
+      {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
+    )
+  (root / "dataset.json").write_text(
+    json.dumps(
+      {
+        "name": "fake",
+        "modality": modality,
+        "labels": labels,
+        "numTraining": len(volumes),
+        "training": training,
+      }
+    )
+  )
 
 
 @pytest.fixture(scope="module")
@@ -363,18 +394,24 @@ def brain(tmp_path_factory):
     image = _volume(rng, (6, 20, 20, 4))
     image[:, :3] = 0.0  # skull-stripped: zero background rows
     volumes[f"BRATS_{i:03d}"] = (image, _labels(rng, (6, 20, 20), values=(1, 2, 3)))
-  _write_decathlon(root, volumes, {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-                   {"0": "background", "1": "edema", "2": "non-enhancing", "3": "enhancing"})
+  _write_decathlon(
+    root,
+    volumes,
+    {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+    {"0": "background", "1": "edema", "2": "non-enhancing", "3": "enhancing"},
+  )
   (root / "imagesTr" / "._BRATS_000.nii.gz").write_bytes(b"\0")  # macOS fork in the archive
   return root.parent, volumes
 
 
 def test_msd_brain_modality_whole_tumour_and_nonzero_zscore(brain, tmp_path):
   root, volumes = brain
-  builder = real.get_dataset_builder("msd_brain", data_dir=tmp_path, manual_dir=root, size=20,
-                                     modality="t2w")
-  sources = real.load_dataset("msd_brain", data_dir=tmp_path, manual_dir=root, size=20,
-                              modality="t2w")
+  builder = real.get_dataset_builder(
+    "msd_brain", data_dir=tmp_path, manual_dir=root, size=20, modality="t2w"
+  )
+  sources = real.load_dataset(
+    "msd_brain", data_dir=tmp_path, manual_dir=root, size=20, modality="t2w"
+  )
   _check_splits(sources, volumes)
   src = sources["test"]
   case_id = _ids(src)[0]
@@ -382,8 +419,9 @@ def test_msd_brain_modality_whole_tumour_and_nonzero_zscore(brain, tmp_path):
   stack = np.stack([src[i]["image"][..., 0] for i in range(len(src))])
   brain_voxels = image[..., 3] != 0
   flair = image[..., 3]
-  expected = np.where(brain_voxels, (flair - flair[brain_voxels].mean())
-                      / flair[brain_voxels].std(), 0.0)
+  expected = np.where(
+    brain_voxels, (flair - flair[brain_voxels].mean()) / flair[brain_voxels].std(), 0.0
+  )
   np.testing.assert_allclose(stack, expected, atol=1e-4)  # T2w = modality index 3
   assert (stack[:, :3] == 0).all()
   labels = np.stack([src[i]["label"] for i in range(len(src))])
@@ -397,8 +435,9 @@ def test_msd_brain_modality_whole_tumour_and_nonzero_zscore(brain, tmp_path):
 
 def test_msd_heart_and_layout_errors(tmp_path):
   rng = np.random.default_rng(3)
-  volumes = {f"la_{i:03d}": (_volume(rng, (4, 16, 16)), _labels(rng, (4, 16, 16)))
-             for i in range(3)}
+  volumes = {
+    f"la_{i:03d}": (_volume(rng, (4, 16, 16)), _labels(rng, (4, 16, 16))) for i in range(3)
+  }
   root = tmp_path / "heart"
   _write_decathlon(root, volumes, {"0": "MRI"}, {"0": "background", "1": "left atrium"})
   sources = real.load_dataset("msd_heart", data_dir=tmp_path / "d", manual_dir=root, size=8)
@@ -410,22 +449,18 @@ def test_msd_heart_and_layout_errors(tmp_path):
   bad["la_001"] = (volumes["la_001"][0], volumes["la_001"][1] * 2)
   _write_decathlon(tmp_path / "bad", bad, {"0": "MRI"}, {"0": "background", "1": "atrium"})
   with pytest.raises(ValueError, match=r"la_001.nii.gz has values \[2\]"):
-    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
-                      size=8)
+    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad", size=8)
   # A label volume of another shape, an unreadable image: both named.
   bad_label = tmp_path / "bad" / "labelsTr" / "la_001.nii.gz"
   nib.save(nib.Nifti1Image(np.zeros((16, 15, 4), np.float32), np.eye(4)), str(bad_label))
   with pytest.raises(ValueError, match="size mismatch.*la_001.nii.gz"):
-    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
-                      size=8)
+    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad", size=8)
   (tmp_path / "bad" / "imagesTr" / "la_001.nii.gz").write_bytes(b"not a nifti")
   with pytest.raises(ValueError, match="cannot read volume file .*imagesTr/la_001.nii.gz"):
-    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad",
-                      size=8)
+    real.load_dataset("msd_heart", data_dir=tmp_path / "d2", manual_dir=tmp_path / "bad", size=8)
   (tmp_path / "bad" / "dataset.json").unlink()
   with pytest.raises(ValueError, match="wrong layout.*dataset.json"):
-    real.load_dataset("msd_heart", data_dir=tmp_path / "d3", manual_dir=tmp_path / "bad",
-                      size=8)
+    real.load_dataset("msd_heart", data_dir=tmp_path / "d3", manual_dir=tmp_path / "bad", size=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,23 +489,34 @@ def brats_decathlon(shared_data, tmp_path):
   root = tmp_path / "Task01_BrainTumour"
   (root / "imagesTr").mkdir(parents=True)
   (root / "labelsTr").mkdir()
-  cases = {"BRATS_001": "brats_2013_pat0005_1", "BRATS_002": "brats_2013_pat0006_1",
-           "BRATS_003": "brats_2013_pat0005_1"}
+  cases = {
+    "BRATS_001": "brats_2013_pat0005_1",
+    "BRATS_002": "brats_2013_pat0006_1",
+    "BRATS_003": "brats_2013_pat0005_1",
+  }
   for case_id, folder in cases.items():
     src = shared_data / "brats_sample" / folder
     (root / "imagesTr" / f"{case_id}.nii.gz").symlink_to(src / "Flair_subtrMeanDivStd.nii.gz")
     (root / "labelsTr" / f"{case_id}.nii.gz").symlink_to(src / "OTMultiClass.nii.gz")
-  (root / "dataset.json").write_text(json.dumps({
-      "modality": {"0": "FLAIR"},
-      "labels": {str(i): name for i, name in enumerate(
-          ["background", "necrosis", "edema", "non-enhancing", "enhancing"])}}))
+  (root / "dataset.json").write_text(
+    json.dumps(
+      {
+        "modality": {"0": "FLAIR"},
+        "labels": {
+          str(i): name
+          for i, name in enumerate(
+            ["background", "necrosis", "edema", "non-enhancing", "enhancing"]
+          )
+        },
+      }
+    )
+  )
   return root, cases
 
 
 def test_real_brats_sample(brats_decathlon, tmp_path):
   root, cases = brats_decathlon
-  sources = real.load_dataset("msd_brain", data_dir=tmp_path / "d", manual_dir=root.parent,
-                              size=64)
+  sources = real.load_dataset("msd_brain", data_dir=tmp_path / "d", manual_dir=root.parent, size=64)
   _check_splits(sources, cases)
   for src in sources.values():
     assert len(src) == 155  # one case per split, every axial slice

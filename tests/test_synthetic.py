@@ -18,8 +18,9 @@ TINY = dict(size=32, channels=1, n_train=6, n_val=3, n_test=3, seed=5)
 
 def _signed_distance(mask):
   """Rounded distance to the boundary: >= 1 outside, <= -1 inside."""
-  return np.round(ndimage.distance_transform_edt(~mask)
-                  - ndimage.distance_transform_edt(mask)).astype(int)
+  return np.round(
+    ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
+  ).astype(int)
 
 
 # --- Generation --------------------------------------------------------------
@@ -55,8 +56,7 @@ def test_single_example_regenerates_split_entry():
 
 
 def test_splits_share_no_example():
-  labels = {s: synthetic.make_split(0, s, 15, 16, 1)[1]
-            for s in ("train", "val", "test")}
+  labels = {s: synthetic.make_split(0, s, 15, 16, 1)[1] for s in ("train", "val", "test")}
   seen = {}
   for split, ys in labels.items():
     for i, y in enumerate(ys):
@@ -106,8 +106,7 @@ def test_foreground_is_low_contrast_with_soft_boundary(examples64):
     contrasts.append(abs(c))
     # AUC: chance that a fg pixel is brighter (sign-corrected) than a bg pixel.
     ranks = np.argsort(np.argsort(np.r_[fg, bg] * sign))
-    aucs.append((ranks[:fg.size].sum() - fg.size * (fg.size - 1) / 2)
-                / (fg.size * bg.size))
+    aucs.append((ranks[: fg.size].sum() - fg.size * (fg.size - 1) / 2) / (fg.size * bg.size))
     d = _signed_distance(lab)
     profiles.append([(img[d == k] * sign).mean() for k in (-3, -1, 1, 4)])
   contrasts, aucs = np.array(contrasts), np.array(aucs)
@@ -123,9 +122,9 @@ def test_foreground_is_low_contrast_with_soft_boundary(examples64):
   assert edge_out - far_out > 0.12 * step
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(size=8, channels=1), dict(size=32, channels=0),
-    dict(size=32.0, channels=1)])
+@pytest.mark.parametrize(
+  "kwargs", [dict(size=8, channels=1), dict(size=32, channels=0), dict(size=32.0, channels=1)]
+)
 def test_make_example_rejects_bad_shapes(kwargs):
   with pytest.raises(ValueError, match="size|channels"):
     synthetic.make_example(np.random.default_rng(0), **kwargs)
@@ -156,8 +155,7 @@ def _tree_state(root):
 
 def _read_split(source):
   records = [source[i] for i in range(len(source))]
-  return records, np.stack([r["image"] for r in records]), np.stack(
-      [r["label"] for r in records])
+  return records, np.stack([r["image"] for r in records]), np.stack([r["label"] for r in records])
 
 
 @pytest.fixture(scope="module")
@@ -186,27 +184,27 @@ def test_build_makes_no_network_call(built):
 
 def test_builder_round_trip_equals_make_split(built):
   _, sources, _, _ = built
-  sizes = {"train": TINY["n_train"], "val": TINY["n_val"],
-           "test": TINY["n_test"]}
+  sizes = {"train": TINY["n_train"], "val": TINY["n_val"], "test": TINY["n_test"]}
   assert set(sources) == set(sizes)
   for split, n in sizes.items():
     assert len(sources[split]) == n
     records, images, labels = _read_split(sources[split])
-    x, y = synthetic.make_split(TINY["seed"], split, n, TINY["size"],
-                                TINY["channels"])
+    x, y = synthetic.make_split(TINY["seed"], split, n, TINY["size"], TINY["channels"])
     assert images.dtype == np.float32 and labels.dtype == np.uint8
     np.testing.assert_array_equal(images, x)
     np.testing.assert_array_equal(labels, y)
     # Text comes back as bytes; slice_index as a plain integer.
     assert [r["case_id"] for r in records] == [
-        f"synthetic-{split}-{i:05d}".encode() for i in range(n)]
+      f"synthetic-{split}-{i:05d}".encode() for i in range(n)
+    ]
     assert all(int(r["slice_index"]) == 0 for r in records)
 
 
 def test_builder_splits_disjoint(built):
   _, sources, _, _ = built
-  keys = [r["image"].tobytes() for s in ("train", "val", "test")
-          for r in _read_split(sources[s])[0]]
+  keys = [
+    r["image"].tobytes() for s in ("train", "val", "test") for r in _read_split(sources[s])[0]
+  ]
   assert len(set(keys)) == len(keys)
 
 
@@ -214,8 +212,7 @@ def test_second_load_reuses_files(built):
   data_dir, sources, _, state = built
   again = synthetic.load_synthetic(data_dir=data_dir, **TINY)
   assert _tree_state(data_dir) == state
-  np.testing.assert_array_equal(again["train"][2]["image"],
-                                sources["train"][2]["image"])
+  np.testing.assert_array_equal(again["train"][2]["image"], sources["train"][2]["image"])
 
 
 def test_data_source_survives_pickling(built):
@@ -243,19 +240,25 @@ def test_config_names_unique_and_predefined_reused(tmp_path):
   assert name == "s64_c1_n400-50-50_seed0"
   cfg = synthetic.synthetic_builder_config(64, 1, 400, 50, 50, 0)
   assert cfg is synthetic.SyntheticSegmentation.builder_configs[name]
-  variants = {synthetic.synthetic_builder_config(*args).name for args in [
-      (64, 1, 400, 50, 50, 0), (64, 3, 400, 50, 50, 0), (32, 1, 400, 50, 50, 0),
-      (64, 1, 40, 50, 50, 0), (64, 1, 400, 5, 50, 0), (64, 1, 400, 50, 5, 0),
-      (64, 1, 400, 50, 50, 1)]}
+  variants = {
+    synthetic.synthetic_builder_config(*args).name
+    for args in [
+      (64, 1, 400, 50, 50, 0),
+      (64, 3, 400, 50, 50, 0),
+      (32, 1, 400, 50, 50, 0),
+      (64, 1, 40, 50, 50, 0),
+      (64, 1, 400, 5, 50, 0),
+      (64, 1, 400, 50, 5, 0),
+      (64, 1, 400, 50, 50, 1),
+    ]
+  }
   assert len(variants) == 7
   # A copy of a predefined config (what unpickling makes) is taken by name;
   # a different config under a predefined name is refused.
-  builder = synthetic.SyntheticSegmentation(
-      data_dir=tmp_path, config=copy.copy(cfg))
+  builder = synthetic.SyntheticSegmentation(data_dir=tmp_path, config=copy.copy(cfg))
   assert builder.builder_config is cfg
   with pytest.raises(ValueError, match="differs from the predefined"):
-    synthetic.SyntheticSegmentation(
-        data_dir=tmp_path, config=dataclasses.replace(cfg, seed=3))
+    synthetic.SyntheticSegmentation(data_dir=tmp_path, config=dataclasses.replace(cfg, seed=3))
 
 
 def test_bad_configs_and_examples_rejected(built):
@@ -267,7 +270,8 @@ def test_bad_configs_and_examples_rejected(built):
   with pytest.raises(ValueError, match="data_dir"):
     synthetic.load_synthetic(data_dir=None, **TINY)
   builder = synthetic.SyntheticSegmentation(
-      data_dir=data_dir, config=synthetic.synthetic_builder_config(**TINY))
+    data_dir=data_dir, config=synthetic.synthetic_builder_config(**TINY)
+  )
   image = np.zeros((32, 32, 1), np.float32)
   label = np.zeros((32, 32), np.uint8)
   ok = builder.encode_example(image=image, label=label, case_id="a")

@@ -94,8 +94,9 @@ def test_killed_run_resumes_to_identical_metrics(full_run, tiny_config, tmp_path
   assert [l["epoch"] for l in _lines(tmp_path / "metrics.jsonl") if l["split"] == "train"] == [1, 2]
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_config, tmp_path,
-                                                                  monkeypatch):
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(
+  tiny_config, tmp_path, monkeypatch
+):
   original = pipeline.train_dataset
   calls = {"n": 0}
 
@@ -144,10 +145,10 @@ def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
   size = config.data.size
   label = (np.add.outer(np.arange(size), np.arange(size)) % 17 < 7).astype(np.int32)
   batch = {
-      "image": jnp.asarray(rng.standard_normal((4, size, size, 1)), jnp.float32),
-      "noisy_label": jnp.asarray(np.stack([label] * 4)),
-      "meta_image": jnp.asarray(rng.standard_normal((2, size, size, 1)), jnp.float32),
-      "meta_label": jnp.asarray(np.stack([label] * 2)),
+    "image": jnp.asarray(rng.standard_normal((4, size, size, 1)), jnp.float32),
+    "noisy_label": jnp.asarray(np.stack([label] * 4)),
+    "meta_image": jnp.asarray(rng.standard_normal((2, size, size, 1)), jnp.float32),
+    "meta_label": jnp.asarray(np.stack([label] * 2)),
   }
   for method in ("l2b", "metadcseg"):
     config.method = method
@@ -168,8 +169,9 @@ def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
 def _parse(argv):
   """Parses argv the way `experiments/main.py` does (locked config, overrides)."""
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   fv(argv)
   return fv.config
 
@@ -189,8 +191,9 @@ def test_unknown_config_key_and_bad_values_are_refused(tiny_config):
     validate.check_config(bad)
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "synthetic", "kvasir_seg", "promise12",
-                                  "msd_heart", "msd_brain"])
+@pytest.mark.parametrize(
+  "name", ["default", "tiny", "synthetic", "kvasir_seg", "promise12", "msd_heart", "msd_brain"]
+)
 def test_every_config_loads_and_passes_checks(name, tmp_path):
   config = _parse(["prog", f"--config={CONFIG_DIR / (name + '.py')}"])
   if config.data.name != "synthetic":

@@ -8,7 +8,9 @@ from metadcseg_jax import validate
 from metadcseg_jax.errors import ConfigError
 
 
-@pytest.mark.parametrize("key, value, message", [
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
     ("train.keep_checkpoints", 0, "config.train.keep_checkpoints must be >= 1, got 0"),
     ("train.eval_every_epochs", 0, "config.train.eval_every_epochs must be >= 1"),
     ("train.checkpoint_every_epochs", 0, "config.train.checkpoint_every_epochs must be >= 1"),
@@ -34,7 +36,8 @@ from metadcseg_jax.errors import ConfigError
     ("model.width", 0, "config.model.width must be >= 1"),
     ("model.dtype", "float64", "config.model.dtype must be one of"),
     ("seed", -1, "config.seed must be >= 0"),
-])
+  ],
+)
 def test_each_bad_value_is_named(key, value, message):
   config = tiny.get_config()
   section, _, field = key.rpartition(".")
@@ -47,7 +50,9 @@ def test_each_bad_value_is_named(key, value, message):
   assert message in str(e.value)
 
 
-@pytest.mark.parametrize("changes, message", [
+@pytest.mark.parametrize(
+  "changes, message",
+  [
     ({"data.size": 40}, "must be divisible by 16"),
     ({"train.warmup_epochs": 5, "train.num_epochs": 2}, "warmup_epochs=5 exceeds"),
     ({"train.optimizer": "adam"}, "route='jvp' needs an update linear in the gradient"),
@@ -55,7 +60,8 @@ def test_each_bad_value_is_named(key, value, message):
     ({"data.name": "kvasir_seg"}, "needs config.data.manual_dir"),
     ({"data.name": "kvasir_seg", "data.manual_dir": "/no/such/folder"}, "is not a folder"),
     ({"data.n_train": 3}, "smaller than one training batch"),
-])
+  ],
+)
 def test_incompatible_combinations(changes, message, tmp_path):
   config = tiny.get_config()
   for key, value in changes.items():

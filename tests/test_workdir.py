@@ -16,9 +16,16 @@ from metadcseg_jax.errors import WorkdirError
 
 
 def _lock_as(wd, pid, host=None):
-  (wd.path / workdir_lib.LOCK_NAME).write_text(json.dumps({
-      "pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
-      "process_start": workdir_lib._process_start(pid)}))
+  (wd.path / workdir_lib.LOCK_NAME).write_text(
+    json.dumps(
+      {
+        "pid": pid,
+        "host": host or socket.gethostname(),
+        "started": "2026-01-01T00:00:00+00:00",
+        "process_start": workdir_lib._process_start(pid),
+      }
+    )
+  )
 
 
 def test_second_run_on_a_busy_workdir_gets_a_one_line_error(tmp_path):
@@ -110,4 +117,6 @@ def test_remove_new_removes_only_what_appeared(tmp_path):
   (tmp_path / "half" / "deep" / "f").write_text("z")
   files.remove_new(tmp_path, before)
   assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
-      "old", "old/keep.txt"]
+    "old",
+    "old/keep.txt",
+  ]

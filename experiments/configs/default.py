@@ -24,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "synthetic"  # synthetic | kvasir_seg | promise12 | msd_brain | msd_heart | folder
+  config.data.name = (
+    "synthetic"  # synthetic | kvasir_seg | promise12 | msd_brain | msd_heart | folder
+  )
   config.data.data_dir = "~/metadcseg_data"  # TFDS builds and noisy-label caches live here
   config.data.manual_dir = ""  # raw data folder for real datasets
   # Reading a folder of your own (name "folder"): channels and num_classes above, and
@@ -44,10 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.n_val = 50
   config.data.n_test = 100
   config.data.seed = 0  # synthetic generation and the meta split
-  config.data.meta_fraction = 0.02  # SPEC §4: 2% clean meta set
+  config.data.meta_fraction = 0.02  # MetaDCSeg §4.1: 2% clean meta set
   config.data.augment = True
   config.data.noise = ml_collections.ConfigDict()
-  # none | l2b20 | l2b40 | l2b60 | markov_sr | markov_se | dist (SPEC §5)
+  # none | l2b20 | l2b40 | l2b60 | markov_sr | markov_se | dist (MetaDCSeg App. A.2)
   config.data.noise.kind = "l2b40"
   config.data.noise.seed = 0
   # L2B kinds only: L2B's kernels suit ~144-320 px images; at 64 px unscaled 40% noise empties
@@ -80,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.meta.eta = 0.01  # meta lr (Table 8 "Meta LR Scale"); cancels when (a0, b0) = (0, 0)
   config.meta.normalizer = "image"  # "image" (Eq. 24) | "batch" (L2B)
   config.meta.extra_clean_step = False  # L2B code: extra real step on the clean meta batch
-  config.meta.use = True  # ablation "meta off": plain CE weights (SPEC §3)
+  config.meta.use = True  # ablation "meta off": plain CE weights (MetaDCSeg §3.4)
 
   config.dcd = ml_collections.ConfigDict()
   config.dcd.use = True

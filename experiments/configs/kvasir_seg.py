@@ -3,7 +3,8 @@ r"""MetaDCSeg on Kvasir-SEG with the paper's Table 8 hyper-parameters (see table
     metadcseg-train --config=experiments/configs/kvasir_seg.py \
         --config.data.manual_dir=/path/to/Kvasir-SEG --workdir=runs/kvasir_seg
 
-Input: the Kvasir-SEG folder (images/ and masks/ jpg). Cost: 140 epochs, hours on a GPU, days on a CPU.
+Input: the Kvasir-SEG folder (images/ and masks/ jpg).
+Cost: 140 epochs, hours on a GPU, days on a CPU.
 Label noise: --config.data.noise.kind=l2b20|l2b40|l2b60|markov_sr|markov_se|dist|none.
 """
 

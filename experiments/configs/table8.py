@@ -10,18 +10,19 @@ from experiments.configs import default
 # name: (input size, channels, train batch, meta batch, epochs, warm-up, lr, weight decay,
 #        lambda_bd, lambda_dice, grad threshold, boundary ratio)
 TABLE8 = {
-    "kvasir_seg": (256, 3, 2, 2, 140, 10, 0.0060, 5e-4, 0.35, 0.08, 0.08, 0.14),
-    "promise12": (144, 1, 1, 2, 120, 10, 0.0050, 5e-4, 0.30, 0.10, 0.10, 0.10),
-    "msd_heart": (160, 1, 1, 2, 160, 15, 0.0040, 5e-4, 0.33, 0.12, 0.10, 0.11),
-    "msd_brain": (160, 1, 1, 2, 180, 15, 0.0035, 4e-4, 0.28, 0.14, 0.12, 0.12),
+  "kvasir_seg": (256, 3, 2, 2, 140, 10, 0.0060, 5e-4, 0.35, 0.08, 0.08, 0.14),
+  "promise12": (144, 1, 1, 2, 120, 10, 0.0050, 5e-4, 0.30, 0.10, 0.10, 0.10),
+  "msd_heart": (160, 1, 1, 2, 160, 15, 0.0040, 5e-4, 0.33, 0.12, 0.10, 0.11),
+  "msd_brain": (160, 1, 1, 2, 180, 15, 0.0035, 4e-4, 0.28, 0.14, 0.12, 0.12),
 }
 
 
 def config_for(name: str) -> ml_collections.ConfigDict:
   """The default config with dataset `name`'s Table 8 row (meta step 1, meta lr scale 0.01,
   tau_dcd 1.0 for every dataset)."""
-  (size, channels, batch, meta_batch, epochs, warmup, lr, wd, lambda_bd, lambda_dice, clip,
-   _) = TABLE8[name]
+  (size, channels, batch, meta_batch, epochs, warmup, lr, wd, lambda_bd, lambda_dice, clip, _) = (
+    TABLE8[name]
+  )
   config = default.get_config()
   config.data.name = name
   config.data.size = size

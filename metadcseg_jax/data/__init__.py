@@ -21,5 +21,7 @@ def check_labels(label: np.ndarray, num_classes: int, where: str) -> None:
   label = np.asarray(label)
   if label.size and (label.min() < 0 or label.max() >= num_classes):
     bad = np.unique(label[(label < 0) | (label >= num_classes)])
-    raise DataError(f"{where}: label values {bad.tolist()[:10]} outside [0, {num_classes}); "
-                    f"set config.data.num_classes or fix the mask")
+    raise DataError(
+      f"{where}: label values {bad.tolist()[:10]} outside [0, {num_classes}); "
+      f"set config.data.num_classes or fix the mask"
+    )

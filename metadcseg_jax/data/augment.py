@@ -1,4 +1,4 @@
-"""Geometric augmentation of SPEC §4: random flip, rotation ±10°, multi-scale zoom by 4-30 px.
+"""Augmentation (MetaDCSeg §4.1): random flip, rotation ±10°, multi-scale zoom by 4-30 px.
 
 One affine map per example, applied with the same matrix to the image (bilinear) and to every
 label map (nearest), so image, clean label and noisy label stay aligned pixel for pixel.
@@ -12,10 +12,14 @@ from scipy import ndimage
 LABEL_KEYS = ("label", "noisy_label")
 
 
-def random_affine(rng: np.random.Generator, size: tuple[int, int], *,
-                  max_rotation_deg: float = 10.0,
-                  zoom_px: tuple[int, int] = (4, 30),
-                  flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def random_affine(
+  rng: np.random.Generator,
+  size: tuple[int, int],
+  *,
+  max_rotation_deg: float = 10.0,
+  zoom_px: tuple[int, int] = (4, 30),
+  flip: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
   """Draws one augmentation as an output->input affine map for `ndimage.affine_transform`.
 
   The zoom enlarges the image by `s ~ U{zoom_px}` pixels along its shorter side and crops a
@@ -50,26 +54,37 @@ def random_affine(rng: np.random.Generator, size: tuple[int, int], *,
   return matrix, offset
 
 
-def apply_affine(example: Mapping[str, np.ndarray], matrix: np.ndarray,
-                 offset: np.ndarray) -> dict[str, np.ndarray]:
+def apply_affine(
+  example: Mapping[str, np.ndarray], matrix: np.ndarray, offset: np.ndarray
+) -> dict[str, np.ndarray]:
   """Warps "image" (H,W,C) bilinearly and the label maps (H,W) with nearest neighbour."""
   out = dict(example)
   image = example["image"]
-  out["image"] = np.stack([
+  out["image"] = np.stack(
+    [
       ndimage.affine_transform(image[..., c], matrix, offset, order=1, mode="reflect")
       for c in range(image.shape[-1])
-  ], axis=-1).astype(np.float32)
+    ],
+    axis=-1,
+  ).astype(np.float32)
   for key in LABEL_KEYS:
     if key in example:
       out[key] = ndimage.affine_transform(
-          example[key], matrix, offset, order=0, mode="reflect").astype(example[key].dtype)
+        example[key], matrix, offset, order=0, mode="reflect"
+      ).astype(example[key].dtype)
   return out
 
 
-def augment(example: Mapping[str, np.ndarray], rng: np.random.Generator, *,
-            max_rotation_deg: float = 10.0, zoom_px: tuple[int, int] = (4, 30),
-            flip: bool = True) -> dict[str, np.ndarray]:
+def augment(
+  example: Mapping[str, np.ndarray],
+  rng: np.random.Generator,
+  *,
+  max_rotation_deg: float = 10.0,
+  zoom_px: tuple[int, int] = (4, 30),
+  flip: bool = True,
+) -> dict[str, np.ndarray]:
   """Random flip + rotation + zoom of one example (grain `random_map` signature)."""
-  matrix, offset = random_affine(rng, example["image"].shape[:2],
-                                 max_rotation_deg=max_rotation_deg, zoom_px=zoom_px, flip=flip)
+  matrix, offset = random_affine(
+    rng, example["image"].shape[:2], max_rotation_deg=max_rotation_deg, zoom_px=zoom_px, flip=flip
+  )
   return apply_affine(example, matrix, offset)

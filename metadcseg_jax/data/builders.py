@@ -59,17 +59,16 @@ tfds.disable_progress_bar()
 DataSource = Sequence[Mapping[str, Any]]
 
 
-def segmentation_features(
-    height: int, width: int, channels: int
-) -> tfds.features.FeaturesDict:
+def segmentation_features(height: int, width: int, channels: int) -> tfds.features.FeaturesDict:
   """The features of every project dataset, for fixed (H, W, C)."""
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Tensor(
-          shape=(height, width, channels), dtype=np.float32),
+  return tfds.features.FeaturesDict(
+    {
+      "image": tfds.features.Tensor(shape=(height, width, channels), dtype=np.float32),
       "label": tfds.features.Tensor(shape=(height, width), dtype=np.uint8),
       "case_id": tfds.features.Text(),
       "slice_index": tfds.features.Tensor(shape=(), dtype=np.int32),
-  })
+    }
+  )
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -93,11 +92,10 @@ class SegmentationConfig(tfds.core.BuilderConfig):
       value = getattr(self, field)
       if not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(
-            f"{type(self).__name__}.{field} must be a positive integer, got "
-            f"{value!r}")
+          f"{type(self).__name__}.{field} must be a positive integer, got {value!r}"
+        )
     if self.num_classes > 256:
-      raise ConfigError(
-          f"num_classes={self.num_classes} does not fit the uint8 labels")
+      raise ConfigError(f"num_classes={self.num_classes} does not fit the uint8 labels")
 
 
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
@@ -115,8 +113,9 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, file_format: str = FILE_FORMAT, **kwargs):
     if file_format != FILE_FORMAT:
       raise ValueError(
-          f"file_format must be {FILE_FORMAT!r} (the only random-access "
-          f"format that works without TensorFlow), got {file_format!r}")
+        f"file_format must be {FILE_FORMAT!r} (the only random-access "
+        f"format that works without TensorFlow), got {file_format!r}"
+      )
     config = kwargs.get("config")
     if isinstance(config, tfds.core.BuilderConfig):
       predefined = type(self).builder_configs.get(config.name)
@@ -125,8 +124,9 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
         # and unpickling a builder (grain workers) creates such a copy.
         if dataclasses.asdict(predefined) != dataclasses.asdict(config):
           raise ValueError(
-              f"config {config.name!r} differs from the predefined config of "
-              f"that name: {config} vs {predefined}")
+            f"config {config.name!r} differs from the predefined config of "
+            f"that name: {config} vs {predefined}"
+          )
         kwargs["config"] = config.name
     super().__init__(file_format=file_format, **kwargs)
 
@@ -134,25 +134,24 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     if not isinstance(config, SegmentationConfig):
       raise ValueError(
-          f"{type(self).__name__} needs a SegmentationConfig, got "
-          f"{type(config).__name__}")
+        f"{type(self).__name__} needs a SegmentationConfig, got {type(config).__name__}"
+      )
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.DESCRIPTION,
-        features=segmentation_features(
-            config.height, config.width, config.channels),
-        homepage=self.HOMEPAGE,
-        citation=self.CITATION,
-        disable_shuffling=True,
+      builder=self,
+      description=self.DESCRIPTION,
+      features=segmentation_features(config.height, config.width, config.channels),
+      homepage=self.HOMEPAGE,
+      citation=self.CITATION,
+      disable_shuffling=True,
     )
 
   def encode_example(
-      self,
-      *,
-      image: np.ndarray,
-      label: np.ndarray,
-      case_id: str,
-      slice_index: int = 0,
+    self,
+    *,
+    image: np.ndarray,
+    label: np.ndarray,
+    case_id: str,
+    slice_index: int = 0,
   ) -> dict[str, Any]:
     """Checks one example against the config and returns its feature dict.
 
@@ -175,40 +174,41 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     want = (config.height, config.width, config.channels)
     if image.shape != want:
       raise DataError(
-          f"case {case_id!r} slice {slice_index}: image shape {image.shape}, "
-          f"config {config.name!r} wants {want}")
+        f"case {case_id!r} slice {slice_index}: image shape {image.shape}, "
+        f"config {config.name!r} wants {want}"
+      )
     if label.shape != want[:2]:
       raise DataError(
-          f"case {case_id!r} slice {slice_index}: label shape {label.shape}, "
-          f"config {config.name!r} wants {want[:2]}")
+        f"case {case_id!r} slice {slice_index}: label shape {label.shape}, "
+        f"config {config.name!r} wants {want[:2]}"
+      )
     if not np.all(np.isfinite(image)):
-      raise DataError(
-          f"case {case_id!r} slice {slice_index}: image has non-finite values")
+      raise DataError(f"case {case_id!r} slice {slice_index}: image has non-finite values")
     check_labels(label, config.num_classes, f"case {case_id!r} slice {slice_index}")
     return {
-        "image": image.astype(np.float32),
-        "label": label.astype(np.uint8),
-        "case_id": str(case_id),
-        "slice_index": np.int32(slice_index),
+      "image": image.astype(np.float32),
+      "label": label.astype(np.uint8),
+      "case_id": str(case_id),
+      "slice_index": np.int32(slice_index),
     }
 
 
 def offline_download_config(
-    *, manual_dir: str | os.PathLike | None = None
+  *, manual_dir: str | os.PathLike | None = None
 ) -> tfds.download.DownloadConfig:
   """A DownloadConfig that reuses prepared data and never asks GCS."""
   return tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None else os.fspath(manual_dir),
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-      try_download_gcs=False,
+    manual_dir=None if manual_dir is None else os.fspath(manual_dir),
+    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+    try_download_gcs=False,
   )
 
 
 def prepare_sources(
-    builder: SegmentationBuilder,
-    *,
-    splits: Sequence[str] | None = None,
-    manual_dir: str | os.PathLike | None = None,
+  builder: SegmentationBuilder,
+  *,
+  splits: Sequence[str] | None = None,
+  manual_dir: str | os.PathLike | None = None,
 ) -> dict[str, DataSource]:
   """Builds the dataset if it is not on disk yet; returns its data sources.
 
@@ -222,15 +222,13 @@ def prepare_sources(
     numpy dict (see the module docstring for the types).
   """
   if not isinstance(builder, SegmentationBuilder):
-    raise ValueError(
-        f"builder must be a SegmentationBuilder, got {type(builder).__name__}")
+    raise ValueError(f"builder must be a SegmentationBuilder, got {type(builder).__name__}")
   # A failed build (a bad file halfway through) must not leave half-made folders or a split
   # file behind: the next attempt would trip over them.
   root = pathlib.Path(builder.data_dir_root) / builder.name
   before = files.snapshot(root)
   try:
-    builder.download_and_prepare(
-        download_config=offline_download_config(manual_dir=manual_dir))
+    builder.download_and_prepare(download_config=offline_download_config(manual_dir=manual_dir))
   except BaseException:
     files.remove_new(root, before)
     raise
@@ -239,6 +237,7 @@ def prepare_sources(
   missing = [s for s in splits if s not in available]
   if missing:
     raise ValueError(
-        f"splits {missing} not in {builder.name}/{builder.builder_config_name} "
-        f"(has {sorted(available)})")
+      f"splits {missing} not in {builder.name}/{builder.builder_config_name} "
+      f"(has {sorted(available)})"
+    )
   return {s: builder.as_data_source(split=s) for s in splits}

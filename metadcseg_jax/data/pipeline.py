@@ -1,9 +1,9 @@
-"""From a dataset config to seeded, resumable grain iterators (SPEC §4, §5).
+"""From a dataset config to seeded, resumable grain iterators (MetaDCSeg §4.1, App. A.2).
 
 Every dataset, synthetic or real, is a TFDS array_record builder giving random-access 'train',
 'val' and 'test' sources of records {"image" (H,W,C) float32, "label" (H,W) uint8, "case_id",
 "slice_index"}. This module
-  1. carves the clean meta split out of train (SPEC §4: 2% by default, at least one meta batch),
+  1. carves the clean meta split out of train (MetaDCSeg §4.1: 2%, at least one meta batch),
   2. attaches noisy labels to every training example (the meta split is never corrupted),
   3. validates what it reads (label range, shapes, empty splits) with errors naming the example,
   4. builds grain pipelines: shuffle -> augment -> batch, reshuffled and re-augmented each
@@ -48,8 +48,16 @@ class Records:
   "index" int64 (the example's index in the source split)}; grain reads it directly.
   """
 
-  def __init__(self, source, indices: Sequence[int], *, name: str, num_classes: int,
-               image_shape: tuple[int, int, int], noisy_labels: np.ndarray | None = None):
+  def __init__(
+    self,
+    source,
+    indices: Sequence[int],
+    *,
+    name: str,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    noisy_labels: np.ndarray | None = None,
+  ):
     self.source = source
     self.indices = np.asarray(indices, dtype=np.int64)
     self.name = name
@@ -63,8 +71,14 @@ class Records:
 
   def subset(self, k: int) -> "Records":
     """The first `k` examples of this split."""
-    return Records(self.source, self.indices[:k], name=self.name, num_classes=self.num_classes,
-                   image_shape=self.image_shape, noisy_labels=self.noisy_labels)
+    return Records(
+      self.source,
+      self.indices[:k],
+      name=self.name,
+      num_classes=self.num_classes,
+      image_shape=self.image_shape,
+      noisy_labels=self.noisy_labels,
+    )
 
   def case_id(self, i: int) -> str:
     return _as_str(self.source[int(self.indices[i])]["case_id"])
@@ -78,23 +92,25 @@ class Records:
     if image.shape != self.image_shape:
       raise DataError(f"{where}: image shape {image.shape} != expected {self.image_shape}")
     if label.shape != image.shape[:2]:
-      raise DataError(f"{where}: label shape {label.shape} does not match image shape "
-                       f"{image.shape[:2]}")
+      raise DataError(
+        f"{where}: label shape {label.shape} does not match image shape {image.shape[:2]}"
+      )
     check_labels(label, self.num_classes, where)
     if not np.all(np.isfinite(image)):
       raise DataError(f"{where}: image contains NaN or Inf")
     noisy = label if self.noisy_labels is None else self.noisy_labels[index]
     return {
-        "image": image,
-        "label": label.astype(np.int32),
-        "noisy_label": np.asarray(noisy).astype(np.int32),
-        "index": np.int64(index),
+      "image": image,
+      "label": label.astype(np.int32),
+      "noisy_label": np.asarray(noisy).astype(np.int32),
+      "index": np.int64(index),
     }
 
 
 @dataclasses.dataclass
 class DataSplits:
   """What the trainer needs from a dataset."""
+
   train: Records  # noisy-labelled training examples, meta split removed
   meta: Records  # clean meta split (noisy_label == label)
   val: Records
@@ -113,44 +129,65 @@ def open_dataset(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str, 
   data_dir = str(pathlib.Path(data.data_dir).expanduser().resolve())
   if data.name == "synthetic":
     sources = synthetic.load_synthetic(
-        data_dir=data_dir, size=data.size, channels=data.channels, n_train=data.n_train,
-        n_val=data.n_val, n_test=data.n_test, seed=data.seed)
+      data_dir=data_dir,
+      size=data.size,
+      channels=data.channels,
+      n_train=data.n_train,
+      n_val=data.n_val,
+      n_test=data.n_test,
+      seed=data.seed,
+    )
     key = synthetic.synthetic_builder_config(
-        data.size, data.channels, data.n_train, data.n_val, data.n_test, data.seed).name
+      data.size, data.channels, data.n_train, data.n_val, data.n_test, data.seed
+    ).name
     return sources, key, {}
   if not data.manual_dir:
-    raise ConfigError(f"dataset {data.name!r} needs --config.data.manual_dir=<folder with the "
-                     f"raw data>")
-  builder = real.get_dataset_builder(data.name, data_dir=data_dir, manual_dir=data.manual_dir,
-                                     size=data.size, **builder_options(data))
+    raise ConfigError(
+      f"dataset {data.name!r} needs --config.data.manual_dir=<folder with the raw data>"
+    )
+  builder = real.get_dataset_builder(
+    data.name,
+    data_dir=data_dir,
+    manual_dir=data.manual_dir,
+    size=data.size,
+    **builder_options(data),
+  )
   sources = builders.prepare_sources(builder, splits=SPLITS, manual_dir=data.manual_dir)
   # resized_spacing gives (row, col, slice); a stacked volume is (slice, row, col).
-  spacing = {c: (float(v[2]), float(v[0]), float(v[1]))
-             for c, v in builder.info.metadata.get("pixel_spacing_mm", {}).items()}
+  spacing = {
+    c: (float(v[2]), float(v[0]), float(v[1]))
+    for c, v in builder.info.metadata.get("pixel_spacing_mm", {}).items()
+  }
   return sources, f"{data.name}/{builder.builder_config.name}", spacing
 
 
 def builder_options(data: ml_collections.ConfigDict) -> dict[str, Any]:
   """The real builder's options from `config.data` (unset ones keep the builder's default)."""
   cls = real.BUILDERS[data.name]
-  given = {"mask_suffix": data.options.get("mask_suffix") or None,
-           "train_slices": data.options.get("train_slices"),
-           "modality": data.options.get("modality"),
-           "mask_threshold": data.get("mask_threshold")}
+  given = {
+    "mask_suffix": data.options.get("mask_suffix") or None,
+    "train_slices": data.options.get("train_slices"),
+    "modality": data.options.get("modality"),
+    "mask_threshold": data.get("mask_threshold"),
+  }
   if data.name == "folder":
     # The folder's channel and class counts come from the config itself.
-    given.update(channels=data.channels, num_classes=None if data.num_classes == 2
-                 else data.num_classes)
+    given.update(
+      channels=data.channels, num_classes=None if data.num_classes == 2 else data.num_classes
+    )
   return {k: v for k, v in given.items() if k in cls.OPTIONS and v is not None}
 
 
-def _split_meta(n_train: int, *, fraction: float, min_size: int,
-                seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Seeded split of the training indices into (train, meta), SPEC §4 (2%, >= one batch)."""
+def _split_meta(
+  n_train: int, *, fraction: float, min_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Seeded split of the training indices into (train, meta), MetaDCSeg §4.1 (2%, >= one batch)."""
   n_meta = max(int(math.ceil(fraction * n_train)), min_size)
   if n_meta >= n_train:
-    raise ConfigError(f"meta split of {n_meta} examples leaves no training examples out of "
-                     f"{n_train}; lower config.data.meta_fraction or the meta batch size")
+    raise ConfigError(
+      f"meta split of {n_meta} examples leaves no training examples out of "
+      f"{n_train}; lower config.data.meta_fraction or the meta batch size"
+    )
   perm = np.random.default_rng([seed, 0x6D657461]).permutation(n_train)
   return np.sort(perm[n_meta:]), np.sort(perm[:n_meta])
 
@@ -182,27 +219,29 @@ def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> 
       raise DataError(f"dataset {config.name!r} ({key}): split {split!r} is empty")
   shape = (config.size, config.size, config.channels)
   n_train = len(sources["train"])
-  train_idx, meta_idx = _split_meta(n_train, fraction=config.meta_fraction,
-                                    min_size=meta_batch_size, seed=config.seed)
+  train_idx, meta_idx = _split_meta(
+    n_train, fraction=config.meta_fraction, min_size=meta_batch_size, seed=config.seed
+  )
   clean = load_labels(sources["train"], f"{key}/train", config.num_classes)
   noisy, noise_info = _noisy_labels(clean, config, key)
-  noisy[meta_idx] = clean[meta_idx]  # the meta split is never corrupted (SPEC §4)
+  noisy[meta_idx] = clean[meta_idx]  # the meta split is never corrupted (MetaDCSeg §4.1)
   common = dict(num_classes=config.num_classes, image_shape=shape)
   splits = DataSplits(
-      train=Records(sources["train"], train_idx, name=f"{key}/train", noisy_labels=noisy,
-                    **common),
-      meta=Records(sources["train"], meta_idx, name=f"{key}/meta", **common),
-      val=Records(sources["val"], np.arange(len(sources["val"])), name=f"{key}/val", **common),
-      test=Records(sources["test"], np.arange(len(sources["test"])), name=f"{key}/test",
-                   **common),
-      info={})
+    train=Records(sources["train"], train_idx, name=f"{key}/train", noisy_labels=noisy, **common),
+    meta=Records(sources["train"], meta_idx, name=f"{key}/meta", **common),
+    val=Records(sources["val"], np.arange(len(sources["val"])), name=f"{key}/val", **common),
+    test=Records(sources["test"], np.arange(len(sources["test"])), name=f"{key}/test", **common),
+    info={},
+  )
   splits.info = {
-      "dataset_key": key,
-      "n_train": len(train_idx), "n_meta": len(meta_idx),
-      "n_val": len(splits.val), "n_test": len(splits.test),
-      "meta_indices": meta_idx.tolist(),
-      "noise": noise_info,
-      "spacing": spacing,
+    "dataset_key": key,
+    "n_train": len(train_idx),
+    "n_meta": len(meta_idx),
+    "n_val": len(splits.val),
+    "n_test": len(splits.test),
+    "meta_indices": meta_idx.tolist(),
+    "noise": noise_info,
+    "spacing": spacing,
   }
   return splits
 
@@ -215,26 +254,38 @@ def noise_cache_dir(config: ml_collections.ConfigDict, key: str) -> str:
 def noise_options(noise_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The `noise.py` options that apply to `noise_cfg.kind` (others keep their defaults)."""
   if noise_cfg.kind.startswith("l2b"):
-    return {"scale_kernels_with_size": bool(noise_cfg.scale_kernels_with_size),
-            "small_mask": str(noise_cfg.small_mask)}
+    return {
+      "scale_kernels_with_size": bool(noise_cfg.scale_kernels_with_size),
+      "small_mask": str(noise_cfg.small_mask),
+    }
   return {}
 
 
-def _noisy_labels(clean: np.ndarray, config: ml_collections.ConfigDict,
-                  key: str) -> tuple[np.ndarray, dict[str, Any]]:
+def _noisy_labels(
+  clean: np.ndarray, config: ml_collections.ConfigDict, key: str
+) -> tuple[np.ndarray, dict[str, Any]]:
   kind = config.noise.kind
   if kind in ("none", "", None):
     return clean.copy(), {"kind": "none"}
   cache_dir = noise_cache_dir(config, key)
   options = noise_options(config.noise)
-  noisy = noise_cache.cached_noisy_labels(clean, cache_dir=cache_dir, dataset_key=key,
-                                    kind=kind, seed=config.noise.seed, options=options)
+  noisy = noise_cache.cached_noisy_labels(
+    clean, cache_dir=cache_dir, dataset_key=key, kind=kind, seed=config.noise.seed, options=options
+  )
   corruption = noise.measured_corruption(clean, noisy)
-  info = {"kind": kind, "seed": config.noise.seed, "options": options,
-          "corruption_mean": float(np.mean(corruption)),
-          "corruption_std": float(np.std(corruption))}
-  logging.info("noisy labels %s: measured corruption 1-Dice = %.3f ± %.3f", kind,
-               info["corruption_mean"], info["corruption_std"])
+  info = {
+    "kind": kind,
+    "seed": config.noise.seed,
+    "options": options,
+    "corruption_mean": float(np.mean(corruption)),
+    "corruption_std": float(np.std(corruption)),
+  }
+  logging.info(
+    "noisy labels %s: measured corruption 1-Dice = %.3f ± %.3f",
+    kind,
+    info["corruption_mean"],
+    info["corruption_std"],
+  )
   return noisy, info
 
 
@@ -242,25 +293,34 @@ def _collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarr
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def train_dataset(records: Records, *, batch_size: int, seed: int, augment: bool = True,
-                  augment_options: Mapping[str, Any] | None = None,
-                  num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+def train_dataset(
+  records: Records,
+  *,
+  batch_size: int,
+  seed: int,
+  augment: bool = True,
+  augment_options: Mapping[str, Any] | None = None,
+  num_threads: int = 2,
+  prefetch: int = 4,
+) -> grain.IterDataset:
   """Infinite stream of batches: each epoch reshuffled and re-augmented, epochs never mixed.
 
   Batch dict: "image" (B,H,W,C) float32, "label"/"noisy_label" (B,H,W) int32, "index" (B,).
   `iter(ds)` gives an iterator whose `get_state()` / `set_state()` a checkpoint stores.
   """
   if len(records) < batch_size:
-    raise ConfigError(f"{records.name}: {len(records)} examples, fewer than one batch of "
-                     f"{batch_size}")
+    raise ConfigError(
+      f"{records.name}: {len(records)} examples, fewer than one batch of {batch_size}"
+    )
   ds = grain.MapDataset.source(records).shuffle(seed=seed)
   if augment:
     options = dict(augment_options or {})
     ds = ds.random_map(lambda ex, rng: augment_lib.augment(ex, rng, **options), seed=seed + 1)
   # Batch before repeat so an epoch is exactly len // batch_size batches of its own examples.
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_collate).repeat(None)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch))
+  return ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  )
 
 
 def eval_batches(records: Records, batch_size: int):

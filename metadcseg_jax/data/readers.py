@@ -1,7 +1,8 @@
 """Readers shared by the real-dataset builders: file pairing, decoding, resizing, splits.
 
 Everything here is plain numpy/PIL (plus SimpleITK or nibabel, imported only when a volume is
-read) and raises `DataError` (a ValueError) naming the offending file, so a bad raw folder fails before or
+read) and raises `DataError` (a ValueError) naming the offending file, so a bad raw folder
+fails before or
 while the TFDS builder writes anything, never by silently dropping data.
 
 Conventions:
@@ -48,13 +49,14 @@ def strip_suffix(name: str, suffixes: Sequence[str]) -> tuple[str, str] | None:
   lower = name.lower()
   for suffix in sorted(suffixes, key=len, reverse=True):  # '.nii.gz' before '.gz'-likes
     if lower.endswith(suffix):
-      return name[:-len(suffix)], suffix
+      return name[: -len(suffix)], suffix
   return None
 
 
 @dataclasses.dataclass
 class Listing:
   """Files of one folder keyed by stem, and what was skipped (relative paths) and why."""
+
   files: dict[str, pathlib.Path]
   skipped: list[str]
 
@@ -67,8 +69,13 @@ def require_dir(path: os.PathLike | str, what: str) -> pathlib.Path:
   return path
 
 
-def list_files(folder: pathlib.Path, suffixes: Sequence[str], *, root: pathlib.Path,
-               companions: Sequence[str] = ()) -> Listing:
+def list_files(
+  folder: pathlib.Path,
+  suffixes: Sequence[str],
+  *,
+  root: pathlib.Path,
+  companions: Sequence[str] = (),
+) -> Listing:
   """Lists `folder`'s files with one of `suffixes`, keyed by stem.
 
   Hidden entries (name starting with '.', e.g. macOS '._x.nii.gz' forks), sub-folders and files
@@ -89,16 +96,23 @@ def list_files(folder: pathlib.Path, suffixes: Sequence[str], *, root: pathlib.P
       continue
     stem = parsed[0]
     if stem in files:
-      raise DataError(f"two files in {folder} share the name {stem!r}: {files[stem].name} and "
-                       f"{path.name}; keep one")
+      raise DataError(
+        f"two files in {folder} share the name {stem!r}: {files[stem].name} and "
+        f"{path.name}; keep one"
+      )
     files[stem] = path
   return Listing(files, skipped)
 
 
-def pair_files(images: Listing, masks: Listing, *, images_dir: pathlib.Path,
-               masks_dir: pathlib.Path, mask_suffix: str = "",
-               suffixes: Sequence[str] = IMAGE_SUFFIXES
-               ) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:
+def pair_files(
+  images: Listing,
+  masks: Listing,
+  *,
+  images_dir: pathlib.Path,
+  masks_dir: pathlib.Path,
+  mask_suffix: str = "",
+  suffixes: Sequence[str] = IMAGE_SUFFIXES,
+) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:
   """Matches images to masks by stem (mask stem = image stem + `mask_suffix`).
 
   Raises:
@@ -112,11 +126,13 @@ def pair_files(images: Listing, masks: Listing, *, images_dir: pathlib.Path,
     if mask_suffix and not stem.endswith(mask_suffix):
       unmatched_masks.append(path)
       continue
-    by_image_stem[stem[:len(stem) - len(mask_suffix)] if mask_suffix else stem] = path
+    by_image_stem[stem[: len(stem) - len(mask_suffix)] if mask_suffix else stem] = path
   missing = [p for s, p in images.files.items() if s not in by_image_stem]
   if missing:
-    raise DataError(f"image without a mask in {masks_dir} (mask stem = image stem"
-                     f"{' + ' + repr(mask_suffix) if mask_suffix else ''}): {_listed(missing)}")
+    raise DataError(
+      f"image without a mask in {masks_dir} (mask stem = image stem"
+      f"{' + ' + repr(mask_suffix) if mask_suffix else ''}): {_listed(missing)}"
+    )
   orphans = unmatched_masks + [p for s, p in by_image_stem.items() if s not in images.files]
   if orphans:
     raise DataError(f"mask without an image in {images_dir}: {_listed(orphans)}")
@@ -184,8 +200,9 @@ def _integral(array: np.ndarray, path: object) -> np.ndarray:
   return rounded.astype(np.int64)
 
 
-def mask_to_label(raw: np.ndarray, *, path: object, num_classes: int | None = None,
-                  threshold: int | None = None) -> np.ndarray:
+def mask_to_label(
+  raw: np.ndarray, *, path: object, num_classes: int | None = None, threshold: int | None = None
+) -> np.ndarray:
   """Validates and maps raw mask values to class indices (H, W) uint8.
 
   Args:
@@ -206,18 +223,26 @@ def mask_to_label(raw: np.ndarray, *, path: object, num_classes: int | None = No
   allowed = 2 if num_classes is None else num_classes
   bad = values[(values < 0) | (values >= allowed)]
   if bad.size:
-    kind = ("binary (0/1 or 0/255)" if num_classes is None
-            else f"binary or class indices in [0, {num_classes})")
-    raise DataError(f"mask {path} has values {bad[:10].tolist()} that are neither {kind}; "
-                     f"set num_classes, or mask_threshold for JPEG-compressed masks")
+    kind = (
+      "binary (0/1 or 0/255)"
+      if num_classes is None
+      else f"binary or class indices in [0, {num_classes})"
+    )
+    raise DataError(
+      f"mask {path} has values {bad[:10].tolist()} that are neither {kind}; "
+      f"set num_classes, or mask_threshold for JPEG-compressed masks"
+    )
   return raw.astype(np.uint8)
 
 
-def check_same_size(image_shape: Sequence[int], label_shape: Sequence[int], image_path: object,
-                    label_path: object) -> None:
+def check_same_size(
+  image_shape: Sequence[int], label_shape: Sequence[int], image_path: object, label_path: object
+) -> None:
   if tuple(image_shape) != tuple(label_shape):
-    raise DataError(f"size mismatch: image {image_path} is {tuple(image_shape)} but its mask "
-                     f"{label_path} is {tuple(label_shape)}")
+    raise DataError(
+      f"size mismatch: image {image_path} is {tuple(image_shape)} but its mask "
+      f"{label_path} is {tuple(label_shape)}"
+    )
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -225,21 +250,31 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   if image.shape[:2] == (size, size):
     return image.astype(np.float32)
   # PIL widens the bilinear kernel by the reduction factor, i.e. antialiases.
-  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
-                              .resize((size, size), Image.Resampling.BILINEAR))
-                   for c in range(image.shape[-1])], axis=-1)
+  return np.stack(
+    [
+      np.asarray(
+        Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+          (size, size), Image.Resampling.BILINEAR
+        )
+      )
+      for c in range(image.shape[-1])
+    ],
+    axis=-1,
+  )
 
 
 def resize_label(label: np.ndarray, size: int) -> np.ndarray:
   """(H, W) uint8 class indices -> (size, size) uint8, nearest neighbour."""
   if label.shape == (size, size):
     return label.astype(np.uint8)
-  return np.asarray(Image.fromarray(label.astype(np.uint8)).resize(
-      (size, size), Image.Resampling.NEAREST))
+  return np.asarray(
+    Image.fromarray(label.astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST)
+  )
 
 
-def zscore(volume: np.ndarray, *, region: np.ndarray | None = None,
-           name: object = "volume") -> np.ndarray:
+def zscore(
+  volume: np.ndarray, *, region: np.ndarray | None = None, name: object = "volume"
+) -> np.ndarray:
   """Per-volume z-score `(v - mean) / std`, statistics over `region` (zero outside it).
 
   Args:
@@ -269,8 +304,9 @@ def _import(module: str, package: str):
   try:
     return __import__(module)
   except ImportError as e:
-    raise ImportError(f"reading this dataset needs {package}: pip install "
-                      f"'metadcseg-jax[data]' (or {package})") from e
+    raise ImportError(
+      f"reading this dataset needs {package}: pip install 'metadcseg-jax[data]' (or {package})"
+    ) from e
 
 
 def _mm(*values) -> tuple[float, ...]:
@@ -287,8 +323,7 @@ def volume_info(path: pathlib.Path) -> tuple[tuple[int, ...], tuple[float, float
       shape, zooms = image.shape, image.header.get_zooms()
       if len(shape) < 3:
         raise DataError(f"expected a 3D or 4D volume, got shape {shape}")
-      return ((shape[2], shape[1], shape[0]) + tuple(shape[3:]),
-              _mm(zooms[1], zooms[0], zooms[2]))
+      return ((shape[2], shape[1], shape[0]) + tuple(shape[3:]), _mm(zooms[1], zooms[0], zooms[2]))
     sitk = _import("SimpleITK", "SimpleITK")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -328,8 +363,10 @@ def read_label_volume(path: pathlib.Path, *, allowed: Iterable[int]) -> np.ndarr
   values = np.unique(labels)
   bad = values[~np.isin(values, list(allowed))]
   if bad.size:
-    raise DataError(f"label file {path} has values {bad[:10].tolist()} outside the labels "
-                     f"{sorted(allowed)} of dataset.json")
+    raise DataError(
+      f"label file {path} has values {bad[:10].tolist()} outside the labels "
+      f"{sorted(allowed)} of dataset.json"
+    )
   return labels
 
 
@@ -359,22 +396,34 @@ def split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
   return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
 
 
-def make_splits(ids: Sequence[str], *, fractions: Mapping[str, float],
-                seed: int) -> dict[str, list[str]]:
+def make_splits(
+  ids: Sequence[str], *, fractions: Mapping[str, float], seed: int
+) -> dict[str, list[str]]:
   """Seeded split of case ids: a permutation of the sorted ids cut into test, val, train."""
   ids = sorted(ids)
   counts = split_counts(len(ids), fractions)
   order = np.random.default_rng(seed).permutation(len(ids))
   shuffled = [ids[i] for i in order]
   cut_test, cut_val = counts["test"], counts["test"] + counts["val"]
-  return {"train": sorted(shuffled[cut_val:]), "val": sorted(shuffled[cut_test:cut_val]),
-          "test": sorted(shuffled[:cut_test])}
+  return {
+    "train": sorted(shuffled[cut_val:]),
+    "val": sorted(shuffled[cut_test:cut_val]),
+    "test": sorted(shuffled[:cut_test]),
+  }
 
 
-def load_or_make_splits(path: pathlib.Path, ids: Sequence[str], *, dataset: str,
-                        source: pathlib.Path, seed: int, fractions: Mapping[str, float],
-                        skipped: Sequence[str], cases: Mapping[str, Mapping] | None = None,
-                        unit: str = "image") -> dict:
+def load_or_make_splits(
+  path: pathlib.Path,
+  ids: Sequence[str],
+  *,
+  dataset: str,
+  source: pathlib.Path,
+  seed: int,
+  fractions: Mapping[str, float],
+  skipped: Sequence[str],
+  cases: Mapping[str, Mapping] | None = None,
+  unit: str = "image",
+) -> dict:
   """Reads the split file at `path`, or makes the seeded split and writes it there.
 
   The file records the dataset, seed, source folder, fractions, the case ids of each split, the
@@ -393,20 +442,32 @@ def load_or_make_splits(path: pathlib.Path, ids: Sequence[str], *, dataset: str,
       raise DataError(f"cannot read split file {path}: {e}; delete it to re-split") from e
     if listed != ids:
       gone, new = sorted(set(listed) - set(ids)), sorted(set(ids) - set(listed))
-      raise DataError(f"split file {path} does not match {source}: missing from the folder "
-                       f"{_listed(gone) or 'none'}; not in the file {_listed(new) or 'none'}. "
-                       f"Delete the file (or use another data_dir) to re-split")
+      raise DataError(
+        f"split file {path} does not match {source}: missing from the folder "
+        f"{_listed(gone) or 'none'}; not in the file {_listed(new) or 'none'}. "
+        f"Delete the file (or use another data_dir) to re-split"
+      )
     if content.get("source") != str(source):
-      logging.info("split file %s was made from %s; reused for %s (same %s ids)", path,
-                   content.get("source"), source, unit)
+      logging.info(
+        "split file %s was made from %s; reused for %s (same %s ids)",
+        path,
+        content.get("source"),
+        source,
+        unit,
+      )
     logging.info("read split file %s", path)
     return content
   content = {
-      "format_version": SPLIT_FILE_VERSION, "dataset": dataset, "source": str(source),
-      "seed": seed, "unit": unit, "fractions": dict(fractions),
-      "counts": split_counts(len(ids), fractions),
-      "splits": make_splits(ids, fractions=fractions, seed=seed),
-      "num_skipped_files": len(skipped), "skipped_files": list(skipped),
+    "format_version": SPLIT_FILE_VERSION,
+    "dataset": dataset,
+    "source": str(source),
+    "seed": seed,
+    "unit": unit,
+    "fractions": dict(fractions),
+    "counts": split_counts(len(ids), fractions),
+    "splits": make_splits(ids, fractions=fractions, seed=seed),
+    "num_skipped_files": len(skipped),
+    "skipped_files": list(skipped),
   }
   if cases is not None:
     content["cases"] = {k: dict(v) for k, v in sorted(cases.items())}
@@ -418,5 +479,9 @@ def load_or_make_splits(path: pathlib.Path, ids: Sequence[str], *, dataset: str,
 
 def report_skipped(skipped: Sequence[str], where: object) -> None:
   if skipped:
-    logging.warning("skipped %d entries in %s that are not data files: %s", len(skipped), where,
-                    _listed(list(skipped)))
+    logging.warning(
+      "skipped %d entries in %s that are not data files: %s",
+      len(skipped),
+      where,
+      _listed(list(skipped)),
+    )

@@ -20,7 +20,8 @@ Decisions (see the module docstrings of `readers` for file conventions):
     50 training cases: 40 train / 10 test as in the paper, with 4 of the 40 carved out as
     validation, so 36/4/10); MSD Brain 80/10/10 % (387/48/49 of 484: the paper's 387 train / 49
     test); MSD Heart 70/10/20 % (14/2/4 of 20; the paper gives no split, 4 test volumes rather
-    than 2 for a steadier per-volume mean); folder 80/10/10 %. Test gets ceil(f n), val round(f n), train the rest, each >= 1.
+    than 2 for a steadier per-volume mean); folder 80/10/10 %. Test gets ceil(f n), val
+    round(f n), train the rest, each >= 1.
   * Slices: axial. All slices of every split by default (`train_slices="all"`): per-volume
     metrics need whole volumes in val/test, and dropping empty training slices would change the
     foreground share the noise model and DCD see. `train_slices="foreground"` keeps training
@@ -58,6 +59,7 @@ _SPLIT_FILE = "splits.json"  # copy kept inside each prepared build
 @dataclasses.dataclass(eq=False, kw_only=True)
 class RealConfig(builders.SegmentationConfig):
   """A build of a real dataset: square size (= height = width), split seed, options."""
+
   seed: int = 0
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -89,8 +91,14 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   @classmethod
-  def make_config(cls, *, size: int | None = None, seed: int = 0,
-                  manual_dir: str | pathlib.Path | None = None, **options) -> RealConfig:
+  def make_config(
+    cls,
+    *,
+    size: int | None = None,
+    seed: int = 0,
+    manual_dir: str | pathlib.Path | None = None,
+    **options,
+  ) -> RealConfig:
     """The config of one build; its name encodes everything that changes the records."""
     size = cls.DEFAULT_SIZE if size is None else size
     if not isinstance(size, (int, np.integer)) or size < 8:
@@ -114,15 +122,22 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
   @classmethod
   def _new_config(cls, name: str, size: int, seed: int, options: Mapping[str, Any]):
     return RealConfig(
-        name=name, height=size, width=size, channels=cls.CHANNELS or options["channels"],
-        num_classes=options.get("num_classes") or 2, seed=seed, options=dict(options),
-        description=f"{cls.name} at {size}x{size}, split seed {seed}, options {options}")
+      name=name,
+      height=size,
+      width=size,
+      channels=cls.CHANNELS or options["channels"],
+      num_classes=options.get("num_classes") or 2,
+      seed=seed,
+      options=dict(options),
+      description=f"{cls.name} at {size}x{size}, split seed {seed}, options {options}",
+    )
 
   @classmethod
   def _check_options(cls, options: Mapping[str, Any]) -> None:
     if "train_slices" in options and options["train_slices"] not in SLICE_POLICIES:
-      raise ConfigError(f"train_slices must be one of {SLICE_POLICIES}, got "
-                       f"{options['train_slices']!r}")
+      raise ConfigError(
+        f"train_slices must be one of {SLICE_POLICIES}, got {options['train_slices']!r}"
+      )
 
   @classmethod
   def _extra_name_parts(cls, manual_dir) -> list[str]:
@@ -137,9 +152,14 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
     # The base's info plus a MetadataDict (split, spacing, slice counts; saved with the build).
     info = super()._info()
     return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__, features=info.features,
-        homepage=info.homepage, citation=info.citation, disable_shuffling=True,
-        metadata=tfds.core.MetadataDict())
+      builder=self,
+      description=self.__doc__,
+      features=info.features,
+      homepage=info.homepage,
+      citation=info.citation,
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
+    )
 
   # -- layout and splits --------------------------------------------------------------------
 
@@ -166,13 +186,21 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
     cases, skipped, case_meta = self._scan(root)
     readers.report_skipped(skipped, root)
     content = readers.load_or_make_splits(
-        self.split_file_path(root), list(cases), dataset=self.name, source=root,
-        seed=self.config.seed, fractions=self.FRACTIONS, skipped=skipped, cases=case_meta,
-        unit=self.UNIT)
+      self.split_file_path(root),
+      list(cases),
+      dataset=self.name,
+      source=root,
+      seed=self.config.seed,
+      fractions=self.FRACTIONS,
+      skipped=skipped,
+      cases=case_meta,
+      unit=self.UNIT,
+    )
     pathlib.Path(self.data_dir, _SPLIT_FILE).write_text(json.dumps(content, indent=1))
     self._record_metadata(content)
-    return {s: self._generate_examples(s, [(c, cases[c]) for c in content["splits"][s]])
-            for s in SPLITS}
+    return {
+      s: self._generate_examples(s, [(c, cases[c]) for c in content["splits"][s]]) for s in SPLITS
+    }
 
   def _record_metadata(self, content: Mapping[str, Any]) -> None:
     meta = self.info.metadata
@@ -183,7 +211,8 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
     meta["options"] = dict(self.config.options)
     if "cases" in content:
       meta["pixel_spacing_mm"] = {
-          c: resized_spacing(m, self.config.size) for c, m in content["cases"].items()}
+        c: resized_spacing(m, self.config.size) for c, m in content["cases"].items()
+      }
 
   def _generate_examples(self, split: str, items):
     raise NotImplementedError
@@ -191,9 +220,12 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
   def _encode(self, case_id: str, index: int, image: np.ndarray, label: np.ndarray):
     """Resizes one (H, W, C) image and (H, W) label to the config's size and encodes them."""
     size = self.config.size
-    return self.encode_example(image=readers.resize_image(image, size),
-                               label=readers.resize_label(label, size), case_id=case_id,
-                               slice_index=index)
+    return self.encode_example(
+      image=readers.resize_image(image, size),
+      label=readers.resize_label(label, size),
+      case_id=case_id,
+      slice_index=index,
+    )
 
 
 def resized_spacing(case_meta: Mapping[str, Any], size: int) -> list[float]:
@@ -201,8 +233,6 @@ def resized_spacing(case_meta: Mapping[str, Any], size: int) -> list[float]:
   _, h, w = case_meta["shape"][:3]
   row, col, sl = case_meta["spacing_mm"]
   return [row * h / size, col * w / size, sl]
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +254,9 @@ class _ImageFolderBuilder(_RealBuilder, skip_registration=True):
     masks_dir = readers.require_dir(root / "masks", "masks/")
     images = readers.list_files(images_dir, readers.IMAGE_SUFFIXES, root=root)
     masks = readers.list_files(masks_dir, readers.IMAGE_SUFFIXES, root=root)
-    pairs = readers.pair_files(images, masks, images_dir=images_dir, masks_dir=masks_dir,
-                               mask_suffix=self._mask_suffix())
+    pairs = readers.pair_files(
+      images, masks, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=self._mask_suffix()
+    )
     return pairs, images.skipped + masks.skipped, None
 
   @property
@@ -244,8 +275,9 @@ class _ImageFolderBuilder(_RealBuilder, skip_registration=True):
       readers.check_same_size(image.shape[:2], raw.shape, image_path, mask_path)
       yield key, self._encode(case_id, 0, image, self._label(raw, mask_path))
     if converted:
-      logging.warning("%s/%s: %d images converted to %d channels", self.name, split, converted,
-                      self._num_channels)
+      logging.warning(
+        "%s/%s: %d images converted to %d channels", self.name, split, converted, self._num_channels
+      )
     self.info.metadata.setdefault("converted_to_channels", {})[split] = converted
 
 
@@ -255,6 +287,7 @@ class KvasirSeg(_ImageFolderBuilder, skip_registration=True):
   manual_dir holds `images/` and `masks/` (or `Kvasir-SEG/images`, `Kvasir-SEG/masks`), jpg
   files with the same names. Masks are JPEG-compressed RGB: grey, then > 127 is polyp.
   """
+
   name = "kvasir_seg"
   DEFAULT_SIZE = 256
   CHANNELS = 3
@@ -276,6 +309,7 @@ class Folder(_ImageFolderBuilder, skip_registration=True):
     channels: 1 or 3; None: 1 when every image is grey, else 3.
     mask_suffix: mask stem = image stem + suffix (e.g. "_segmentation" for ISIC).
   """
+
   name = "folder"
   DEFAULT_SIZE = 256
   OPTIONS = {"num_classes": None, "mask_threshold": None, "channels": None, "mask_suffix": ""}
@@ -309,17 +343,23 @@ class Folder(_ImageFolderBuilder, skip_registration=True):
       if manual_dir is None:
         raise ConfigError("folder: pass channels=1 or 3, or manual_dir to infer it")
       root = readers.require_dir(manual_dir, "folder raw data")
-      images = readers.list_files(readers.require_dir(root / "images", "images/"),
-                                  readers.IMAGE_SUFFIXES, root=root)
+      images = readers.list_files(
+        readers.require_dir(root / "images", "images/"), readers.IMAGE_SUFFIXES, root=root
+      )
       if not images.files:
-        raise ConfigError(f"no image files ({', '.join(readers.IMAGE_SUFFIXES)}) found in "
-                         f"{root / 'images'}")
+        raise ConfigError(
+          f"no image files ({', '.join(readers.IMAGE_SUFFIXES)}) found in {root / 'images'}"
+        )
       options["channels"] = max(readers.image_channels(p) for p in images.files.values())
     return super().make_config(size=size, seed=seed, manual_dir=manual_dir, **options)
 
   def _label(self, raw, path):
-    return readers.mask_to_label(raw, path=path, num_classes=self.config.options["num_classes"],
-                                 threshold=self.config.options["mask_threshold"])
+    return readers.mask_to_label(
+      raw,
+      path=path,
+      num_classes=self.config.options["num_classes"],
+      threshold=self.config.options["mask_threshold"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,9 +403,12 @@ class _VolumeBuilder(_RealBuilder, skip_registration=True):
       label_shape, _ = readers.volume_info(label_path)
       readers.check_same_size(image_shape[:3], label_shape, image_path, label_path)
       cases[case_id] = (image_path, label_path, channels.get(case_id))
-      meta[case_id] = {"shape": list(label_shape), "spacing_mm": list(spacing),
-                       "image": str(image_path.relative_to(root)),
-                       "label": str(label_path.relative_to(root))}
+      meta[case_id] = {
+        "shape": list(label_shape),
+        "spacing_mm": list(spacing),
+        "image": str(image_path.relative_to(root)),
+        "label": str(label_path.relative_to(root)),
+      }
     return cases, skipped, meta
 
   def _generate_examples(self, split, items):
@@ -382,13 +425,24 @@ class _VolumeBuilder(_RealBuilder, skip_registration=True):
       for k in np.flatnonzero(keep):
         yield key, self._encode(case_id, int(k), image[k, :, :, None], label[k])
         key += 1  # integer keys in generation order: record i is the i-th slice written
-    logging.info("%s/%s: kept %d of %d axial slices (train_slices=%r applies to train only)",
-                 self.name, split, kept, total, policy)
+    logging.info(
+      "%s/%s: kept %d of %d axial slices (train_slices=%r applies to train only)",
+      self.name,
+      split,
+      kept,
+      total,
+      policy,
+    )
     if not kept:
-      raise DataError(f"{self.name}: no {split} slices left with train_slices={policy!r} "
-                       f"(cases {[c for c, _ in items]})")
+      raise DataError(
+        f"{self.name}: no {split} slices left with train_slices={policy!r} "
+        f"(cases {[c for c, _ in items]})"
+      )
     self.info.metadata.setdefault("slices", {})[split] = {
-        "kept": kept, "total": total, "policy": policy}
+      "kept": kept,
+      "total": total,
+      "policy": policy,
+    }
 
 
 class Promise12(_VolumeBuilder, skip_registration=True):
@@ -397,6 +451,7 @@ class Promise12(_VolumeBuilder, skip_registration=True):
   manual_dir holds `CaseXX.mhd` and `CaseXX_segmentation.mhd` (with their .raw files) of the
   challenge's training data, all in one folder. Labels are 0/1.
   """
+
   name = "promise12"
   DEFAULT_SIZE = 144
   FRACTIONS = {"train": 0.72, "val": 0.08, "test": 0.2}
@@ -404,16 +459,19 @@ class Promise12(_VolumeBuilder, skip_registration=True):
   def _pairs(self, root):
     listing = readers.list_files(root, (".mhd",), root=root, companions=(".raw", ".zraw"))
     suffix = "_segmentation"
-    images = readers.Listing({s: p for s, p in listing.files.items() if not s.endswith(suffix)},
-                             listing.skipped)
+    images = readers.Listing(
+      {s: p for s, p in listing.files.items() if not s.endswith(suffix)}, listing.skipped
+    )
     masks = readers.Listing({s: p for s, p in listing.files.items() if s.endswith(suffix)}, [])
-    pairs = readers.pair_files(images, masks, images_dir=root, masks_dir=root,
-                               mask_suffix=suffix, suffixes=(".mhd",))
+    pairs = readers.pair_files(
+      images, masks, images_dir=root, masks_dir=root, mask_suffix=suffix, suffixes=(".mhd",)
+    )
     return pairs, listing.skipped, {}
 
 
-def _resolve_modality(modality: str | int, modalities: Mapping[str, str],
-                      path: pathlib.Path) -> int:
+def _resolve_modality(
+  modality: str | int, modalities: Mapping[str, str], path: pathlib.Path
+) -> int:
   names = {int(k): str(v) for k, v in modalities.items()}
   if isinstance(modality, (int, np.integer)) and not isinstance(modality, bool):
     if int(modality) in names:
@@ -446,8 +504,10 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
     task = self._task_root(root)
     info_path = task / "dataset.json"
     if not info_path.is_file():
-      raise DataError(f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, "
-                       f"labelsTr/ and dataset.json)")
+      raise DataError(
+        f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, "
+        f"labelsTr/ and dataset.json)"
+      )
     try:
       info = json.loads(info_path.read_text())
       modalities, labels = info["modality"], info["labels"]
@@ -459,15 +519,17 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
     labels_dir = readers.require_dir(task / "labelsTr", "labelsTr/")
     images = readers.list_files(images_dir, readers.NIFTI_SUFFIXES, root=root)
     masks = readers.list_files(labels_dir, readers.NIFTI_SUFFIXES, root=root)
-    pairs = readers.pair_files(images, masks, images_dir=images_dir, masks_dir=labels_dir,
-                               suffixes=readers.NIFTI_SUFFIXES)
+    pairs = readers.pair_files(
+      images, masks, images_dir=images_dir, masks_dir=labels_dir, suffixes=readers.NIFTI_SUFFIXES
+    )
     self._check_training_list(info.get("training", []), task, info_path, pairs)
     channels = {}
     for case_id, (image_path, _) in pairs.items():
       shape, _ = readers.volume_info(image_path)
       if len(shape) == 4 and shape[3] != len(modalities):
-        raise DataError(f"{image_path} has {shape[3]} channels but {info_path} lists "
-                         f"{len(modalities)} modalities")
+        raise DataError(
+          f"{image_path} has {shape[3]} channels but {info_path} lists {len(modalities)} modalities"
+        )
       if len(shape) == 3 and channel != 0:
         raise DataError(f"{image_path} is 3D, modality index {channel} needs a 4D volume")
       channels[case_id] = channel if len(shape) == 4 else None
@@ -483,8 +545,12 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
       listed.add(readers.strip_suffix(path.name, readers.NIFTI_SUFFIXES)[0])
     extra = sorted(set(pairs) - listed)
     if training and extra:
-      logging.warning("%d cases in imagesTr/ are not in %s's training list (used anyway): %s",
-                      len(extra), info_path, extra[:5])
+      logging.warning(
+        "%d cases in imagesTr/ are not in %s's training list (used anyway): %s",
+        len(extra),
+        info_path,
+        extra[:5],
+      )
 
   def _allowed_labels(self):
     return self._labels
@@ -497,6 +563,7 @@ class MsdBrain(_DecathlonBuilder, skip_registration=True):
     modality: name (case-insensitive) or index in dataset.json's "modality"; default FLAIR.
     train_slices: "all" (default), "foreground" or "nonzero" (see module docstring).
   """
+
   name = "msd_brain"
   TASK_FOLDER = "Task01_BrainTumour"
   OPTIONS = {"train_slices": "all", "modality": "FLAIR"}
@@ -515,6 +582,7 @@ class MsdHeart(_DecathlonBuilder, skip_registration=True):
   Options:
     train_slices: "all" (default), "foreground" or "nonzero".
   """
+
   name = "msd_heart"
   TASK_FOLDER = "Task02_Heart"
   FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
@@ -524,18 +592,25 @@ class MsdHeart(_DecathlonBuilder, skip_registration=True):
 # Registry.
 
 BUILDERS: dict[str, type[_RealBuilder]] = {
-    b.name: b for b in (KvasirSeg, Promise12, MsdBrain, MsdHeart, Folder)}
+  b.name: b for b in (KvasirSeg, Promise12, MsdBrain, MsdHeart, Folder)
+}
 # The paper's Table 8 size with default options, split seed 0 (set before any config lookup;
 # a folder's channel count is only known from its files).
 for _cls in (KvasirSeg, Promise12, MsdBrain, MsdHeart):
-  _cls.BUILDER_CONFIGS = [_cls._new_config(f"size{_cls.DEFAULT_SIZE}", _cls.DEFAULT_SIZE, 0,
-                                           _cls.OPTIONS)]
+  _cls.BUILDER_CONFIGS = [
+    _cls._new_config(f"size{_cls.DEFAULT_SIZE}", _cls.DEFAULT_SIZE, 0, _cls.OPTIONS)
+  ]
 del _cls
 
 
-def get_dataset_builder(name: str, *, data_dir: str | pathlib.Path,
-                        manual_dir: str | pathlib.Path | None, size: int | None = None,
-                        **options) -> _RealBuilder:
+def get_dataset_builder(
+  name: str,
+  *,
+  data_dir: str | pathlib.Path,
+  manual_dir: str | pathlib.Path | None,
+  size: int | None = None,
+  **options,
+) -> _RealBuilder:
   """The TFDS builder of a real dataset (not yet prepared).
 
   Args:
@@ -552,20 +627,29 @@ def get_dataset_builder(name: str, *, data_dir: str | pathlib.Path,
     raise ConfigError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
   cls = BUILDERS[name]
   config = cls.make_config(size=size, manual_dir=manual_dir, **options)
-  return cls(data_dir=str(pathlib.Path(data_dir).expanduser().resolve()), config=config,
-             manual_dir=manual_dir)
+  return cls(
+    data_dir=str(pathlib.Path(data_dir).expanduser().resolve()),
+    config=config,
+    manual_dir=manual_dir,
+  )
 
 
-def load_dataset(name: str, *, data_dir: str | pathlib.Path,
-                 manual_dir: str | pathlib.Path | None, size: int | None = None,
-                 **options) -> dict[str, Any]:
+def load_dataset(
+  name: str,
+  *,
+  data_dir: str | pathlib.Path,
+  manual_dir: str | pathlib.Path | None,
+  size: int | None = None,
+  **options,
+) -> dict[str, Any]:
   """Builds (once) and opens a real dataset: {'train', 'val', 'test'} -> random-access source.
 
   Each source has `len()` and `source[i]` -> {"image" (H,W,C) float32, "label" (H,W) uint8,
   "case_id" bytes, "slice_index" int32}.
   """
-  builder = get_dataset_builder(name, data_dir=data_dir, manual_dir=manual_dir, size=size,
-                                **options)
+  builder = get_dataset_builder(
+    name, data_dir=data_dir, manual_dir=manual_dir, size=size, **options
+  )
   return builders.prepare_sources(builder, splits=SPLITS, manual_dir=manual_dir)
 
 

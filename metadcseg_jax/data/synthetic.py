@@ -84,9 +84,7 @@ def _check_shape_args(size: int, channels: int) -> None:
     raise ValueError(f"channels must be a positive integer, got {channels!r}")
 
 
-def _smooth_fields(
-    rng: np.random.Generator, shape: tuple[int, ...], sigma: float
-) -> np.ndarray:
+def _smooth_fields(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
   """Gaussian-filtered white noise over the last two axes, unit std per field.
 
   Args:
@@ -100,8 +98,8 @@ def _smooth_fields(
   z = rng.standard_normal(shape)
   if sigma > 0:
     z = ndimage.gaussian_filter(
-        z, sigma=(0,) * (len(shape) - 2) + (sigma, sigma), mode="wrap",
-        truncate=3.0)
+      z, sigma=(0,) * (len(shape) - 2) + (sigma, sigma), mode="wrap", truncate=3.0
+    )
   z -= z.mean(axis=(-2, -1), keepdims=True)
   z /= z.std(axis=(-2, -1), keepdims=True) + 1e-12
   return z
@@ -130,7 +128,8 @@ def _foreground(rng: np.random.Generator, size: int) -> np.ndarray:
   radii = np.sqrt(target * size * size * shares / np.pi)  # (n,)
   lo = 0.7 * radii
   centers = lo[:, None] + rng.uniform(size=(n_blobs, 2)) * (
-      size - 2 * lo[:, None])  # (n, 2), blobs mostly inside the image
+    size - 2 * lo[:, None]
+  )  # (n, 2), blobs mostly inside the image
   ks = np.arange(2, 7)
   amps = rng.normal(size=(n_blobs, ks.size)) * 0.22 / ks**0.8  # (n, K)
   phases = rng.uniform(0, 2 * np.pi, size=(n_blobs, ks.size))
@@ -142,8 +141,8 @@ def _foreground(rng: np.random.Generator, size: int) -> np.ndarray:
   rho = np.hypot(dy, dx)  # (n, H, W)
   theta = np.arctan2(dy, dx)
   log_r = np.log(radii)[:, None, None] + np.einsum(
-      "nk,nkhw->nhw", amps,
-      np.cos(ks[None, :, None, None] * theta[:, None] + phases[..., None, None]))
+    "nk,nkhw->nhw", amps, np.cos(ks[None, :, None, None] * theta[:, None] + phases[..., None, None])
+  )
   dist = (rho / np.exp(log_r)).min(axis=0) + 0.07 * wiggle  # (H, W)
 
   mask = dist < 1.0
@@ -156,7 +155,7 @@ def _foreground(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def make_example(
-    rng: np.random.Generator, *, size: int, channels: int
+  rng: np.random.Generator, *, size: int, channels: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """One synthetic image and its label, a pure function of `rng`'s state.
 
@@ -185,8 +184,7 @@ def make_example(
   sign = -1.0 if rng.uniform() < _DARK_LESION_PROB else 1.0
   delta = sign * rng.uniform(*_CONTRAST_RANGE)
   edge_sigma = scale * rng.uniform(*_EDGE_SIGMA_RANGE)
-  soft = ndimage.gaussian_filter(
-      mask.astype(np.float64), edge_sigma, mode="nearest")  # (H, W)
+  soft = ndimage.gaussian_filter(mask.astype(np.float64), edge_sigma, mode="nearest")  # (H, W)
 
   def correlated(sigma, rho):
     # Shared anatomy plus a channel-specific part, correlation rho.
@@ -196,16 +194,17 @@ def make_example(
     own = _smooth_fields(rng, (channels, size, size), sigma)
     return np.sqrt(rho) * shared + np.sqrt(1 - rho) * own
 
-  texture = sum(std * correlated(frac * size, _CHANNEL_CORRELATION)
-                for frac, std in _BG_TEXTURE)
+  texture = sum(std * correlated(frac * size, _CHANNEL_CORRELATION) for frac, std in _BG_TEXTURE)
   fg_frac, fg_std = _FG_TEXTURE
   fg_texture = fg_std * correlated(fg_frac * size, _CHANNEL_CORRELATION)
 
   yx = (np.arange(size) + 0.5) / size - 0.5
   ramp, angle = rng.uniform(0, _BIAS_RAMP), rng.uniform(0, 2 * np.pi)
-  log_bias = (_BIAS_STD * _smooth_fields(rng, (size, size), size / 3)
-              + ramp * np.cos(angle) * yx[:, None]
-              + ramp * np.sin(angle) * yx[None, :])
+  log_bias = (
+    _BIAS_STD * _smooth_fields(rng, (size, size), size / 3)
+    + ramp * np.cos(angle) * yx[:, None]
+    + ramp * np.sin(angle) * yx[None, :]
+  )
   bias = np.exp(log_bias)  # (H, W)
 
   tissue = base + texture + soft * (delta * weight + fg_texture)  # (C, H, W)
@@ -214,8 +213,7 @@ def make_example(
   image = bias * tissue + noise
   image -= image.mean()
   image /= image.std() + 1e-12
-  return (np.moveaxis(image, 0, -1).astype(np.float32),
-          mask.astype(np.uint8))
+  return (np.moveaxis(image, 0, -1).astype(np.float32), mask.astype(np.uint8))
 
 
 def split_id(split: str) -> int:
@@ -231,20 +229,18 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
   if not isinstance(index, (int, np.integer)) or index < 0:
     raise ValueError(f"index must be a non-negative integer, got {index!r}")
-  return np.random.default_rng(
-      np.random.SeedSequence([int(seed), split_id(split), int(index)]))
+  return np.random.default_rng(np.random.SeedSequence([int(seed), split_id(split), int(index)]))
 
 
 def split_example(
-    seed: int, split: str, index: int, *, size: int, channels: int
+  seed: int, split: str, index: int, *, size: int, channels: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """Regenerates entry `index` of `make_split(seed, split, ...)` alone."""
-  return make_example(example_rng(seed, split, index), size=size,
-                      channels=channels)
+  return make_example(example_rng(seed, split, index), size=size, channels=channels)
 
 
 def make_split(
-    seed: int, split_name: str, n: int, size: int, channels: int
+  seed: int, split_name: str, n: int, size: int, channels: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """A whole split: example i is `split_example(seed, split_name, i, ...)`.
 
@@ -264,10 +260,8 @@ def make_split(
   images = np.empty((n, size, size, channels), np.float32)
   labels = np.empty((n, size, size), np.uint8)
   for i in range(n):
-    images[i], labels[i] = split_example(
-        seed, split_name, i, size=size, channels=channels)
+    images[i], labels[i] = split_example(seed, split_name, i, size=size, channels=channels)
   return images, labels
-
 
 
 def blob_masks(n: int, size: int, *, seed: int = 0) -> np.ndarray:
@@ -285,13 +279,13 @@ def blob_masks(n: int, size: int, *, seed: int = 0) -> np.ndarray:
     for _ in range(rng.integers(1, 4)):
       r, c = rng.uniform(0.3, 0.7, 2) * size
       a, b = rng.uniform(0.12, 0.3, 2) * size
-      rr, cc = draw.ellipse(r, c, a, b, shape=(size, size),
-                            rotation=rng.uniform(0, np.pi))
+      rr, cc = draw.ellipse(r, c, a, b, shape=(size, size), rotation=rng.uniform(0, np.pi))
       out[i, rr, cc] = 1
   return out
 
 
 # --- The TFDS builder -------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class SyntheticConfig(builders.SegmentationConfig):
@@ -305,19 +299,14 @@ class SyntheticConfig(builders.SegmentationConfig):
   def __post_init__(self):
     super().__post_init__()
     if self.height != self.width:
-      raise ValueError(
-          f"synthetic images are square, got height={self.height}, "
-          f"width={self.width}")
+      raise ValueError(f"synthetic images are square, got height={self.height}, width={self.width}")
     if self.height < MIN_SIZE:
-      raise ValueError(
-          f"size must be >= {MIN_SIZE}, got {self.height}")
+      raise ValueError(f"size must be >= {MIN_SIZE}, got {self.height}")
     # TFDS refuses to finalise a split with no examples.
-    for field, low in (("n_train", 1), ("n_val", 1), ("n_test", 1),
-                       ("seed", 0)):
+    for field, low in (("n_train", 1), ("n_val", 1), ("n_test", 1), ("seed", 0)):
       value = getattr(self, field)
       if not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(
-            f"{field} must be an integer >= {low}, got {value!r}")
+        raise ValueError(f"{field} must be an integer >= {low}, got {value!r}")
 
   @property
   def split_sizes(self) -> dict[str, int]:
@@ -325,7 +314,7 @@ class SyntheticConfig(builders.SegmentationConfig):
 
 
 def synthetic_config_name(
-    size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
+  size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
 ) -> str:
   """E.g. 's64_c1_n400-50-50_seed0'."""
   return f"s{size}_c{channels}_n{n_train}-{n_val}-{n_test}_seed{seed}"
@@ -333,12 +322,20 @@ def synthetic_config_name(
 
 def _new_synthetic_config(size, channels, n_train, n_val, n_test, seed):
   return SyntheticConfig(
-      name=synthetic_config_name(size, channels, n_train, n_val, n_test, seed),
-      description=(
-          f"{size}x{size}x{channels} synthetic lesions, {n_train}/{n_val}/"
-          f"{n_test} train/val/test examples, seed {seed}."),
-      height=size, width=size, channels=channels, num_classes=2,
-      n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+    name=synthetic_config_name(size, channels, n_train, n_val, n_test, seed),
+    description=(
+      f"{size}x{size}x{channels} synthetic lesions, {n_train}/{n_val}/"
+      f"{n_test} train/val/test examples, seed {seed}."
+    ),
+    height=size,
+    width=size,
+    channels=channels,
+    num_classes=2,
+    n_train=n_train,
+    n_val=n_val,
+    n_test=n_test,
+    seed=seed,
+  )
 
 
 class SyntheticSegmentation(builders.SegmentationBuilder):
@@ -352,30 +349,37 @@ class SyntheticSegmentation(builders.SegmentationBuilder):
   VERSION = tfds.core.Version(GENERATOR_VERSION)
   RELEASE_NOTES = {GENERATOR_VERSION: "Initial release."}
   BUILDER_CONFIGS = [
-      _new_synthetic_config(64, 1, 400, 50, 50, 0),
-      _new_synthetic_config(64, 3, 400, 50, 50, 0),
+    _new_synthetic_config(64, 1, 400, 50, 50, 0),
+    _new_synthetic_config(64, 3, 400, 50, 50, 0),
   ]
   DESCRIPTION = (
-      "Synthetic medical-looking binary segmentation: textured background, "
-      "bias field, 1-3 low-contrast lesions with blurred edges, noise.")
+    "Synthetic medical-looking binary segmentation: textured background, "
+    "bias field, 1-3 low-contrast lesions with blurred edges, noise."
+  )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # generated, nothing to download
-    return {split: self._generate_examples(split, n)
-            for split, n in self.builder_config.split_sizes.items()}
+    return {
+      split: self._generate_examples(split, n)
+      for split, n in self.builder_config.split_sizes.items()
+    }
 
   def _generate_examples(self, split: str, n: int) -> Iterator[tuple[int, Any]]:
     config = self.builder_config
     for i in range(n):
       image, label = split_example(
-          config.seed, split, i, size=config.height, channels=config.channels)
-      yield i, self.encode_example(
-          image=image, label=label, case_id=f"synthetic-{split}-{i:05d}",
-          slice_index=0)
+        config.seed, split, i, size=config.height, channels=config.channels
+      )
+      yield (
+        i,
+        self.encode_example(
+          image=image, label=label, case_id=f"synthetic-{split}-{i:05d}", slice_index=0
+        ),
+      )
 
 
 def synthetic_builder_config(
-    size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
+  size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
 ) -> SyntheticConfig:
   """The uniquely named config for these parameters (a predefined one if any)."""
   name = synthetic_config_name(size, channels, n_train, n_val, n_test, seed)
@@ -386,14 +390,14 @@ def synthetic_builder_config(
 
 
 def load_synthetic(
-    *,
-    data_dir: str | os.PathLike,
-    size: int,
-    channels: int,
-    n_train: int,
-    n_val: int,
-    n_test: int,
-    seed: int,
+  *,
+  data_dir: str | os.PathLike,
+  size: int,
+  channels: int,
+  n_train: int,
+  n_val: int,
+  n_test: int,
+  seed: int,
 ) -> dict[str, builders.DataSource]:
   """Builds the synthetic dataset under `data_dir` if needed; returns sources.
 
@@ -411,7 +415,6 @@ def load_synthetic(
   """
   if data_dir is None:
     raise ValueError("data_dir must be a directory path, got None")
-  config = synthetic_builder_config(size, channels, n_train, n_val, n_test,
-                                    seed)
+  config = synthetic_builder_config(size, channels, n_train, n_val, n_test, seed)
   builder = SyntheticSegmentation(data_dir=os.fspath(data_dir), config=config)
   return builders.prepare_sources(builder, splits=SPLITS)

@@ -13,11 +13,11 @@ from metadcseg_jax.methods import metadcseg
 from metadcseg_jax.methods import plain
 
 REGISTRY: dict[str, type[base.Method]] = {
-    "ce": plain.CE,
-    "gce": plain.GCE,
-    "sce": plain.SCE,
-    "l2b": l2b.L2B,
-    "metadcseg": metadcseg.MetaDCSeg,
+  "ce": plain.CE,
+  "gce": plain.GCE,
+  "sce": plain.SCE,
+  "l2b": l2b.L2B,
+  "metadcseg": metadcseg.MetaDCSeg,
 }
 # Every method name, in the order of the paper's tables (baselines first).
 NAMES = tuple(REGISTRY)

@@ -37,6 +37,9 @@ from metadcseg_jax.types import Array
 StepFn = Callable[[Any, dict[str, Array], Array], tuple[Any, dict[str, Array]]]
 # Parameter sets a prediction can use: the raw parameters and their exponential moving average.
 VARIANTS = ("raw", "ema")
+# XLA options for functions that run once or twice (figures): 2-3x faster to compile on a CPU,
+# slower to run.
+RUN_ONCE_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class PixelMap(NamedTuple):
@@ -47,6 +50,7 @@ class PixelMap(NamedTuple):
     values: (B,H,W) floats; NaN pixels are left undrawn.
     log: draw on a logarithmic colour scale.
   """
+
   title: str
   values: Array
   log: bool = False
@@ -116,6 +120,7 @@ class TrainState:
     rng: the loop's key (the per-step key is `fold_in(rng, step)`).
     extra: method-specific state (e.g. the DCD fallback centers), a dict pytree.
   """
+
   step: Array
   params: Any
   batch_stats: Any
@@ -136,14 +141,22 @@ class SingleNetworkMethod(Method):
   def __init__(self, config, *, steps_per_epoch):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
     self.model = models.build_model(
-        config.model.name, num_classes=config.data.num_classes, width=config.model.width,
-        deep_supervision=config.model.deep_supervision, dtype=jnp.dtype(config.model.dtype))
+      config.model.name,
+      num_classes=config.data.num_classes,
+      width=config.model.width,
+      deep_supervision=config.model.deep_supervision,
+      dtype=jnp.dtype(config.model.dtype),
+    )
     t = config.train
     # The schedule counts optimizer updates: per epoch, steps times updates per step.
     self.schedule = optim.lr_schedule(t.lr, steps_per_epoch * self.updates_per_step())
     self.optimizer = optim.make_optimizer(
-        name=t.optimizer, learning_rate=self.schedule, momentum=t.momentum,
-        weight_decay=t.weight_decay, grad_clip=t.grad_clip or None)
+      name=t.optimizer,
+      learning_rate=self.schedule,
+      momentum=t.momentum,
+      weight_decay=t.weight_decay,
+      grad_clip=t.grad_clip or None,
+    )
 
   def updates_per_step(self) -> int:
     """Optimizer updates one train step makes (the learning rate is set per epoch)."""
@@ -167,17 +180,22 @@ class SingleNetworkMethod(Method):
       variables = _jitted_init(self.model)(rng_init, x)
     params = variables["params"]
     state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=self.optimizer.tx.init(params), ema_params=jax.tree.map(jnp.copy, params),
-        rng=rng_loop, extra=self.init_extra())
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=self.optimizer.tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params),
+      rng=rng_loop,
+      extra=self.init_extra(),
+    )
     # Committed like a restored checkpoint, so a resumed run hits the same compiled steps.
     return jax.device_put(state, jax.devices()[0])
 
   def forward(self, params, batch_stats, x: Array) -> tuple[tuple[Array, Array], Any]:
     """Train-mode forward of x (B,H,W,C): `((logits (B,H,W,L), features (B,H,W,D)), stats)`."""
-    outputs, updates = self.model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                        train=True, mutable=["batch_stats"])
+    outputs, updates = self.model.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     return outputs, updates["batch_stats"]
 
   def update_params(self, params, opt_state, grads) -> tuple[Any, Any]:
@@ -185,16 +203,29 @@ class SingleNetworkMethod(Method):
     updates, opt_state = self.optimizer.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  def finish_step(self, state: TrainState, params, opt_state, batch_stats, *,
-                  extra: dict[str, Array] | None = None) -> TrainState:
+  def finish_step(
+    self,
+    state: TrainState,
+    params,
+    opt_state,
+    batch_stats,
+    *,
+    extra: dict[str, Array] | None = None,
+  ) -> TrainState:
     """The state after a step: new parameters, their EMA, the step count."""
     ema = optax.incremental_update(params, state.ema_params, 1.0 - self.config.train.ema_decay)
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, ema_params=ema,
-                         extra=state.extra if extra is None else extra)
+    return state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      ema_params=ema,
+      extra=state.extra if extra is None else extra,
+    )
 
-  def apply_gradients(self, state: TrainState, grads, batch_stats, *,
-                      extra: dict[str, Array] | None = None) -> TrainState:
+  def apply_gradients(
+    self, state: TrainState, grads, batch_stats, *, extra: dict[str, Array] | None = None
+  ) -> TrainState:
     """`update_params` then `finish_step`."""
     params, opt_state = self.update_params(state.params, state.opt_state, grads)
     return self.finish_step(state, params, opt_state, batch_stats, extra=extra)
@@ -202,8 +233,11 @@ class SingleNetworkMethod(Method):
   @staticmethod
   def measurements(loss: Array, grads, params) -> dict[str, Array]:
     """The metrics every step reports: loss, gradient and parameter norms."""
-    return {"loss": loss, "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params)}
+    return {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+    }
 
   def plain_step(self, pixel_loss: Callable[[Array, Array], Array]) -> StepFn:
     """A step on `mean(pixel_loss(logits (B,H,W,L), labels (B,H,W)))` of the noisy labels."""
@@ -223,6 +257,7 @@ class SingleNetworkMethod(Method):
 
   def predict(self, state, images, *, variant="raw"):
     params = state.ema_params if variant == "ema" else state.params
-    logits, _ = self.model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                 train=False)
+    logits, _ = self.model.apply(
+      {"params": params, "batch_stats": state.batch_stats}, images, train=False
+    )
     return jax.nn.softmax(logits, axis=-1)

@@ -1,4 +1,4 @@
-"""L2B: pixel-wise meta-weighted bootstrapping with exact meta-gradients (SPEC §1).
+"""L2B: pixel-wise meta-weighted bootstrapping with exact meta-gradients (MetaDCSeg §3.2).
 
 Zhou et al., "L2B: Learning to Bootstrap Robust Models for Combating Label Noise", CVPR 2024;
 MetaDCSeg §3.2 and App. A.3. Warm-up epochs train plain CE; then every step takes the exact
@@ -45,19 +45,26 @@ class L2B(base.SingleNetworkMethod):
 
   def train_step(self, phase):
     if phase == "warmup" or not self.config.meta.use:
-      return self.plain_step(losses.ce_map)  # warm-up (SPEC §1), or the "meta off" ablation
+      return self.plain_step(losses.ce_map)  # warm-up (MetaDCSeg §3.2), or the "meta off" ablation
     return self.meta_step()
 
-  def loss_from_outputs(self, state: base.TrainState, x: Array, y: Array
-                        ) -> Callable[[Array, Array, meta.MetaOutput], tuple[Array, Any]]:
+  def loss_from_outputs(
+    self, state: base.TrainState, x: Array, y: Array
+  ) -> Callable[[Array, Array, meta.MetaOutput], tuple[Array, Any]]:
     """The training loss of a meta step given the forward's outputs (Eq. 1, first term of
     Eq. 13): `(logits (B,H,W,L), features (B,H,W,D), MetaOutput) -> (loss, aux)`."""
     del state, x
 
     def loss_fn(logits, features, mo):
       del features
-      loss = objective.l2b_loss(logits, y, a_hat=mo.a_hat, b_hat=mo.b_hat,
-                                y_pseudo=mo.y_pseudo, normalizer=self.meta_options.normalizer)
+      loss = objective.l2b_loss(
+        logits,
+        y,
+        a_hat=mo.a_hat,
+        b_hat=mo.b_hat,
+        y_pseudo=mo.y_pseudo,
+        normalizer=self.meta_options.normalizer,
+      )
       return loss, {"ce_term": loss}
 
     return loss_fn
@@ -68,23 +75,35 @@ class L2B(base.SingleNetworkMethod):
     return state.extra
 
   def meta_step(self) -> base.StepFn:
-    """SPEC §1 steps 1-9: meta-weights from the exact meta-gradients, then the real step."""
+    """Meta-weights from the exact meta-gradients, then the real step (MetaDCSeg App. A.3)."""
 
     def step(state: base.TrainState, batch, rng):
       del rng
       x, y = batch["image"], batch["noisy_label"]
       variables = {"params": state.params, "batch_stats": state.batch_stats}
       grads, stats, loss, mo, aux = meta.meta_step_grads(
-          self.model.apply, variables, state.opt_state, self.optimizer, x, y,
-          batch["meta_image"], batch["meta_label"], self.loss_from_outputs(state, x, y),
-          **self.meta_options.kwargs())
+        self.model.apply,
+        variables,
+        state.opt_state,
+        self.optimizer,
+        x,
+        y,
+        batch["meta_image"],
+        batch["meta_label"],
+        self.loss_from_outputs(state, x, y),
+        **self.meta_options.kwargs(),
+      )
       params, opt_state = self.update_params(state.params, state.opt_state, grads)
       if self.config.meta.extra_clean_step:
         params, opt_state, stats = self._clean_step(params, opt_state, stats, batch)
-      new_state = self.finish_step(state, params, opt_state, stats,
-                                   extra=self.extra_from_aux(state, aux))
-      metrics = {**self.measurements(loss, grads, new_state.params), **mo.summary(),
-                 **{k: aux[k] for k in LOSS_TERMS if k in aux}}
+      new_state = self.finish_step(
+        state, params, opt_state, stats, extra=self.extra_from_aux(state, aux)
+      )
+      metrics = {
+        **self.measurements(loss, grads, new_state.params),
+        **mo.summary(),
+        **{k: aux[k] for k in LOSS_TERMS if k in aux},
+      }
       return new_state, metrics
 
     return step
@@ -100,24 +119,41 @@ class L2B(base.SingleNetworkMethod):
     params, opt_state = self.update_params(params, opt_state, grads)
     return params, opt_state, stats
 
+  def weights(self, state, x, y, xv, yv) -> meta.MetaOutput:
+    """The meta step's weights (MetaDCSeg App. A.3) at `state`, nothing trained (traceable).
+
+    Args: x (B,H,W,C), y (B,H,W) noisy labels, xv (Bv,H,W,C), yv (Bv,H,W) a clean meta batch.
+    """
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return meta.meta_weights(
+      self.model.apply,
+      variables,
+      state.opt_state,
+      self.optimizer,
+      x,
+      y,
+      xv,
+      yv,
+      **self.meta_options.kwargs(),
+    )
+
   @functools.cached_property
   def _weights_fn(self):
-    """Jitted `(state, x, y, xv, yv) -> MetaOutput` for figures and audits (no training)."""
-
-    def weights(state, x, y, xv, yv):
-      variables = {"params": state.params, "batch_stats": state.batch_stats}
-      return meta.meta_weights(self.model.apply, variables, state.opt_state, self.optimizer, x,
-                               y, xv, yv, **self.meta_options.kwargs())
-
-    return jax.jit(weights)
+    return jax.jit(self.weights, compiler_options=base.RUN_ONCE_COMPILE)
 
   def explain(self, state, batch):
     mo = self.meta_output(state, batch)
-    return [base.PixelMap("γ = α̃ + β̃ (Eq. 9)", mo.gamma),
-            base.PixelMap("πa = α̃ / γ (trust in the label)", mo.pi_a)]
+    return [
+      base.PixelMap("γ = α̃ + β̃ (Eq. 9)", mo.gamma),
+      base.PixelMap("πa = α̃ / γ (trust in the label)", mo.pi_a),
+    ]
 
   def meta_output(self, state, batch) -> meta.MetaOutput:
-    """The meta step's weights on one batch at `state` (SPEC §1 steps 1-8), nothing trained."""
-    return self._weights_fn(state, jnp.asarray(batch["image"]),
-                            jnp.asarray(batch["noisy_label"]), jnp.asarray(batch["meta_image"]),
-                            jnp.asarray(batch["meta_label"]))
+    """The meta step's weights on one batch at `state` (MetaDCSeg App. A.3), nothing trained."""
+    return self._weights_fn(
+      state,
+      jnp.asarray(batch["image"]),
+      jnp.asarray(batch["noisy_label"]),
+      jnp.asarray(batch["meta_image"]),
+      jnp.asarray(batch["meta_label"]),
+    )

@@ -1,5 +1,5 @@
 """MetaDCSeg: L2B's meta-weighted pixel loss plus the Dynamic Center Distance boundary term and
-Dice (MetaDCSeg §3, Eq. 13; SPEC §1-§3).
+Dice (MetaDCSeg §3, Eq. 13; MetaDCSeg §3).
 
 The meta step is L2B's (`methods/l2b.py`); the loss adds λ1 times the DCD-weighted boundary term
 and λ2 times the soft Dice loss (`metadcseg_jax.objective`), on the very logits and features the
@@ -18,7 +18,7 @@ from metadcseg_jax.methods import l2b
 
 
 class MetaDCSeg(l2b.L2B):
-  """SPEC §1-§3; ablations (paper Table 5) via config.meta.use, config.dcd.use, use_dice."""
+  """MetaDCSeg §3; ablations (paper Table 5) via config.meta.use, config.dcd.use, use_dice."""
 
   name = "metadcseg"
   figure_name = "dcd.png"
@@ -27,10 +27,17 @@ class MetaDCSeg(l2b.L2B):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
     d = config.dcd
     self.loss_options = dict(
-        lambda_bd=d.lambda_bd, lambda_dice=d.lambda_dice, tau=d.tau, tau_dcd=d.tau_dcd,
-        use_dcd=d.use, use_dice=d.use_dice, detach_weights=d.detach_weights,
-        normalizer=self.meta_options.normalizer, center_momentum=d.center_momentum,
-        edge_fn=functools.partial(dcd.sobel_edges, top_fraction=d.edge_top_fraction))
+      lambda_bd=d.lambda_bd,
+      lambda_dice=d.lambda_dice,
+      tau=d.tau,
+      tau_dcd=d.tau_dcd,
+      use_dcd=d.use,
+      use_dice=d.use_dice,
+      detach_weights=d.detach_weights,
+      normalizer=self.meta_options.normalizer,
+      center_momentum=d.center_momentum,
+      edge_fn=functools.partial(dcd.sobel_edges, top_fraction=d.edge_top_fraction),
+    )
 
   def init_extra(self):
     return {"dcd_centers": dcd.init_default_centers(self.config.model.width)}
@@ -43,8 +50,14 @@ class MetaDCSeg(l2b.L2B):
   def loss_from_outputs(self, state, x, y):
     def loss_fn(logits, features, mo):
       return objective.metadcseg_loss(
-          logits, features, x, y, **objective.pixel_weights(mo),
-          default_centers=state.extra["dcd_centers"], **self.loss_options)
+        logits,
+        features,
+        x,
+        y,
+        **objective.pixel_weights(mo),
+        default_centers=state.extra["dcd_centers"],
+        **self.loss_options,
+      )
 
     return loss_fn
 
@@ -62,14 +75,23 @@ class MetaDCSeg(l2b.L2B):
         (logits, features), stats = self.forward(params, state.batch_stats, x)
         weights = objective.meta_off_weights(y.shape, normalizer=self.meta_options.normalizer)
         loss, aux = objective.metadcseg_loss(
-            logits, features, x, y, **weights, y_pseudo=jnp.argmax(logits, -1),
-            default_centers=state.extra["dcd_centers"], **self.loss_options)
+          logits,
+          features,
+          x,
+          y,
+          **weights,
+          y_pseudo=jnp.argmax(logits, -1),
+          default_centers=state.extra["dcd_centers"],
+          **self.loss_options,
+        )
         return loss, (stats, aux)
 
       (loss, (stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
       new_state = self.apply_gradients(state, grads, stats, extra=self.extra_from_aux(state, aux))
-      metrics = {**self.measurements(loss, grads, new_state.params),
-                 **{k: aux[k] for k in l2b.LOSS_TERMS}}
+      metrics = {
+        **self.measurements(loss, grads, new_state.params),
+        **{k: aux[k] for k in l2b.LOSS_TERMS},
+      }
       return new_state, metrics
 
     return step
@@ -77,17 +99,20 @@ class MetaDCSeg(l2b.L2B):
   @functools.cached_property
   def _maps_fn(self):
     def maps(state, x, y, xv, yv):
-      mo = self._weights_fn(state, x, y, xv, yv)
+      mo = self.weights(state, x, y, xv, yv)
       _, aux = self.loss_from_outputs(state, x, y)(mo.logits, mo.features, mo)
       return {"gamma": mo.gamma, "w": aux["w"], "bd": aux["bd"]}
 
-    return jax.jit(maps)
+    return jax.jit(maps, compiler_options=base.RUN_ONCE_COMPILE)
 
   def explain(self, state, batch):
     """γ (Eq. 9) and the DCD boundary weights (Eq. 12) of one batch: the paper's Fig. 3."""
-    out = self._maps_fn(state, *(jnp.asarray(batch[k]) for k in
-                                 ("image", "noisy_label", "meta_image", "meta_label")))
+    out = self._maps_fn(
+      state, *(jnp.asarray(batch[k]) for k in ("image", "noisy_label", "meta_image", "meta_label"))
+    )
     w = jnp.where(out["bd"], out["w"], jnp.nan)  # NaN outside the boundary set: not drawn
     # The softmax of Eq. 12 is peaked: a log scale shows the whole ring.
-    return [base.PixelMap("γ = α̃ + β̃ (Eq. 9)", out["gamma"]),
-            base.PixelMap("DCD weight on the boundary (Eq. 12)", w, log=True)]
+    return [
+      base.PixelMap("γ = α̃ + β̃ (Eq. 9)", out["gamma"]),
+      base.PixelMap("DCD weight on the boundary (Eq. 12)", w, log=True),
+    ]

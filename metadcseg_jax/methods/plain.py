@@ -1,4 +1,4 @@
-"""Plain per-pixel losses on the noisy labels: cross-entropy, GCE, symmetric CE (SPEC §6)."""
+"""Plain per-pixel losses on the noisy labels: cross-entropy, GCE, symmetric CE (baselines)."""
 
 import functools
 
@@ -34,5 +34,6 @@ class SCE(base.SingleNetworkMethod):
   def train_step(self, phase):
     del phase
     loss = self.config.loss
-    return self.plain_step(functools.partial(losses.sce_map, alpha=loss.sce_alpha,
-                                             beta=loss.sce_beta))
+    return self.plain_step(
+      functools.partial(losses.sce_map, alpha=loss.sce_alpha, beta=loss.sce_beta)
+    )

@@ -10,21 +10,21 @@ from metadcseg_jax.models.unet import upsample_bilinear_2x
 from metadcseg_jax.models.unet import VGGBlock
 
 _ALIASES = {
-    "unet": "unet",
-    "u-net": "unet",
-    "unet++": "unet++",
-    "u-net++": "unet++",
-    "unetplusplus": "unet++",
-    "unet_plus_plus": "unet++",
-    "nested_unet": "unet++",
-    "nestedunet": "unet++",
+  "unet": "unet",
+  "u-net": "unet",
+  "unet++": "unet++",
+  "u-net++": "unet++",
+  "unetplusplus": "unet++",
+  "unet_plus_plus": "unet++",
+  "nested_unet": "unet++",
+  "nestedunet": "unet++",
 }
 MODEL_NAMES = ("unet", "unet++")
 
 
-def build_model(name: str, *, num_classes: int, width: int,
-                deep_supervision: bool = False,
-                dtype=jnp.float32) -> nn.Module:
+def build_model(
+  name: str, *, num_classes: int, width: int, deep_supervision: bool = False, dtype=jnp.float32
+) -> nn.Module:
   """Builds a backbone by name.
 
   Args:
@@ -54,16 +54,17 @@ def build_model(name: str, *, num_classes: int, width: int,
     if deep_supervision:
       raise ValueError("deep_supervision needs the nested decoder: use 'unet++'")
     return UNet(num_classes=num_classes, width=width, dtype=dtype)
-  return UNetPlusPlus(num_classes=num_classes, width=width,
-                      deep_supervision=deep_supervision, dtype=dtype)
+  return UNetPlusPlus(
+    num_classes=num_classes, width=width, deep_supervision=deep_supervision, dtype=dtype
+  )
 
 
 __all__ = [
-    "MODEL_NAMES",
-    "UNet",
-    "UNetPlusPlus",
-    "VGGBlock",
-    "build_model",
-    "count_params",
-    "upsample_bilinear_2x",
+  "MODEL_NAMES",
+  "UNet",
+  "UNetPlusPlus",
+  "VGGBlock",
+  "build_model",
+  "count_params",
+  "upsample_bilinear_2x",
 ]

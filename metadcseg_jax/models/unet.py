@@ -19,7 +19,7 @@ Functional use (batch statistics live in the `batch_stats` collection)::
 float32 for float32 and bfloat16 computation (float64 for float64, which
 finite-difference tests use under `jax.enable_x64`). `features`
 (B,H,W,width) are X^{0,4}, the last decoder block before the 1x1 classifier,
-the `h` of MetaDCSeg Eq. 10-11 (SPEC §2).
+the `h` of MetaDCSeg Eq. 10, Eq. 11 (MetaDCSeg §3.3).
 
 References:
   Ronneberger et al., "U-Net: Convolutional Networks for Biomedical Image
@@ -67,14 +67,18 @@ def _torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
   return init
 
 
-def _conv(features: int, kernel: int, fan_in_channels: int, dtype: Dtype,
-          name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, fan_in_channels: int, dtype: Dtype, name: str) -> nn.Conv:
   return nn.Conv(
-      features, (kernel, kernel), padding="SAME", use_bias=True,
-      dtype=dtype, param_dtype=_wide(dtype),
-      kernel_init=_torch_kernel_init(),
-      bias_init=_torch_bias_init(kernel * kernel * fan_in_channels),
-      name=name)
+    features,
+    (kernel, kernel),
+    padding="SAME",
+    use_bias=True,
+    dtype=dtype,
+    param_dtype=_wide(dtype),
+    kernel_init=_torch_kernel_init(),
+    bias_init=_torch_bias_init(kernel * kernel * fan_in_channels),
+    name=name,
+  )
 
 
 def _interp_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +100,7 @@ def _lerp_axis(x: Array, axis: int, n_out: int) -> Array:
   shape = [1] * x.ndim
   shape[axis] = n_out
   frac = jnp.asarray(frac.reshape(shape), x.dtype)
-  return ((1 - frac) * jnp.take(x, lower, axis=axis)
-          + frac * jnp.take(x, upper, axis=axis))
+  return (1 - frac) * jnp.take(x, lower, axis=axis) + frac * jnp.take(x, upper, axis=axis)
 
 
 def upsample_bilinear_2x(x: Array) -> Array:
@@ -127,8 +130,9 @@ def check_input(x: Array) -> None:
     raise ValueError(f"input x must be (B,H,W,C), got shape {x.shape}")
   if x.shape[1] % factor or x.shape[2] % factor:
     raise ValueError(
-        f"input x has shape {x.shape}: H and W must be divisible by {factor} "
-        f"({NUM_LEVELS} max-pool steps)")
+      f"input x has shape {x.shape}: H and W must be divisible by {factor} "
+      f"({NUM_LEVELS} max-pool steps)"
+    )
 
 
 class VGGBlock(nn.Module):
@@ -140,6 +144,7 @@ class VGGBlock(nn.Module):
     dtype: computation dtype (parameters float32, float64 for float64).
     activation: the nonlinearity after each BatchNorm.
   """
+
   middle_features: int
   out_features: int
   dtype: Dtype = jnp.float32
@@ -150,9 +155,14 @@ class VGGBlock(nn.Module):
     for i, features in enumerate((self.middle_features, self.out_features), 1):
       x = _conv(features, 3, x.shape[-1], self.dtype, f"conv{i}")(x)
       x = nn.BatchNorm(
-          use_running_average=not train, momentum=BN_MOMENTUM,
-          epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=_wide(self.dtype),
-          use_fast_variance=False, name=f"bn{i}")(x)
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=self.dtype,
+        param_dtype=_wide(self.dtype),
+        use_fast_variance=False,
+        name=f"bn{i}",
+      )(x)
       x = self.activation(x)
     return x
 
@@ -184,6 +194,7 @@ class UNet(nn.Module):
       smooth one (e.g. `jax.nn.softplus`) makes finite-difference checks of
       derivatives well posed: with ReLU a perturbation can cross a kink.
   """
+
   num_classes: int
   width: int = 32
   dtype: Dtype = jnp.float32
@@ -191,20 +202,19 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> tuple[Array, Array]:
-    """Returns `(logits (B,H,W,L), features X^{0,4} (B,H,W,width))`, float32."""
+    """Returns `(logits (B,H,W,L), features h = X^{0,4} (B,H,W,width) of Eq. 5)`, float32."""
     check_input(x)
     _check_num_classes(self.num_classes)
     nb = _widths(self.width)
-    block = lambda i, j: VGGBlock(nb[i], nb[i], self.dtype, self.activation,
-                                  name=f"conv{i}_{j}")
+    block = lambda i, j: VGGBlock(nb[i], nb[i], self.dtype, self.activation, name=f"conv{i}_{j}")
     encoder = [block(0, 0)(x, train=train)]
     for i in range(1, NUM_LEVELS + 1):
       encoder.append(block(i, 0)(max_pool_2x(encoder[-1]), train=train))
     y = encoder[NUM_LEVELS]
     for i in reversed(range(NUM_LEVELS)):
       y = block(i, NUM_LEVELS - i)(
-          jnp.concatenate([encoder[i], upsample_bilinear_2x(y)], -1),
-          train=train)
+        jnp.concatenate([encoder[i], upsample_bilinear_2x(y)], -1), train=train
+      )
     logits = _conv(self.num_classes, 1, nb[0], self.dtype, "final")(y)
     out_dtype = _wide(self.dtype)
     return logits.astype(out_dtype), y.astype(out_dtype)
@@ -235,6 +245,7 @@ class UNetPlusPlus(nn.Module):
       are float32 (float64 for float64).
     activation: nonlinearity of every block (see `UNet`).
   """
+
   num_classes: int
   width: int = 32
   deep_supervision: bool = False
@@ -243,7 +254,7 @@ class UNetPlusPlus(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> tuple[Array, Array]:
-    """Returns `(logits (B,H,W,L), features X^{0,4} (B,H,W,width))`, float32."""
+    """Returns `(logits (B,H,W,L), features h = X^{0,4} (B,H,W,width) of Eq. 5)`, float32."""
     check_input(x)
     _check_num_classes(self.num_classes)
     nb = _widths(self.width)
@@ -255,10 +266,10 @@ class UNetPlusPlus(nn.Module):
       if j == 0:
         inp = x if i == 0 else max_pool_2x(nodes[i - 1][0])
       else:
-        inp = jnp.concatenate(
-            nodes[i][:j] + [upsample_bilinear_2x(nodes[i + 1][j - 1])], -1)
-      out = VGGBlock(nb[i], nb[i], self.dtype, self.activation,
-                     name=f"conv{i}_{j}")(inp, train=train)
+        inp = jnp.concatenate(nodes[i][:j] + [upsample_bilinear_2x(nodes[i + 1][j - 1])], -1)
+      out = VGGBlock(nb[i], nb[i], self.dtype, self.activation, name=f"conv{i}_{j}")(
+        inp, train=train
+      )
       nodes[i].append(out)
       return out
 
@@ -272,18 +283,17 @@ class UNetPlusPlus(nn.Module):
     if self.deep_supervision:
       heads = []
       for j in range(1, NUM_LEVELS + 1):
-        head = _conv(self.num_classes, 1, nb[0], self.dtype, f"final{j}")(
-            nodes[0][j]).astype(out_dtype)
+        head = _conv(self.num_classes, 1, nb[0], self.dtype, f"final{j}")(nodes[0][j]).astype(
+          out_dtype
+        )
         self.sow("intermediates", "head_logits", head)
         heads.append(head)
       logits = sum(heads[1:], heads[0]) / len(heads)
     else:
-      logits = _conv(self.num_classes, 1, nb[0], self.dtype, "final")(
-          features).astype(out_dtype)
+      logits = _conv(self.num_classes, 1, nb[0], self.dtype, "final")(features).astype(out_dtype)
     return logits, features.astype(out_dtype)
 
 
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter pytree (BatchNorm scale/bias included)."""
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-

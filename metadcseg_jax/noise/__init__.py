@@ -1,8 +1,8 @@
-"""Label-noise injection (SPEC §5): L2B/MetaDCSeg levels and GSD-Net's noise, by name.
+"""Label-noise injection (MetaDCSeg App. A.2): L2B/MetaDCSeg levels and GSD-Net's noise, by name.
 
 Host-side numpy code, run once per dataset (never inside `jit`). Three families:
 
-* L2B levels "l2b20", "l2b40", "l2b60" (MetaDCSeg App. A.2, Eqs. 15-19, and
+* L2B levels "l2b20", "l2b40", "l2b60" (MetaDCSeg App. A.2, Eq. 15 to Eq. 19, and
   L2B's `L2B_segmentation/data_preprocess.py`): rotation, erosion or dilation
   with a square kernel drawn from cumulative thresholds, then with p 0.5 the
   filled ellipse of the bounding box.
@@ -29,7 +29,8 @@ foreground before, and otherwise takes the class of the nearest clean foreground
 pixel (Euclidean distance transform). Background stays 0; no class is invented.
 
 References:
-  MetaDCSeg App. A.2 (Eqs. 15-20); Zhou et al., "L2B: Learning to Bootstrap
+  MetaDCSeg App. A.2 (Eq. 15, Eq. 16, Eq. 17, Eq. 18, Eq. 19, Eq. 20); Zhou et al.,
+  "L2B: Learning to Bootstrap
   Robust Models for Combating Label Noise", CVPR 2024 (public code); Wang et al.,
   "GSD-Net" §4.3 and its `scripts/generate_simulated_noise.py`.
 """
@@ -50,16 +51,20 @@ NOISE_VERSION = "noise-v1"
 KINDS = (*l2b.L2B_LEVELS, *gsdnet.MARKOV_SETTINGS, "dist")
 
 _DEFAULTS = {
-    **{k: {"small_mask": "empty", "scale_kernels_with_size": False,
-           "reference_size": l2b.REFERENCE_SIZE} for k in l2b.L2B_LEVELS},
-    **{k: {"steps": t, "theta1": a, "theta2": b}
-       for k, (t, a, b) in gsdnet.MARKOV_SETTINGS.items()},
-    "dist": {"radius_range": gsdnet.DIST_RADIUS_RANGE, "mode": "random"},
+  **{
+    k: {
+      "small_mask": "empty",
+      "scale_kernels_with_size": False,
+      "reference_size": l2b.REFERENCE_SIZE,
+    }
+    for k in l2b.L2B_LEVELS
+  },
+  **{k: {"steps": t, "theta1": a, "theta2": b} for k, (t, a, b) in gsdnet.MARKOV_SETTINGS.items()},
+  "dist": {"radius_range": gsdnet.DIST_RADIUS_RANGE, "mode": "random"},
 }
 
 
-def resolve_options(kind: str, options: Optional[Mapping[str, Any]] = None
-                    ) -> dict[str, Any]:
+def resolve_options(kind: str, options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """Validates `options` for `kind` and fills in the defaults.
 
   Args:
@@ -77,13 +82,13 @@ def resolve_options(kind: str, options: Optional[Mapping[str, Any]] = None
   options = dict(options or {})
   unknown = sorted(set(options) - set(_DEFAULTS[kind]))
   if unknown:
-    raise ConfigError(f"unknown option(s) {unknown} for kind {kind!r}; "
-                     f"valid: {sorted(_DEFAULTS[kind])}")
+    raise ConfigError(
+      f"unknown option(s) {unknown} for kind {kind!r}; valid: {sorted(_DEFAULTS[kind])}"
+    )
   out = {**_DEFAULTS[kind], **options}
   if kind in l2b.L2B_LEVELS:
     if out["small_mask"] not in ("empty", "keep"):
-      raise ConfigError(
-          f"small_mask must be 'empty' or 'keep', got {out['small_mask']!r}")
+      raise ConfigError(f"small_mask must be 'empty' or 'keep', got {out['small_mask']!r}")
     out["scale_kernels_with_size"] = bool(out["scale_kernels_with_size"])
     if int(out["reference_size"]) <= 0:
       raise ConfigError(f"reference_size must be > 0, got {out['reference_size']}")
@@ -99,12 +104,10 @@ def resolve_options(kind: str, options: Optional[Mapping[str, Any]] = None
   else:
     lo, hi = (int(v) for v in out["radius_range"])
     if not 1 <= lo <= hi:
-      raise ConfigError(
-          f"radius_range must be integers 1 <= lo <= hi, got {out['radius_range']}")
+      raise ConfigError(f"radius_range must be integers 1 <= lo <= hi, got {out['radius_range']}")
     out["radius_range"] = [lo, hi]
     if out["mode"] not in ("random", "dilate", "erode"):
-      raise ConfigError(
-          f"mode must be 'random', 'dilate' or 'erode', got {out['mode']!r}")
+      raise ConfigError(f"mode must be 'random', 'dilate' or 'erode', got {out['mode']!r}")
   return out
 
 
@@ -119,11 +122,9 @@ def check_label_array(x: Any, name: str, ndim: int) -> np.ndarray:
   if x.ndim != ndim:
     raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
   if x.dtype != bool and not np.issubdtype(x.dtype, np.integer):
-    raise ValueError(f"{name} must be an integer or bool label array, "
-                     f"got dtype {x.dtype}")
+    raise ValueError(f"{name} must be an integer or bool label array, got dtype {x.dtype}")
   if x.size and (x.min() < 0 or x.max() > 255):
-    raise ValueError(f"{name} values must lie in [0, 255], "
-                     f"got [{x.min()}, {x.max()}]")
+    raise ValueError(f"{name} values must lie in [0, 255], got [{x.min()}, {x.max()}]")
   return x
 
 
@@ -138,11 +139,12 @@ def _restore_classes(labels: np.ndarray, noisy_fg: np.ndarray) -> np.ndarray:
   return np.where(noisy_fg, labels[ir, ic], 0).astype(np.uint8)
 
 
-def corrupt_mask(mask: np.ndarray, *, kind: str, rng: np.random.Generator,
-                 **options: Any) -> np.ndarray:
+def corrupt_mask(
+  mask: np.ndarray, *, kind: str, rng: np.random.Generator, **options: Any
+) -> np.ndarray:
   """Corrupts one label map.
 
-  L2B kinds (Eqs. 15-19), on the binary foreground F = mask > 0 with
+  L2B kinds (Eq. 15, Eq. 16, Eq. 17, Eq. 18, Eq. 19), on the binary foreground F = mask > 0 with
   |F| pixels and small-mask threshold t (300, see `l2b_kernel_sizes`):
     - |F| == 0: stays empty; 1 <= |F| <= t: empty (small_mask="empty", L2B) or
       unchanged ("keep"). No draws are made in these cases.
@@ -179,13 +181,19 @@ def corrupt_mask(mask: np.ndarray, *, kind: str, rng: np.random.Generator,
 
 def mask_rng(seed: int, index: int) -> np.random.Generator:
   """The generator of mask `index`: PCG64(SeedSequence(seed, spawn_key=(index,)))."""
-  return np.random.Generator(np.random.PCG64(
-      np.random.SeedSequence(int(seed), spawn_key=(int(index),))))
+  return np.random.Generator(
+    np.random.PCG64(np.random.SeedSequence(int(seed), spawn_key=(int(index),)))
+  )
 
 
-def corrupt_masks(masks: np.ndarray, *, kind: str, seed: int,
-                  indices: Optional[Sequence[int]] = None,
-                  **options: Any) -> np.ndarray:
+def corrupt_masks(
+  masks: np.ndarray,
+  *,
+  kind: str,
+  seed: int,
+  indices: Optional[Sequence[int]] = None,
+  **options: Any,
+) -> np.ndarray:
   """Corrupts a stack of label maps, mask i with generator `mask_rng(seed, indices[i])`.
 
   Args:
@@ -202,10 +210,12 @@ def corrupt_masks(masks: np.ndarray, *, kind: str, seed: int,
   masks = check_label_array(masks, "masks", 3)
   check_seed(seed)
   idx = np.arange(len(masks)) if indices is None else np.asarray(indices)
-  if idx.shape != (len(masks),) or (idx.size and (
-      not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0)):
-    raise ValueError(f"indices must be {len(masks)} non-negative integers, "
-                     f"got shape {idx.shape} dtype {idx.dtype}")
+  if idx.shape != (len(masks),) or (
+    idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0)
+  ):
+    raise ValueError(
+      f"indices must be {len(masks)} non-negative integers, got shape {idx.shape} dtype {idx.dtype}"
+    )
   resolve_options(kind, options)  # fail before any work
   out = np.empty(masks.shape, np.uint8)
   for i, (m, j) in enumerate(zip(masks, idx)):
@@ -228,8 +238,9 @@ def measured_corruption(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
   """
   clean, noisy = np.asarray(clean) > 0, np.asarray(noisy) > 0
   if clean.shape != noisy.shape or clean.ndim < 2:
-    raise ValueError(f"clean and noisy must share a (..., H, W) shape, "
-                     f"got {clean.shape} and {noisy.shape}")
+    raise ValueError(
+      f"clean and noisy must share a (..., H, W) shape, got {clean.shape} and {noisy.shape}"
+    )
   inter = (clean & noisy).sum(axis=(-2, -1))
   total = clean.sum(axis=(-2, -1)) + noisy.sum(axis=(-2, -1))
   dice = np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)

@@ -18,6 +18,7 @@ import numpy as np
 from metadcseg_jax import files
 from metadcseg_jax import noise
 
+
 def _sha256(x: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
 
@@ -42,10 +43,15 @@ def _cache_mismatch(entry: Any, want: Mapping[str, Any]) -> Optional[str]:
   return None
 
 
-def cached_noisy_labels(labels: np.ndarray, *, cache_dir: str | os.PathLike,
-                        dataset_key: str, kind: str, seed: int,
-                        options: Optional[Mapping[str, Any]] = None
-                        ) -> np.ndarray:
+def cached_noisy_labels(
+  labels: np.ndarray,
+  *,
+  cache_dir: str | os.PathLike,
+  dataset_key: str,
+  kind: str,
+  seed: int,
+  options: Optional[Mapping[str, Any]] = None,
+) -> np.ndarray:
   """Noisy labels from `cache_dir`, built with `corrupt_masks` when stale.
 
   Files: `noisy_{kind}_seed{seed}.npy` and `manifest.json`, a dict keyed by
@@ -77,11 +83,20 @@ def cached_noisy_labels(labels: np.ndarray, *, cache_dir: str | os.PathLike,
   cache.mkdir(parents=True, exist_ok=True)
   name = f"noisy_{kind}_seed{int(seed)}.npy"
   path, manifest_path = cache / name, cache / "manifest.json"
-  want = json.loads(json.dumps({
-      "noise_version": noise.NOISE_VERSION, "dataset_key": str(dataset_key),
-      "kind": kind, "seed": int(seed), "options": opts,
-      "n": int(labels.shape[0]), "shape": list(labels.shape[1:]),
-      "labels_sha256": _sha256(labels)}))
+  want = json.loads(
+    json.dumps(
+      {
+        "noise_version": noise.NOISE_VERSION,
+        "dataset_key": str(dataset_key),
+        "kind": kind,
+        "seed": int(seed),
+        "options": opts,
+        "n": int(labels.shape[0]),
+        "shape": list(labels.shape[1:]),
+        "labels_sha256": _sha256(labels),
+      }
+    )
+  )
   entry = _read_manifest(manifest_path).get(name)
   reason = _cache_mismatch(entry, want)
   if reason is None:
@@ -102,11 +117,19 @@ def cached_noisy_labels(labels: np.ndarray, *, cache_dir: str | os.PathLike,
   buffer = io.BytesIO()
   np.save(buffer, noisy, allow_pickle=False)
   files.write_atomic(path, buffer.getvalue())
-  entry = {**want, "noisy_sha256": _sha256(noisy),
-           "corruption": {"mean": float(rate.mean()), "std": float(rate.std()),
-                          "min": float(rate.min()), "max": float(rate.max())}
-           if rate.size else None,
-           "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+  entry = {
+    **want,
+    "noisy_sha256": _sha256(noisy),
+    "corruption": {
+      "mean": float(rate.mean()),
+      "std": float(rate.std()),
+      "min": float(rate.min()),
+      "max": float(rate.max()),
+    }
+    if rate.size
+    else None,
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+  }
   manifest = _read_manifest(manifest_path)  # re-read: keep others' entries
   manifest[name] = entry
   files.write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True))

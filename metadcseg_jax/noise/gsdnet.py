@@ -12,8 +12,8 @@ from scipy import ndimage
 
 # (T, θ1, θ2) of M(T, θ1, θ2) (GSD-Net Table 3, 2D datasets).
 MARKOV_SETTINGS = {
-    "markov_sr": (200, 0.2, 0.05),
-    "markov_se": (200, 0.8, 0.05),
+  "markov_sr": (200, 0.2, 0.05),
+  "markov_se": (200, 0.8, 0.05),
 }
 DIST_RADIUS_RANGE = (9, 11)
 
@@ -37,14 +37,14 @@ def blur_threshold(fg: np.ndarray) -> np.ndarray:
   q = np.asarray(_BLUR_Q, np.int64)
   p = np.pad(fg.astype(np.int64), 2, mode="reflect")
   h, w = fg.shape
-  rows = sum(q[i] * p[:, i:i + w] for i in range(5))
-  full = sum(q[i] * rows[i:i + h, :] for i in range(5))
+  rows = sum(q[i] * p[:, i : i + w] for i in range(5))
+  full = sum(q[i] * rows[i : i + h, :] for i in range(5))
   return full > (1 << (2 * _BLUR_BITS - 1))
 
 
-def markov_boundary_noise(fg: np.ndarray, rng: np.random.Generator, *,
-                          steps: int, theta1: float, theta2: float
-                          ) -> np.ndarray:
+def markov_boundary_noise(
+  fg: np.ndarray, rng: np.random.Generator, *, steps: int, theta1: float, theta2: float
+) -> np.ndarray:
   """GSD-Net's Markov boundary noise M(T, θ1, θ2) on a binary mask.
 
   Draws `p = rng.random(T)` first; then at step t, if p[t] < θ1 the step is an
@@ -77,9 +77,13 @@ def markov_boundary_noise(fg: np.ndarray, rng: np.random.Generator, *,
   return blur_threshold(y)
 
 
-def distance_noise(fg: np.ndarray, rng: np.random.Generator, *,
-                   radius_range: Sequence[int] = DIST_RADIUS_RANGE,
-                   mode: str = "random") -> np.ndarray:
+def distance_noise(
+  fg: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  radius_range: Sequence[int] = DIST_RADIUS_RANGE,
+  mode: str = "random",
+) -> np.ndarray:
   """GSD-Net's distance-transform dilation / erosion with radius n.
 
   Draw order: `u = rng.random()` (dilate if u > 0.5, as in the official
@@ -87,7 +91,7 @@ def distance_noise(fg: np.ndarray, rng: np.random.Generator, *,
   not depend on `mode`), then `n = rng.integers(lo, hi + 1)`. Dilation: pixels
   at Euclidean distance < n from the foreground join it; erosion: foreground
   pixels at distance < n from the background (inside the image) leave it. The
-  official script draws a continuous n ~ U(9, 11); SPEC §5 says U{9..11}.
+  official script draws a continuous n ~ U(9, 11); this project uses U{9..11}.
 
   Args:
     fg: (H, W) bool.

@@ -20,22 +20,20 @@ SMALL_MASK_PIXELS = 300
 # scale_kernels_with_size=True (PROMISE12 / Kvasir crops are 144-320 px).
 REFERENCE_SIZE = 256
 
-# (kernel sizes, cumulative thresholds): SPEC §5; MetaDCSeg Table 9 swaps the
+# (kernel sizes, cumulative thresholds): MetaDCSeg App. A.2; MetaDCSeg Table 9 swaps the
 # first two columns; L2B's code names them by Dice: "08", "06", "04" levels.
 L2B_LEVELS = {
-    "l2b20": ((7, 11, 13, 17, 21), (0.4, 0.6, 0.8, 0.9, 1.0)),
-    "l2b40": ((7, 14, 21, 28, 35), (0.1, 0.2, 0.5, 0.7, 1.0)),
-    "l2b60": ((7, 14, 21, 49, 63), (0.05, 0.1, 0.2, 0.6, 1.0)),
+  "l2b20": ((7, 11, 13, 17, 21), (0.4, 0.6, 0.8, 0.9, 1.0)),
+  "l2b40": ((7, 14, 21, 28, 35), (0.1, 0.2, 0.5, 0.7, 1.0)),
+  "l2b60": ((7, 14, 21, 49, 63), (0.05, 0.1, 0.2, 0.6, 1.0)),
 }
 
 # Fixed-point (Q20) cos/sin of integer degrees 0..20. The exact products
 # lie at least 0.006 units from a rounding tie, far beyond any libm error, so
 # the tables are identical on every platform.
 _ROT_BITS = 20
-_COS_Q = tuple(round(math.cos(math.radians(a)) * (1 << _ROT_BITS))
-               for a in range(21))
-_SIN_Q = tuple(round(math.sin(math.radians(a)) * (1 << _ROT_BITS))
-               for a in range(21))
+_COS_Q = tuple(round(math.cos(math.radians(a)) * (1 << _ROT_BITS)) for a in range(21))
+_SIN_Q = tuple(round(math.sin(math.radians(a)) * (1 << _ROT_BITS)) for a in range(21))
 
 
 def rotate_nearest(mask: np.ndarray, angle: int) -> np.ndarray:
@@ -98,17 +96,20 @@ def bbox_ellipse(mask: np.ndarray) -> np.ndarray:
   ry, rx = y1 - y0, x1 - x0
   h2 = 2 * np.arange(y0, y1 + 1, dtype=np.int64)[:, None] - (y0 + y1)
   w2 = 2 * np.arange(x0, x1 + 1, dtype=np.int64)[None, :] - (x0 + x1)
-  out[y0:y1 + 1, x0:x1 + 1] = h2**2 * rx**2 + w2**2 * ry**2 <= rx**2 * ry**2
+  out[y0 : y1 + 1, x0 : x1 + 1] = h2**2 * rx**2 + w2**2 * ry**2 <= rx**2 * ry**2
   return out
 
 
-def l2b_kernel_sizes(kind: str, shape: Sequence[int], *,
-                     scale_kernels_with_size: bool = False,
-                     reference_size: int = REFERENCE_SIZE
-                     ) -> tuple[tuple[int, ...], float]:
+def l2b_kernel_sizes(
+  kind: str,
+  shape: Sequence[int],
+  *,
+  scale_kernels_with_size: bool = False,
+  reference_size: int = REFERENCE_SIZE,
+) -> tuple[tuple[int, ...], float]:
   """Kernel sizes and small-mask threshold of an L2B level for an image shape.
 
-  Without scaling: the SPEC §5 kernels and 300 pixels. With scaling, s =
+  Without scaling: the MetaDCSeg App. A.2 kernels and 300 pixels. With scaling, s =
   min(H, W) / reference_size; each kernel k becomes the nearest odd integer to
   k·s (halves up), at least 1: k' = max(1, 2·floor(k·s/2) + 1); the threshold
   becomes 300·s². Odd kernels keep erosion/dilation centred (L2B's 14 and 28
@@ -128,8 +129,7 @@ def l2b_kernel_sizes(kind: str, shape: Sequence[int], *,
 
 def select_kernel(u: float, thresholds: Sequence[float]) -> int:
   """Index of the first cumulative threshold above `u` (L2B's if/elif chain)."""
-  return min(int(np.searchsorted(thresholds, u, side="right")),
-             len(thresholds) - 1)
+  return min(int(np.searchsorted(thresholds, u, side="right")), len(thresholds) - 1)
 
 
 def _morph(mask: np.ndarray, k: int, erode: bool) -> np.ndarray:
@@ -142,23 +142,26 @@ def _morph(mask: np.ndarray, k: int, erode: bool) -> np.ndarray:
   return ndimage.maximum_filter(m, size=k, mode="constant", cval=0) > 0
 
 
-def corrupt(fg: np.ndarray, rng: np.random.Generator, kind: str,
-            opts: Mapping[str, Any]) -> np.ndarray:
+def corrupt(
+  fg: np.ndarray, rng: np.random.Generator, kind: str, opts: Mapping[str, Any]
+) -> np.ndarray:
   """L2B corruption of a binary (H, W) mask (Eq. 15, Eq. 16, Eq. 17, Eq. 18).
 
   See `metadcseg_jax.noise.corrupt_mask` for the draw order and `opts`.
   """
   kernels, small = l2b_kernel_sizes(
-      kind, fg.shape, scale_kernels_with_size=opts["scale_kernels_with_size"],
-      reference_size=opts["reference_size"])
+    kind,
+    fg.shape,
+    scale_kernels_with_size=opts["scale_kernels_with_size"],
+    reference_size=opts["reference_size"],
+  )
   n = int(fg.sum())
   if n <= small:
     return fg if opts["small_mask"] == "keep" and n else np.zeros_like(fg)
   angle = int(rng.integers(-20, 21))
   r_c, r_p, r_e = rng.random(3)
   y = rotate_nearest(fg, angle)
-  y = _morph(y, kernels[select_kernel(r_p, L2B_LEVELS[kind][1])],
-             erode=r_c < 0.5)
+  y = _morph(y, kernels[select_kernel(r_p, L2B_LEVELS[kind][1])], erode=r_c < 0.5)
   if r_e < 0.5 and y.sum() > small:
     y = bbox_ellipse(y)
   return y

@@ -1,0 +1,127 @@
+"""The package's shape: no import cycle, no import hidden in a function, equations findable."""
+
+import ast
+import importlib
+import inspect
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "metadcseg_jax"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(path: pathlib.Path, modules) -> set[str]:
+  """The package modules a module imports (at any depth of its syntax tree)."""
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out.update(a.name for a in node.names if a.name in modules)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for a in node.names:
+        full = f"{node.module}.{a.name}"
+        out.add(full if full in modules else node.module)
+  return {m for m in out if m in modules}
+
+
+def test_the_package_has_no_import_cycle():
+  modules = _modules()
+  graph = {m: _imports(p, modules) - {m} for m, p in modules.items()}
+  # A package's __init__ is imported before any of its submodules: an edge to it counts.
+  state, cycles = {}, []
+
+  def visit(m, stack):
+    state[m] = "open"
+    for n in sorted(graph[m]):
+      if state.get(n) == "open":
+        cycles.append(stack[stack.index(n) :] + [n])
+      elif n not in state:
+        visit(n, stack + [n])
+    state[m] = "done"
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m, [m])
+  assert cycles == []
+
+
+def test_no_import_inside_a_function():
+  offenders = []
+  for name, path in _modules().items():
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        for inner in ast.walk(node):
+          if isinstance(inner, (ast.Import, ast.ImportFrom)):
+            offenders.append(f"{name}.{node.name} (line {inner.lineno})")
+  assert offenders == []
+
+
+def _equation_table() -> list[tuple[int, str]]:
+  text = (ROOT / "README.md").read_text()
+  rows = re.findall(r"^\| Eq\. (\d+) \| `([\w.]+)` \|", text, re.M)
+  assert len(rows) >= 20, "the README's equation table is missing"
+  return [(int(n), f) for n, f in rows]
+
+
+def test_every_equation_in_the_readme_table_is_in_its_functions_docstring():
+  for number, dotted in _equation_table():
+    module_name, _, attr = dotted.rpartition(".")
+    try:
+      obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+      module_name, _, cls = module_name.rpartition(".")
+      obj = getattr(getattr(importlib.import_module(module_name), cls), attr)
+    doc = inspect.getdoc(obj) or ""
+    assert re.search(rf"\bEq\. {number}\b", doc), f"Eq. {number} not in {dotted}'s docstring"
+
+
+def test_equations_are_tagged_one_number_per_mention():
+  ranged = re.compile(r"Eqs?\. ?\d+\s*(?:[-–]|,\s*\d)")
+  bad = [
+    f"{p.relative_to(ROOT)}:{i}"
+    for p in PACKAGE.rglob("*.py")
+    for i, line in enumerate(p.read_text().splitlines(), 1)
+    if ranged.search(line)
+  ]
+  assert bad == []
+
+
+def test_no_reference_to_files_outside_the_repository():
+  pattern = re.compile(r"\bSPEC\b|papers/|\.\./shared|STACK_NOTES|issue \d")
+  bad = [
+    f"{p.relative_to(ROOT)}:{i}"
+    for folder in ("metadcseg_jax", "experiments")
+    for p in (ROOT / folder).rglob("*.py")
+    for i, line in enumerate(p.read_text().splitlines(), 1)
+    if pattern.search(line)
+  ]
+  assert bad == []
+
+
+def test_the_tree_is_formatted_with_the_configured_formatter():
+  """`ruff format .` with pyproject's settings (2-space indents, 100 columns) changes nothing,
+  and no line is longer than 100 columns."""
+  fmt = subprocess.run(
+    [sys.executable, "-m", "ruff", "format", "--check", "."],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+  width = subprocess.run(
+    [sys.executable, "-m", "ruff", "check", "--select", "E501", "--output-format", "concise", "."],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert width.returncode == 0, width.stdout
