@@ -8,22 +8,17 @@ Dynamic Center Distance (Eq. 11, clipped as in Eq. 46), and the boundary pixels
 a softmax weight over that distance (Eq. 12).
 
 Every kernel here is written for one image and vmapped over the batch by
-`dcd_weights`, the batched entry point the objective uses. The edge detector is
-pluggable: PiDiNet (the paper's) has no weights available offline, so the
-default is a Sobel magnitude keeping the top 5% of pixels (`sobel_edges`).
+`dcd_weights`, the batched entry point the objective uses. The edge pixels of
+Eq. 8 come from `metadcseg_jax.edges` (PiDiNet, Canny or Sobel).
 
 References:
   MetaDCSeg §3.3, App. A.4.2 and App. A.5.1.
 """
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
 from metadcseg_jax.types import Array
-
-EdgeFn = Callable[[Array], Array]  # image (H,W,C) -> bool (H,W)
 
 # Region order used by every (3, ...) array in this module.
 FG, BG, BD = 0, 1, 2
@@ -37,64 +32,6 @@ MIN_PIXELS = 10  # τ_min of Eq. 47.
 def _check_rank(name: str, x: Array, rank: int) -> None:
   if x.ndim != rank:
     raise ValueError(f"{name} must have rank {rank}, got shape {x.shape}.")
-
-
-def sobel_magnitude(image: Array) -> Array:
-  """Sobel gradient magnitude of one image, summed over channels.
-
-  Borders are padded symmetrically (scipy.ndimage's "reflect"), so a constant
-  image has zero magnitude everywhere, borders included.
-
-  Args:
-    image: (H, W, C) or (H, W) float image.
-
-  Returns:
-    (H, W) float: Σ_c sqrt(Gx_c² + Gy_c²) with the unnormalised 3x3 Sobel
-    kernels, equal per channel to `hypot(ndimage.sobel(x, 0),
-    ndimage.sobel(x, 1))`.
-  """
-  if image.ndim == 2:
-    image = image[..., None]
-  _check_rank("image", image, 3)
-  if not jnp.issubdtype(image.dtype, jnp.floating):
-    image = image.astype(jnp.float32)
-  p = jnp.pad(image, ((1, 1), (1, 1), (0, 0)), mode="symmetric")
-  # Separable Sobel from shifted slices: [1,2,1] smoothing one way, [-1,0,1]
-  # differences the other.
-  rows_smooth = p[:-2] + 2 * p[1:-1] + p[2:]  # (H, W+2, C)
-  cols_smooth = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]  # (H+2, W, C)
-  gx = rows_smooth[:, 2:] - rows_smooth[:, :-2]  # d/dw, (H, W, C)
-  gy = cols_smooth[2:] - cols_smooth[:-2]  # d/dh, (H, W, C)
-  return jnp.sum(jnp.sqrt(gx**2 + gy**2), axis=-1)
-
-
-def sobel_edges(image: Array, *, top_fraction: float = 0.05) -> Array:
-  """Edge pixels of one image: the top `top_fraction` of the Sobel magnitude.
-
-  Stands in for PiDiNet's P_edge in Eq. 8 (deviation: no PiDiNet weights
-  offline). The threshold is the k-th largest magnitude, k =
-  max(1, round(top_fraction·H·W)), found with `lax.top_k`.
-
-  Ties: every pixel whose magnitude equals the threshold is kept, so a mask can
-  hold more than k pixels when values tie at the threshold (e.g. both sides of
-  a straight step edge); no tie is broken by pixel position. Pixels with zero
-  magnitude are never edges, so a flat image has no edges at all.
-
-  Args:
-    image: (H, W, C) or (H, W) float image.
-    top_fraction: share of pixels to keep, in [0, 1]; 0 gives no edges.
-
-  Returns:
-    (H, W) bool edge mask. Carries no gradient.
-  """
-  if not 0.0 <= top_fraction <= 1.0:
-    raise ValueError(f"top_fraction must be in [0, 1], got {top_fraction}.")
-  mag = jax.lax.stop_gradient(sobel_magnitude(image))
-  if top_fraction == 0.0:
-    return jnp.zeros(mag.shape, bool)
-  k = max(1, int(round(top_fraction * mag.size)))
-  threshold = jax.lax.top_k(mag.reshape(-1), k)[0][-1]
-  return (mag >= threshold) & (mag > 0)
 
 
 def regions(
@@ -212,84 +149,111 @@ def dcd_map(h: Array, centers: Array, *, eps: float = DCD_EPS, dcd_max: float = 
   return jnp.where(clipped, dcd_max, num / safe_den)
 
 
-def boundary_weights(dcd: Array, bd: Array, *, tau_dcd: float = 1.0) -> Array:
+# How Eq. 12's softmax is read (MetaDCSeg §3.3.4; BUILD_NOTES.md "DCD weights").
+DCD_SCALES = ("mean", "none")
+WEIGHT_SUMS = ("mean_one", "sum_one")
+
+
+def boundary_weights(
+  dcd: Array,
+  bd: Array,
+  *,
+  tau_dcd: float = 1.0,
+  scale: str = "mean",
+  weight_sum: str = "mean_one",
+) -> Array:
   """Softmax of DCD/τ_dcd over the boundary pixels of one image (Eq. 12).
+
+  DCD grows linearly with the feature norm, so the literal softmax (scale="none") is one-hot
+  at ordinary feature scales. scale="mean" divides DCD by its mean over bd first, making τ_dcd
+  scale-free. weight_sum="sum_one" is Eq. 12 literally (the weights sum to 1 over bd);
+  "mean_one" multiplies them by |bd|, so they average 1 and λ1 re-weights the boundary pixels
+  rather than a one-pixel share of them.
 
   Args:
     dcd: (H, W) DCD map.
     bd: (H, W) bool boundary mask.
     tau_dcd: temperature τ_dcd > 0.
+    scale: "mean" or "none".
+    weight_sum: "mean_one" or "sum_one".
 
   Returns:
-    (H, W) weights: sum to 1 over bd, 0 outside; all zeros (no NaN, zero
-    gradient) when bd is empty.
+    (H, W) weights, 0 outside bd; all zeros (no NaN, zero gradient) when bd is empty.
   """
   if tau_dcd <= 0:
     raise ValueError(f"tau_dcd must be > 0, got {tau_dcd}.")
+  if scale not in DCD_SCALES or weight_sum not in WEIGHT_SUMS:
+    raise ValueError(
+      f"scale must be in {DCD_SCALES} and weight_sum in {WEIGHT_SUMS}, got "
+      f"{scale!r}, {weight_sum!r}."
+    )
   if dcd.shape != bd.shape:
     raise ValueError(f"dcd {dcd.shape} and bd {bd.shape} must match.")
   bd = bd.astype(bool)
+  count = jnp.sum(bd)
+  if scale == "mean":
+    mean = jnp.sum(jnp.where(bd, dcd, 0.0)) / jnp.maximum(count, 1)
+    dcd = dcd / jnp.where(mean > 0, mean, 1.0)
   z = jnp.where(bd, dcd / tau_dcd, 0.0)
-  any_bd = jnp.any(bd)
   zmax = jax.lax.stop_gradient(jnp.max(jnp.where(bd, z, -jnp.inf)))
-  zmax = jnp.where(any_bd, zmax, 0.0)
+  zmax = jnp.where(count > 0, zmax, 0.0)
   e = jnp.where(bd, jnp.exp(z - zmax), 0.0)
   total = jnp.sum(e)
-  return e / jnp.where(total > 0, total, 1.0)
+  w = e / jnp.where(total > 0, total, 1.0)
+  return w * count if weight_sum == "mean_one" else w
 
 
 def dcd_weights_single(
   h: Array,
   fg_prob: Array,
-  image: Array,
+  edges: Array,
   gamma: Array,
   default_centers: Array,
   *,
   tau: float = 0.7,
   tau_dcd: float = 1.0,
+  scale: str = "mean",
+  weight_sum: str = "mean_one",
   min_pixels: int = MIN_PIXELS,
-  detach_weights: bool = False,
+  detach_weights: bool = True,
   exclusive: bool = False,
-  edge_fn: EdgeFn = sobel_edges,
 ) -> dict[str, Array]:
   """Regions (Eq. 6, Eq. 7, Eq. 8), centers (Eq. 10), DCD (Eq. 11), weights (Eq. 12) of one image.
 
   Args:
     h: (H, W, D) penultimate decoder features (Eq. 5).
     fg_prob: (H, W) foreground probability M̂ (no gradient is taken through it).
-    image: (H, W, C) input image, for `edge_fn`.
+    edges: (H, W) bool edge pixels P_edge of Eq. 8 (`metadcseg_jax.edges`).
     gamma: (H, W) reliability γ (Eq. 9).
     default_centers: (3, D) fallback centers (Eq. 47).
     tau: region threshold τ (Eq. 6, Eq. 7, Eq. 8).
-    tau_dcd: softmax temperature (Eq. 12).
+    tau_dcd, scale, weight_sum: see `boundary_weights` (Eq. 12).
     min_pixels: τ_min (Eq. 47).
-    detach_weights: stop the gradient at w; by default it flows through h into
-      the weights (Eq. 43, Eq. 44), via the pixel features and via the centers.
+    detach_weights: stop the gradient at w (default); False lets it flow through h into the
+      weights (Eq. 43, Eq. 44), via the pixel features and via the centers.
     exclusive: see `regions`.
-    edge_fn: image (H, W, C) -> bool (H, W) edge mask.
 
   Returns:
     dict with "w" (H,W), "dcd" (H,W), "masks" (3,H,W) bool, "centers" (3,D),
     "used_fallback" (3,) bool.
   """
-  edges = edge_fn(image)
   fg, bg, bd = regions(fg_prob, edges, tau=tau, exclusive=exclusive)
   masks = jnp.stack([fg, bg, bd])
   centers, used_fallback = region_centers(h, gamma, masks, default_centers, min_pixels=min_pixels)
   dcd = dcd_map(h, centers)
-  w = boundary_weights(dcd, bd, tau_dcd=tau_dcd)
+  w = boundary_weights(dcd, bd, tau_dcd=tau_dcd, scale=scale, weight_sum=weight_sum)
   if detach_weights:
     w = jax.lax.stop_gradient(w)
   return dict(w=w, dcd=dcd, masks=masks, centers=centers, used_fallback=used_fallback)
 
 
 def dcd_weights(
-  h: Array, fg_prob: Array, image: Array, gamma: Array, default_centers: Array, **kwargs
+  h: Array, fg_prob: Array, edges: Array, gamma: Array, default_centers: Array, **kwargs
 ) -> dict[str, Array]:
   """`dcd_weights_single` vmapped over the batch.
 
   Args:
-    h: (B, H, W, D); fg_prob, gamma: (B, H, W); image: (B, H, W, C);
+    h: (B, H, W, D); fg_prob, gamma: (B, H, W); edges: (B, H, W) bool;
     default_centers: (3, D), shared by the batch.
     **kwargs: keyword options of `dcd_weights_single`.
 
@@ -297,15 +261,12 @@ def dcd_weights(
     The dict of `dcd_weights_single` with a leading batch axis.
   """
   _check_rank("h", h, 4)
-  _check_rank("image", image, 4)
   b, hh, ww = h.shape[:3]
-  for name, x in (("fg_prob", fg_prob), ("gamma", gamma)):
+  for name, x in (("fg_prob", fg_prob), ("gamma", gamma), ("edges", edges)):
     if x.shape != (b, hh, ww):
       raise ValueError(f"{name} must be {(b, hh, ww)}, got {x.shape}.")
-  if image.shape[:3] != (b, hh, ww):
-    raise ValueError(f"image {image.shape} must be (B, H, W, C) with B, H, W = {(b, hh, ww)}.")
-  fn = lambda h_, p_, x_, g_: dcd_weights_single(h_, p_, x_, g_, default_centers, **kwargs)
-  return jax.vmap(fn)(h, fg_prob, image, gamma)
+  fn = lambda h_, p_, e_, g_: dcd_weights_single(h_, p_, e_, g_, default_centers, **kwargs)
+  return jax.vmap(fn)(h, fg_prob, edges, gamma)
 
 
 def init_default_centers(dim: int, dtype=jnp.float32) -> Array:

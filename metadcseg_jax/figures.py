@@ -132,15 +132,15 @@ def write_maps_figure(
 _LABELS = {"dice": "Dice", "iou": "IoU", "miou": "mIoU", "hd": "HD", "hd95": "HD95", "asd": "ASD"}
 
 
-def read_metrics(path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def read_metrics(path) -> dict[str, list[dict[str, Any]]]:
   """Reads a metrics.jsonl file (torn lines dropped with a warning, `workdir.MetricsLog`).
 
   Args:
     path: the trainer's `workdir/metrics.jsonl`.
 
   Returns:
-    `(train, evaluations)`: the "train" records (one per epoch) and the others (one per
-    evaluation, split and parameter set), each in file order.
+    {split: records in file order}: "train" (one per epoch), "val" (one per evaluation and
+    parameter set), "diagnostics" (one per diagnostics point), ...
 
   Raises:
     ValueError: the file is missing.
@@ -148,32 +148,50 @@ def read_metrics(path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   path = pathlib.Path(path)
   if not path.is_file():
     raise ValueError(f"metrics_jsonl_path={str(path)!r}: no such file")
-  records = workdir_lib.MetricsLog(path).read()
-  return (
-    [r for r in records if r.get("split") == "train"],
-    [r for r in records if r.get("split") != "train"],
-  )
+  out: dict[str, list[dict[str, Any]]] = {}
+  for record in workdir_lib.MetricsLog(path).read():
+    out.setdefault(record.get("split", "?"), []).append(record)
+  return out
 
 
-def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """(epochs, values) of the records that have `key`."""
-  pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+def _series(
+  records: Sequence[Mapping[str, Any]], key: str, x: str = "epoch"
+) -> tuple[np.ndarray, np.ndarray]:
+  """(x values, values) of the records that have a finite `key`."""
+  pts = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+  pts = [(a, b) for a, b in pts if np.isfinite(b)]
   if not pts:
     return np.zeros(0), np.zeros(0)
-  x, y = zip(*pts)
-  return np.asarray(x, float), np.asarray(y, float)
+  xs, ys = zip(*pts)
+  return np.asarray(xs, float), np.asarray(ys, float)
 
 
 def _empty(ax, text: str) -> None:
   ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
-  """Writes a 2x2 figure of one run's curves.
+def _lines(ax, records, keys, *, x="epoch", style=".-", empty="nothing logged") -> bool:
+  drawn = False
+  for key, color in keys:
+    xs, ys = _series(records, key, x)
+    if xs.size:
+      ax.plot(xs, ys, style, ms=3, lw=1, label=key, color=color)
+      drawn = True
+  if drawn:
+    ax.legend(fontsize=7)
+  else:
+    _empty(ax, empty)
+  return drawn
 
-  Panels: training loss per epoch (with the loss terms ce/bd/dice when logged), learning rate
-  per epoch (at the epoch's first step), test Dice per evaluation for the raw and the EMA
-  parameters, and training throughput (images/s, the first epoch includes jit compilation).
+
+def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
+  """Writes a 2x3 figure of one run's curves.
+
+  Panels: training loss per epoch (with its terms when logged); validation Dice per evaluation
+  for the raw and the EMA parameters; the learning rate; and, from the diagnostics lines, each
+  loss term's gradient norm before clipping, the cosine of the total gradient with the CE
+  term's and the meta-weight shares (zero-weight pixels, α's share where label and prediction
+  disagree), and the DCD weights' effective support; then training throughput.
 
   Args:
     metrics_jsonl_path: the trainer's `workdir/metrics.jsonl`.
@@ -185,39 +203,30 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
   Raises:
     ValueError: unreadable metrics file, or no records in it.
   """
-  train, test = read_metrics(metrics_jsonl_path)
-  if not train and not test:
+  records = read_metrics(metrics_jsonl_path)
+  train, val, diag = (records.get(k, []) for k in ("train", "val", "diagnostics"))
+  if not train and not val:
     raise ValueError(f"metrics_jsonl_path={str(metrics_jsonl_path)!r}: no records")
-  fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-  ax_loss, ax_lr, ax_dice, ax_speed = axes.ravel()
+  fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+  (ax_loss, ax_dice, ax_lr), (ax_grad, ax_share, ax_speed) = axes
 
-  x, y = _series(train, "loss")
-  if x.size:
-    ax_loss.plot(x, y, "o-", ms=3, label="loss", color="black")
-    for key, color in (
+  _lines(
+    ax_loss,
+    train,
+    [
+      ("loss", "black"),
       ("ce_term", "tab:blue"),
       ("bd_term", "tab:orange"),
       ("dice_term", "tab:green"),
       ("meta_loss", "tab:purple"),
-    ):
-      xt, yt = _series(train, key)
-      if xt.size:
-        ax_loss.plot(xt, yt, ".--", lw=1, label=key, color=color)
-    ax_loss.legend(fontsize=8)
-  else:
-    _empty(ax_loss, "no training epochs logged")
+    ],
+    empty="no training epochs logged",
+  )
   ax_loss.set(title="training loss (epoch mean)", xlabel="epoch")
-
-  x, y = _series(train, "lr")
-  if x.size:
-    ax_lr.plot(x, y, "o-", ms=3, color="tab:red")
-  else:
-    _empty(ax_lr, "no learning rate logged")
-  ax_lr.set(title="learning rate (epoch start)", xlabel="epoch")
 
   any_dice = False
   for params, style in (("raw", "s--"), ("ema", "o-")):
-    x, y = _series([r for r in test if r.get("params") == params], "dice")
+    x, y = _series([r for r in val if r.get("params") == params], "dice")
     if x.size:
       any_dice = True
       ax_dice.plot(x, y, style, ms=4, label=params)
@@ -228,18 +237,52 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
     ax_dice.legend(fontsize=8)
   else:
     _empty(ax_dice, "no evaluation yet")
-  ax_dice.set(title="test Dice", xlabel="epoch")
+  ax_dice.set(title="validation Dice", xlabel="epoch")
 
-  x, y = _series(train, "images_per_s")
+  _lines(ax_lr, train, [("lr", "tab:red")], empty="no learning rate logged")
+  ax_lr.set(title="learning rate (epoch start)", xlabel="epoch")
+
+  if _lines(
+    ax_grad,
+    diag,
+    [
+      ("grad_norm_ce_term", "tab:blue"),
+      ("grad_norm_bd_term", "tab:orange"),
+      ("grad_norm_dice_term", "tab:green"),
+      ("grad_norm_total", "black"),
+    ],
+    x="step",
+    empty="no diagnostics logged",
+  ):
+    ax_grad.set_yscale("log")
+  ax_grad.set(title="gradient norm per loss term (before clipping)", xlabel="step")
+
+  _lines(
+    ax_share,
+    diag,
+    [
+      ("cos_total_ce", "black"),
+      ("weight_zero_frac", "tab:gray"),
+      ("alpha_share_disagree", "tab:purple"),
+      ("alpha_share", "tab:pink"),
+    ],
+    x="step",
+    empty="no diagnostics logged",
+  )
+  ax_share.set(title="cos(total, CE) and meta-weight shares", xlabel="step")
+  x, y = _series(diag, "dcd_support", "step")
   if x.size:
-    ax_speed.plot(x, y, "o-", ms=3, color="tab:gray")
-    ax_speed.set_ylim(bottom=0)
-  else:
-    _empty(ax_speed, "no throughput logged")
+    twin = ax_share.twinx()
+    twin.plot(x, y, "x:", ms=3, color="tab:orange", label="DCD support 1/Σw²")
+    twin.set_ylabel("DCD support (pixels)", color="tab:orange", fontsize=8)
+
+  _lines(ax_speed, train, [("images_per_s", "tab:gray")], empty="no throughput logged")
+  ax_speed.set_ylim(bottom=0)
   ax_speed.set(title="throughput, images/s (epoch 1 includes jit)", xlabel="epoch")
 
   for ax in axes.ravel():
     ax.grid(alpha=0.3)
+  for ax in (ax_loss, ax_dice, ax_lr, ax_speed):
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   # The run folder's last parts name it in a sweep (<noise>/<method>/seed<k>).
   parts = pathlib.Path(metrics_jsonl_path).resolve().parent.parts[-3:]

@@ -4,7 +4,7 @@ One training iteration at parameters θ with optimizer state s (MetaDCSeg §3.2,
 
   p = softmax(F(x; θ)),  y_pseudo = argmax p                         (held fixed)
   f = CE(p, y),  g = CE(p, y_pseudo)                                  per pixel, (B,H,W)  (Eq. 25)
-  θ̂(a, b) = θ + U(∇θ Σ_{i,h,w} (a·f + b·g), s)                                          (Eq. 21)
+  θ̂(a, b) = θ + U(∇θ Σ_{i,h,w} (a·f + b·g) / (B·H·W), s)                                          (Eq. 21)
   Lval(θ̂) = mean CE(F(xv; θ̂), yv)
   Ga, Gb = ∂Lval/∂a, ∂Lval/∂b  at (a, b) = (a0, b0)                                 (Eq. 22, Eq. 28)
   ã = max(a0 − η·Ga, 0),  b̃ = max(b0 − η·Gb, 0)                                          (Eq. 23)
@@ -250,7 +250,8 @@ def _reverse_grads(
 
   def weighted_train_loss(p, a, b):
     (logits, _), _ = _forward(apply_fn, variables, p, x)
-    return jnp.sum(a * ce_map(logits, y) + b * ce_map(logits, y_pseudo))
+    # Per image Σ_hw / (H·W), averaged over the batch: at (1, 0) exactly a mean-CE step.
+    return jnp.sum(a * ce_map(logits, y) + b * ce_map(logits, y_pseudo)) / y.size
 
   def unrolled(ab):
     grads = jax.grad(weighted_train_loss)(params, *ab)
@@ -268,18 +269,20 @@ def _jvp_grads(apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0, fwd_jv
   `fwd_jvp` / `fwd_vjp` are the linearised training forward at θ and its transpose.
   """
   params = variables["params"]
+  # The virtual loss is Σ (a·f + b·g) / n over the n = B·H·W pixels (a mean-CE step at (1, 0)).
+  n = df.size // df.shape[-1]
   if a0 == 0.0 and b0 == 0.0:
     # θ̂ = θ + U(0, s): no backward pass on the training batch.
     grads0 = jax.tree.map(jnp.zeros_like, params)
   else:
-    (grads0,) = fwd_vjp((a0 * df + b0 * dg, None))
+    (grads0,) = fwd_vjp(((a0 * df + b0 * dg) / n, None))
   update0, _, update_transpose = linearize_update(optimizer, opt_state, params, grads0)
   theta_hat = optax.apply_updates(params, update0)
   meta_loss, v = jax.value_and_grad(_meta_loss, argnums=2)(apply_fn, variables, theta_hat, xv, yv)
   u = update_transpose(v)
   dlogits, _ = fwd_jvp(u)
-  ga = jnp.sum(df * dlogits, axis=-1)
-  gb = jnp.sum(dg * dlogits, axis=-1)
+  ga = jnp.sum(df * dlogits, axis=-1) / n
+  gb = jnp.sum(dg * dlogits, axis=-1) / n
   return ga, gb, meta_loss
 
 

@@ -1,25 +1,26 @@
 """The MetaDCSeg training objective (Eq. 13, MetaDCSeg §3.4).
 
-Per image i,
+Per image i, with L^hw = â·f + b̂·g the meta-weighted pixel loss of Eq. 1 (the same weights in
+both terms, as Eq. 13 writes it),
 
-  L_i = Σ_hw (â·f + b̂·g) + λ1·Σ_{bd} w·(πa·f + πb·g) + λ2·Dice(M̂_i, y_i),
+  L_i = Σ_hw L^hw + λ1·Σ_{bd} w·L^hw + λ2·Dice(M̂_i, y_i),
 
-with f = CE(p, y) on the noisy labels, g = CE(p, y_pseudo) on the model's own
-prediction, â, b̂ the normalised meta weights (Eq. 24), πa, πb the per-pixel
-mixing ã/γ, b̃/γ (the paper's α + β = 1), w the DCD boundary weights (Eq. 12)
-and Dice the soft foreground Dice loss (smooth 1). The batch loss is the mean
-of L_i ("image" normaliser, Σ_hw â = 1 per image), or with the "batch"
-normaliser (Σ_batch â = 1, L2B's code) the first term summed over the batch:
-L = Σ_batch(â·f + b̂·g) + mean_i(λ1·bd_i + λ2·dice_i).
+f = CE(p, y) on the noisy labels, g = CE(p, y_pseudo) on the model's own prediction, â, b̂ the
+normalised meta weights (Eq. 24), w the DCD boundary weights (Eq. 12, by default with mean 1
+over the boundary set, so a boundary pixel's weight is â·(1 + λ1·w)) and Dice the soft
+foreground Dice loss (smooth 1). The batch loss is the mean of L_i ("image" normaliser,
+Σ_hw â = 1 per image); with the "batch" normaliser (Σ_batch â = 1, L2B's code) the
+meta-weighted terms are summed over the batch and the Dice term averaged.
 
-Ablations (paper Table 5): meta off = `meta_off_weights` (plain CE on the noisy
-labels), DCD off = `use_dcd=False`, Dice off = `use_dice=False`. L2B is
-`l2b_loss`, the first term alone (= `metadcseg_loss(use_dcd=False,
-use_dice=False)`).
+Option `pixel_loss="mixing"` uses πa·f + πb·g (πa = ã/γ, the paper's α + β = 1) in the
+boundary term instead of L^hw: an earlier reading kept for the ablation table.
 
-The meta weights (â, b̂, γ, πa, πb, y_pseudo) are used as given: for the real
-step pass them without gradient (the meta module's outputs are constants
-there); γ is stop-gradiented inside the centers regardless (MetaDCSeg §3.3).
+Ablations (paper Table 5): meta off = `meta_off_weights` (plain CE on the noisy labels), DCD off
+= `use_dcd=False`, Dice off = `use_dice=False`. L2B is `l2b_loss`, the first term alone.
+
+The meta weights (â, b̂, γ, πa, πb, y_pseudo) are used as given: for the real step pass them
+without gradient (the meta module's outputs are constants there); γ is stop-gradiented inside
+the centers regardless (MetaDCSeg §3.3).
 
 References:
   MetaDCSeg §3.3, §3.4 and App. A.5.
@@ -122,11 +123,15 @@ def l2b_loss(
   return jnp.mean(per_image) if normalizer == "image" else jnp.sum(per_image)
 
 
+# What the boundary term weights (`metadcseg_loss(pixel_loss=...)`).
+PIXEL_LOSSES = ("meta", "mixing")
+
+
 def metadcseg_loss(
   logits: Array,
   features: Array,
-  image: Array,
   noisy_label: Array,
+  edges: Array,
   *,
   a_hat: Array,
   b_hat: Array,
@@ -141,9 +146,11 @@ def metadcseg_loss(
   tau_dcd: float = 1.0,
   use_dcd: bool = True,
   use_dice: bool = True,
-  detach_weights: bool = False,
+  detach_weights: bool = True,
   normalizer: str = "image",
-  edge_fn: dcd.EdgeFn = dcd.sobel_edges,
+  pixel_loss: str = "meta",
+  dcd_scale: str = "mean",
+  weight_sum: str = "mean_one",
   center_momentum: float = 0.9,
 ) -> tuple[Array, dict[str, Any]]:
   """The full MetaDCSeg objective (Eq. 13, MetaDCSeg §3.4).
@@ -151,8 +158,8 @@ def metadcseg_loss(
   Args:
     logits: (B, H, W, L) float; class 0 is background.
     features: (B, H, W, D) penultimate decoder features h (Eq. 5).
-    image: (B, H, W, C) input images (for the edge detector of Eq. 8).
     noisy_label: (B, H, W) int noisy labels y.
+    edges: (B, H, W) bool edge pixels of Eq. 8 (`metadcseg_jax.edges`).
     a_hat, b_hat: (B, H, W) normalised meta weights â, b̂ (Eq. 24).
     gamma: (B, H, W) reliability γ = ã + b̃ (Eq. 9).
     pi_a, pi_b: (B, H, W) mixing ã/γ and b̃/γ (0 where γ = 0).
@@ -164,30 +171,34 @@ def metadcseg_loss(
     tau_dcd: temperature of Eq. 12.
     use_dcd: include the DCD boundary term (ablation "DCD off" when False).
     use_dice: include the Dice term (ablation "Dice off" when False).
-    detach_weights: stop the gradient at the boundary weights w (default:
-      gradients flow through h into w, Eq. 43, Eq. 44).
+    detach_weights: stop the gradient at the boundary weights w (default; False lets it flow
+      through h into w, Eq. 43, Eq. 44).
     normalizer: "image" or "batch" (see module docstring).
-    edge_fn: image (H, W, C) -> bool (H, W) edge mask; vmapped here.
+    pixel_loss: "meta" (L^hw in the boundary term, default) or "mixing" (πa·f + πb·g).
+    dcd_scale, weight_sum: how Eq. 12 is read (`dcd.boundary_weights`).
     center_momentum: EMA momentum of the default centers.
 
   Returns:
-    loss: scalar, = ce_term + λ1·bd_term + λ2·dice_term.
+    loss: scalar, = ce_term + λ1·bd_term + λ2·dice_term (per the normaliser).
     aux: dict with
       "ce_term": scalar first term (per the normaliser);
-      "bd_term", "dice_term": scalars, batch means of Σ_bd w·(πa·f + πb·g)
-        and of the Dice loss, without their λ (0 when switched off);
-      "centers" (B, 3, D), "used_fallback" (B, 3) bool, "w" (B, H, W),
-      "dcd" (B, H, W), "bd" (B, H, W) bool: the DCD quantities (defaults,
-        all-True fallback and zeros when `use_dcd=False`);
-      "new_default_centers" (3, D): EMA update of `default_centers` with this
-        batch's non-fallback centers (unchanged when `use_dcd=False`).
+      "bd_term", "dice_term": scalars, the boundary and Dice terms without their λ and
+        combined over the batch as the first term is (0 when switched off);
+      "centers" (B, 3, D), "used_fallback" (B, 3) bool, "w" (B, H, W), "dcd" (B, H, W),
+        "bd" (B, H, W) bool: the DCD quantities (defaults, all-True fallback and zeros when
+        `use_dcd=False`);
+      "new_default_centers" (3, D): EMA update of `default_centers` with this batch's
+        non-fallback centers (unchanged when `use_dcd=False`).
   """
   _check_normalizer(normalizer)
+  if pixel_loss not in PIXEL_LOSSES:
+    raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {pixel_loss!r}.")
   if logits.ndim != 4 or logits.shape[-1] < 2:
     raise ValueError(f"logits must be (B, H, W, L) with L >= 2, got {logits.shape}.")
   shape = logits.shape[:3]
   for name, x in (
     ("noisy_label", noisy_label),
+    ("edges", edges),
     ("a_hat", a_hat),
     ("b_hat", b_hat),
     ("gamma", gamma),
@@ -198,8 +209,6 @@ def metadcseg_loss(
     _check_map(name, x, shape)
   if features.ndim != 4 or features.shape[:3] != shape:
     raise ValueError(f"features must be (B, H, W, D) with B, H, W = {shape}, got {features.shape}.")
-  if image.ndim != 4 or image.shape[:3] != shape:
-    raise ValueError(f"image must be (B, H, W, C) with B, H, W = {shape}, got {image.shape}.")
   if default_centers.shape != (3, features.shape[-1]):
     raise ValueError(
       f"default_centers must be (3, {features.shape[-1]}), got {default_centers.shape}."
@@ -207,24 +216,26 @@ def metadcseg_loss(
 
   f = ce_map(logits, noisy_label)
   g = ce_map(logits, y_pseudo)
-  first = _weighted_sum(f, g, a_hat, b_hat)  # (B,)
-  ce_term = jnp.mean(first) if normalizer == "image" else jnp.sum(first)
+  per_pixel = a_hat * f + b_hat * g  # L^hw of Eq. 1
+  reduce = jnp.mean if normalizer == "image" else jnp.sum
+  ce_term = reduce(jnp.sum(per_pixel, axis=(1, 2)))
 
   b = shape[0]
-  zeros_b = jnp.zeros((b,), f.dtype)
   if use_dcd:
     out = dcd.dcd_weights(
       features,
       foreground_prob(logits),
-      image,
+      edges,
       gamma,
       default_centers,
       tau=tau,
       tau_dcd=tau_dcd,
+      scale=dcd_scale,
+      weight_sum=weight_sum,
       detach_weights=detach_weights,
-      edge_fn=edge_fn,
     )
-    bd_i = jnp.sum(out["w"] * (pi_a * f + pi_b * g), axis=(1, 2))
+    boundary_loss = per_pixel if pixel_loss == "meta" else pi_a * f + pi_b * g
+    bd_term = reduce(jnp.sum(out["w"] * boundary_loss, axis=(1, 2)))
     dcd_aux = dict(
       centers=out["centers"],
       used_fallback=out["used_fallback"],
@@ -236,7 +247,7 @@ def metadcseg_loss(
       ),
     )
   else:
-    bd_i = zeros_b
+    bd_term = jnp.zeros((), f.dtype)
     dcd_aux = dict(
       centers=jnp.broadcast_to(default_centers, (b,) + default_centers.shape),
       used_fallback=jnp.ones((b, 3), bool),
@@ -245,8 +256,8 @@ def metadcseg_loss(
       bd=jnp.zeros(shape, bool),
       new_default_centers=default_centers,
     )
-  dice_i = soft_dice_loss(logits, noisy_label) if use_dice else zeros_b
+  dice_term = jnp.mean(soft_dice_loss(logits, noisy_label)) if use_dice else jnp.zeros((), f.dtype)
 
-  loss = ce_term + jnp.mean(lambda_bd * bd_i + lambda_dice * dice_i)
-  aux = dict(ce_term=ce_term, bd_term=jnp.mean(bd_i), dice_term=jnp.mean(dice_i), **dcd_aux)
+  loss = ce_term + lambda_bd * bd_term + lambda_dice * dice_term
+  aux = dict(ce_term=ce_term, bd_term=bd_term, dice_term=dice_term, **dcd_aux)
   return loss, aux

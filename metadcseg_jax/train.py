@@ -6,8 +6,12 @@ behind `metadcseg_jax.methods`). Each method phase's step is a jitted pure funct
 epoch needs it; compiled programs also go to JAX's persistent cache under the data folder, so
 a second run of the same config starts in seconds.
 
+Evaluation during training reads the validation split only; the test split is read once, at the
+end (`results.json` has both), so settings can be chosen on validation data.
+
 Outputs in `workdir`: `checkpoints/` (orbax: state, data iterator states, settings), a line per
-epoch and per evaluation in `metrics.jsonl`, `results.json` (final), `panel.png`, `curves.png`,
+epoch, per validation and per diagnostics point in `metrics.jsonl`, `results.json` (final
+metrics on val and test), `panel.png`, `curves.png`,
 the method's own figure (MetaDCSeg: `dcd.png`), `data_info.json`, `config.json` and
 `config_history.jsonl`. Rerunning the same command resumes from the last checkpoint.
 """
@@ -61,6 +65,10 @@ class Compiled:
     self.method = methods.create(config, steps_per_epoch=steps_per_epoch)
     self.predictor = evaluate.Predictor(self.method)
     self._steps: dict[str, Callable] = {}
+
+  @functools.cached_property
+  def diagnostics(self) -> Callable:
+    return jax.jit(self.method.diagnostics)
 
   def step(self, phase: str) -> Callable:
     if phase not in self._steps:
@@ -130,9 +138,14 @@ def _first_bad_step(losses: np.ndarray, first_step: int) -> int | None:
   return None if bad.size == 0 else first_step + int(bad[0])
 
 
+# Batch keys a train step never sees: the clean label (only the meta batch is clean) and the
+# examples' indices.
+HIDDEN_KEYS = ("label", "index")
+
+
 def _feed(batch: dict[str, np.ndarray], meta_batch: dict[str, np.ndarray] | None):
-  """What a step sees: the image and its noisy label (never the clean label), + meta batch."""
-  feed = {"image": batch["image"], "noisy_label": batch["noisy_label"]}
+  """What a step sees: the batch without the clean label, plus the clean meta batch."""
+  feed = {k: v for k, v in batch.items() if k not in HIDDEN_KEYS}
   if meta_batch is not None:
     feed["meta_image"], feed["meta_label"] = meta_batch["image"], meta_batch["label"]
   return feed
@@ -173,7 +186,11 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
   state = method.init_state(jax.random.PRNGKey(config.seed))
   train_it = iter(
     pipeline.train_dataset(
-      splits.train, batch_size=t.batch_size, seed=config.seed, augment=config.data.augment
+      splits.train,
+      batch_size=t.batch_size,
+      seed=config.seed,
+      augment=config.data.augment,
+      transform=method.example_transform,
     )
   )
   meta_it = iter(
@@ -198,8 +215,6 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
     every=t.log_every_steps,
     num_epochs=t.num_epochs,
   )
-  results: dict[str, Any] = {}
-
   try:
     for epoch in range(start_epoch, t.num_epochs):
       phase = method.phase(epoch)
@@ -210,6 +225,19 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
       for i in range(steps_per_epoch):
         meta_batch = next(meta_it) if method.uses_meta_batch else None
         feed = _feed(next(train_it), meta_batch)
+        if t.diagnostics_every_steps and (first_step + i) % t.diagnostics_every_steps == 0:
+          # On the batch the step is about to train on, by a separately compiled function: the
+          # step itself stays as lean as without diagnostics.
+          diag = jax.device_get(compiled.diagnostics(state, feed))
+          if diag:
+            wd.metrics.append(
+              {
+                "epoch": epoch + 1,
+                "step": first_step + i,
+                "split": "diagnostics",
+                **{k: float(v) for k, v in diag.items()},
+              }
+            )
         state, m = step_fn(state, feed, jax.random.fold_in(state.rng, first_step + i))
         step_metrics.append(m)
         if progress.due(first_step + i + 1):
@@ -251,28 +279,31 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
       )
       wd.metrics.append(record)
       if (epoch + 1) % t.eval_every_epochs == 0 or epoch + 1 == t.num_epochs:
-        ev = _evaluate(compiled, state, splits, config)
+        # Validation only: the test split is read once, after training.
+        ev = _evaluate(compiled, state, splits.val, splits, config)
         for variant, summary in ev.items():
           wd.metrics.append(
             {
               "epoch": epoch + 1,
               "step": int(state.step),
-              "split": "test",
+              "split": "val",
               "params": variant,
               **summary,
             }
           )
         logging.info(
-          "epoch %d test dice raw %.4f ema %.4f", epoch + 1, ev["raw"]["dice"], ev["ema"]["dice"]
+          "epoch %d val dice raw %.4f ema %.4f", epoch + 1, ev["raw"]["dice"], ev["ema"]["dice"]
         )
-        results = {"epoch": epoch + 1, "test": ev}
       if (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs:
         ckpt.save(epoch + 1, state, {"train": train_it.get_state(), "meta": meta_it.get_state()})
   finally:
     ckpt.close()
 
-  if not results:  # resumed after the last epoch: evaluate the restored state
-    results = {"epoch": t.num_epochs, "test": _evaluate(compiled, state, splits, config)}
+  results = {
+    "epoch": int(state.step) // steps_per_epoch,
+    "val": _evaluate(compiled, state, splits.val, splits, config),
+    "test": _evaluate(compiled, state, splits.test, splits, config),
+  }
   results.update(
     {
       "method": config.method,
@@ -299,11 +330,11 @@ def summary(results: dict[str, Any]) -> str:
   )
 
 
-def _evaluate(compiled: Compiled, state, splits: pipeline.DataSplits, config):
+def _evaluate(compiled: Compiled, state, records, splits: pipeline.DataSplits, config):
   return evaluate.evaluate(
     compiled.predictor,
     state,
-    splits.test,
+    records,
     batch_size=config.train.eval_batch_size,
     num_classes=config.data.num_classes,
     spacing=splits.info["spacing"] or None,
@@ -325,7 +356,9 @@ def _write_figures(compiled: Compiled, state, splits, config, wd: workdir_lib.Wo
     )
     figures.plot_curves(wd.metrics.path, wd.path / "curves.png")
     if method.figure_name:
-      batch = next(pipeline.eval_batches(splits.train, t.batch_size))
+      batch = next(
+        pipeline.eval_batches(splits.train, t.batch_size, transform=method.example_transform)
+      )
       feed = _feed(
         batch,
         next(pipeline.eval_batches(splits.meta, t.meta_batch_size))

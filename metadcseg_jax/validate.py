@@ -11,10 +11,13 @@ from typing import Any, Callable
 
 import ml_collections
 
+from metadcseg_jax import dcd
+from metadcseg_jax import edges
 from metadcseg_jax import meta
 from metadcseg_jax import methods
 from metadcseg_jax import models
 from metadcseg_jax import noise
+from metadcseg_jax import objective
 from metadcseg_jax import optim
 from metadcseg_jax.data import real
 from metadcseg_jax.errors import ConfigError
@@ -100,6 +103,7 @@ RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
   ("train.eval_every_epochs", _int(1)),
   ("train.eval_batch_size", _int(1)),
   ("train.log_every_steps", _int(0)),
+  ("train.diagnostics_every_steps", _int(0)),
   ("train.checkpoint_every_epochs", _int(1)),
   ("train.keep_checkpoints", _int(1)),
   ("train.num_panel_images", _int(0)),
@@ -117,6 +121,11 @@ RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
   ("dcd.lambda_bd", _float(0.0)),
   ("dcd.lambda_dice", _float(0.0)),
   ("dcd.edge_top_fraction", _float(0.0, 1.0)),
+  ("dcd.edges", _one_of(edges.DETECTORS)),
+  ("dcd.canny_sigma", _float(0.0, low_open=True)),
+  ("dcd.dcd_scale", _one_of(dcd.DCD_SCALES)),
+  ("dcd.weight_sum", _one_of(dcd.WEIGHT_SUMS)),
+  ("dcd.pixel_loss", _one_of(objective.PIXEL_LOSSES)),
   ("dcd.detach_weights", _bool),
   ("dcd.center_momentum", _float(0.0, 1.0)),
   ("loss.gce_q", _float(0.0, 1.0, low_open=True)),
@@ -193,6 +202,14 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       f"(config.train.optimizer='sgd'); use route='reverse' with "
       f"{train.optimizer!r}"
     )
+  weights = config.get("dcd", {}).get("pidinet_weights", "")
+  if "dcd" in config and config.dcd.edges == "pidinet" and not weights:
+    found.append(
+      "config.dcd.edges='pidinet' needs config.dcd.pidinet_weights, the path of "
+      "PiDiNet's released weights (table5_pidinet.pth)"
+    )
+  elif weights and not pathlib.Path(weights).expanduser().is_file():
+    found.append(f"config.dcd.pidinet_weights={weights!r}: no such file")
   if config.model.deep_supervision and config.model.name != "unet++":
     found.append("config.model.deep_supervision needs config.model.name='unet++'")
   if data.name == "synthetic" and data.n_train < train.batch_size + train.meta_batch_size:

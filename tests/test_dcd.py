@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.dcd (MetaDCSeg Eq. 6-12, 46-47)."""
+"""Tests for metadcseg_jax.dcd (MetaDCSeg Eq. 6 to Eq. 12, Eq. 46, Eq. 47)."""
 
 import functools
 import math
@@ -7,36 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from metadcseg_jax import dcd
-
-
-# ---------------------------------------------------------------- edges
-
-
-def test_sobel_magnitude_matches_scipy():
-  x = np.random.RandomState(0).rand(9, 11, 3).astype(np.float32)
-  ref = sum(np.hypot(ndimage.sobel(x[..., c], 0), ndimage.sobel(x[..., c], 1)) for c in range(3))
-  np.testing.assert_allclose(dcd.sobel_magnitude(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_sobel_edges_fraction_step_and_flat():
-  edges = jax.jit(dcd.sobel_edges)
-  rand = np.random.RandomState(1).rand(32, 32, 3).astype(np.float32)
-  assert int(edges(rand).sum()) == round(0.05 * 32 * 32)  # 51, no ties
-  # A vertical step between columns 15 and 16: both columns tie at the
-  # threshold and are kept (64 pixels, 6.25%), nothing else.
-  step = np.zeros((32, 32, 1), np.float32)
-  step[:, 16:] = 1.0
-  e = np.asarray(edges(step))
-  assert e.sum() == 64
-  assert e[:, 15].all() and e[:, 16].all()
-  # Flat image: zero magnitude is never an edge.
-  assert not np.asarray(edges(np.full((32, 32, 1), 0.3, np.float32))).any()
-  assert not np.asarray(dcd.sobel_edges(rand, top_fraction=0.0)).any()
-  with pytest.raises(ValueError, match="top_fraction"):
-    dcd.sobel_edges(rand, top_fraction=1.5)
 
 
 # ---------------------------------------------------------------- regions
@@ -106,14 +78,42 @@ def test_hand_example_centers_dcd_weights():
   np.testing.assert_allclose(d[2], [16 / 3] * 4, rtol=1e-5)
   np.testing.assert_allclose(d[0], [3 / math.sqrt(1.25)] * 2 + [5 / math.sqrt(9.25)] * 2, rtol=1e-5)
   np.testing.assert_allclose(d[3], 0, atol=1e-6)
-  w = np.asarray(dcd.boundary_weights(jnp.asarray(d), jnp.asarray(MASKS_HAND[2])))
+  literal = dict(scale="none", weight_sum="sum_one")  # Eq. 12 as printed
+  w = np.asarray(dcd.boundary_weights(jnp.asarray(d), jnp.asarray(MASKS_HAND[2]), **literal))
   e2 = math.e**2
   np.testing.assert_allclose(w[1], 1 / (4 * (1 + e2)), rtol=1e-5)
   np.testing.assert_allclose(w[2], e2 / (4 * (1 + e2)), rtol=1e-5)
   assert (w[0] == 0).all() and (w[3] == 0).all()
   # Temperature 2 halves the log-ratio between the two rows.
-  w2 = np.asarray(dcd.boundary_weights(jnp.asarray(d), jnp.asarray(MASKS_HAND[2]), tau_dcd=2.0))
+  w2 = np.asarray(
+    dcd.boundary_weights(jnp.asarray(d), jnp.asarray(MASKS_HAND[2]), tau_dcd=2.0, **literal)
+  )
   np.testing.assert_allclose(w2[2, 0] / w2[1, 0], math.e, rtol=1e-5)
+  # The defaults: DCD over its boundary mean (13/3), weights times |bd| = 8 (mean one):
+  # exp((10/3)/(13/3)) : exp((16/3)/(13/3)) = 1 : exp(6/13) between the rows.
+  wd = np.asarray(dcd.boundary_weights(jnp.asarray(d), jnp.asarray(MASKS_HAND[2])))
+  r = math.exp(6 / 13)
+  np.testing.assert_allclose(wd[1], 8 / (4 * (1 + r)), rtol=1e-5)
+  np.testing.assert_allclose(wd[2], 8 * r / (4 * (1 + r)), rtol=1e-5)
+  np.testing.assert_allclose(wd[1:3].mean(), 1.0, rtol=1e-6)
+
+
+def test_mean_scale_makes_weights_independent_of_the_feature_scale():
+  """DCD is linear in a scale of the features; dividing by its boundary mean cancels it, while
+  the literal softmax becomes one-hot as features grow."""
+  rng = np.random.RandomState(7)
+  d = jnp.asarray(rng.rand(8, 8) * 3 + 1, jnp.float32)
+  bd = jnp.asarray(rng.rand(8, 8) < 0.4)
+  for c in (1.0, 30.0):
+    np.testing.assert_allclose(
+      dcd.boundary_weights(c * d, bd), dcd.boundary_weights(d, bd), rtol=1e-5
+    )
+  peaked = dcd.boundary_weights(30.0 * d, bd, scale="none", weight_sum="sum_one")
+  assert float(1.0 / jnp.sum(peaked**2)) < 2.0  # effective support of about one pixel
+  mean_one = dcd.boundary_weights(d, bd)
+  assert float(jnp.sum(mean_one)) == pytest.approx(float(jnp.sum(bd)), rel=1e-5)
+  with pytest.raises(ValueError, match="scale"):
+    dcd.boundary_weights(d, bd, scale="max")
 
 
 def test_center_fallback_small_region_and_zero_gamma():
@@ -183,16 +183,15 @@ def test_full_pipeline_finite_when_feature_is_its_bd_center():
   prob = np.full((8, 8), 0.5, np.float32)
   prob[:3] = 0.9
   prob[5:] = 0.1
-  no_edges = lambda x: jnp.zeros(x.shape[:2], bool)
 
   def loss(h):
     out = dcd.dcd_weights_single(
       h,
       jnp.asarray(prob),
-      jnp.zeros((8, 8, 1)),
+      jnp.zeros((8, 8), bool),
       jnp.ones((8, 8)),
       jnp.zeros((3, 2)),
-      edge_fn=no_edges,
+      detach_weights=False,
     )
     return jnp.sum(out["w"] * jnp.arange(64.0).reshape(8, 8)), out
 
@@ -206,7 +205,8 @@ def test_boundary_weights_sum_to_one_and_empty_bd():
   rng = np.random.RandomState(2)
   d = jnp.asarray(rng.rand(8, 8) * 100, jnp.float32)
   bd = jnp.asarray(rng.rand(8, 8) < 0.3)
-  w = dcd.boundary_weights(d, bd, tau_dcd=0.01)  # z up to 1e4: no overflow
+  # z up to 1e4: no overflow.
+  w = dcd.boundary_weights(d, bd, tau_dcd=0.01, scale="none", weight_sum="sum_one")
   assert np.isfinite(w).all()
   np.testing.assert_allclose(float(jnp.sum(w)), 1.0, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(w)[~np.asarray(bd)], 0.0)
@@ -229,18 +229,19 @@ def _toy_batch(b=3, size=16, d=4, seed=0):
   if b > 1:
     prob[-1] = 0.05  # last image: bg only, fg falls back to the default
   h = rng.randn(b, size, size, d)
-  image = rng.rand(b, size, size, 2)
+  edges = rng.rand(b, size, size) < 0.1
   gamma = rng.rand(b, size, size)
-  return [jnp.asarray(a, jnp.float32) for a in (h, prob, image, gamma)]
+  h, prob, gamma = (jnp.asarray(a, jnp.float32) for a in (h, prob, gamma))
+  return h, prob, jnp.asarray(edges), gamma
 
 
 def test_vmapped_equals_python_loop():
-  h, prob, image, gamma = _toy_batch()
+  h, prob, edges, gamma = _toy_batch()
   default = jnp.arange(12.0).reshape(3, 4) / 10
-  batched = jax.jit(dcd.dcd_weights)(h, prob, image, gamma, default)
+  batched = jax.jit(dcd.dcd_weights)(h, prob, edges, gamma, default)
   single_fn = jax.jit(dcd.dcd_weights_single)
   for i in range(h.shape[0]):
-    single = single_fn(h[i], prob[i], image[i], gamma[i], default)
+    single = single_fn(h[i], prob[i], edges[i], gamma[i], default)
     for key, value in single.items():
       np.testing.assert_allclose(batched[key][i], value, rtol=2e-5, atol=1e-6, err_msg=key)
   fb = np.asarray(batched["used_fallback"])
@@ -251,14 +252,14 @@ def test_vmapped_equals_python_loop():
 # ---------------------------------------------------------------- gradients
 
 
-def _bd_loss_fn(h, w_frozen, frozen, *, prob, image, gamma, head, detach):
+def _bd_loss_fn(h, w_frozen, frozen, *, prob, edges, gamma, head, detach):
   """Σ_bd w·f(h) with f = softplus(h·head), so f depends on h as well.
 
   w = w(h) (detached or not), or w_frozen where frozen = 1.
   """
   f = jax.nn.softplus(h @ head)
   out = dcd.dcd_weights_single(
-    h, prob, image, gamma, jnp.zeros((3, h.shape[-1]), h.dtype), detach_weights=detach
+    h, prob, edges, gamma, jnp.zeros((3, h.shape[-1]), h.dtype), detach_weights=detach
   )
   w = frozen * w_frozen + (1 - frozen) * out["w"]
   return jnp.sum(w * f), out
@@ -266,11 +267,11 @@ def _bd_loss_fn(h, w_frozen, frozen, *, prob, image, gamma, head, detach):
 
 def test_boundary_term_gradients_match_finite_differences_x64():
   with jax.enable_x64(True):
-    hb, prob, image, gamma = _toy_batch(b=1, size=12, d=3, seed=3)
+    hb, prob, edges, gamma = _toy_batch(b=1, size=12, d=3, seed=3)
     h = jnp.asarray(hb[0], jnp.float64)
     kw = dict(
       prob=jnp.asarray(prob[0], jnp.float64),
-      image=jnp.asarray(image[0], jnp.float64),
+      edges=edges[0],
       gamma=jnp.asarray(gamma[0], jnp.float64),
       head=jnp.array([0.5, -1.0, 0.3]),
     )

@@ -37,24 +37,38 @@ def test_plot_curves_writes_png(tmp_path):
           {
             "epoch": epoch,
             "step": 6 * epoch,
-            "split": "test",
+            "split": "val",
             "params": params,
             "dice": d + 0.1 * epoch,
             "iou": d,
             "hd95": 3.0,
           }
         )
+    lines.append(
+      {
+        "epoch": epoch,
+        "step": 6 * epoch - 3,
+        "split": "diagnostics",
+        "grad_norm_ce_term": 2.0,
+        "grad_norm_bd_term": 0.5,
+        "grad_norm_total": 2.2,
+        "cos_total_ce": 0.97,
+        "weight_zero_frac": 0.2,
+        "alpha_share_disagree": 0.4,
+        "dcd_support": float("nan"),
+      }
+    )
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps(l) + "\n" for l in lines))
   out = figures.plot_curves(path, tmp_path / "figs" / "curves.png")
   w, h = _png_size(out)
-  assert w > h > 300  # the 2x2 figure, landscape
+  assert w > 1.5 * h > 450  # the 2x3 figure, landscape
 
-  train_records, test_records = figures.read_metrics(path)
-  assert [r["epoch"] for r in train_records] == [1, 2, 3, 4] and len(test_records) == 4
+  records = figures.read_metrics(path)
+  assert [r["epoch"] for r in records["train"]] == [1, 2, 3, 4] and len(records["val"]) == 4
+  assert len(records["diagnostics"]) == 4
   path.write_text(path.read_text() + '{"epoch": 5, "spl')  # a kill during a write
-  train_again, _ = figures.read_metrics(path)
-  assert [r["epoch"] for r in train_again] == [1, 2, 3, 4]
+  assert [r["epoch"] for r in figures.read_metrics(path)["train"]] == [1, 2, 3, 4]
   with pytest.raises(ValueError, match="no such file"):
     figures.plot_curves(tmp_path / "missing.jsonl", tmp_path / "bad.png")
 

@@ -152,7 +152,7 @@ def _run(fn, pb, eta=1.0, opt_state=None):
 
 
 def _unrolled_objective(apply_fn, opt, variables, opt_state, x, y, xv, yv):
-  """`(a, b) -> Lval(θ + U(∇θ Σ (a·f + b·g), s))`, written out independently of meta.py."""
+  """`(a, b) -> Lval(θ + U(∇θ Σ (a·f + b·g) / (B·H·W), s))`, written independently of meta.py."""
   params = variables["params"]
   ce = optax.softmax_cross_entropy_with_integer_labels
 
@@ -166,7 +166,7 @@ def _unrolled_objective(apply_fn, opt, variables, opt_state, x, y, xv, yv):
 
   def train_loss(p, a, b):
     logits = forward(p, x)
-    return jnp.sum(a * ce(logits, y) + b * ce(logits, y_pseudo))
+    return jnp.sum(a * ce(logits, y) + b * ce(logits, y_pseudo)) / y.size
 
   def objective(a, b):
     grads = jax.grad(train_loss)(params, a, b)
@@ -199,7 +199,9 @@ def _fd_errors(fd, pb, out, a0b0, idx, eps):
   dtype = pb.x.dtype
   a0 = jnp.full(pb.y.shape, a0b0[0], dtype)
   b0 = jnp.full(pb.y.shape, a0b0[1], dtype)
-  fd_a, fd_b = (np.asarray(v) for v in fd(a0, b0, jnp.asarray(idx), eps))
+  # The virtual loss averages over the n = B·H·W pixels, so a weight moves θ̂ by 1/n of its
+  # change: ε·n keeps the step in θ̂ (and its distance to the ReLU kinks) at ε's.
+  fd_a, fd_b = (np.asarray(v) for v in fd(a0, b0, jnp.asarray(idx), eps * pb.y.size))
   errs = []
   for exact, approx in ((out.ga.reshape(-1)[idx], fd_a), (out.gb.reshape(-1)[idx], fd_b)):
     assert np.all(np.isfinite(exact)) and np.max(np.abs(exact)) > 0
@@ -320,9 +322,9 @@ def test_reverse_route_exact_for_adam(conv_f64):
 
 
 def test_eq29_inner_product_form():
-  # Fresh SGD state, no weight decay: θ̂ = θ at (0, 0), so Ga_k = −λ <∇Lval(θ), ∇f_k(θ)>
-  # (Eq. 29),
-  # checked pixel by pixel with an explicit Jacobian.
+  # Fresh SGD state, no weight decay: θ̂ = θ at (0, 0), so Ga_k = −λ/n <∇Lval(θ), ∇f_k(θ)>
+  # (Eq. 29, with the virtual loss averaged over the n = B·H·W pixels), checked pixel by pixel
+  # with an explicit Jacobian.
   opt = optim.make_optimizer(learning_rate=0.3, weight_decay=0.0)
   pb = _make_problem(PixelLinear(), opt, shape=(2, 4, 4, 3), num_classes=2, fake_steps=0)
   out = _run(_meta_fn(pb, route="jvp"), pb)
@@ -335,7 +337,24 @@ def test_eq29_inner_product_form():
     jnp.tensordot(j, g, axes=g.ndim)
     for j, g in zip(jax.tree.leaves(jac_f), jax.tree.leaves(grad_val))
   )
-  np.testing.assert_allclose(out.ga, -0.3 * inner, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(out.ga, -0.3 * inner / pb.y.size, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("route", ["reverse", "jvp"])
+def test_virtual_step_at_1_0_is_a_mean_ce_step(route):
+  """At (a0, b0) = (1, 0) the virtual step is the real step's plain mean-CE SGD step, so the
+  meta loss is Lval(θ − λ∇ mean CE(θ)); a virtual loss summed over pixels would take an
+  H·W·B times larger step."""
+  opt = optim.make_optimizer(learning_rate=0.3, weight_decay=0.0)
+  pb = _make_problem(PixelLinear(), opt, shape=(2, 4, 4, 3), num_classes=2, fake_steps=0)
+  out = _run(_meta_fn(pb, route=route, a0b0=(1.0, 0.0)), pb)
+  params = pb.variables["params"]
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  logits = lambda p, x: pb.apply_fn({"params": p}, x, train=True)[0]
+  grads = jax.grad(lambda p: jnp.mean(ce(logits(p, pb.x), pb.y)))(params)
+  theta_hat = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
+  want = jnp.mean(ce(logits(theta_hat, pb.xv), pb.yv))
+  np.testing.assert_allclose(out.meta_loss, want, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- (b) routes agree

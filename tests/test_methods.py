@@ -83,3 +83,24 @@ def test_readme_example_adds_a_method_in_one_file(monkeypatch, tmp_path):
   assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
   probs = method.predict(new_state, _batch(config)["image"], variant="ema")
   np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_ema_keeps_its_own_batchnorm_statistics():
+  """MetaDCSeg §4.1: the EMA model is evaluated with an EMA of the BatchNorm statistics, not
+  with the raw model's."""
+  config = tiny.get_config()
+  config.method, config.model.name = "ce", "unet"
+  method = methods.create(config, steps_per_epoch=5)
+  step = jax.jit(method.train_step("train"))
+  state = method.init_state(jax.random.PRNGKey(0))
+  decay = config.train.ema_decay
+  for i in range(2):
+    prev = state.ema_batch_stats
+    state, _ = step(state, _batch(config, seed=i), jax.random.PRNGKey(i))
+    want = jax.tree.map(lambda e, b: decay * e + (1 - decay) * b, prev, state.batch_stats)
+    for got, exp in zip(jax.tree.leaves(state.ema_batch_stats), jax.tree.leaves(want)):
+      np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-7)
+  images = _batch(config)["image"]
+  ema = method.predict(state, images, variant="ema")
+  swapped = state.replace(ema_batch_stats=state.batch_stats)
+  assert not np.allclose(ema, method.predict(swapped, images, variant="ema"))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from metadcseg_jax import dcd
+from metadcseg_jax import edges as edges_lib
 from metadcseg_jax import objective
 
 # One jitted entry point; the compile cache is shared by every test that uses
@@ -21,7 +22,9 @@ LOSS = jax.jit(
     "use_dice",
     "detach_weights",
     "normalizer",
-    "edge_fn",
+    "pixel_loss",
+    "dcd_scale",
+    "weight_sum",
     "center_momentum",
   ),
 )
@@ -56,7 +59,7 @@ def batch():
   return dict(
     logits=jnp.asarray(logits),
     features=jnp.asarray(rng.randn(B, S, S, D), jnp.float32),
-    image=jnp.asarray(rng.rand(B, S, S, 1), jnp.float32),
+    edges=jax.vmap(edges_lib.sobel_edges)(jnp.asarray(rng.rand(B, S, S, 1), jnp.float32)),
     noisy_label=jnp.asarray(noisy),
     y_pseudo=jnp.argmax(jnp.asarray(logits), -1),
     default_centers=jnp.ones((3, D)) * 0.5,
@@ -69,8 +72,8 @@ def _call(batch, weights, **kwargs):
   return LOSS(
     batch["logits"],
     batch["features"],
-    batch["image"],
     batch["noisy_label"],
+    batch["edges"],
     y_pseudo=batch["y_pseudo"],
     default_centers=batch["default_centers"],
     **weights,
@@ -97,8 +100,8 @@ def test_normalizers_by_hand():
     loss, aux = LOSS(
       logits,
       jnp.zeros((2, 1, 2, 3)),
-      jnp.zeros((2, 1, 2, 1)),
       y,
+      jnp.zeros((2, 1, 2), bool),
       y_pseudo=yp,
       default_centers=jnp.zeros((3, 3)),
       lambda_bd=1.0,
@@ -107,7 +110,7 @@ def test_normalizers_by_hand():
       normalizer=normalizer,
       **weights,
     )
-    # Dice term is a mean over images under both normalisers (SPEC §3).
+    # Dice term is a mean over images under both normalisers.
     dice = _np_dice(logits, y).mean()
     np.testing.assert_allclose(loss, expected + 0.5 * dice, rtol=1e-6)
     np.testing.assert_allclose(aux["ce_term"], expected, rtol=1e-6)
@@ -126,16 +129,17 @@ def test_meta_off_with_dcd_and_dice(batch):
   w = objective.meta_off_weights((B, S, S))
   loss, aux = _call(batch, w)
   ce = _np_ce(batch["logits"], batch["noisy_label"])
-  # Boundary weights recomputed here from M̂ = 1 − p_0 (numpy), πa = 1, πb = 0.
+  # Boundary weights recomputed here from M̂ = 1 − p_0 (numpy); the boundary term weights the
+  # same meta-weighted loss as the first term, here â·f = f / (H·W).
   fg_prob = 1 - np.exp(_np_log_softmax(np.asarray(batch["logits"])))[..., 0]
   ref = jax.jit(dcd.dcd_weights)(
     batch["features"],
     jnp.asarray(fg_prob, jnp.float32),
-    batch["image"],
+    batch["edges"],
     jnp.ones((B, S, S)),
     batch["default_centers"],
   )
-  bd_i = (np.asarray(ref["w"]) * ce).sum((1, 2))
+  bd_i = (np.asarray(ref["w"]) * ce / (S * S)).sum((1, 2))
   dice_i = _np_dice(batch["logits"], batch["noisy_label"])
   expected = ce.mean() + np.mean(0.7 * bd_i + 0.3 * dice_i)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -145,7 +149,8 @@ def test_meta_off_with_dcd_and_dice(batch):
   np.testing.assert_allclose(aux["w"], ref["w"], rtol=1e-4, atol=1e-7)
   bd = np.asarray(aux["bd"])
   assert bd.any(axis=(1, 2)).all()
-  np.testing.assert_allclose(np.asarray(aux["w"]).sum((1, 2)), 1.0, rtol=1e-5)
+  # Mean-one weights (the default): they sum to the size of each image's boundary set.
+  np.testing.assert_allclose(np.asarray(aux["w"]).sum((1, 2)), bd.sum((1, 2)), rtol=1e-5)
   assert (np.asarray(aux["w"])[~bd] == 0).all()
   assert aux["centers"].shape == (B, 3, D)
   assert aux["used_fallback"].shape == (B, 3)
@@ -181,16 +186,34 @@ def test_meta_weights_enter_both_terms(batch):
       pi_b=np.where(gamma > 0, b_t / safe, 0),
     ).items()
   }
-  loss, aux = _call(batch, weights)
   f = _np_ce(batch["logits"], batch["noisy_label"])
   g = _np_ce(batch["logits"], batch["y_pseudo"])
-  first = (a_t / z * f + b_t / z * g).sum((1, 2)).mean()
-  w = np.asarray(aux["w"], np.float64)
-  bd_i = (w * (np.asarray(weights["pi_a"]) * f + np.asarray(weights["pi_b"]) * g)).sum((1, 2))
-  np.testing.assert_allclose(aux["ce_term"], first, rtol=1e-5)
-  np.testing.assert_allclose(aux["bd_term"], bd_i.mean(), rtol=1e-5)
+  meta_loss = a_t / z * f + b_t / z * g  # L^hw of Eq. 1
+  first = meta_loss.sum((1, 2)).mean()
   dice = _np_dice(batch["logits"], batch["noisy_label"]).mean()
-  np.testing.assert_allclose(loss, first + 0.7 * bd_i.mean() + 0.3 * dice, rtol=1e-5)
+  mixing = np.asarray(weights["pi_a"]) * f + np.asarray(weights["pi_b"]) * g
+  for pixel_loss, boundary in (("meta", meta_loss), ("mixing", mixing)):
+    loss, aux = _call(batch, weights, pixel_loss=pixel_loss)
+    w = np.asarray(aux["w"], np.float64)
+    bd_i = (w * boundary).sum((1, 2))
+    np.testing.assert_allclose(aux["ce_term"], first, rtol=1e-5)
+    np.testing.assert_allclose(aux["bd_term"], bd_i.mean(), rtol=1e-5)
+    np.testing.assert_allclose(loss, first + 0.7 * bd_i.mean() + 0.3 * dice, rtol=1e-5)
+
+
+def test_boundary_pixel_weight_is_a_hat_times_one_plus_lambda_w(batch):
+  """With mean-one weights and the meta pixel loss, d loss / d f at a boundary pixel is
+  â·(1 + λ1·w) (per image, averaged over the batch): a bounded re-weighting."""
+  rng = np.random.RandomState(1)
+  a_hat = jnp.asarray(rng.rand(B, S, S) / (S * S), jnp.float32)
+  zeros = jnp.zeros((B, S, S))
+  weights = dict(a_hat=a_hat, b_hat=zeros, gamma=a_hat, pi_a=jnp.ones((B, S, S)), pi_b=zeros)
+  _, aux = _call(batch, weights, use_dice=False)
+  f = _np_ce(batch["logits"], batch["noisy_label"])
+  per_pixel = np.asarray(a_hat) * (1 + 0.7 * np.asarray(aux["w"])) * f
+  loss, _ = _call(batch, weights, use_dice=False)
+  np.testing.assert_allclose(loss, per_pixel.sum((1, 2)).mean(), rtol=1e-5)
+  assert np.asarray(aux["w"])[np.asarray(aux["bd"])].mean() == pytest.approx(1.0, rel=1e-5)
 
 
 def test_gradients_and_detach(batch):
@@ -204,13 +227,15 @@ def test_gradients_and_detach(batch):
   d_logits, d_feat = grads(True)
   for g in (g_logits, g_feat, d_logits):
     assert np.isfinite(g).all() and np.abs(g).sum() > 0
-  # Features enter only through the boundary weights w.
+  # Detached (the default), the features enter nowhere: no gradient reaches them.
   np.testing.assert_array_equal(d_feat, 0.0)
   np.testing.assert_allclose(g_logits, d_logits, rtol=1e-5, atol=1e-8)
+  default = jax.grad(lambda ft: _call(dict(batch, features=ft), w)[0])(batch["features"])
+  np.testing.assert_array_equal(default, 0.0)
 
 
 def test_empty_boundary_gives_zero_term_and_finite_grads():
-  # Confident everywhere (M̂ = 0.99 or 0.01) and a flat image (no edges).
+  # Confident everywhere (M̂ = 0.99 or 0.01) and no edges.
   logits = np.zeros((1, S, S, 2), np.float32)
   logits[0, :, : S // 2, 1] = math.log(99.0)
   logits[0, :, S // 2 :, 0] = math.log(99.0)
@@ -221,8 +246,8 @@ def test_empty_boundary_gives_zero_term_and_finite_grads():
     return objective.metadcseg_loss(
       lg,
       ft,
-      jnp.zeros((1, S, S, 1)),
       jnp.asarray(y),
+      jnp.zeros((1, S, S), bool),
       y_pseudo=jnp.asarray(y),
       default_centers=jnp.zeros((3, D)),
       lambda_bd=1.0,
@@ -247,8 +272,8 @@ def test_bad_inputs_raise(batch):
     objective.metadcseg_loss(
       batch["logits"],
       batch["features"],
-      batch["image"],
       batch["noisy_label"],
+      batch["edges"],
       y_pseudo=batch["y_pseudo"],
       default_centers=batch["default_centers"],
       lambda_bd=1.0,
@@ -260,8 +285,8 @@ def test_bad_inputs_raise(batch):
     objective.metadcseg_loss(
       batch["logits"],
       batch["features"],
-      batch["image"],
       batch["noisy_label"],
+      batch["edges"],
       y_pseudo=batch["y_pseudo"],
       default_centers=batch["default_centers"],
       lambda_bd=1.0,
@@ -272,8 +297,8 @@ def test_bad_inputs_raise(batch):
     objective.metadcseg_loss(
       batch["logits"],
       batch["features"],
-      batch["image"],
       batch["noisy_label"],
+      batch["edges"],
       y_pseudo=batch["y_pseudo"],
       default_centers=jnp.zeros((3, D + 1)),
       lambda_bd=1.0,

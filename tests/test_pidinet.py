@@ -122,12 +122,14 @@ def test_reader_on_a_hand_made_torch_zip(tmp_path):
   storage1 = np.arange(10, dtype="<f4") - 4.0
   storage2 = np.array([3, -2, 2**40], "<i8")
   writer = _TorchPickle()
-  data = writer.state_dict_checkpoint([
+  data = writer.state_dict_checkpoint(
+    [
       ("module.a.weight", ("FloatStorage", "0", 6, 0, (2, 3), (3, 1))),
       # A non-contiguous view with an offset: b[i, j] = storage1[1 + i + 3 j].
       ("module.b", ("FloatStorage", "1", 10, 1, (3, 2), (1, 3))),
       ("module.c", ("LongStorage", "2", 3, 0, (3,), (1,))),
-  ])
+    ]
+  )
   path = tmp_path / "hand.pth"
   with zipfile.ZipFile(path, "w") as z:
     z.writestr("archive/data.pkl", data)
@@ -235,7 +237,7 @@ def _shift(x, d):
   # out[..., i, j] = x[..., i + dy, j + dx], zero outside.
   height, width = x.shape[-2:]
   xp = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(2, 2), (2, 2)])
-  return xp[..., 2 + d[0]:2 + d[0] + height, 2 + d[1]:2 + d[1] + width]
+  return xp[..., 2 + d[0] : 2 + d[0] + height, 2 + d[1] : 2 + d[1] + width]
 
 
 def _pdc_numpy(op, w, x, groups=1):
@@ -265,8 +267,12 @@ def test_converted_kernel_is_the_pixel_difference_conv(op):
   size, padding = pidinet.conv_geometry(op)
   assert kernel.shape == (2, 3, size, size)
   vanilla = jax.lax.conv_general_dilated(
-      x.transpose(1, 2, 0)[None], kernel.transpose(2, 3, 1, 0), (1, 1),
-      [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x.transpose(1, 2, 0)[None],
+    kernel.transpose(2, 3, 1, 0),
+    (1, 1),
+    [(padding, padding)] * 2,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   np.testing.assert_allclose(np.asarray(vanilla)[0].transpose(2, 0, 1), direct, atol=1e-4)
   if op != "cv":  # the conversion really changes the kernel
     assert not np.allclose(kernel[..., :3, :3] if op == "rd" else kernel, w)
@@ -282,9 +288,15 @@ def _conv_numpy(x, w, b=None, padding=0, dilation=1):
   kh, kw = w.shape[2:]
   xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
   ho, wo = height + 2 * padding - dilation * (kh - 1), width + 2 * padding - dilation * (kw - 1)
-  y = sum(np.einsum("nchw,oc->nohw",
-                    xp[:, :, i * dilation:i * dilation + ho, j * dilation:j * dilation + wo],
-                    w[:, :, i, j]) for i in range(kh) for j in range(kw))
+  y = sum(
+    np.einsum(
+      "nchw,oc->nohw",
+      xp[:, :, i * dilation : i * dilation + ho, j * dilation : j * dilation + wo],
+      w[:, :, i, j],
+    )
+    for i in range(kh)
+    for j in range(kw)
+  )
   return y if b is None else y + b[None, :, None, None]
 
 
@@ -303,8 +315,9 @@ def _upsample_numpy(e, height, width):
   y = np.zeros(e.shape[:2] + (height, width))
   for i, (y0, y1, a0, a1) in enumerate(taps(e.shape[2], height)):
     for j, (x0, x1, b0, b1) in enumerate(taps(e.shape[3], width)):
-      y[:, :, i, j] = (a0 * (b0 * e[:, :, y0, x0] + b1 * e[:, :, y0, x1])
-                       + a1 * (b0 * e[:, :, y1, x0] + b1 * e[:, :, y1, x1]))
+      y[:, :, i, j] = a0 * (b0 * e[:, :, y0, x0] + b1 * e[:, :, y0, x1]) + a1 * (
+        b0 * e[:, :, y1, x0] + b1 * e[:, :, y1, x1]
+      )
   return y
 
 
@@ -324,7 +337,7 @@ def _reference_forward(sd, x, pdcs, dil, sa):
       name = f"block{s}_{b}"
       if s > 1 and b == 1:  # MaxPool2d(2, 2), floor
         n, c, h, w = y.shape
-        y = y[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).max((3, 5))
+        y = y[:, :, : h // 2 * 2, : w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).max((3, 5))
       z = _pdc_numpy(pdcs[layer], sd[f"{name}.conv1.weight"], y, groups=y.shape[1])
       z = _conv_numpy(relu(z), sd[f"{name}.conv2.weight"])
       if s > 1 and b == 1:
@@ -336,8 +349,10 @@ def _reference_forward(sd, x, pdcs, dil, sa):
   for i, f in enumerate(features):
     if dil:
       f = _conv_numpy(relu(f), sd[f"dilations.{i}.conv1.weight"], sd[f"dilations.{i}.conv1.bias"])
-      f = sum(_conv_numpy(f, sd[f"dilations.{i}.conv2_{j}.weight"], padding=d, dilation=d)
-              for j, d in ((1, 5), (2, 7), (3, 9), (4, 11)))
+      f = sum(
+        _conv_numpy(f, sd[f"dilations.{i}.conv2_{j}.weight"], padding=d, dilation=d)
+        for j, d in ((1, 5), (2, 7), (3, 9), (4, 11))
+      )
     if sa:
       a = _conv_numpy(relu(f), sd[f"attentions.{i}.conv1.weight"], sd[f"attentions.{i}.conv1.bias"])
       f = f * _sigmoid(_conv_numpy(a, sd[f"attentions.{i}.conv2.weight"], padding=1))
@@ -357,9 +372,11 @@ def test_network_matches_numpy_training_form_forward(tiny):
   blocks = rng.normal(size=(1, 7, 5, 3)).repeat(6, axis=1).repeat(6, axis=2)[:, :37, :29]
   x = (blocks + 0.1 * rng.normal(size=(1, 37, 29, 3))).astype(np.float32)
   fused, sides = jax.jit(module.apply, static_argnames="side_outputs")(
-      variables, x, side_outputs=True)
-  ref_fused, ref_sides = _reference_forward(sd, x.transpose(0, 3, 1, 2).astype(np.float64),
-                                            module.pdcs, module.dil, module.sa)
+    variables, x, side_outputs=True
+  )
+  ref_fused, ref_sides = _reference_forward(
+    sd, x.transpose(0, 3, 1, 2).astype(np.float64), module.pdcs, module.dil, module.sa
+  )
   assert fused.shape == (1, 37, 29) and sides.shape == (1, 37, 29, 4)
   np.testing.assert_allclose(np.asarray(fused), ref_fused, atol=2e-5)
   np.testing.assert_allclose(np.asarray(sides).transpose(0, 3, 1, 2), ref_sides, atol=2e-5)
@@ -431,9 +448,15 @@ def test_step_edge_full(full, prob_fn):
 def _training_form_count(c, d):
   """Parameters of the reference PiDiNet (carv4, CDCM width d, CSAM), counted by hand."""
   n = 3 * c * 9  # init_block, no bias
-  blocks = ([(c, c, 1)] * 3 + [(c, 2 * c, 2)] + [(2 * c, 2 * c, 1)] * 3
-            + [(2 * c, 4 * c, 2)] + [(4 * c, 4 * c, 1)] * 3 + [(4 * c, 4 * c, 2)]
-            + [(4 * c, 4 * c, 1)] * 3)
+  blocks = (
+    [(c, c, 1)] * 3
+    + [(c, 2 * c, 2)]
+    + [(2 * c, 2 * c, 1)] * 3
+    + [(2 * c, 4 * c, 2)]
+    + [(4 * c, 4 * c, 1)] * 3
+    + [(4 * c, 4 * c, 2)]
+    + [(4 * c, 4 * c, 1)] * 3
+  )
   for i, o, stride in blocks:
     n += i * 9 + i * o  # depthwise 3x3 + 1x1, no biases
     if stride == 2:
@@ -458,4 +481,5 @@ def test_parameter_count(full):
   assert n_flax == n_training + 16 * (60 + 120 + 240 + 240)
   assert n_training < 1_000_000  # "less than 1M parameters" (paper abstract)
   assert sum(v.size for v in pidinet.load_state_dict(_need(TINY)).values()) == (
-      _training_form_count(20, 8))
+    _training_form_count(20, 8)
+  )

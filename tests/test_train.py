@@ -48,9 +48,26 @@ def test_run_writes_metrics_results_panel_and_checkpoints(full_run, tiny_config)
   assert on_disk["test"]["ema"]["dice"] == pytest.approx(results["test"]["ema"]["dice"])
   lines = _lines(workdir / "metrics.jsonl")
   train_lines = [l for l in lines if l["split"] == "train"]
-  test_lines = [l for l in lines if l["split"] == "test"]
+  val_lines = [l for l in lines if l["split"] == "val"]
+  # The test split is read once, at the end: never in the log.
+  assert not [l for l in lines if l["split"] == "test"]
   assert [l["epoch"] for l in train_lines] == [1, 2]
-  assert {l["params"] for l in test_lines} == {"raw", "ema"}
+  assert {l["params"] for l in val_lines} == {"raw", "ema"}
+  assert results["val"]["ema"]["n_cases"] == tiny_config.data.n_val
+  # Diagnostics every 3 steps (tiny config): gradient norm per loss term, cosine, DCD support.
+  diag = [l for l in lines if l["split"] == "diagnostics"]
+  assert [l["step"] for l in diag] == [0, 3, 6, 9]
+  for key in (
+    "grad_norm_ce_term",
+    "grad_norm_bd_term",
+    "grad_norm_dice_term",
+    "cos_total_ce",
+    "alpha_share_disagree",
+    "weight_zero_frac",
+    "feature_norm",
+  ):
+    assert np.isfinite(diag[-1][key]), key
+  assert -1.0 <= diag[-1]["cos_total_ce"] <= 1.0 and diag[-1]["dcd_support"] >= 1.0
   for l in train_lines:
     assert np.isfinite(l["loss"]) and l["images_per_s"] > 0 and l["lr"] > 0
   # The second epoch is past warm-up: the meta step ran and logged its measurements.
@@ -89,8 +106,9 @@ def test_killed_run_resumes_to_identical_metrics(full_run, tiny_config, tmp_path
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
   got = train.train_and_evaluate(tiny_config, str(tmp_path))
   for params in ("raw", "ema"):
-    for k, v in want["test"][params].items():
-      np.testing.assert_allclose(got["test"][params][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    for split in ("val", "test"):
+      for k, v in want[split][params].items():
+        np.testing.assert_allclose(got[split][params][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
   assert [l["epoch"] for l in _lines(tmp_path / "metrics.jsonl") if l["split"] == "train"] == [1, 2]
 
 
@@ -154,6 +172,11 @@ def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
     config.method = method
     compiled = train.compiled_for(config, 5)
     step = compiled.step("main")
+    if compiled.method.example_transform is not None:  # MetaDCSeg's Canny edges
+      images = np.asarray(batch["image"])
+      batch["edges"] = np.stack(
+        [compiled.method.example_transform({"image": im})["edges"] for im in images]
+      )
     state = compiled.method.init_state(jax.random.PRNGKey(0))
     before = jax.tree.map(np.asarray, state.params)
     new_state, m = step(state, batch, jax.random.PRNGKey(1))

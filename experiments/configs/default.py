@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every_epochs = 5
   config.train.eval_batch_size = 16
   config.train.log_every_steps = 50
+  # Gradient norm per loss term, meta-weight and DCD statistics into metrics.jsonl (0: off).
+  config.train.diagnostics_every_steps = 50
   config.train.checkpoint_every_epochs = 1
   config.train.keep_checkpoints = 2
   config.train.num_panel_images = 6
@@ -91,8 +93,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.dcd.tau_dcd = 1.0
   config.dcd.lambda_bd = 0.35
   config.dcd.lambda_dice = 0.08
+  # Edge pixels of Eq. 8: "auto" (PiDiNet if pidinet_weights is set, else Canny) | "pidinet" |
+  # "canny" | "sobel" (top edge_top_fraction of the Sobel magnitude).
+  config.dcd.edges = "auto"
+  config.dcd.pidinet_weights = ""  # the released table5_pidinet.pth (see the README)
+  config.dcd.canny_sigma = 2.0
   config.dcd.edge_top_fraction = 0.05
-  config.dcd.detach_weights = False
+  # How Eq. 12-13 are read (BUILD_NOTES.md "DCD weights"): DCD divided by its boundary mean
+  # ("mean") or not ("none"); weights with mean 1 ("mean_one") or sum 1 ("sum_one"); the
+  # boundary term on the meta-weighted loss ("meta") or on πa·f + πb·g ("mixing").
+  config.dcd.dcd_scale = "mean"
+  config.dcd.weight_sum = "mean_one"
+  config.dcd.pixel_loss = "meta"
+  config.dcd.detach_weights = True  # no gradient through h into w (Eq. 43, Eq. 44)
   config.dcd.center_momentum = 0.9
 
   config.loss = ml_collections.ConfigDict()

@@ -23,5 +23,6 @@ def get_config():
   config.train.eval_every_epochs = 1
   config.train.eval_batch_size = 8
   config.train.log_every_steps = 2
+  config.train.diagnostics_every_steps = 3
   config.train.num_panel_images = 2
   return config

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import grain
@@ -300,13 +300,15 @@ def train_dataset(
   seed: int,
   augment: bool = True,
   augment_options: Mapping[str, Any] | None = None,
+  transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
   num_threads: int = 2,
   prefetch: int = 4,
 ) -> grain.IterDataset:
   """Infinite stream of batches: each epoch reshuffled and re-augmented, epochs never mixed.
 
-  Batch dict: "image" (B,H,W,C) float32, "label"/"noisy_label" (B,H,W) int32, "index" (B,).
-  `iter(ds)` gives an iterator whose `get_state()` / `set_state()` a checkpoint stores.
+  Batch dict: "image" (B,H,W,C) float32, "label"/"noisy_label" (B,H,W) int32, "index" (B,),
+  plus what `transform` (run per example after augmentation, e.g. a method's edge detector)
+  adds. `iter(ds)` gives an iterator whose `get_state()` / `set_state()` a checkpoint stores.
   """
   if len(records) < batch_size:
     raise ConfigError(
@@ -316,6 +318,8 @@ def train_dataset(
   if augment:
     options = dict(augment_options or {})
     ds = ds.random_map(lambda ex, rng: augment_lib.augment(ex, rng, **options), seed=seed + 1)
+  if transform is not None:
+    ds = ds.map(transform)
   # Batch before repeat so an epoch is exactly len // batch_size batches of its own examples.
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_collate).repeat(None)
   return ds.to_iter_dataset(
@@ -323,9 +327,13 @@ def train_dataset(
   )
 
 
-def eval_batches(records: Records, batch_size: int):
-  """Batches over a split in order, the last one possibly smaller (no augmentation)."""
-  ds = grain.MapDataset.source(records).batch(batch_size, batch_fn=_collate)
+def eval_batches(records: Records, batch_size: int, *, transform=None):
+  """Batches over a split in order, the last one possibly smaller (no augmentation; `transform`
+  as in `train_dataset`)."""
+  ds = grain.MapDataset.source(records)
+  if transform is not None:
+    ds = ds.map(transform)
+  ds = ds.batch(batch_size, batch_fn=_collate)
   for i in range(len(ds)):
     yield ds[i]
 

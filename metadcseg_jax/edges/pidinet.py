@@ -56,15 +56,15 @@ from metadcseg_jax.types import Array
 
 # numpy dtypes (without byte order) of the legacy typed storage classes torch pickles.
 _STORAGE_DTYPES = {
-    "DoubleStorage": "f8",
-    "FloatStorage": "f4",
-    "HalfStorage": "f2",
-    "LongStorage": "i8",
-    "IntStorage": "i4",
-    "ShortStorage": "i2",
-    "CharStorage": "i1",
-    "ByteStorage": "u1",
-    "BoolStorage": "b1",
+  "DoubleStorage": "f8",
+  "FloatStorage": "f4",
+  "HalfStorage": "f2",
+  "LongStorage": "i8",
+  "IntStorage": "i4",
+  "ShortStorage": "i2",
+  "CharStorage": "i1",
+  "ByteStorage": "u1",
+  "BoolStorage": "b1",
 }
 
 
@@ -76,9 +76,15 @@ class _StorageType:
     self.dtype = _STORAGE_DTYPES[name]
 
 
-def _rebuild_tensor_v2(storage: np.ndarray, storage_offset: int, size: Sequence[int],
-                       stride: Sequence[int], requires_grad: bool = False,
-                       backward_hooks: Any = None, metadata: Any = None) -> np.ndarray:
+def _rebuild_tensor_v2(
+  storage: np.ndarray,
+  storage_offset: int,
+  size: Sequence[int],
+  stride: Sequence[int],
+  requires_grad: bool = False,
+  backward_hooks: Any = None,
+  metadata: Any = None,
+) -> np.ndarray:
   """numpy version of `torch._utils._rebuild_tensor_v2`: a strided view of a 1-D storage, copied.
 
   Args:
@@ -101,16 +107,21 @@ def _rebuild_tensor_v2(storage: np.ndarray, storage_offset: int, size: Sequence[
   last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
   if storage_offset < 0 or last >= storage.shape[0]:
     raise pickle.UnpicklingError(
-        f"tensor (offset {storage_offset}, size {size}, stride {stride}) runs past its storage "
-        f"of {storage.shape[0]} elements")
+      f"tensor (offset {storage_offset}, size {size}, stride {stride}) runs past its storage "
+      f"of {storage.shape[0]} elements"
+    )
   view = np.lib.stride_tricks.as_strided(
-      storage[storage_offset:], shape=size,
-      strides=tuple(s * storage.itemsize for s in stride), writeable=False)
+    storage[storage_offset:],
+    shape=size,
+    strides=tuple(s * storage.itemsize for s in stride),
+    writeable=False,
+  )
   return np.array(view, copy=True)
 
 
-def _rebuild_parameter(data: np.ndarray, requires_grad: bool = False,
-                       backward_hooks: Any = None) -> np.ndarray:
+def _rebuild_parameter(
+  data: np.ndarray, requires_grad: bool = False, backward_hooks: Any = None
+) -> np.ndarray:
   """`torch._utils._rebuild_parameter`: an nn.Parameter is its data here."""
   del requires_grad, backward_hooks
   return data
@@ -140,8 +151,12 @@ class _TorchUnpickler(pickle.Unpickler):
 
   def persistent_load(self, pid: Any) -> np.ndarray:
     # torch writes ('storage', storage class, key, location, numel) for every storage.
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
+    if not (
+      isinstance(pid, tuple)
+      and len(pid) == 5
+      and pid[0] == "storage"
+      and isinstance(pid[1], _StorageType)
+    ):
       raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
     _, storage_type, key, _, numel = pid
     key = str(key)
@@ -153,9 +168,11 @@ class _TorchUnpickler(pickle.Unpickler):
       dtype = np.dtype(self._byteorder + storage_type.dtype)
       if len(raw) < int(numel) * dtype.itemsize:
         raise pickle.UnpicklingError(
-            f"storage {key} holds {len(raw)} bytes, fewer than {numel} x {dtype.itemsize}")
+          f"storage {key} holds {len(raw)} bytes, fewer than {numel} x {dtype.itemsize}"
+        )
       self._storages[key] = np.frombuffer(raw, dtype, count=int(numel)).astype(
-          dtype.newbyteorder("="), copy=False)
+        dtype.newbyteorder("="), copy=False
+      )
     return self._storages[key]
 
 
@@ -179,20 +196,27 @@ def read_torch_zip(path: str | os.PathLike) -> Any:
     raise ValueError(f"{path}: not a torch zip checkpoint (expected a torch.save zip archive)")
   try:
     with zipfile.ZipFile(path) as archive:
-      pickles = [n for n in archive.namelist() if n.endswith("data.pkl")
-                 and n.count("/") == 1]
+      pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
       if len(pickles) != 1:
-        raise ValueError(f"{path}: expected one <prefix>/data.pkl in the archive, found "
-                         f"{pickles or 'none'}")
-      prefix = pickles[0][:-len("data.pkl")]
+        raise ValueError(
+          f"{path}: expected one <prefix>/data.pkl in the archive, found {pickles or 'none'}"
+        )
+      prefix = pickles[0][: -len("data.pkl")]
       # Archives written on big-endian machines say so; the default is little-endian.
       byteorder = "<"
       if f"{prefix}byteorder" in archive.namelist():
         byteorder = "<" if archive.read(f"{prefix}byteorder").strip() == b"little" else ">"
       with archive.open(pickles[0]) as f:
         return _TorchUnpickler(f, archive, prefix, byteorder).load()
-  except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, AttributeError,
-          TypeError, IndexError) as e:
+  except (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    EOFError,
+    KeyError,
+    AttributeError,
+    TypeError,
+    IndexError,
+  ) as e:
     raise ValueError(f"{path}: unreadable torch checkpoint: {e}") from e
 
 
@@ -211,8 +235,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   obj = read_torch_zip(path)
   if isinstance(obj, Mapping) and "state_dict" in obj:
     obj = obj["state_dict"]
-  if not (isinstance(obj, Mapping) and obj
-          and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())):
+  if not (
+    isinstance(obj, Mapping)
+    and obj
+    and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+  ):
     raise ValueError(f"{os.fspath(path)}: no state dict of tensors in the checkpoint")
   return {k.removeprefix("module."): v for k, v in obj.items()}
 
@@ -225,21 +252,34 @@ PDC_TYPES = ("cv", "cd", "ad", "rd")
 
 # The 16 pixel-difference layers (init_block and the 15 blocks' depthwise conv1), in the order
 # of the reference's `pdcs` list.
-LAYER_NAMES = ("init_block",
-               "block1_1", "block1_2", "block1_3",
-               "block2_1", "block2_2", "block2_3", "block2_4",
-               "block3_1", "block3_2", "block3_3", "block3_4",
-               "block4_1", "block4_2", "block4_3", "block4_4")
+LAYER_NAMES = (
+  "init_block",
+  "block1_1",
+  "block1_2",
+  "block1_3",
+  "block2_1",
+  "block2_2",
+  "block2_3",
+  "block2_4",
+  "block3_1",
+  "block3_2",
+  "block3_3",
+  "block3_4",
+  "block4_1",
+  "block4_2",
+  "block4_3",
+  "block4_4",
+)
 
 # The named layouts of the reference's models/config.py: which PDC each of the 16 layers uses.
 # "carv4" (cd, ad, rd, cv repeated four times) is the paper's PiDiNet (Table 5).
 CONFIGS: dict[str, tuple[str, ...]] = {
-    "baseline": ("cv",) * 16,
-    **{f"{t[0]}-v15": (t,) + ("cv",) * 15 for t in ("cd", "ad", "rd")},
-    **{f"{t[0]}vvv4": (t, "cv", "cv", "cv") * 4 for t in ("cd", "ad", "rd")},
-    **{f"{t[0] * 3}v4": (t, t, t, "cv") * 4 for t in ("cd", "ad", "rd")},
-    **{f"{t[0]}16": (t,) * 16 for t in ("cd", "ad", "rd")},
-    "carv4": ("cd", "ad", "rd", "cv") * 4,
+  "baseline": ("cv",) * 16,
+  **{f"{t[0]}-v15": (t,) + ("cv",) * 15 for t in ("cd", "ad", "rd")},
+  **{f"{t[0]}vvv4": (t, "cv", "cv", "cv") * 4 for t in ("cd", "ad", "rd")},
+  **{f"{t[0] * 3}v4": (t, t, t, "cv") * 4 for t in ("cd", "ad", "rd")},
+  **{f"{t[0]}16": (t,) * 16 for t in ("cd", "ad", "rd")},
+  "carv4": ("cd", "ad", "rd", "cv") * 4,
 }
 
 # Angular PDC pairs each 3x3 position with its clockwise neighbour on the ring (raster indices
@@ -303,8 +343,9 @@ def convert_pdc_kernel(op: str, weight: np.ndarray) -> np.ndarray:
   return kernel.reshape(out_ch, in_ch, 5, 5)
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray],
-                       pdcs: Sequence[str]) -> dict[str, np.ndarray]:
+def convert_state_dict(
+  state_dict: Mapping[str, np.ndarray], pdcs: Sequence[str]
+) -> dict[str, np.ndarray]:
   """Replaces the 16 pixel-difference kernels of a training-form state dict by vanilla ones.
 
   Args:
@@ -316,8 +357,10 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
   """
   names = {"init_block.weight": pdcs[0]}
   names.update({f"{layer}.conv1.weight": op for layer, op in zip(LAYER_NAMES[1:], pdcs[1:])})
-  return {k: convert_pdc_kernel(names[k], v) if k in names else np.asarray(v, np.float32)
-          for k, v in state_dict.items()}
+  return {
+    k: convert_pdc_kernel(names[k], v) if k in names else np.asarray(v, np.float32)
+    for k, v in state_dict.items()
+  }
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,12 +373,26 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _conv(features: int, kernel: int, *, padding: int = 0, dilation: int = 1, groups: int = 1,
-          bias: bool, name: str) -> nn.Conv:
+def _conv(
+  features: int,
+  kernel: int,
+  *,
+  padding: int = 0,
+  dilation: int = 1,
+  groups: int = 1,
+  bias: bool,
+  name: str,
+) -> nn.Conv:
   # Explicit symmetric zero padding, as PyTorch's Conv2d(padding=p).
-  return nn.Conv(features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
-                 kernel_dilation=(dilation, dilation), feature_group_count=groups,
-                 use_bias=bias, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    padding=((padding, padding), (padding, padding)),
+    kernel_dilation=(dilation, dilation),
+    feature_group_count=groups,
+    use_bias=bias,
+    name=name,
+  )
 
 
 def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -384,6 +441,7 @@ class PDCBlock(nn.Module):
     out_channels: channels of the output.
     stride: 1 or 2.
   """
+
   op: str
   out_channels: int
   stride: int = 1
@@ -412,14 +470,17 @@ class CDCM(nn.Module):
   Attributes:
     channels: output channels (the reference's `dil`: 24 for PiDiNet, 8 for the tiny one).
   """
+
   channels: int
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(B, H, W, I) -> (B, H, W, channels)."""
     x = _conv(self.channels, 1, bias=True, name="conv1")(nn.relu(x))
-    return sum(_conv(self.channels, 3, padding=d, dilation=d, bias=False, name=f"conv2_{i}")(x)
-               for i, d in enumerate((5, 7, 9, 11), start=1))
+    return sum(
+      _conv(self.channels, 3, padding=d, dilation=d, bias=False, name=f"conv2_{i}")(x)
+      for i, d in enumerate((5, 7, 9, 11), start=1)
+    )
 
 
 class CSAM(nn.Module):
@@ -458,6 +519,7 @@ class PiDiNet(nn.Module):
     dil: channels of the CDCM modules, or None for none (24 PiDiNet, 12 small, 8 tiny).
     sa: whether each side output has a CSAM module.
   """
+
   width: int = 60
   pdcs: tuple[str, ...] = CONFIGS["carv4"]
   dil: int | None = 24
@@ -530,8 +592,9 @@ def _flax_path(torch_name: str) -> tuple[str, ...]:
   return tuple(parts[:-1]) + (leaf,)
 
 
-def load_pidinet(path: str | os.PathLike,
-                 config: str | Sequence[str] = "carv4") -> tuple[PiDiNet, dict[str, Any]]:
+def load_pidinet(
+  path: str | os.PathLike, config: str | Sequence[str] = "carv4"
+) -> tuple[PiDiNet, dict[str, Any]]:
   """Loads a released PiDiNet checkpoint as a flax module and its converted parameters.
 
   The width (init_block's output channels), the CDCM width (absent: no CDCM) and whether CSAM
@@ -564,9 +627,12 @@ def load_pidinet(path: str | os.PathLike,
   if init is None or init.ndim != 4 or init.shape[1:] != (3, 3, 3):
     raise ValueError(f"{path}: not a PiDiNet state dict (no (C, 3, 3, 3) init_block.weight)")
   cdcm = state_dict.get("dilations.0.conv1.weight")
-  module = PiDiNet(width=int(init.shape[0]), pdcs=pdcs,
-                   dil=None if cdcm is None else int(cdcm.shape[0]),
-                   sa="attentions.0.conv1.weight" in state_dict)
+  module = PiDiNet(
+    width=int(init.shape[0]),
+    pdcs=pdcs,
+    dil=None if cdcm is None else int(cdcm.shape[0]),
+    sa="attentions.0.conv1.weight" in state_dict,
+  )
 
   expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   expected = {key: leaf.shape for key, leaf in _flatten(expected)}
@@ -583,8 +649,10 @@ def load_pidinet(path: str | os.PathLike,
     params_flat[key] = value
   problems += [f"missing {'/'.join(k)} {v}" for k, v in expected.items() if k not in params_flat]
   if problems:
-    raise ValueError(f"{path}: unexpected PiDiNet state dict (width {module.width}, "
-                     f"dil {module.dil}, sa {module.sa}): " + "; ".join(problems[:8]))
+    raise ValueError(
+      f"{path}: unexpected PiDiNet state dict (width {module.width}, "
+      f"dil {module.dil}, sa {module.sa}): " + "; ".join(problems[:8])
+    )
   params: dict[str, Any] = {}
   for key, value in params_flat.items():
     node = params
@@ -632,7 +700,8 @@ def edge_probability(module: PiDiNet, variables: Mapping[str, Any], image: Array
   return module.apply(variables, normed)
 
 
-def pidinet_edges(module: PiDiNet, variables: Mapping[str, Any], image: Array, *,
-                  threshold: float = 0.5) -> Array:
+def pidinet_edges(
+  module: PiDiNet, variables: Mapping[str, Any], image: Array, *, threshold: float = 0.5
+) -> Array:
   """Edge pixels: `edge_probability(module, variables, image) > threshold`, (B, H, W) bool."""
   return edge_probability(module, variables, image) > threshold

@@ -64,6 +64,7 @@ class Method(abc.ABC):
     uses_meta_batch: the step reads "meta_image"/"meta_label" (a clean batch of the meta
       split), drawn by the trainer from its own stream.
     figure_name: file name of the figure `explain` feeds, or None.
+    example_transform: what the input pipeline adds to each example (or None).
     config: the full config.
     steps_per_epoch: optimizer steps per epoch (for schedules).
   """
@@ -71,6 +72,9 @@ class Method(abc.ABC):
   name: ClassVar[str] = ""
   uses_meta_batch: ClassVar[bool] = False
   figure_name: ClassVar[str | None] = None
+  # Host-side per-example transform run in the input pipeline after augmentation (e.g. Canny
+  # edges for DCD): (example dict of numpy arrays) -> example dict. None: nothing to add.
+  example_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
   def __init__(self, config: ml_collections.ConfigDict, *, steps_per_epoch: int):
     self.config = config
@@ -92,6 +96,12 @@ class Method(abc.ABC):
   @abc.abstractmethod
   def predict(self, state: Any, images: Array, *, variant: str = "raw") -> Array:
     """Class probabilities (B,H,W,L) of images (B,H,W,C) with the `variant` parameters."""
+
+  def diagnostics(self, state: Any, batch: dict[str, Array]) -> dict[str, Array]:
+    """Scalar diagnostics of one batch at `state`, nothing trained (jittable; the trainer logs
+    them every `config.train.diagnostics_every_steps`). None by default."""
+    del state, batch
+    return {}
 
   def learning_rate(self, step: int) -> float | None:
     """The learning rate at train step `step`, for the log (None if the method has none)."""
@@ -117,6 +127,8 @@ class TrainState:
     batch_stats: BatchNorm running statistics.
     opt_state: the optimizer state (momentum buffer, step count).
     ema_params: exponential moving average of `params`.
+    ema_batch_stats: exponential moving average of `batch_stats`, used with `ema_params`
+      (MetaDCSeg §4.1's EMA model evaluated with its own statistics).
     rng: the loop's key (the per-step key is `fold_in(rng, step)`).
     extra: method-specific state (e.g. the DCD fallback centers), a dict pytree.
   """
@@ -126,6 +138,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   ema_params: Any
+  ema_batch_stats: Any
   rng: Array
   extra: Any
 
@@ -179,12 +192,14 @@ class SingleNetworkMethod(Method):
     with jax.threefry_partitionable(False):
       variables = _jitted_init(self.model)(rng_init, x)
     params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
     state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      batch_stats=variables.get("batch_stats", {}),
+      batch_stats=batch_stats,
       opt_state=self.optimizer.tx.init(params),
       ema_params=jax.tree.map(jnp.copy, params),
+      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
       rng=rng_loop,
       extra=self.init_extra(),
     )
@@ -212,14 +227,15 @@ class SingleNetworkMethod(Method):
     *,
     extra: dict[str, Array] | None = None,
   ) -> TrainState:
-    """The state after a step: new parameters, their EMA, the step count."""
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - self.config.train.ema_decay)
+    """The state after a step: new parameters and statistics, their EMA, the step count."""
+    rate = 1.0 - self.config.train.ema_decay
     return state.replace(
       step=state.step + 1,
       params=params,
       batch_stats=batch_stats,
       opt_state=opt_state,
-      ema_params=ema,
+      ema_params=optax.incremental_update(params, state.ema_params, rate),
+      ema_batch_stats=optax.incremental_update(batch_stats, state.ema_batch_stats, rate),
       extra=state.extra if extra is None else extra,
     )
 
@@ -256,8 +272,9 @@ class SingleNetworkMethod(Method):
     return step
 
   def predict(self, state, images, *, variant="raw"):
-    params = state.ema_params if variant == "ema" else state.params
-    logits, _ = self.model.apply(
-      {"params": params, "batch_stats": state.batch_stats}, images, train=False
-    )
+    if variant == "ema":
+      variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    else:
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits, _ = self.model.apply(variables, images, train=False)
     return jax.nn.softmax(logits, axis=-1)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from metadcseg_jax import losses
 from metadcseg_jax import meta
@@ -49,11 +50,12 @@ class L2B(base.SingleNetworkMethod):
     return self.meta_step()
 
   def loss_from_outputs(
-    self, state: base.TrainState, x: Array, y: Array
+    self, state: base.TrainState, batch: dict[str, Array]
   ) -> Callable[[Array, Array, meta.MetaOutput], tuple[Array, Any]]:
     """The training loss of a meta step given the forward's outputs (Eq. 1, first term of
     Eq. 13): `(logits (B,H,W,L), features (B,H,W,D), MetaOutput) -> (loss, aux)`."""
-    del state, x
+    del state
+    y = batch["noisy_label"]
 
     def loss_fn(logits, features, mo):
       del features
@@ -90,7 +92,7 @@ class L2B(base.SingleNetworkMethod):
         y,
         batch["meta_image"],
         batch["meta_label"],
-        self.loss_from_outputs(state, x, y),
+        self.loss_from_outputs(state, batch),
         **self.meta_options.kwargs(),
       )
       params, opt_state = self.update_params(state.params, state.opt_state, grads)
@@ -140,6 +142,60 @@ class L2B(base.SingleNetworkMethod):
   @functools.cached_property
   def _weights_fn(self):
     return jax.jit(self.weights, compiler_options=base.RUN_ONCE_COMPILE)
+
+  def term_weights(self) -> dict[str, float]:
+    """The weight of each loss term of `loss_from_outputs`' aux in the total loss."""
+    return {"ce_term": 1.0}
+
+  def diagnostics(self, state, batch):
+    """Per loss term: its gradient norm before clipping and the cosine of the total gradient
+    with the first (CE) term's; the meta weights' zero share and α's share where the noisy
+    label and the pseudo-label disagree (where α and β compete); the mean feature norm; for
+    DCD, the boundary weights' effective support 1/Σw² (w normalised to sum 1) and max."""
+    mo = self.weights(
+      state, batch["image"], batch["noisy_label"], batch["meta_image"], batch["meta_label"]
+    )
+    loss_fn = self.loss_from_outputs(state, batch)
+    weights = self.term_weights()
+
+    def terms(params):
+      (logits, features), _ = self.forward(params, state.batch_stats, batch["image"])
+      _, aux = loss_fn(logits, features, mo)
+      return {k: w * aux[k] for k, w in weights.items()}, (aux, features)
+
+    values, vjp, (aux, features) = jax.vjp(terms, state.params, has_aux=True)
+    grads = {}
+    for k in values:
+      cotangent = {j: jnp.asarray(j == k, v.dtype) for j, v in values.items()}
+      (grads[k],) = vjp(cotangent)
+    total = jax.tree.map(lambda *g: sum(g), *grads.values())
+    norm = optax.tree.norm
+    out = {f"grad_norm_{k}": norm(g) for k, g in grads.items()}
+    out["grad_norm_total"] = norm(total)
+    out["cos_total_ce"] = optax.tree.vdot(total, grads["ce_term"]) / jnp.maximum(
+      norm(total) * norm(grads["ce_term"]), 1e-30
+    )
+    disagree = batch["noisy_label"] != mo.y_pseudo
+    a_on = jnp.sum(jnp.where(disagree, mo.a_hat, 0.0))
+    ab_on = jnp.sum(jnp.where(disagree, mo.a_hat + mo.b_hat, 0.0))
+    out.update(
+      weight_zero_frac=jnp.mean(mo.gamma <= 0),
+      alpha_share=jnp.sum(mo.a_hat) / jnp.maximum(jnp.sum(mo.a_hat + mo.b_hat), 1e-30),
+      alpha_share_disagree=a_on / jnp.maximum(ab_on, 1e-30),
+      disagree_frac=jnp.mean(disagree),
+      feature_norm=jnp.mean(jnp.linalg.norm(features, axis=-1)),
+    )
+    if "w" in aux and "bd" in aux:
+      w = jnp.where(aux["bd"], aux["w"], 0.0)
+      total = jnp.sum(w, axis=(1, 2), keepdims=True)
+      p = w / jnp.where(total > 0, total, 1.0)
+      support = jnp.where(
+        total[:, 0, 0] > 0, 1.0 / jnp.maximum(jnp.sum(p**2, (1, 2)), 1e-30), jnp.nan
+      )
+      out["dcd_support"] = jnp.nanmean(support)  # NaN when no image has a boundary set
+      out["dcd_w_max"] = jnp.max(w)
+      out["bd_frac"] = jnp.mean(aux["bd"])
+    return out
 
   def explain(self, state, batch):
     mo = self.meta_output(state, batch)

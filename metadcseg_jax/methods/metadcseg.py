@@ -1,9 +1,11 @@
 """MetaDCSeg: L2B's meta-weighted pixel loss plus the Dynamic Center Distance boundary term and
-Dice (MetaDCSeg §3, Eq. 13; MetaDCSeg §3).
+Dice (MetaDCSeg §3, Eq. 13).
 
 The meta step is L2B's (`methods/l2b.py`); the loss adds λ1 times the DCD-weighted boundary term
 and λ2 times the soft Dice loss (`metadcseg_jax.objective`), on the very logits and features the
 meta step linearised (no extra forward). The state carries the DCD fallback centers (Eq. 47).
+The edge pixels of Eq. 8 come from `metadcseg_jax.edges`: PiDiNet inside the step, or Canny in
+the input pipeline (`example_transform`).
 """
 
 import functools
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from metadcseg_jax import dcd
+from metadcseg_jax import edges as edges_lib
 from metadcseg_jax import objective
 from metadcseg_jax.methods import base
 from metadcseg_jax.methods import l2b
@@ -26,6 +29,9 @@ class MetaDCSeg(l2b.L2B):
   def __init__(self, config, *, steps_per_epoch):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
     d = config.dcd
+    self.detector = edges_lib.make_detector(d)
+    if self.detector.on_host and d.use:
+      self.example_transform = self.detector.add_edges
     self.loss_options = dict(
       lambda_bd=d.lambda_bd,
       lambda_dice=d.lambda_dice,
@@ -35,8 +41,10 @@ class MetaDCSeg(l2b.L2B):
       use_dice=d.use_dice,
       detach_weights=d.detach_weights,
       normalizer=self.meta_options.normalizer,
+      pixel_loss=d.pixel_loss,
+      dcd_scale=d.dcd_scale,
+      weight_sum=d.weight_sum,
       center_momentum=d.center_momentum,
-      edge_fn=functools.partial(dcd.sobel_edges, top_fraction=d.edge_top_fraction),
     )
 
   def init_extra(self):
@@ -47,19 +55,30 @@ class MetaDCSeg(l2b.L2B):
       return self.meta_off_step()
     return super().train_step(phase)
 
-  def loss_from_outputs(self, state, x, y):
+  def _edges(self, batch):
+    if not self.config.dcd.use:
+      return jnp.zeros(batch["noisy_label"].shape, bool)
+    return self.detector.edges(batch)
+
+  def loss_from_outputs(self, state, batch):
+    edges = self._edges(batch)
+
     def loss_fn(logits, features, mo):
       return objective.metadcseg_loss(
         logits,
         features,
-        x,
-        y,
+        batch["noisy_label"],
+        edges,
         **objective.pixel_weights(mo),
         default_centers=state.extra["dcd_centers"],
         **self.loss_options,
       )
 
     return loss_fn
+
+  def term_weights(self):
+    d = self.config.dcd
+    return {"ce_term": 1.0, "bd_term": float(d.lambda_bd), "dice_term": float(d.lambda_dice)}
 
   def extra_from_aux(self, state, aux):
     return {**state.extra, "dcd_centers": aux["new_default_centers"]}
@@ -69,16 +88,17 @@ class MetaDCSeg(l2b.L2B):
 
     def step(state: base.TrainState, batch, rng):
       del rng
-      x, y = batch["image"], batch["noisy_label"]
+      y = batch["noisy_label"]
+      edges = self._edges(batch)
 
       def loss_fn(params):
-        (logits, features), stats = self.forward(params, state.batch_stats, x)
+        (logits, features), stats = self.forward(params, state.batch_stats, batch["image"])
         weights = objective.meta_off_weights(y.shape, normalizer=self.meta_options.normalizer)
         loss, aux = objective.metadcseg_loss(
           logits,
           features,
-          x,
           y,
+          edges,
           **weights,
           y_pseudo=jnp.argmax(logits, -1),
           default_centers=state.extra["dcd_centers"],
@@ -98,18 +118,18 @@ class MetaDCSeg(l2b.L2B):
 
   @functools.cached_property
   def _maps_fn(self):
-    def maps(state, x, y, xv, yv):
-      mo = self.weights(state, x, y, xv, yv)
-      _, aux = self.loss_from_outputs(state, x, y)(mo.logits, mo.features, mo)
+    def maps(state, batch):
+      mo = self.weights(
+        state, batch["image"], batch["noisy_label"], batch["meta_image"], batch["meta_label"]
+      )
+      _, aux = self.loss_from_outputs(state, batch)(mo.logits, mo.features, mo)
       return {"gamma": mo.gamma, "w": aux["w"], "bd": aux["bd"]}
 
     return jax.jit(maps, compiler_options=base.RUN_ONCE_COMPILE)
 
   def explain(self, state, batch):
     """γ (Eq. 9) and the DCD boundary weights (Eq. 12) of one batch: the paper's Fig. 3."""
-    out = self._maps_fn(
-      state, *(jnp.asarray(batch[k]) for k in ("image", "noisy_label", "meta_image", "meta_label"))
-    )
+    out = self._maps_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
     w = jnp.where(out["bd"], out["w"], jnp.nan)  # NaN outside the boundary set: not drawn
     # The softmax of Eq. 12 is peaked: a log scale shows the whole ring.
     return [
