@@ -1,27 +1,36 @@
-r"""Sweep methods x label-noise levels x seeds; one table of the final EMA test metrics.
+r"""The benchmark: methods (and ablation variants) x label-noise levels x seeds, in the layout of
+the paper's tables.
 
-    metadcseg-sweep --config=experiments/configs/synthetic.py --workdir=runs/sweep \
-        --methods=ce,l2b,metadcseg --noise=none,l2b20,l2b40,l2b60 --seeds=0,1,2
+    metadcseg-benchmark --config=experiments/configs/benchmark.py --workdir=runs/bench \
+        --preset=main
+    metadcseg-benchmark --config=experiments/configs/benchmark.py --workdir=runs/bench \
+        --preset=ablation
 
-Each combination trains with `train.train_and_evaluate` into
-`<workdir>/<noise>/<method>/seed<k>` (config.method, config.data.noise.kind and config.seed set
-from the flags; any other `--config.x=y` override applies to every run). A combination whose
-results.json exists is skipped and an unfinished one resumes from its last checkpoint, so
-rerunning the same command after an interruption picks up where it stopped. After every run
-the sweep rewrites `<workdir>/sweep.md` (mean ± std over seeds of EMA Dice, IoU, HD95, with the
-command line), `sweep.json` (the same rows, per-seed values and raw-parameter metrics) and
-`sweep.png` (grouped bars of EMA Dice).
+Each (noise, row, seed) trains with `train.train_and_evaluate` into
+`<workdir>/<noise>/<row>/seed<k>`, where a row is a method, or a method with config overrides
+(an ablation variant). A finished run (results.json present) is skipped and an unfinished one
+resumes from its checkpoint, so rerunning the same command after an interruption carries on.
+After every run the benchmark rewrites, in `<workdir>`:
+
+* `benchmark.md`: the main table in the layout of the paper's Table 2 (rows: methods; for each
+  noise level: mIoU, DSC, HD95 as mean ± std over seeds) on the test split, for the EMA and the
+  raw parameters; the same on the validation split (what settings are chosen on); the
+  ablation table (the paper's Table 5 layout) when variants ran; the measured corruption of
+  each level; the command line.
+* `benchmark.json`: every run's numbers, the per-seed values, the failed runs.
+* `dice_vs_noise.png`: test Dice against noise level with error bars, one line per row.
 
 Seeds vary the model initialisation and the data order (config.seed) only: the noisy labels
-(config.data.noise.seed) and the meta split (config.data.seed) are the same for every run, so
-methods are compared on identical labels. Cost: runs x the config's cost (synthetic.py: see
-its docstring); seeds are the outer loop, so a complete table for seed 0 comes first.
+(config.data.noise.seed) and the meta split (config.data.seed) stay the same, so every row sees
+the same corrupted masks. Each run reads its test split once, after training.
 """
 
+import dataclasses
 import json
 import math
 import os
 import pathlib
+import re
 import shlex
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -35,24 +44,76 @@ from metadcseg_jax import methods
 from metadcseg_jax import noise
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
-from metadcseg_jax.noise import cache as noise_cache
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.metrics import METRIC_KEYS
+from metadcseg_jax.noise import cache as noise_cache
 
-# Ordering of the table: the registry's (baselines first, MetaDCSeg last; noise increasing).
-METHOD_ORDER = methods.NAMES
 NOISE_ORDER = ("none", *noise.KINDS)
-METRICS = METRIC_KEYS
-TABLE_METRICS = (("dice", "Dice", 4), ("iou", "IoU", 4), ("hd95", "HD95", 2))
+# The paper's table columns for each noise level: (metric key, header, decimals, scale).
+TABLE_METRICS = (("miou", "mIoU", 2, 100.0), ("dice", "DSC", 2, 100.0), ("hd95", "HD95", 2, 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One row of a table: a method, with config overrides for an ablation variant.
+
+  Attributes:
+    label: the row's name in the tables ("metadcseg", "metadcseg: DCD off").
+    method: config.method.
+    overrides: ((dotted config key, value), ...) applied on top of the base config.
+  """
+
+  label: str
+  method: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def dirname(self) -> str:
+    """The run folder's name: the label with anything but [A-Za-z0-9_.=+-] as '_'."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", self.label)
+
+
+def method_rows(names: Sequence[str]) -> list[Row]:
+  return [Row(n, n) for n in names]
+
+
+# The paper's Table 5 (meta, DCD, Dice) and every option of the DCD weights and the objective:
+# variants of MetaDCSeg, each one setting changed from the default.
+ABLATIONS = (
+  Row("metadcseg", "metadcseg"),
+  Row("metadcseg: meta off", "metadcseg", (("meta.use", False),)),
+  Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),)),
+  Row("metadcseg: Dice off", "metadcseg", (("dcd.use_dice", False),)),
+  Row("metadcseg: DCD scale none", "metadcseg", (("dcd.dcd_scale", "none"),)),
+  Row("metadcseg: weights sum to one", "metadcseg", (("dcd.weight_sum", "sum_one"),)),
+  Row("metadcseg: mixing pixel loss", "metadcseg", (("dcd.pixel_loss", "mixing"),)),
+  Row("metadcseg: gradient into w", "metadcseg", (("dcd.detach_weights", False),)),
+  Row("metadcseg: Sobel edges", "metadcseg", (("dcd.edges", "sobel"),)),
+  Row("metadcseg: (a0,b0)=(1,0)", "metadcseg", (("meta.a0", 1.0),)),
+  Row("metadcseg: batch normaliser", "metadcseg", (("meta.normalizer", "batch"),)),
+)
+PRESETS = {
+  # The acceptance table: baselines and MetaDCSeg at 0/40/60% noise, 3 seeds.
+  "main": dict(
+    rows=method_rows(("ce", "l2b", "metadcseg")), noises=("none", "l2b40", "l2b60"), seeds=(0, 1, 2)
+  ),
+  # The paper's Table 2 columns.
+  "paper": dict(
+    rows=method_rows(("ce", "l2b", "metadcseg")),
+    noises=("none", "l2b20", "l2b40", "l2b60"),
+    seeds=(0, 1, 2),
+  ),
+  "ablation": dict(rows=list(ABLATIONS), noises=("l2b40",), seeds=(0, 1, 2)),
+}
 
 
 # ----------------------------------------------------------------------------- the runs
 
 
-def run_dir(workdir, noise: str, method: str, seed: int) -> pathlib.Path:
-  """`<workdir>/<noise>/<method>/seed<k>`: where one combination trains."""
-  return pathlib.Path(workdir) / noise / method / f"seed{seed}"
+def run_dir(workdir, noise_kind: str, row: Row, seed: int) -> pathlib.Path:
+  """`<workdir>/<noise>/<row>/seed<k>`: where one combination trains."""
+  return pathlib.Path(workdir) / noise_kind / row.dirname / f"seed{seed}"
 
 
 def parse_seeds(seeds: Iterable[Any]) -> list[int]:
@@ -68,99 +129,97 @@ def parse_seeds(seeds: Iterable[Any]) -> list[int]:
   return out
 
 
-def check_grid(methods: Sequence[str], noises: Sequence[str], seeds: Sequence[int]) -> None:
+def check_grid(rows: Sequence[Row], noises: Sequence[str], seeds: Sequence[int]) -> None:
   """Clear errors before the first (possibly hours-long) run rather than in the middle."""
-  bad = [m for m in methods if m not in METHOD_ORDER]
-  if bad or not methods:
-    raise ConfigError(f"--methods: unknown {bad or 'empty list'}, choose from {METHOD_ORDER}")
-  known = NOISE_ORDER
-  bad = [n for n in noises if n not in known]
+  bad = [r.method for r in rows if r.method not in methods.NAMES]
+  if bad or not rows:
+    raise ConfigError(f"--methods: unknown {bad or 'empty list'}, choose from {methods.NAMES}")
+  bad = [n for n in noises if n not in NOISE_ORDER]
   if bad or not noises:
-    raise ConfigError(f"--noise: unknown {bad or 'empty list'}, choose from {known}")
-  for name, values in (("methods", methods), ("noise", noises), ("seeds", seeds)):
+    raise ConfigError(f"--noise: unknown {bad or 'empty list'}, choose from {NOISE_ORDER}")
+  for name, values in (("rows", [r.label for r in rows]), ("noise", noises), ("seeds", seeds)):
     if len(set(values)) != len(values):
       raise ConfigError(f"--{name}: repeated values in {list(values)}")
 
 
 def run_config(
-  config: ml_collections.ConfigDict, *, method: str, noise: str, seed: int
+  config: ml_collections.ConfigDict, *, row: Row, noise_kind: str, seed: int
 ) -> ml_collections.ConfigDict:
-  """A copy of `config` with the combination's method, noise kind and seed."""
+  """A copy of `config` with the row's method and overrides, the noise kind and the seed."""
   cfg = config.copy_and_resolve_references()
-  cfg.method = method
-  cfg.data.noise.kind = noise
+  cfg.method = row.method
+  cfg.data.noise.kind = noise_kind
   cfg.seed = seed
+  for key, value in row.overrides:
+    *path, field = key.split(".")
+    node = cfg
+    for part in path:
+      node = node[part]
+    if field not in node:
+      raise ConfigError(f"row {row.label!r}: config has no setting {key!r}")
+    node[field] = value
   return cfg
-
-
-def combinations(
-  methods: Sequence[str], noises: Sequence[str], seeds: Sequence[int]
-) -> list[tuple[str, str, int]]:
-  """(noise, method, seed) in run order: seeds outermost, then noise, then method."""
-  return [(n, m, s) for s in seeds for n in noises for m in methods]
 
 
 def _short(results: Mapping[str, Any]) -> str:
   ema, raw = results["test"]["ema"], results["test"]["raw"]
   return (
-    f"EMA Dice {ema['dice']:.4f} IoU {ema['iou']:.4f} HD95 {ema['hd95']:.2f} "
-    f"(raw Dice {raw['dice']:.4f}, epoch {results['epoch']})"
+    f"test Dice EMA {ema['dice']:.4f} raw {raw['dice']:.4f}, HD95 EMA {ema['hd95']:.2f} "
+    f"(val Dice EMA {results['val']['ema']['dice']:.4f})"
   )
 
 
-def run_sweep(
+def run_benchmark(
   config: ml_collections.ConfigDict,
   workdir,
   *,
-  methods: Sequence[str],
+  rows: Sequence[Row],
   noises: Sequence[str],
   seeds: Sequence[int],
   command: str = "",
   echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-  """Trains every (noise, method, seed) not finished yet, then writes the sweep's outputs.
+  """Trains every (noise, row, seed) not finished yet (seeds outermost, so a complete table
+  for seed 0 comes first), then writes the benchmark's outputs.
 
   Args:
     config: the base config (locked is fine: only existing fields are set).
-    workdir: the sweep's root directory.
-    methods: values of config.method.
+    workdir: the benchmark's root directory.
+    rows: the table's rows (`method_rows`, `ABLATIONS`, or a preset's).
     noises: values of config.data.noise.kind ("none" for clean labels).
     seeds: values of config.seed.
-    command: the command line, recorded in sweep.md and sweep.json.
+    command: the command line, recorded in benchmark.md and benchmark.json.
     echo: where progress lines go.
 
   Returns:
-    The table rows (`collect`) of the requested combinations.
+    The cells (`collect`) of the requested combinations.
 
   Raises:
     ConfigError: an unknown method or noise kind, a repeated value.
     NonFiniteLossError: after the other runs, if some run's loss went non-finite (those
-      runs are listed in sweep.json and sweep.md).
+      runs are listed in benchmark.json and benchmark.md).
   """
   seeds = parse_seeds(seeds)
-  check_grid(methods, noises, seeds)
+  rows = list(rows)
+  check_grid(rows, noises, seeds)
   root = pathlib.Path(workdir).expanduser().resolve()
   root.mkdir(parents=True, exist_ok=True)
-  combos = combinations(methods, noises, seeds)
+  combos = [(n, r, s) for s in seeds for n in noises for r in rows]
   failed: list[dict[str, Any]] = []
-  for i, (noise, method, seed) in enumerate(combos, start=1):
-    rdir = run_dir(root, noise, method, seed)
-    tag = f"[{i}/{len(combos)}] {noise}/{method}/seed{seed}"
+  write = lambda: write_outputs(
+    root, rows=rows, noises=noises, seeds=seeds, command=command, failed=failed
+  )
+  for i, (noise_kind, row, seed) in enumerate(combos, start=1):
+    rdir = run_dir(root, noise_kind, row, seed)
+    tag = f"[{i}/{len(combos)}] {noise_kind}/{row.label}/seed{seed}"
     done = rdir / "results.json"
     if done.is_file():
       results = _load_results(done)
       note = ""
       if results["epoch"] != config.train.num_epochs:
-        # Without results.json the trainer resumes from the last checkpoint: right for more
-        # epochs, wrong for fewer (it would re-evaluate the longer run).
-        fix = (
-          f"delete {done} to train on from its checkpoint"
-          if results["epoch"] < config.train.num_epochs
-          else f"delete {rdir} to redo it"
-        )
         note = (
           f"  WARNING: finished at epoch {results['epoch']}, the config asks for "
-          f"{config.train.num_epochs}; {fix}"
+          f"{config.train.num_epochs}; delete {rdir} to redo it"
         )
       echo(f"{tag}: done already, {_short(results)}{note}")
       continue
@@ -168,36 +227,38 @@ def run_sweep(
     t0 = time.perf_counter()
     try:
       results = train.train_and_evaluate(
-        run_config(config, method=method, noise=noise, seed=seed), str(rdir)
+        run_config(config, row=row, noise_kind=noise_kind, seed=seed), str(rdir)
       )
     except NonFiniteLossError as e:
-      # One diverging method must not cost the rest of the sweep; rerunning retries it.
+      # One diverging run must not cost the rest of the benchmark; rerunning retries it.
       echo(f"{tag}: FAILED: {e}")
-      failed.append({"noise": noise, "method": method, "seed": seed, "error": str(e)})
+      failed.append({"noise": noise_kind, "row": row.label, "seed": seed, "error": str(e)})
       continue
     echo(f"{tag}: {_short(results)}  [{time.perf_counter() - t0:.0f} s]")
-    write_outputs(root, methods=methods, noises=noises, seeds=seeds, command=command, failed=failed)
-  rows = write_outputs(
-    root, methods=methods, noises=noises, seeds=seeds, command=command, failed=failed
+    write()
+  cells = write()
+  echo(
+    f"tables: {root / 'benchmark.md'}  numbers: {root / 'benchmark.json'}  "
+    f"plot: {root / 'dice_vs_noise.png'}"
   )
-  echo(f"table: {root / 'sweep.md'}   rows: {root / 'sweep.json'}   plot: {root / 'sweep.png'}")
   if failed:
     raise NonFiniteLossError(
       f"{len(failed)} of {len(combos)} runs diverged: "
-      + ", ".join(f"{f['noise']}/{f['method']}/seed{f['seed']}" for f in failed)
+      + ", ".join(f"{f['noise']}/{f['row']}/seed{f['seed']}" for f in failed)
     )
-  return rows
+  return cells
 
 
-# ----------------------------------------------------------------------------- the table
+# ----------------------------------------------------------------------------- the numbers
 
 
 def _load_results(path: pathlib.Path) -> dict[str, Any]:
   try:
     results = json.loads(path.read_text())
-    for params in ("raw", "ema"):
-      for k in ("dice", "iou", "hd95"):
-        float(results["test"][params][k])
+    for split in ("val", "test"):
+      for params in ("raw", "ema"):
+        for k in ("dice", "iou", "hd95"):
+          float(results[split][params][k])
     int(results["epoch"])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path}: not a trainer results.json ({type(e).__name__}: {e})") from None
@@ -211,30 +272,23 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
   return {"mean": float(np.mean(arr)), "std": std, "values": [float(v) for v in arr]}
 
 
-def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
-  values = set(values)
-  return [v for v in preferred if v in values] + sorted(values - set(preferred))
+def _corruption(run: pathlib.Path) -> float | None:
+  try:
+    return float(json.loads((run / "data_info.json").read_text())["noise"]["corruption_mean"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
 
 
 def collect(
-  workdir,
-  *,
-  methods: Sequence[str] | None = None,
-  noises: Sequence[str] | None = None,
-  seeds: Sequence[int] | None = None,
+  workdir, *, rows: Sequence[Row], noises: Sequence[str], seeds: Sequence[int] | None = None
 ) -> list[dict[str, Any]]:
-  """Table rows from the finished runs under `workdir` (`<noise>/<method>/seed<k>/results.json`).
-
-  Args:
-    workdir: the sweep's root directory.
-    methods, noises, seeds: keep only these (all found when None); they also fix the order of
-      the rows, otherwise noise levels and methods follow `NOISE_ORDER` / `METHOD_ORDER`.
+  """The table cells from the finished runs under `workdir`.
 
   Returns:
-    One row per (noise, method) with at least one finished seed, noise-major:
-    `{"noise", "method", "dataset", "epochs": [...], "seeds": [...], "workdirs": [...],
-    "ema": {metric: {"mean", "std", "values"}}, "raw": {...}}` over `METRICS`; std is the
-    sample std over seeds (ddof=1), None for one seed.
+    One cell per (noise, row) with at least one finished seed, noise-major:
+    `{"noise", "label", "method", "seeds": [...], "epochs": [...], "corruption": mean 1 - Dice
+    of the training labels or None, "test"/"val": {"ema"/"raw": {metric: {"mean", "std",
+    "values"}}}}` over `METRIC_KEYS`; std is the sample std over seeds (ddof=1), None for one.
 
   Raises:
     ValueError: `workdir` is not a directory, or a results.json is malformed.
@@ -242,121 +296,128 @@ def collect(
   root = pathlib.Path(workdir).expanduser()
   if not root.is_dir():
     raise ValueError(f"workdir={str(workdir)!r}: not a directory")
-  found: dict[tuple[str, str], list[tuple[int, pathlib.Path, dict[str, Any]]]] = {}
-  for path in root.glob("*/*/seed*/results.json"):
-    seed_name = path.parent.name[len("seed") :]
-    if not seed_name.isdigit():
-      continue
-    seed, method, noise = int(seed_name), path.parent.parent.name, path.parent.parent.parent.name
-    if (
-      (methods is not None and method not in methods)
-      or (noises is not None and noise not in noises)
-      or (seeds is not None and seed not in seeds)
-    ):
-      continue
-    found.setdefault((noise, method), []).append((seed, path.parent, _load_results(path)))
-  noise_order = list(noises) if noises is not None else _order((n for n, _ in found), NOISE_ORDER)
-  method_order = (
-    list(methods) if methods is not None else _order((m for _, m in found), METHOD_ORDER)
-  )
-  rows = []
-  for noise in noise_order:
-    for method in method_order:
-      runs = sorted(found.get((noise, method), []), key=lambda r: r[0])
-      if not runs:
+  cells = []
+  for noise_kind in noises:
+    for row in rows:
+      found = []
+      for seed_dir in sorted((root / noise_kind / row.dirname).glob("seed*")):
+        seed_text = seed_dir.name[len("seed") :]
+        if not seed_text.isdigit() or (seeds is not None and int(seed_text) not in seeds):
+          continue
+        if (seed_dir / "results.json").is_file():
+          found.append((int(seed_text), seed_dir, _load_results(seed_dir / "results.json")))
+      if not found:
         continue
-      row = {
-        "noise": noise,
-        "method": method,
-        "dataset": sorted({str(r[2].get("dataset", "?")) for r in runs}),
-        "epochs": [int(r[2]["epoch"]) for r in runs],
-        "seeds": [r[0] for r in runs],
-        "workdirs": [str(r[1]) for r in runs],
+      found.sort(key=lambda f: f[0])
+      cell = {
+        "noise": noise_kind,
+        "label": row.label,
+        "method": row.method,
+        "seeds": [f[0] for f in found],
+        "epochs": [int(f[2]["epoch"]) for f in found],
+        "corruption": _corruption(found[0][1]),
       }
-      for params in ("ema", "raw"):
-        row[params] = {
-          k: _stat([r[2]["test"][params][k] for r in runs])
-          for k in METRICS
-          if all(k in r[2]["test"][params] for r in runs)
+      for split in ("test", "val"):
+        cell[split] = {
+          params: {
+            k: _stat([f[2][split][params][k] for f in found])
+            for k in METRIC_KEYS
+            if all(k in f[2][split][params] for f in found)
+          }
+          for params in ("ema", "raw")
         }
-      rows.append(row)
-  return rows
+      cells.append(cell)
+  return cells
 
 
-def _fmt(stat: Mapping[str, Any] | None, digits: int) -> str:
+# ----------------------------------------------------------------------------- the tables
+
+
+def noise_label(kind: str) -> str:
+  """The column header of a noise kind: "0%" for none, "40%" for l2b40, else the kind."""
+  if kind == "none":
+    return "0%"
+  return f"{kind[3:]}%" if kind in noise.l2b.L2B_LEVELS else kind
+
+
+def _fmt(stat: Mapping[str, Any] | None, digits: int, scale: float) -> str:
   if stat is None:
     return "-"
+  mean = stat["mean"] * scale
   if stat["std"] is None:
-    return f"{stat['mean']:.{digits}f}"
-  return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def main_table(
+  cells: Sequence[Mapping[str, Any]], *, split: str = "test", params: str = "ema"
+) -> str:
+  """The paper's Table 2 layout: rows; per noise level mIoU, DSC (in %), HD95 (mean ± std)."""
+  noises = list(dict.fromkeys(c["noise"] for c in cells))
+  labels = list(dict.fromkeys(c["label"] for c in cells))
+  by = {(c["noise"], c["label"]): c for c in cells}
+  head = (
+    "| method | "
+    + " | ".join(f"{noise_label(n)} {name}" for n in noises for _, name, _, _ in TABLE_METRICS)
+    + " |"
+  )
+  out = [head, "|---|" + "---|" * (len(noises) * len(TABLE_METRICS))]
+  for label in labels:
+    vals = []
+    for n in noises:
+      stats = by[n, label][split][params] if (n, label) in by else {}
+      vals += [_fmt(stats.get(k), d, sc) for k, _, d, sc in TABLE_METRICS]
+    out.append(f"| {label} | " + " | ".join(vals) + " |")
+  return "\n".join(out)
+
+
+def corruption_lines(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+  seen = {}
+  for c in cells:
+    if c["noise"] != "none" and c["corruption"] is not None:
+      seen.setdefault(c["noise"], c["corruption"])
+  return [
+    f"- {noise_label(n)} ({n}): measured corruption 1 - Dice of the training labels {v:.3f}"
+    for n, v in seen.items()
+  ]
 
 
 def to_markdown(
-  rows: Sequence[Mapping[str, Any]], *, command: str = "", failed: Sequence[Mapping[str, Any]] = ()
+  cells: Sequence[Mapping[str, Any]], *, command: str = "", failed: Sequence[Mapping[str, Any]] = ()
 ) -> str:
-  """The sweep's markdown: the command line, a noise x method table of EMA Dice, and a long
-  table of EMA Dice, IoU and HD95 (mean ± sample std over seeds; the mean alone for one seed).
-
-  Args:
-    rows: from `collect`.
-    command: the command line that produced the sweep (shown in a code block when given).
-    failed: runs that diverged ({"noise", "method", "seed", "error"}), listed at the end.
-
-  Returns:
-    Markdown text ending in a newline.
-  """
-  out = ["# Sweep: final test metrics, EMA parameters", ""]
+  """benchmark.md: the command, the tables on test (EMA, raw) and validation, corruption."""
+  out = ["# Benchmark", ""]
   if command:
     out += ["```bash", command, "```", ""]
-  if not rows:
+  if not cells:
     out += ["No finished runs yet.", ""]
   else:
-    datasets = sorted({d for r in rows for d in r["dataset"]})
+    seeds = sorted({s for c in cells for s in c["seeds"]})
     out += [
-      f"Dataset: {', '.join(datasets)}. Mean ± std (ddof=1) over seeds; HD95 in pixels "
-      "unless the dataset has a spacing.",
+      f"Mean ± sample std over seeds {seeds} (a cell with fewer seeds shows fewer). mIoU "
+      "and DSC in %, HD95 in pixels unless the dataset has a spacing. The test split is "
+      "read once per run, after training; choose settings on the validation tables.",
       "",
     ]
-    noises = list(dict.fromkeys(r["noise"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["noise"], r["method"]): r for r in rows}
-    out += [
-      "## EMA Dice",
-      "",
-      "| noise | " + " | ".join(methods) + " |",
-      "|---|" + "---|" * len(methods),
-    ]
-    for noise in noises:
-      vals = [
-        _fmt(cell[noise, m]["ema"].get("dice"), 4) if (noise, m) in cell else "-" for m in methods
-      ]
-      out.append(f"| {noise} | " + " | ".join(vals) + " |")
-    out += [
-      "",
-      "## All runs",
-      "",
-      "| noise | method | seeds | epochs | "
-      + " | ".join(f"EMA {label}" for _, label, _ in TABLE_METRICS)
-      + " |",
-      "|---|---|---|---|" + "---|" * len(TABLE_METRICS),
-    ]
-    for r in rows:
-      epochs = sorted(set(r["epochs"]))
-      vals = [_fmt(r["ema"].get(k), digits) for k, _, digits in TABLE_METRICS]
-      out.append(
-        f"| {r['noise']} | {r['method']} | {','.join(map(str, r['seeds']))} | "
-        f"{','.join(map(str, epochs))} | " + " | ".join(vals) + " |"
-      )
-    out.append("")
+    for title, split, params in (
+      ("Test, EMA parameters", "test", "ema"),
+      ("Test, raw parameters", "test", "raw"),
+      ("Validation, EMA parameters", "val", "ema"),
+      ("Validation, raw parameters", "val", "raw"),
+    ):
+      out += [f"## {title}", "", main_table(cells, split=split, params=params), ""]
+    corruption = corruption_lines(cells)
+    if corruption:
+      out += ["## Label noise", ""] + corruption + [""]
   if failed:
     out += ["## Failed runs", ""]
-    out += [f"- {f['noise']}/{f['method']}/seed{f['seed']}: {f['error']}" for f in failed]
+    out += [f"- {f['noise']}/{f['row']}/seed{f['seed']}: {f['error']}" for f in failed]
     out.append("")
   return "\n".join(out)
 
 
 def _json_safe(obj):
-  """NaN/inf (an empty prediction's distance, say) as None: sweep.json stays strict JSON."""
+  """NaN/inf (an empty prediction's distance, say) as None: benchmark.json stays strict JSON."""
   if isinstance(obj, float) and not math.isfinite(obj):
     return None
   if isinstance(obj, dict):
@@ -367,34 +428,28 @@ def _json_safe(obj):
 
 
 def write_outputs(
-  workdir,
-  *,
-  methods=None,
-  noises=None,
-  seeds=None,
-  command: str = "",
-  failed: Sequence[Mapping[str, Any]] = (),
+  workdir, *, rows, noises, seeds=None, command: str = "", failed: Sequence[Mapping[str, Any]] = ()
 ) -> list[dict[str, Any]]:
-  """Writes sweep.md, sweep.json and (when there are rows) sweep.png; returns the rows."""
+  """Writes benchmark.md, benchmark.json and (when there are cells) dice_vs_noise.png."""
   root = pathlib.Path(workdir)
-  rows = collect(root, methods=methods, noises=noises, seeds=seeds)
-  (root / "sweep.md").write_text(to_markdown(rows, command=command, failed=failed))
-  (root / "sweep.json").write_text(
-    json.dumps(_json_safe({"command": command, "rows": rows, "failed": list(failed)}), indent=1)
+  cells = collect(root, rows=rows, noises=noises, seeds=seeds)
+  (root / "benchmark.md").write_text(to_markdown(cells, command=command, failed=failed))
+  (root / "benchmark.json").write_text(
+    json.dumps(_json_safe({"command": command, "cells": cells, "failed": list(failed)}), indent=1)
   )
-  if rows:
+  if cells:
     try:
-      figures.plot_sweep(rows, root / "sweep.png")
+      figures.plot_dice_vs_noise(cells, root / "dice_vs_noise.png", label=noise_label)
     except Exception as e:  # pylint: disable=broad-except  (a figure must never cost the table)
-      logging.warning("could not write sweep.png: %s", e)
-  return rows
+      logging.warning("could not write dice_vs_noise.png: %s", e)
+  return cells
 
 
 def command_line(argv: Sequence[str]) -> str:
   """The command as a user would retype it (the entry point's name, not its full path)."""
-  prog = os.path.basename(argv[0]) if argv else "metadcseg-sweep"
+  prog = os.path.basename(argv[0]) if argv else "metadcseg-benchmark"
   if prog.endswith(".py"):
-    prog = "python -m experiments.sweep"
+    prog = "python -m experiments.benchmark"
   return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
 
 
@@ -405,9 +460,9 @@ def corruption_table(config: ml_collections.ConfigDict, kinds: Sequence[str]) ->
   """Builds (or reuses) the cached noisy training labels of each kind; the markdown table of
   their measured corruption 1 - Dice (Eq. 20): mean, std, min, max, share emptied.
 
-  The cache is the one training reads (`<data_dir>/noisy_labels/<dataset build>/`). The meta
-  split is not corrupted at training time; this table covers every training mask, as the
-  paper's corruption rates do.
+  The cache is the one training reads (`<data_dir>/noisy_labels/<dataset build>/`), with the
+  config's noise options (calibrated levels by default). The meta split is not corrupted at
+  training time; this table covers every training mask, as the paper's corruption rates do.
   """
   bad = [k for k in kinds if k not in noise.KINDS]
   if bad or not kinds:

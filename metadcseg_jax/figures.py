@@ -3,7 +3,7 @@
     figures.write_panel("runs/x/panel.png", predictor, state, splits)
     figures.write_maps_figure("runs/x/dcd.png", batch, method.explain(state, batch))
     figures.plot_curves("runs/x/metrics.jsonl", "runs/x/curves.png")
-    figures.plot_sweep(rows, "runs/sweep/sweep.png")
+    figures.plot_dice_vs_noise(cells, "runs/bench/dice_vs_noise.png")
 
 Nothing here knows a method's insides: the panel calls `Predictor`, the maps figure draws the
 `PixelMap`s a method's `explain` returns.
@@ -295,57 +295,48 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
   return out
 
 
-def plot_sweep(
-  table_rows: Sequence[Mapping[str, Any]], out_png, *, metric: str = "dice"
+def plot_dice_vs_noise(
+  cells: Sequence[Mapping[str, Any]], out_png, *, label=str, metric: str = "dice"
 ) -> pathlib.Path:
-  """Grouped bars of the final EMA `metric` per method, one group per noise level.
+  """Test `metric` against noise level, mean ± std over seeds, one line per row; EMA and raw
+  parameters side by side.
 
   Args:
-    table_rows: rows of `benchmark.collect`: each has "noise", "method" and
-      `row["ema"][metric]` = {"mean": float, "std": float | None, ...}. Noise levels and methods
-      appear in the order of the rows.
+    cells: `benchmark.collect`'s cells: "noise", "label", "test" -> "ema"/"raw" -> metric ->
+      {"mean", "std"}; noise levels and rows in the order of the cells.
     out_png: the PNG to write (its folder is created).
-    metric: which EMA metric (default "dice"); error bars are the std over seeds.
+    label: noise kind -> axis tick label.
+    metric: which metric (default "dice").
 
   Returns:
     The path written.
 
   Raises:
-    ValueError: no rows, or a row without the metric.
+    ValueError: no cells.
   """
-  rows = list(table_rows)
-  if not rows:
-    raise ValueError("table_rows is empty: nothing to plot")
-  noises = list(dict.fromkeys(r["noise"] for r in rows))
-  methods = list(dict.fromkeys(r["method"] for r in rows))
-  cell = {}
-  for r in rows:
-    try:
-      cell[r["noise"], r["method"]] = r["ema"][metric]
-    except (KeyError, TypeError):
-      raise ValueError(f"row {r.get('noise')}/{r.get('method')} has no ema[{metric!r}]") from None
-  width = min(0.8, 0.25 * len(methods)) / len(methods)
-  fig, ax = plt.subplots(figsize=(max(5.0, 2.2 + 0.5 * len(noises) * len(methods)), 4))
-  centers = np.arange(len(noises))
-  for j, method in enumerate(methods):
-    xs, means, stds = [], [], []
-    for i, noise in enumerate(noises):
-      if (noise, method) in cell:
-        stat = cell[noise, method]
-        xs.append(centers[i] + (j - (len(methods) - 1) / 2) * width)
-        means.append(stat["mean"])
-        stds.append(stat.get("std") or 0.0)
-    bars = ax.bar(
-      xs, means, width * 0.95, yerr=stds if any(stds) else None, capsize=3, label=method
-    )
-    ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
-  ax.set_xticks(centers, noises)
-  ax.set_xlabel("label noise")
-  ax.set_ylabel(f"test {_LABELS.get(metric, metric)} (EMA, mean ± std over seeds)")
-  if metric in ("dice", "iou", "miou"):
-    ax.set_ylim(0, 1.1)  # room for the bar labels
-  ax.legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  ax.grid(axis="y", alpha=0.3)
+  cells = list(cells)
+  if not cells:
+    raise ValueError("cells is empty: nothing to plot")
+  noises = list(dict.fromkeys(c["noise"] for c in cells))
+  rows = list(dict.fromkeys(c["label"] for c in cells))
+  by = {(c["noise"], c["label"]): c for c in cells}
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for ax, params in zip(axes, ("ema", "raw")):
+    for j, row in enumerate(rows):
+      xs, means, stds = [], [], []
+      for i, n in enumerate(noises):
+        stat = by.get((n, row), {}).get("test", {}).get(params, {}).get(metric)
+        if stat is not None:
+          xs.append(i + (j - (len(rows) - 1) / 2) * 0.04)  # small offsets: bars stay apart
+          means.append(stat["mean"])
+          stds.append(stat["std"] or 0.0)
+      if xs:
+        ax.errorbar(xs, means, yerr=stds, marker="o", ms=4, capsize=3, label=row)
+    ax.set_xticks(range(len(noises)), [label(n) for n in noises])
+    ax.set(title=f"test {_LABELS.get(metric, metric)}, {params} parameters", xlabel="label noise")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel(f"{_LABELS.get(metric, metric)} (mean ± std over seeds)")
+  axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   out = pathlib.Path(out_png)
   out.parent.mkdir(parents=True, exist_ok=True)

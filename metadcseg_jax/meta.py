@@ -4,7 +4,7 @@ One training iteration at parameters θ with optimizer state s (MetaDCSeg §3.2,
 
   p = softmax(F(x; θ)),  y_pseudo = argmax p                         (held fixed)
   f = CE(p, y),  g = CE(p, y_pseudo)                                  per pixel, (B,H,W)  (Eq. 25)
-  θ̂(a, b) = θ + U(∇θ Σ_{i,h,w} (a·f + b·g) / (B·H·W), s)                                          (Eq. 21)
+  θ̂(a, b) = θ + U(∇θ Σ_{i,h,w} (a·f + b·g) / (B·H·W), s)                         (Eq. 21)
   Lval(θ̂) = mean CE(F(xv; θ̂), yv)
   Ga, Gb = ∂Lval/∂a, ∂Lval/∂b  at (a, b) = (a0, b0)                                 (Eq. 22, Eq. 28)
   ã = max(a0 − η·Ga, 0),  b̃ = max(b0 − η·Gb, 0)                                          (Eq. 23)

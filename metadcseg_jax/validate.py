@@ -89,6 +89,7 @@ RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
   ("data.noise.kind", _one_of(("none", *noise.KINDS))),
   ("data.noise.seed", _int(0)),
   ("data.noise.scale_kernels_with_size", _bool),
+  ("data.noise.calibrate", _bool),
   ("data.noise.small_mask", _one_of(("empty", "keep"))),
   ("train.batch_size", _int(1)),
   ("train.meta_batch_size", _int(1)),

@@ -1,4 +1,4 @@
-"""Tests of metadcseg_jax/benchmark.py: the sweep table, resume, the corruption table.
+"""Tests of metadcseg_jax/benchmark.py: the paper-layout tables, resume, the corruption table.
 
 No training: runs are hand-written results.json files, and the trainer is monkeypatched.
 """
@@ -12,13 +12,18 @@ import pytest
 
 from experiments.configs import tiny
 from metadcseg_jax import benchmark
+from metadcseg_jax import figures
 from metadcseg_jax import noise
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.errors import ConfigError
+
+CE, META = benchmark.Row("ce", "ce"), benchmark.Row("metadcseg", "metadcseg")
+ROWS = [CE, META]
 
 
-def _results(dice, iou, hd95, *, method="ce", epoch=2, raw_dice=None):
-  summary = {
+def _summary(dice, iou, hd95):
+  return {
     "dice": dice,
     "iou": iou,
     "miou": (iou + 0.9) / 2,
@@ -29,10 +34,16 @@ def _results(dice, iou, hd95, *, method="ce", epoch=2, raw_dice=None):
     "n_both_empty": 0,
     "n_one_empty": 1,
   }
-  raw = dict(summary, dice=dice if raw_dice is None else raw_dice)
+
+
+def _results(dice, iou, hd95, *, method="ce", epoch=2, raw_dice=None, val_dice=None):
+  ema = _summary(dice, iou, hd95)
+  raw = dict(ema, dice=dice if raw_dice is None else raw_dice)
+  val = _summary(dice - 0.01 if val_dice is None else val_dice, iou, hd95)
   return {
     "epoch": epoch,
-    "test": {"raw": raw, "ema": summary},
+    "test": {"raw": raw, "ema": ema},
+    "val": {"raw": val, "ema": val},
     "method": method,
     "dataset": "synthetic_s32",
     "noise": {"kind": "?"},
@@ -40,91 +51,78 @@ def _results(dice, iou, hd95, *, method="ce", epoch=2, raw_dice=None):
   }
 
 
-def _write_run(root, noise, method, seed, results):
-  d = benchmark.run_dir(root, noise, method, seed)
+def _write_run(root, noise_kind, row, seed, results, corruption=None):
+  d = benchmark.run_dir(root, noise_kind, row, seed)
   d.mkdir(parents=True, exist_ok=True)
   (d / "results.json").write_text(json.dumps(results))
+  if corruption is not None:
+    (d / "data_info.json").write_text(json.dumps({"noise": {"corruption_mean": corruption}}))
   return d
 
 
 @pytest.fixture
-def fake_sweep(tmp_path):
-  """l2b40/ce: 3 seeds; l2b40/metadcseg: 2 seeds; none/ce: 1 seed; plus noise to ignore."""
-  _write_run(tmp_path, "l2b40", "ce", 0, _results(0.60, 0.50, 10.0))
-  _write_run(tmp_path, "l2b40", "ce", 1, _results(0.70, 0.55, 12.0))
-  _write_run(tmp_path, "l2b40", "ce", 2, _results(0.80, 0.60, 20.0))
-  _write_run(tmp_path, "l2b40", "metadcseg", 0, _results(0.90, 0.81, 4.0, method="metadcseg"))
-  _write_run(tmp_path, "l2b40", "metadcseg", 3, _results(0.86, 0.77, 6.0, method="metadcseg"))
-  _write_run(tmp_path, "none", "ce", 0, _results(0.95, 0.91, 2.0, raw_dice=0.5))
+def fake_runs(tmp_path):
+  """l2b40/ce: 3 seeds; l2b40/metadcseg: 2 seeds; none/ce: 1 seed; plus folders to ignore."""
+  _write_run(tmp_path, "l2b40", CE, 0, _results(0.60, 0.50, 10.0), corruption=0.41)
+  _write_run(tmp_path, "l2b40", CE, 1, _results(0.70, 0.55, 12.0))
+  _write_run(tmp_path, "l2b40", CE, 2, _results(0.80, 0.60, 20.0))
+  _write_run(tmp_path, "l2b40", META, 0, _results(0.90, 0.81, 4.0, method="metadcseg"))
+  _write_run(tmp_path, "l2b40", META, 3, _results(0.86, 0.77, 6.0, method="metadcseg"))
+  _write_run(tmp_path, "none", CE, 0, _results(0.95, 0.91, 2.0, raw_dice=0.5))
   (tmp_path / "none" / "ce" / "seed1").mkdir()  # unfinished: no results.json
   (tmp_path / "none" / "ce" / "notes").mkdir()  # not a seed folder
-  (tmp_path / "none" / "ce" / "notes" / "results.json").write_text("{}")
   return tmp_path
 
 
-def test_collect_means_and_sample_std(fake_sweep):
-  rows = benchmark.collect(fake_sweep)
-  # Noise order none < l2b40 (NOISE_ORDER), methods ce < metadcseg (METHOD_ORDER).
-  assert [(r["noise"], r["method"]) for r in rows] == [
+def test_collect_means_and_sample_std(fake_runs):
+  cells = benchmark.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
+  assert [(c["noise"], c["label"]) for c in cells] == [
     ("none", "ce"),
     ("l2b40", "ce"),
     ("l2b40", "metadcseg"),
   ]
-  none_ce, ce, meta = rows
+  none_ce, ce, meta = cells
   assert ce["seeds"] == [0, 1, 2] and meta["seeds"] == [0, 3] and none_ce["seeds"] == [0]
   # By hand: mean(0.6, 0.7, 0.8) = 0.7, sample std = sqrt((0.01 + 0 + 0.01) / 2) = 0.1.
-  assert ce["ema"]["dice"]["mean"] == pytest.approx(0.7)
-  assert ce["ema"]["dice"]["std"] == pytest.approx(0.1)
+  assert ce["test"]["ema"]["dice"]["mean"] == pytest.approx(0.7)
+  assert ce["test"]["ema"]["dice"]["std"] == pytest.approx(0.1)
   # HD95 (10, 12, 20): mean 14, deviations (-4, -2, 6): sqrt(56 / 2).
-  assert ce["ema"]["hd95"]["mean"] == pytest.approx(14.0)
-  assert ce["ema"]["hd95"]["std"] == pytest.approx(math.sqrt(28.0))
-  # Two seeds: mean 0.88, sample std |0.90 - 0.86| / sqrt(2).
-  assert meta["ema"]["dice"]["mean"] == pytest.approx(0.88)
-  assert meta["ema"]["dice"]["std"] == pytest.approx(0.04 / math.sqrt(2))
-  assert meta["ema"]["iou"]["values"] == pytest.approx([0.81, 0.77])
-  # One seed: no std; raw and EMA kept apart.
-  assert none_ce["ema"]["dice"]["std"] is None
-  assert none_ce["raw"]["dice"]["mean"] == pytest.approx(0.5)
-  assert none_ce["ema"]["dice"]["mean"] == pytest.approx(0.95)
-
-
-def test_collect_filters_and_orders(fake_sweep):
-  rows = benchmark.collect(fake_sweep, methods=["metadcseg", "ce"], noises=["l2b40"], seeds=[0, 1])
-  assert [(r["method"], r["seeds"]) for r in rows] == [("metadcseg", [0]), ("ce", [0, 1])]
-  assert rows[1]["ema"]["dice"]["mean"] == pytest.approx(0.65)
-
-
-def test_collect_errors(tmp_path):
+  assert ce["test"]["ema"]["hd95"]["std"] == pytest.approx(math.sqrt(28))
+  assert ce["val"]["ema"]["dice"]["mean"] == pytest.approx(0.69)
+  assert none_ce["test"]["ema"]["dice"]["std"] is None  # one seed
+  assert none_ce["test"]["raw"]["dice"]["mean"] == pytest.approx(0.5)
+  assert ce["corruption"] == pytest.approx(0.41) and none_ce["corruption"] is None
+  assert benchmark.collect(fake_runs, rows=ROWS, noises=["l2b40"], seeds=[0])[1]["seeds"] == [0]
   with pytest.raises(ValueError, match="not a directory"):
-    benchmark.collect(tmp_path / "missing")
-  d = benchmark.run_dir(tmp_path, "none", "ce", 0)
-  d.mkdir(parents=True)
-  (d / "results.json").write_text('{"epoch": 1}')
-  with pytest.raises(ValueError, match="results.json"):
-    benchmark.collect(tmp_path)
+    benchmark.collect(fake_runs / "missing", rows=ROWS, noises=["l2b40"])
 
 
-def test_to_markdown(fake_sweep):
-  md = benchmark.to_markdown(benchmark.collect(fake_sweep), command="metadcseg-sweep --seeds=0,1,2")
-  assert "metadcseg-sweep --seeds=0,1,2" in md
-  lines = md.splitlines()
-  # Pivot: one row per noise, one column per method; "-" where a combination has no run.
-  assert "| noise | ce | metadcseg |" in lines
-  assert "| none | 0.9500 | - |" in lines
-  assert f"| l2b40 | 0.7000 ± 0.1000 | 0.8800 ± {0.04 / math.sqrt(2):.4f} |" in lines
-  assert (
-    f"| l2b40 | ce | 0,1,2 | 2 | 0.7000 ± 0.1000 | 0.5500 ± 0.0500 | 14.00 ± {math.sqrt(28):.2f} |"
-  ) in lines
-  assert "| none | ce | 0 | 2 | 0.9500 | 0.9100 | 2.00 |" in lines
+def test_main_table_has_the_papers_layout(fake_runs):
+  cells = benchmark.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
+  table = benchmark.main_table(cells).splitlines()
+  assert table[0] == ("| method | 0% mIoU | 0% DSC | 0% HD95 | 40% mIoU | 40% DSC | 40% HD95 |")
+  # mIoU of ce at 40%: (iou + 0.9) / 2 with iou (0.5, 0.55, 0.6): 72.50 ± 2.50 (in %).
+  assert table[2] == (
+    f"| ce | 90.50 | 95.00 | 2.00 | 72.50 ± 2.50 | 70.00 ± 10.00 | 14.00 ± {math.sqrt(28):.2f} |"
+  )
+  assert table[3].startswith("| metadcseg | - | - | - | 84.50 ± 1.41 | 88.00 ± 2.83 |")
+  md = benchmark.to_markdown(cells, command="metadcseg-benchmark --preset=main")
+  for needle in (
+    "## Test, EMA parameters",
+    "## Validation, raw parameters",
+    "metadcseg-benchmark --preset=main",
+    "40% (l2b40): measured corruption",
+  ):
+    assert needle in md
   assert "No finished runs" in benchmark.to_markdown([])
 
 
-def test_run_sweep_skips_finished_runs(tmp_path, monkeypatch):
+def test_run_benchmark_trains_what_is_missing_and_resumes(tmp_path, monkeypatch):
   calls = []
 
   def fake_train(config, workdir):
-    calls.append((config.data.noise.kind, config.method, config.seed, workdir))
-    dice = {"ce": 0.5, "l2b": 0.6}[config.method] + 0.01 * config.seed
+    calls.append((config.data.noise.kind, config.method, config.seed, config.dcd.use, workdir))
+    dice = {"ce": 0.5, "metadcseg": 0.6}[config.method] + 0.01 * config.seed
     res = _results(dice, dice - 0.1, 5.0, method=config.method)
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     pathlib.Path(workdir, "results.json").write_text(json.dumps(res))
@@ -133,62 +131,68 @@ def test_run_sweep_skips_finished_runs(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "train_and_evaluate", fake_train)
   config = tiny.get_config()
   config.lock()  # as config_flags hands it over
-  _write_run(tmp_path, "l2b40", "l2b", 1, _results(0.99, 0.9, 1.0, method="l2b"))
+  no_dcd = benchmark.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
+  rows = [CE, no_dcd]
+  _write_run(tmp_path, "l2b40", no_dcd, 1, _results(0.99, 0.9, 1.0, method="metadcseg"))
   lines = []
-  kwargs = dict(
-    methods=["ce", "l2b"], noises=["none", "l2b40"], seeds=[0, 1], command="cmd", echo=lines.append
-  )
-  rows = benchmark.run_sweep(config, tmp_path, **kwargs)
+  kwargs = dict(rows=rows, noises=["none", "l2b40"], seeds=[0, 1], command="cmd", echo=lines.append)
+  cells = benchmark.run_benchmark(config, tmp_path, **kwargs)
 
-  expected = [(n, m, s) for s in (0, 1) for n in ("none", "l2b40") for m in ("ce", "l2b")]
-  expected.remove(("l2b40", "l2b", 1))
-  assert [c[:3] for c in calls] == expected
-  assert all(pathlib.Path(c[3]) == benchmark.run_dir(tmp_path, *c[:3]).resolve() for c in calls)
-  assert config.method == tiny.get_config().method  # the base config is not modified
-  assert any("[8/8] l2b40/l2b/seed1: done already" in l for l in lines)
-  assert any(l.startswith("[1/8] none/ce/seed0: EMA Dice 0.5000") for l in lines)
-  l2b40_l2b = [r for r in rows if (r["noise"], r["method"]) == ("l2b40", "l2b")][0]
-  assert l2b40_l2b["ema"]["dice"]["values"] == pytest.approx([0.6, 0.99])
-  for name in ("sweep.md", "sweep.json", "sweep.png"):
+  expected = [
+    (n, r.method, s, r.method != "metadcseg")
+    for s in (0, 1)
+    for n in ("none", "l2b40")
+    for r in rows
+  ]
+  expected.remove(("l2b40", "metadcseg", 1, False))
+  assert [c[:4] for c in calls] == expected
+  assert config.method == tiny.get_config().method and config.dcd.use  # base config untouched
+  assert any("[8/8] l2b40/metadcseg: DCD off/seed1: done already" in l for l in lines)
+  assert (tmp_path / "l2b40" / "metadcseg_DCD_off" / "seed0" / "results.json").is_file()
+  cell = [c for c in cells if (c["noise"], c["label"]) == ("l2b40", no_dcd.label)][0]
+  assert cell["test"]["ema"]["dice"]["values"] == pytest.approx([0.6, 0.99])
+  for name in ("benchmark.md", "benchmark.json", "dice_vs_noise.png"):
     assert (tmp_path / name).stat().st_size > 0
-  saved = json.loads((tmp_path / "sweep.json").read_text())
-  assert saved["command"] == "cmd" and len(saved["rows"]) == 4
-
-  # A second call (a resumed sweep) trains nothing.
+  saved = json.loads((tmp_path / "benchmark.json").read_text())
+  assert saved["command"] == "cmd" and len(saved["cells"]) == 4
   calls.clear()
-  benchmark.run_sweep(config, tmp_path, **kwargs)
+  benchmark.run_benchmark(config, tmp_path, **kwargs)  # a rerun trains nothing
   assert not calls
 
 
-def test_run_sweep_rejects_bad_grid(tmp_path):
-  with pytest.raises(ValueError, match="--methods"):
-    benchmark.run_sweep(
-      tiny.get_config(), tmp_path, methods=["ce", "dice"], noises=["none"], seeds=[0]
+def test_bad_grid_and_overrides(tmp_path):
+  config = tiny.get_config()
+  with pytest.raises(ConfigError, match="--methods"):
+    benchmark.run_benchmark(
+      config, tmp_path, rows=[benchmark.Row("dice", "dice")], noises=["none"], seeds=[0]
     )
-  with pytest.raises(ValueError, match="--noise"):
-    benchmark.run_sweep(tiny.get_config(), tmp_path, methods=["ce"], noises=["l2b50"], seeds=[0])
-  with pytest.raises(ValueError, match="--seeds"):
+  with pytest.raises(ConfigError, match="--noise"):
+    benchmark.run_benchmark(config, tmp_path, rows=[CE], noises=["l2b50"], seeds=[0])
+  with pytest.raises(ConfigError, match="--seeds"):
     benchmark.parse_seeds(["0", "one"])
+  with pytest.raises(ConfigError, match="no setting 'dcd.nope'"):
+    benchmark.run_config(
+      config, row=benchmark.Row("x", "ce", (("dcd.nope", 1),)), noise_kind="none", seed=0
+    )
+  assert set(benchmark.PRESETS) == {"main", "paper", "ablation"}
+  assert len({r.dirname for r in benchmark.ABLATIONS}) == len(benchmark.ABLATIONS)
 
 
 def test_command_line():
-  assert (
-    benchmark.command_line(["/usr/bin/metadcseg-sweep", "--workdir=a b"])
-    == "metadcseg-sweep '--workdir=a b'"
+  assert benchmark.command_line(["/usr/bin/metadcseg-benchmark", "--workdir=a b"]) == (
+    "metadcseg-benchmark '--workdir=a b'"
   )
-  assert (
-    benchmark.command_line(["/x/experiments/sweep.py", "--seeds=0"])
-    == "python -m experiments.sweep --seeds=0"
+  assert benchmark.command_line(["/x/experiments/benchmark.py", "--seeds=0"]) == (
+    "python -m experiments.benchmark --seeds=0"
   )
 
 
-def test_sweep_plot_writes_png(fake_sweep, tmp_path):
-  from metadcseg_jax import figures  # pylint: disable=g-import-not-at-top
-
-  out = figures.plot_sweep(benchmark.collect(fake_sweep), tmp_path / "sweep.png")
+def test_dice_vs_noise_plot(fake_runs, tmp_path):
+  cells = benchmark.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
+  out = figures.plot_dice_vs_noise(cells, tmp_path / "plot.png", label=benchmark.noise_label)
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
   with pytest.raises(ValueError, match="empty"):
-    figures.plot_sweep([], tmp_path / "none.png")
+    figures.plot_dice_vs_noise([], tmp_path / "none.png")
 
 
 def test_table_matches_the_cache_training_reads(tmp_path):

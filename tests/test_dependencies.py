@@ -144,7 +144,7 @@ def test_constraints_pin_every_declared_dependency_inside_its_range():
 
 
 @pytest.mark.parametrize(
-  "script", ["metadcseg-train", "metadcseg-corrupt", "metadcseg-bench", "metadcseg-sweep"]
+  "script", ["metadcseg-train", "metadcseg-corrupt", "metadcseg-bench", "metadcseg-benchmark"]
 )
 def test_console_scripts_are_declared(script):
   scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

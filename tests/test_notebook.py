@@ -22,7 +22,7 @@ def test_notebook_is_valid_with_outputs_cleared():
     "jax[cuda12]",
     "train_and_evaluate",
     "corruption_table",
-    "run_sweep",
+    "run_benchmark",
     "dcd.png",
     'data.name = "folder"',
   ):
@@ -57,7 +57,7 @@ def test_notebook_runs_top_to_bottom_on_the_tiny_config(tmp_path, run_data_dir, 
   runs = tmp_path / "runs"
   for name in ("results.json", "panel.png", "dcd.png", "curves.png"):
     assert (runs / "tiny_metadcseg_l2b40" / name).is_file(), name
-  assert (runs / "sweep_tiny" / "sweep.md").is_file()
+  assert (runs / "bench_tiny" / "benchmark.md").is_file()
   images = sum(
     o.output_type == "display_data" and "image/png" in o.data
     for c in nb.cells

@@ -252,11 +252,12 @@ def noise_cache_dir(config: ml_collections.ConfigDict, key: str) -> str:
 
 
 def noise_options(noise_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The `noise.py` options that apply to `noise_cfg.kind` (others keep their defaults)."""
-  if noise_cfg.kind.startswith("l2b"):
+  """The `metadcseg_jax.noise` options that apply to `noise_cfg.kind` (others: defaults)."""
+  if noise_cfg.kind in noise.l2b.L2B_LEVELS:
     return {
       "scale_kernels_with_size": bool(noise_cfg.scale_kernels_with_size),
       "small_mask": str(noise_cfg.small_mask),
+      "calibrate": bool(noise_cfg.get("calibrate", False)),
     }
   return {}
 

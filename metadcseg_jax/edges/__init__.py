@@ -70,8 +70,8 @@ def sobel_magnitude(image: Array) -> Array:
 def sobel_edges(image: Array, *, top_fraction: float = 0.05) -> Array:
   """Edge pixels of one image: the top `top_fraction` of the Sobel magnitude.
 
-  One of the detectors of P_edge in Eq. 8 (config.dcd.edges="sobel"). The threshold is the k-th largest magnitude, k =
-  max(1, round(top_fraction·H·W)), found with `lax.top_k`.
+  One of the detectors of P_edge in Eq. 8 (config.dcd.edges="sobel"). The threshold is the
+  k-th largest magnitude, k = max(1, round(top_fraction·H·W)), found with `lax.top_k`.
 
   Ties: every pixel whose magnitude equals the threshold is kept, so a mask can
   hold more than k pixels when values tie at the threshold (e.g. both sides of

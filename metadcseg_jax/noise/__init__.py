@@ -56,6 +56,9 @@ _DEFAULTS = {
       "small_mask": "empty",
       "scale_kernels_with_size": False,
       "reference_size": l2b.REFERENCE_SIZE,
+      "kernel_scale": None,
+      "strength": 1.0,
+      "calibrate": False,
     }
     for k in l2b.L2B_LEVELS
   },
@@ -70,7 +73,11 @@ def resolve_options(kind: str, options: Optional[Mapping[str, Any]] = None) -> d
   Args:
     kind: one of `KINDS`.
     options: overrides. L2B kinds: `small_mask` ("empty" | "keep"),
-      `scale_kernels_with_size` (bool), `reference_size` (int > 0). Markov
+      `scale_kernels_with_size` (bool), `reference_size` (int > 0), `kernel_scale` (float > 0
+      or None: scales the kernels, overriding `scale_kernels_with_size`), `strength` (in
+      (0, 2]: scales the rotation range and the ellipse probability), `calibrate` (bool:
+      choose `kernel_scale` and `strength` so the level's measured corruption is its nominal
+      share, see `noise.calibrate`; applied by the cache). Markov
       kinds: `steps` (T), `theta1`, `theta2`. "dist": `radius_range`
       (lo, hi) integers, `mode` ("random" | "dilate" | "erode").
 
@@ -93,6 +100,14 @@ def resolve_options(kind: str, options: Optional[Mapping[str, Any]] = None) -> d
     if int(out["reference_size"]) <= 0:
       raise ConfigError(f"reference_size must be > 0, got {out['reference_size']}")
     out["reference_size"] = int(out["reference_size"])
+    if out["kernel_scale"] is not None:
+      out["kernel_scale"] = float(out["kernel_scale"])
+      if not out["kernel_scale"] > 0:
+        raise ConfigError(f"kernel_scale must be > 0, got {out['kernel_scale']}")
+    out["strength"] = float(out["strength"])
+    if not 0.0 < out["strength"] <= 2.0:
+      raise ConfigError(f"strength must be in (0, 2], got {out['strength']}")
+    out["calibrate"] = bool(out["calibrate"])
   elif kind in gsdnet.MARKOV_SETTINGS:
     out["steps"] = int(out["steps"])
     if out["steps"] < 0:
@@ -169,6 +184,11 @@ def corrupt_mask(
   if not isinstance(rng, np.random.Generator):
     raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng)}")
   opts = resolve_options(kind, options)
+  if opts.get("calibrate"):
+    raise ConfigError(
+      "calibrate=True is applied to a whole dataset by noise.cache.cached_noisy_labels (or "
+      "noise.calibrate.calibrate); pass its kernel_scale to corrupt a single mask"
+    )
   fg = mask > 0
   if kind in l2b.L2B_LEVELS:
     noisy = l2b.corrupt(fg, rng, kind, opts)

@@ -17,6 +17,7 @@ import numpy as np
 
 from metadcseg_jax import files
 from metadcseg_jax import noise
+from metadcseg_jax.noise import calibrate
 
 
 def _sha256(x: np.ndarray) -> str:
@@ -112,6 +113,30 @@ def cached_noisy_labels(
     except (OSError, ValueError) as e:
       reason = f"cannot read {name}: {e}"
   logging.info("Building noisy labels %s (%s)", path, reason)
+  calibration = None
+  if opts.get("calibrate"):
+    calibration = calibrate.calibrate(labels, kind=kind, seed=int(seed), options=opts)
+    logging.info(
+      "calibrated %s: kernel scale %.3f (kernels %s), corruption %.3f (target %.2f)",
+      kind,
+      calibration["kernel_scale"],
+      calibration["kernels"],
+      calibration["corruption"],
+      calibration["target"],
+    )
+    if not calibration["within_tolerance"]:
+      logging.warning(
+        "%s cannot reach %.2f on these masks: the closest scale gives %.3f",
+        kind,
+        calibration["target"],
+        calibration["corruption"],
+      )
+    opts = {
+      **opts,
+      "calibrate": False,
+      "kernel_scale": calibration["kernel_scale"],
+      "strength": calibration["strength"],
+    }
   noisy = noise.corrupt_masks(labels, kind=kind, seed=int(seed), **opts)
   rate = noise.measured_corruption(labels, noisy)
   buffer = io.BytesIO()
@@ -128,6 +153,7 @@ def cached_noisy_labels(
     }
     if rate.size
     else None,
+    "calibration": calibration,
     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
   }
   manifest = _read_manifest(manifest_path)  # re-read: keep others' entries

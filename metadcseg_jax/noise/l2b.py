@@ -28,12 +28,14 @@ L2B_LEVELS = {
   "l2b60": ((7, 14, 21, 49, 63), (0.05, 0.1, 0.2, 0.6, 1.0)),
 }
 
-# Fixed-point (Q20) cos/sin of integer degrees 0..20. The exact products
+# Fixed-point (Q20) cos/sin of integer degrees 0..40 (L2B draws up to 20; the calibration's
+# strength up to 2 doubles it). The exact products
 # lie at least 0.006 units from a rounding tie, far beyond any libm error, so
 # the tables are identical on every platform.
 _ROT_BITS = 20
-_COS_Q = tuple(round(math.cos(math.radians(a)) * (1 << _ROT_BITS)) for a in range(21))
-_SIN_Q = tuple(round(math.sin(math.radians(a)) * (1 << _ROT_BITS)) for a in range(21))
+MAX_ANGLE = 40
+_COS_Q = tuple(round(math.cos(math.radians(a)) * (1 << _ROT_BITS)) for a in range(MAX_ANGLE + 1))
+_SIN_Q = tuple(round(math.sin(math.radians(a)) * (1 << _ROT_BITS)) for a in range(MAX_ANGLE + 1))
 
 
 def rotate_nearest(mask: np.ndarray, angle: int) -> np.ndarray:
@@ -46,14 +48,14 @@ def rotate_nearest(mask: np.ndarray, angle: int) -> np.ndarray:
 
   Args:
     mask: (H, W) array.
-    angle: integer degrees in [-20, 20].
+    angle: integer degrees in [-MAX_ANGLE, MAX_ANGLE] (L2B draws [-20, 20]).
 
   Returns:
     (H, W) array of `mask`'s dtype.
   """
   angle = int(angle)
-  if not -20 <= angle <= 20:
-    raise ValueError(f"angle must be an integer in [-20, 20], got {angle}")
+  if not -MAX_ANGLE <= angle <= MAX_ANGLE:
+    raise ValueError(f"angle must be an integer in [-{MAX_ANGLE}, {MAX_ANGLE}], got {angle}")
   h, w = mask.shape
   c = _COS_Q[abs(angle)]
   s = _SIN_Q[abs(angle)] * (1 if angle >= 0 else -1)
@@ -106,11 +108,13 @@ def l2b_kernel_sizes(
   *,
   scale_kernels_with_size: bool = False,
   reference_size: int = REFERENCE_SIZE,
+  kernel_scale: float | None = None,
 ) -> tuple[tuple[int, ...], float]:
   """Kernel sizes and small-mask threshold of an L2B level for an image shape.
 
-  Without scaling: the MetaDCSeg App. A.2 kernels and 300 pixels. With scaling, s =
-  min(H, W) / reference_size; each kernel k becomes the nearest odd integer to
+  Without scaling: the MetaDCSeg App. A.2 kernels and 300 pixels. With scaling by s
+  (`kernel_scale` when given, e.g. from `noise.calibrate`, else min(H, W) / reference_size with
+  `scale_kernels_with_size`), each kernel k becomes the nearest odd integer to
   k·s (halves up), at least 1: k' = max(1, 2·floor(k·s/2) + 1); the threshold
   becomes 300·s². Odd kernels keep erosion/dilation centred (L2B's 14 and 28
   shift the mask by half a pixel, as cv2 does). At s = 1 the even 14 and 28
@@ -120,9 +124,12 @@ def l2b_kernel_sizes(
     (kernel sizes, small-mask threshold in pixels).
   """
   kernels, _ = L2B_LEVELS[kind]
-  if not scale_kernels_with_size:
+  if kernel_scale is not None:
+    s = float(kernel_scale)
+  elif scale_kernels_with_size:
+    s = min(shape[-2:]) / reference_size
+  else:
     return kernels, float(SMALL_MASK_PIXELS)
-  s = min(shape[-2:]) / reference_size
   scaled = tuple(max(1, 2 * math.floor(k * s / 2) + 1) for k in kernels)
   return scaled, SMALL_MASK_PIXELS * s * s
 
@@ -147,21 +154,26 @@ def corrupt(
 ) -> np.ndarray:
   """L2B corruption of a binary (H, W) mask (Eq. 15, Eq. 16, Eq. 17, Eq. 18).
 
-  See `metadcseg_jax.noise.corrupt_mask` for the draw order and `opts`.
+  See `metadcseg_jax.noise.corrupt_mask` for the draw order and `opts`. `opts["strength"]`
+  (default 1) scales the rotation angle (rounded half away from zero) and the ellipse
+  probability 0.5 of the paper: the calibration's second knob, applied to the same draws.
   """
   kernels, small = l2b_kernel_sizes(
     kind,
     fg.shape,
     scale_kernels_with_size=opts["scale_kernels_with_size"],
     reference_size=opts["reference_size"],
+    kernel_scale=opts.get("kernel_scale"),
   )
   n = int(fg.sum())
   if n <= small:
     return fg if opts["small_mask"] == "keep" and n else np.zeros_like(fg)
+  strength = float(opts.get("strength", 1.0))
   angle = int(rng.integers(-20, 21))
   r_c, r_p, r_e = rng.random(3)
+  angle = int(np.sign(angle) * math.floor(abs(angle) * strength + 0.5))
   y = rotate_nearest(fg, angle)
   y = _morph(y, kernels[select_kernel(r_p, L2B_LEVELS[kind][1])], erode=r_c < 0.5)
-  if r_e < 0.5 and y.sum() > small:
+  if r_e < min(0.5 * strength, 1.0) and y.sum() > small:
     y = bbox_ellipse(y)
   return y

@@ -1,0 +1,26 @@
+r"""The benchmark's preset setting: the synthetic set at 64 px, sized so that the main table
+(ce, l2b, metadcseg at 0/40/60% noise, 3 seeds: 27 runs) fits in 90 minutes on a 2-core CPU.
+
+    metadcseg-benchmark --config=experiments/configs/benchmark.py --workdir=runs/bench \
+        --preset=main
+    metadcseg-benchmark --config=experiments/configs/benchmark.py --workdir=runs/ablation \
+        --preset=ablation
+
+Label noise: the L2B levels calibrated to their nominal corruption on these masks. Cost and
+results: BUILD_NOTES.md ("Benchmark"). On a GPU, the synthetic default size:
+`--config=experiments/configs/synthetic.py`.
+"""
+
+from experiments.configs import synthetic
+
+
+def get_config():
+  config = synthetic.get_config()
+  config.data.n_train = 320
+  config.train.num_epochs = 12
+  config.train.warmup_epochs = 2
+  config.train.eval_every_epochs = 4
+  config.train.log_every_steps = 0
+  config.train.diagnostics_every_steps = 98
+  config.train.num_panel_images = 4
+  return config
