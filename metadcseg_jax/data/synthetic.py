@@ -163,9 +163,9 @@ def _anatomy(rng: np.random.Generator, size: int) -> np.ndarray:
 
   Real scans put most of their strong edges away from the lesion (measured with
   experiments/proxy_check.py: 11-28% of Canny's edge pixels within 2 px of the lesion boundary
-  on Kvasir-SEG and BraTS samples; 62% on this set without these structures, 48% with them). Folds are thin
-  bands along an iso-line of a smooth field (width ~1-2 px at 64 px, contrast ±U(1, 2)); the
-  organ border is a soft step along another (contrast ±U(0.5, 1.5)).
+  on Kvasir-SEG and BraTS samples; 62% on this set without these structures, 48% with them).
+  Folds are thin bands along an iso-line of a smooth field (width ~1-2 px at 64 px, contrast
+  ±U(1, 2)); the organ border is a soft step along another (contrast ±U(0.5, 1.5)).
 
   Returns:
     (H, W) float64.
