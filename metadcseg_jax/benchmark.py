@@ -288,9 +288,10 @@ def collect(
 
   Returns:
     One cell per (noise, row) with at least one finished seed, noise-major:
-    `{"noise", "label", "method", "seeds": [...], "epochs": [...], "corruption": mean 1 - Dice
-    of the training labels or None, "test"/"val": {"ema"/"raw": {metric: {"mean", "std",
-    "values"}}}}` over `METRIC_KEYS`; std is the sample std over seeds (ddof=1), None for one.
+    `{"noise", "label", "method", "overrides": [[key, value], ...], "seeds": [...], "epochs":
+    [...], "corruption": mean 1 - Dice of the training labels or None, "test"/"val":
+    {"ema"/"raw": {metric: {"mean", "std", "values"}}}}` over `METRIC_KEYS`; std is the sample
+    std over seeds (ddof=1), None for one.
 
   Raises:
     ValueError: `workdir` is not a directory, or a results.json is malformed.
@@ -315,6 +316,7 @@ def collect(
         "noise": noise_kind,
         "label": row.label,
         "method": row.method,
+        "overrides": [[k, v] for k, v in row.overrides],
         "seeds": [f[0] for f in found],
         "epochs": [int(f[2]["epoch"]) for f in found],
         "corruption": _corruption(found[0][1]),
@@ -373,6 +375,38 @@ def main_table(
   return "\n".join(out)
 
 
+# The switches of the paper's Table 5 and the config key of each (on unless overridden).
+TABLE5_SWITCHES = (("Meta", "meta.use"), ("DCD", "dcd.use"), ("Dice", "dcd.use_dice"))
+
+
+def ablation_table(cells: Sequence[Mapping[str, Any]]) -> str:
+  """The paper's Table 5 layout for MetaDCSeg's variants: a check per component (meta, DCD,
+  Dice), the other changed setting, and per noise level the DSC (in %, mean ± std) on test and
+  validation, EMA and raw parameters. Empty when no variant (a row with overrides) ran."""
+  cells = [c for c in cells if c["method"] == "metadcseg"]
+  if not any(c.get("overrides") for c in cells):
+    return ""
+  noises = list(dict.fromkeys(c["noise"] for c in cells))
+  labels = list(dict.fromkeys(c["label"] for c in cells))
+  by = {(c["noise"], c["label"]): c for c in cells}
+  columns = [("test", "ema"), ("test", "raw"), ("val", "ema"), ("val", "raw")]
+  head = "| variant | " + " | ".join(name for name, _ in TABLE5_SWITCHES) + " | other setting | "
+  head += " | ".join(f"{noise_label(n)} {sp} DSC {pa}" for n in noises for sp, pa in columns)
+  out = [head + " |", "|---|" + "---|" * (len(TABLE5_SWITCHES) + 1 + len(noises) * len(columns))]
+  for label in labels:
+    overrides = dict(next(c for c in cells if c["label"] == label).get("overrides") or [])
+    checks = ["✓" if overrides.get(key, True) else "" for _, key in TABLE5_SWITCHES]
+    switch_keys = {key for _, key in TABLE5_SWITCHES}
+    other = ", ".join(f"{k}={v}" for k, v in overrides.items() if k not in switch_keys)
+    vals = []
+    for n in noises:
+      cell = by.get((n, label))
+      for sp, pa in columns:
+        vals.append(_fmt(cell[sp][pa].get("dice"), 2, 100.0) if cell else "-")
+    out.append(f"| {label} | " + " | ".join(checks + [other or "-"] + vals) + " |")
+  return "\n".join(out)
+
+
 def corruption_lines(cells: Sequence[Mapping[str, Any]]) -> list[str]:
   seen = {}
   for c in cells:
@@ -408,6 +442,9 @@ def to_markdown(
       ("Validation, raw parameters", "val", "raw"),
     ):
       out += [f"## {title}", "", main_table(cells, split=split, params=params), ""]
+    ablation = ablation_table(cells)
+    if ablation:
+      out += ["## Ablation (the paper's Table 5 layout): DSC", "", ablation, ""]
     corruption = corruption_lines(cells)
     if corruption:
       out += ["## Label noise", ""] + corruption + [""]

@@ -117,6 +117,34 @@ def test_main_table_has_the_papers_layout(fake_runs):
   assert "No finished runs" in benchmark.to_markdown([])
 
 
+def test_ablation_table_has_table5_layout(fake_runs):
+  dcd_off = benchmark.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
+  tau = benchmark.Row("metadcseg: tau_dcd 4", "metadcseg", (("dcd.tau_dcd", 4.0),))
+  _write_run(fake_runs, "l2b40", dcd_off, 0, _results(0.84, 0.7, 5.0, method="metadcseg"))
+  _write_run(fake_runs, "l2b40", tau, 0, _results(0.88, 0.7, 5.0, raw_dice=0.8, val_dice=0.5))
+  rows = [CE, META, dcd_off, tau]
+  cells = benchmark.collect(fake_runs, rows=rows, noises=["l2b40"])
+  lines = benchmark.ablation_table(cells).splitlines()
+  assert lines[0] == (
+    "| variant | Meta | DCD | Dice | other setting | 40% test DSC ema | 40% test DSC raw "
+    "| 40% val DSC ema | 40% val DSC raw |"
+  )
+  assert len(lines) == 2 + 3  # ce is not a MetaDCSeg variant
+  assert (
+    lines[2]
+    == "| metadcseg | ✓ | ✓ | ✓ | - | 88.00 ± 2.83 | 88.00 ± 2.83 | 87.00 ± 2.83 | 87.00 ± 2.83 |"
+  )
+  assert lines[3] == "| metadcseg: DCD off | ✓ |  | ✓ | - | 84.00 | 84.00 | 83.00 | 83.00 |"
+  assert (
+    lines[4]
+    == "| metadcseg: tau_dcd 4 | ✓ | ✓ | ✓ | dcd.tau_dcd=4.0 | 88.00 | 80.00 | 50.00 | 50.00 |"
+  )
+  assert "Table 5 layout" in benchmark.to_markdown(cells)
+  # Without variants (the main preset) there is no ablation section.
+  plain = benchmark.collect(fake_runs, rows=ROWS, noises=["l2b40"])
+  assert benchmark.ablation_table(plain) == "" and "Table 5" not in benchmark.to_markdown(plain)
+
+
 def test_run_benchmark_trains_what_is_missing_and_resumes(tmp_path, monkeypatch):
   calls = []
 
