@@ -117,6 +117,32 @@ def test_corrupt_command(data_dir):
   assert float(rows[1].split("|")[3]) > float(rows[0].split("|")[3])
 
 
+def test_benchmark_command(data_dir, tmp_path):
+  """`metadcseg-benchmark` on its smallest grid: one method, clean labels, one seed; a rerun
+  finds the run finished and trains nothing."""
+  args = [
+    _script("metadcseg-benchmark"),
+    f"--config={TINY}",
+    f"--workdir={tmp_path}",
+    f"--config.data.data_dir={data_dir}",
+    "--methods=ce",
+    "--noise=none",
+    "--seeds=0",
+  ]
+  out = _run(args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (tmp_path / "none" / "ce" / "seed0" / "results.json").is_file()
+  assert (tmp_path / "dice_vs_noise.png").stat().st_size > 0
+  table = (tmp_path / "benchmark.md").read_text()
+  assert "| ce | " in table and "--methods=ce" in table
+  cells = json.loads((tmp_path / "benchmark.json").read_text())["cells"]
+  assert [(c["noise"], c["label"], c["seeds"]) for c in cells] == [("none", "ce", [0])]
+  mtime = (tmp_path / "none" / "ce" / "seed0" / "results.json").stat().st_mtime_ns
+  again = _run(args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert (tmp_path / "none" / "ce" / "seed0" / "results.json").stat().st_mtime_ns == mtime
+
+
 def test_step_benchmark_command():
   out = _run(
     [
