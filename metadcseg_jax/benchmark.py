@@ -390,13 +390,13 @@ def ablation_table(cells: Sequence[Mapping[str, Any]]) -> str:
   labels = list(dict.fromkeys(c["label"] for c in cells))
   by = {(c["noise"], c["label"]): c for c in cells}
   columns = [("test", "ema"), ("test", "raw"), ("val", "ema"), ("val", "raw")]
+  switch_keys = {key for _, key in TABLE5_SWITCHES}
   head = "| variant | " + " | ".join(name for name, _ in TABLE5_SWITCHES) + " | other setting | "
   head += " | ".join(f"{noise_label(n)} {sp} DSC {pa}" for n in noises for sp, pa in columns)
   out = [head + " |", "|---|" + "---|" * (len(TABLE5_SWITCHES) + 1 + len(noises) * len(columns))]
   for label in labels:
     overrides = dict(next(c for c in cells if c["label"] == label).get("overrides") or [])
     checks = ["✓" if overrides.get(key, True) else "" for _, key in TABLE5_SWITCHES]
-    switch_keys = {key for _, key in TABLE5_SWITCHES}
     other = ", ".join(f"{k}={v}" for k, v in overrides.items() if k not in switch_keys)
     vals = []
     for n in noises:
