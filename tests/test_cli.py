@@ -14,8 +14,6 @@ import sys
 
 import pytest
 
-import _deps
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "configs" / "tiny.py")
 
@@ -75,11 +73,11 @@ def test_quick_start_writes_every_output(quick_start):
   assert "epoch 2/2 step" in out.stderr and "img/s" in out.stderr and "left" in out.stderr
 
 
-def test_quick_start_imports_only_declared_dependencies(quick_start):
+def test_quick_start_imports_only_declared_dependencies(quick_start, deps):
   _, out = quick_start
-  modules = _deps.modules_from_importtime(out.stderr)
+  modules = deps.modules_from_importtime(out.stderr)
   assert "metadcseg_jax.train" in modules and "orbax.checkpoint" in modules
-  assert _deps.undeclared(modules) == {}
+  assert deps.undeclared(modules) == {}
 
 
 def test_second_invocation_resumes_instead_of_retraining(quick_start, data_dir):

@@ -13,8 +13,6 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 import pytest
 
-import _deps
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Imports every module of the package and of experiments/ (entry points define absl flags at
@@ -51,7 +49,7 @@ _IMPORT_ALL = textwrap.dedent("""
 OPTIONAL_MODULES = {"experiments.torch_ref": ("bench", "torch")}
 
 
-def test_every_module_imports_and_every_import_is_declared():
+def test_every_module_imports_and_every_import_is_declared(deps):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(
     [sys.executable, "-c", _IMPORT_ALL, json.dumps(list(OPTIONAL_MODULES))],
@@ -65,7 +63,7 @@ def test_every_module_imports_and_every_import_is_declared():
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["failures"] == {}
   assert "metadcseg_jax.train" in report["modules"] and "experiments.main" in report["modules"]
-  bad = _deps.undeclared(report["modules"])
+  bad = deps.undeclared(report["modules"])
   assert bad == {}, (
     f"imported at run time but not declared in pyproject.toml (module: the "
     f"distributions that provide it): {bad}"
@@ -83,12 +81,12 @@ def test_optional_modules_import_only_what_their_extra_declares():
     assert re.search(rf"^import {top}$", source, re.M), module
 
 
-def test_the_check_catches_an_undeclared_module():
+def test_the_check_catches_an_undeclared_module(deps):
   # pytest and medpy are installed here, but only through the `test` extra.
-  assert set(_deps.undeclared(["pytest", "medpy.metric", "numpy", "json"])) == {"pytest", "medpy"}
-  assert _deps.undeclared(["pytest", "medpy"], extras=("test",)) == {}
+  assert set(deps.undeclared(["pytest", "medpy.metric", "numpy", "json"])) == {"pytest", "medpy"}
+  assert deps.undeclared(["pytest", "medpy"], extras=("test",)) == {}
   # The package that broke fresh installs: provided by importlib_resources, declared by us.
-  assert "importlib-resources" in _deps.declared_closure()
+  assert "importlib-resources" in deps.declared_closure()
 
 
 def _readme_block(title: str) -> str:

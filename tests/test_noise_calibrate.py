@@ -50,29 +50,30 @@ def test_corruption_grows_with_kernel_scale_and_strength(masks):
   )
 
 
-def test_cache_calibrates_once_and_records_it(masks, tmp_path):
-  noisy = noise_cache.cached_noisy_labels(
-    masks,
-    cache_dir=tmp_path,
-    dataset_key="synthetic/64",
-    kind="l2b40",
-    seed=0,
-    options={"calibrate": True},
-  )
+def test_cache_calibrates_once_and_records_it(masks, tmp_path, monkeypatch):
+  def cached():
+    return noise_cache.cached_noisy_labels(
+      masks,
+      cache_dir=tmp_path,
+      dataset_key="synthetic/64",
+      kind="l2b40",
+      seed=0,
+      options={"calibrate": True},
+    )
+
+  noisy = cached()
   rate = noise.measured_corruption(masks, noisy).mean()
   assert abs(rate - 0.40) <= 0.03
   entry = json.loads((tmp_path / "manifest.json").read_text())["noisy_l2b40_seed0.npy"]
   assert entry["options"]["calibrate"] is True
   assert entry["calibration"]["corruption"] == pytest.approx(rate)
-  again = noise_cache.cached_noisy_labels(
-    masks,
-    cache_dir=tmp_path,
-    dataset_key="synthetic/64",
-    kind="l2b40",
-    seed=0,
-    options={"calibrate": True},
-  )
-  np.testing.assert_array_equal(again, noisy)
+
+  # The second request is served from the cache: calibrating again would fail the test.
+  def no_second_search(*args, **kwargs):
+    raise AssertionError("calibrated twice")
+
+  monkeypatch.setattr(calibrate, "calibrate", no_second_search)
+  np.testing.assert_array_equal(cached(), noisy)
 
 
 def test_bad_requests(masks):
