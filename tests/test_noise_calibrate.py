@@ -27,6 +27,7 @@ def test_each_level_reaches_its_nominal_corruption(masks, kind):
   noisy = noise.corrupt_masks(
     masks, kind=kind, seed=0, kernel_scale=result["kernel_scale"], strength=result["strength"]
   )
+  np.testing.assert_array_equal(result["noisy"], noisy)
   measured = noise.measured_corruption(masks, noisy).mean()
   assert measured == pytest.approx(result["corruption"])
   # The published kernels at this size are far off the nominal share (why calibration exists).

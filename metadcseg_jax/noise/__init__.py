@@ -105,8 +105,8 @@ def resolve_options(kind: str, options: Optional[Mapping[str, Any]] = None) -> d
       if not out["kernel_scale"] > 0:
         raise ConfigError(f"kernel_scale must be > 0, got {out['kernel_scale']}")
     out["strength"] = float(out["strength"])
-    if not 0.0 < out["strength"] <= 2.0:
-      raise ConfigError(f"strength must be in (0, 2], got {out['strength']}")
+    if not 0.0 < out["strength"] <= l2b.MAX_STRENGTH:
+      raise ConfigError(f"strength must be in (0, {l2b.MAX_STRENGTH}], got {out['strength']}")
     out["calibrate"] = bool(out["calibrate"])
   elif kind in gsdnet.MARKOV_SETTINGS:
     out["steps"] = int(out["steps"])

@@ -131,13 +131,9 @@ def cached_noisy_labels(
         calibration["target"],
         calibration["corruption"],
       )
-    opts = {
-      **opts,
-      "calibrate": False,
-      "kernel_scale": calibration["kernel_scale"],
-      "strength": calibration["strength"],
-    }
-  noisy = noise.corrupt_masks(labels, kind=kind, seed=int(seed), **opts)
+    noisy = calibration.pop("noisy")  # the search's final pass: not corrupted a second time
+  else:
+    noisy = noise.corrupt_masks(labels, kind=kind, seed=int(seed), **opts)
   rate = noise.measured_corruption(labels, noisy)
   buffer = io.BytesIO()
   np.save(buffer, noisy, allow_pickle=False)

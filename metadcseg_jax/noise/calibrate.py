@@ -10,10 +10,10 @@ dataset's training masks,
    the smallest s on a geometric grid over [1/32, 8], refined by bisection in log s, whose mean
    corruption reaches the nominal share;
 2. then, because kernel sizes are integers (the corruption jumps between two of them) and
-   rotation and ellipse alone corrupt small objects by more than 20%, the `strength` in (0, 1]
-   that scales the rotation range and the ellipse probability (the paper's "probability
-   distributions"), by bisection, to bring the corruption to the nominal share within
-   `TOLERANCE`.
+   rotation and ellipse alone corrupt small objects by more than 20%, the `strength` in
+   (0, MAX_STRENGTH] that scales the rotation range and the ellipse probability (the paper's
+   "probability distributions"), by bisection, to bring the corruption to the nominal share
+   within `TOLERANCE`: below 1 at the scale just above the crossing, above 1 at the one below.
 
 The search uses the seed the final corruption uses (common random numbers), so the corruption
 is a deterministic and nearly monotone function of both knobs.
@@ -32,7 +32,6 @@ TOLERANCE = 0.03
 SEARCH_MASKS = 256  # masks the search corrupts per trial (the final check uses all)
 _GRID = tuple(2.0**e for e in np.linspace(-5, 3, 17))
 _BISECTIONS = 8
-MAX_STRENGTH = 2.0  # rotation up to ±40°, ellipse probability up to 1
 
 
 def _corruption(masks, kind, seed, options, scale, indices) -> float:
@@ -63,7 +62,9 @@ def calibrate(
   Returns:
     {"kernel_scale": s, "strength": u, "corruption": mean 1 - Dice over all masks, "target":
     nominal share, "within_tolerance": bool, "kernels": the scaled kernel sizes, "trials":
-    [[s, u, corruption on the search subset], ...]}. When no setting reaches the tolerance (a
+    [[s, u, corruption on the search subset], ...], "noisy": the (N, H, W) masks corrupted at
+    the chosen setting (what the final corruption was measured on; every other entry is
+    JSON-serialisable)}. When no setting reaches the tolerance (a
     level too weak for these masks even at scale 8), the closest is returned with
     within_tolerance False.
   """
@@ -84,7 +85,9 @@ def calibrate(
 
   reached = [s for s in _GRID if trial(s) >= target]
   if not reached:  # too weak even at the largest scale: the strongest setting is the closest
-    return _result(masks, kind, seed, opts, _GRID[-1], MAX_STRENGTH, trials, target, tolerance)
+    return _result(
+      masks, kind, seed, opts, _GRID[-1], noise.l2b.MAX_STRENGTH, trials, target, tolerance
+    )
   s_hi = reached[0]
   s_lo = None if s_hi == _GRID[0] else _GRID[_GRID.index(s_hi) - 1]
   if s_lo is not None:  # the kernel scale where the corruption crosses the target
@@ -94,7 +97,9 @@ def calibrate(
   # Kernel sizes are integers, so the corruption jumps at the crossing: the strength (rotation
   # range, ellipse probability) closes the gap, from above at s_hi (u < 1) or from below at
   # s_lo (u > 1); the setting nearest the paper's (u = 1) that reaches the target wins.
-  candidates = [(s_hi, 0.0, 1.0)] + ([(s_lo, 1.0, MAX_STRENGTH)] if s_lo is not None else [])
+  candidates = [(s_hi, 0.0, 1.0)] + (
+    [(s_lo, 1.0, noise.l2b.MAX_STRENGTH)] if s_lo is not None else []
+  )
   found = []
   for scale, lo, hi in candidates:
     for _ in range(_BISECTIONS + 4):
@@ -111,9 +116,10 @@ def calibrate(
 
 
 def _result(masks, kind, seed, opts, scale, strength, trials, target, tolerance):
-  final = _corruption(
-    masks, kind, seed, {**opts, "strength": strength}, scale, np.arange(len(masks))
+  noisy = noise.corrupt_masks(
+    masks, kind=kind, seed=seed, **{**opts, "kernel_scale": scale, "strength": strength}
   )
+  final = float(np.mean(noise.measured_corruption(masks, noisy)))
   kernels, _ = noise.l2b.l2b_kernel_sizes(kind, masks.shape, kernel_scale=scale)
   return {
     "kernel_scale": scale,
@@ -123,4 +129,5 @@ def _result(masks, kind, seed, opts, scale, strength, trials, target, tolerance)
     "within_tolerance": abs(final - target) <= tolerance,
     "kernels": list(kernels),
     "trials": [[s, u, c] for (s, u), c in sorted(trials.items())],
+    "noisy": noisy,
   }

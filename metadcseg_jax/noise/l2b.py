@@ -28,12 +28,16 @@ L2B_LEVELS = {
   "l2b60": ((7, 14, 21, 49, 63), (0.05, 0.1, 0.2, 0.6, 1.0)),
 }
 
-# Fixed-point (Q20) cos/sin of integer degrees 0..40 (L2B draws up to 20; the calibration's
-# strength up to 2 doubles it). The exact products
+# L2B draws rotations in [-20, 20] degrees; `strength` (the calibration's second knob, at most
+# MAX_STRENGTH) scales them, so rotations reach ±MAX_ANGLE.
+L2B_ANGLE = 20
+MAX_STRENGTH = 2.0
+MAX_ANGLE = int(L2B_ANGLE * MAX_STRENGTH)
+
+# Fixed-point (Q20) cos/sin of integer degrees 0..MAX_ANGLE. The exact products
 # lie at least 0.006 units from a rounding tie, far beyond any libm error, so
 # the tables are identical on every platform.
 _ROT_BITS = 20
-MAX_ANGLE = 40
 _COS_Q = tuple(round(math.cos(math.radians(a)) * (1 << _ROT_BITS)) for a in range(MAX_ANGLE + 1))
 _SIN_Q = tuple(round(math.sin(math.radians(a)) * (1 << _ROT_BITS)) for a in range(MAX_ANGLE + 1))
 
@@ -169,11 +173,11 @@ def corrupt(
   if n <= small:
     return fg if opts["small_mask"] == "keep" and n else np.zeros_like(fg)
   strength = float(opts.get("strength", 1.0))
-  angle = int(rng.integers(-20, 21))
+  angle = int(rng.integers(-L2B_ANGLE, L2B_ANGLE + 1))
   r_c, r_p, r_e = rng.random(3)
   angle = int(np.sign(angle) * math.floor(abs(angle) * strength + 0.5))
   y = rotate_nearest(fg, angle)
   y = _morph(y, kernels[select_kernel(r_p, L2B_LEVELS[kind][1])], erode=r_c < 0.5)
-  if r_e < min(0.5 * strength, 1.0) and y.sum() > small:
+  if r_e < 0.5 * strength and y.sum() > small:  # strength <= MAX_STRENGTH: at most 1
     y = bbox_ellipse(y)
   return y
