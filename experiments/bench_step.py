@@ -21,6 +21,7 @@ import numpy as np
 from experiments.configs import default as default_config
 from metadcseg_jax import cli
 from metadcseg_jax import methods
+from metadcseg_jax.errors import ConfigError
 
 _SIZES = flags.DEFINE_list("sizes", ["128"], "Image sizes.")
 _WIDTHS = flags.DEFINE_list("widths", ["16", "32"], "U-Net++ base widths.")
@@ -28,7 +29,9 @@ _CHANNELS = flags.DEFINE_list("channels", ["1", "3"], "Input channels.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Training (and meta) batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per function (median reported).")
 _STEPS = flags.DEFINE_list(
-  "steps", ["ce", "l2b_jvp", "l2b_reverse", "metadcseg"], "Which steps to time."
+  "steps",
+  ["ce", "l2b_jvp", "l2b_reverse", "metadcseg"],
+  f"Which steps to time: any of {sorted(('l2b_jvp', 'l2b_reverse', *methods.NAMES))}.",
 )
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch L2B step if torch imports.")
 
@@ -55,13 +58,27 @@ def _batch(size, channels, batch, seed=0):
   }
 
 
+def _with_transform(m, feed):
+  """Adds what the method's input-pipeline transform adds per example (edges, superpixels)."""
+  if m.example_transform is None:
+    return feed
+  train_keys = [k for k in feed if not k.startswith("meta_")]
+  examples = [
+    m.example_transform({k: np.asarray(feed[k][i]) for k in train_keys})
+    for i in range(feed["image"].shape[0])
+  ]
+  added = {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0] if k not in feed}
+  return {**feed, **added}
+
+
 def time_jax_step(method, route, size, width, channels, batch, repeats):
   """Median seconds of one jitted train step (state donated, as in training)."""
   config = _config(method, route, size, width, channels, batch)
   m = methods.create(config, steps_per_epoch=100)
-  step = jax.jit(m.train_step("main"), donate_argnums=(0,))
+  # The phase of the last epoch: the step a long run spends its time in (after any warm-up).
+  step = jax.jit(m.train_step(m.phase(config.train.num_epochs - 1)), donate_argnums=(0,))
   state = m.init_state(jax.random.PRNGKey(0))
-  feed = _batch(size, channels, batch)
+  feed = _with_transform(m, _batch(size, channels, batch))
   t0 = time.perf_counter()
   state, m = step(state, feed, jax.random.PRNGKey(0))
   jax.block_until_ready(m)
@@ -87,12 +104,11 @@ def main(argv):
     f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
     f"batch {_BATCH.value}, median of {_REPEATS.value}"
   )
-  names = {
-    "ce": ("ce", "jvp"),
-    "l2b_jvp": ("l2b", "jvp"),
-    "l2b_reverse": ("l2b", "reverse"),
-    "metadcseg": ("metadcseg", "jvp"),
-  }
+  names = {n: (n, "jvp") for n in methods.NAMES}
+  names.update(l2b_jvp=("l2b", "jvp"), l2b_reverse=("l2b", "reverse"))
+  unknown = sorted(set(_STEPS.value) - set(names))
+  if unknown:
+    raise ConfigError(f"--steps: unknown {unknown}, choose from {sorted(names)}")
   header = "| size | width | ch | " + " | ".join(f"{s} (s)" for s in _STEPS.value)
   header += " | torch plain (s) | torch L2B (s) |" if torch_ref else " |"
   print(header)

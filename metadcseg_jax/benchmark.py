@@ -107,6 +107,13 @@ PRESETS = {
     seeds=(0, 1, 2),
   ),
   "ablation": dict(rows=list(ABLATIONS), noises=("l2b40",), seeds=(0, 1, 2)),
+  # Every registered method (plain losses, two networks, GSD-Net, DALE, L2B, MetaDCSeg) at the
+  # same noise levels, seeds and budget.
+  "comparison": dict(
+    rows=method_rows(methods.NAMES),
+    noises=("none", "l2b40", "l2b60"),
+    seeds=(0, 1, 2),
+  ),
 }
 
 

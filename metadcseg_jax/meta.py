@@ -496,3 +496,38 @@ def meta_step_grads(
   cotangents = loss_vjp(jnp.ones_like(loss))
   (grads,) = fwd_vjp(cotangents)
   return grads, new_stats, loss, meta, aux
+
+
+def unrolled_meta_grad(
+  train_loss: Callable[[Params, Array], Array],
+  meta_loss: Callable[[Params], Array],
+  optimizer: Optimizer,
+  opt_state: optax.OptState,
+  params: Params,
+  w0: Array,
+) -> Tuple[Array, Array]:
+  """The exact one-step meta-gradient of any per-pixel weights, reverse-over-reverse.
+
+  `G = ∂/∂w meta_loss(θ + U(∇θ train_loss(θ, w), s))` at `w = w0`, with `U` the real
+  optimizer's clip-free update (`Optimizer.base`) at θ with its real state s: the "reverse" route
+  of `meta_weights` for losses the caller writes (DALE's ω, its Eq. 10, uses it with Adam).
+  Nothing is linearised, so any optax update works.
+
+  Args:
+    train_loss: `(params, w) -> scalar`, the virtual step's loss, differentiable in both.
+    meta_loss: `params -> scalar`, evaluated at the virtual parameters θ̂.
+    optimizer: the `Optimizer`; its clip-free `base` is the virtual step's `U`.
+    opt_state: the state of `optimizer.tx` (momentum, Adam moments, step count).
+    params: θ.
+    w0: the weights (any shape) where the gradient is taken.
+
+  Returns:
+    `(meta_loss(θ̂(w0)), G)`, G of the shape of w0.
+  """
+  update = _virtual_update(optimizer, opt_state, params)
+
+  def unrolled(w):
+    grads = jax.grad(train_loss)(params, w)
+    return meta_loss(optax.apply_updates(params, update(grads)))
+
+  return jax.value_and_grad(unrolled)(w0)

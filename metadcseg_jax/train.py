@@ -180,6 +180,9 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
       f"config.train.batch_size={t.batch_size} exceeds the {len(splits.train)} training examples"
     )
   logging.info("data: %s", {k: v for k, v in splits.info.items() if k != "meta_indices"})
+  config, data_settings = methods.with_data_settings(config, splits.info)
+  if data_settings:
+    logging.info("settings from the data: %s", data_settings)
 
   compiled = compiled_for(config, steps_per_epoch)
   method = compiled.method
@@ -310,6 +313,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
       "dataset": splits.info["dataset_key"],
       "noise": splits.info["noise"],
       "workdir": str(wd.path),
+      "settings_from_data": data_settings,
     }
   )
   files.write_atomic(wd.path / "results.json", json.dumps(results, indent=1))

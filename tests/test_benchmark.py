@@ -13,6 +13,7 @@ import pytest
 from experiments.configs import tiny
 from metadcseg_jax import benchmark
 from metadcseg_jax import figures
+from metadcseg_jax import methods
 from metadcseg_jax import noise
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
@@ -202,7 +203,9 @@ def test_bad_grid_and_overrides(tmp_path):
     benchmark.run_config(
       config, row=benchmark.Row("x", "ce", (("dcd.nope", 1),)), noise_kind="none", seed=0
     )
-  assert set(benchmark.PRESETS) == {"main", "paper", "ablation"}
+  assert set(benchmark.PRESETS) == {"main", "paper", "ablation", "comparison"}
+  # Every registered method is a row of the comparison table.
+  assert {r.method for r in benchmark.PRESETS["comparison"]["rows"]} == set(methods.NAMES)
   assert len({r.dirname for r in benchmark.ABLATIONS}) == len(benchmark.ABLATIONS)
 
 

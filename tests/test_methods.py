@@ -30,7 +30,17 @@ def _batch(config, b=4, bv=2, seed=0):
 
 
 def test_registry_names_and_unknown_method():
-  assert methods.NAMES == ("ce", "gce", "sce", "l2b", "metadcseg")
+  assert methods.NAMES == (
+    "ce",
+    "gce",
+    "sce",
+    "coteaching",
+    "jocor",
+    "gsdnet",
+    "dale",
+    "l2b",
+    "metadcseg",
+  )
   assert all(methods.REGISTRY[n].name == n for n in methods.NAMES)
   config = tiny.get_config()
   config.method = "nope"

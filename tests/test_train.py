@@ -88,8 +88,8 @@ class _Crash(RuntimeError):
   pass
 
 
-def test_killed_run_resumes_to_identical_metrics(full_run, tiny_config, tmp_path, monkeypatch):
-  _, want = full_run
+def _crash_after_saving(monkeypatch):
+  """Makes every checkpoint save end the run (a kill right after it); returns the real save."""
   original = checkpoint.Checkpointer.save
 
   def save_then_crash(self, epoch, state, data_state):
@@ -98,6 +98,12 @@ def test_killed_run_resumes_to_identical_metrics(full_run, tiny_config, tmp_path
     raise _Crash(f"killed after epoch {epoch}")
 
   monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_crash)
+  return original
+
+
+def test_killed_run_resumes_to_identical_metrics(full_run, tiny_config, tmp_path, monkeypatch):
+  _, want = full_run
+  original = _crash_after_saving(monkeypatch)
   with pytest.raises(_Crash):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert [l["epoch"] for l in _lines(tmp_path / "metrics.jsonl") if l["split"] == "train"] == [1]
@@ -226,3 +232,34 @@ def test_every_config_loads_and_passes_checks(name, tmp_path):
   validate.check_config(config)
   doc = (CONFIG_DIR / (name + ".py")).read_text()
   assert "metadcseg-train --config=experiments/configs/" + name in doc
+
+
+# The methods added after the trainer: each must run under it unchanged, with checkpoints that
+# resume a killed run to the same numbers and the same outputs as the one-network methods.
+NEW_METHODS = ["coteaching", "jocor", "gsdnet", "dale"]
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_other_methods_train_write_outputs_and_resume(method, tiny_config, tmp_path, monkeypatch):
+  config = ml_collections.ConfigDict(tiny_config.to_dict())
+  config.method = method
+  config.model.name = "unet"  # compiles in a fraction of the U-Net++'s time
+  config.train.diagnostics_every_steps = 0
+  whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+  for name in ("results.json", "metrics.jsonl", "panel.png", "curves.png", "config.json"):
+    assert (tmp_path / "whole" / name).is_file(), name
+  assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["1", "2"]
+  if method in ("coteaching", "jocor", "gsdnet"):
+    # τ is the measured share of flipped training pixels (auto_forget_rate).
+    info = json.loads((tmp_path / "whole" / "data_info.json").read_text())
+    rate = info["noise"]["pixel_error_rate"]
+    assert 0.01 < rate < 0.5
+    assert whole["settings_from_data"] == {"coteach.forget_rate": pytest.approx(rate)}
+  original = _crash_after_saving(monkeypatch)
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(config, str(tmp_path / "killed"))
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
+  resumed = train.train_and_evaluate(config, str(tmp_path / "killed"))
+  for params in ("raw", "ema"):
+    for k, v in whole["test"][params].items():
+      np.testing.assert_allclose(resumed["test"][params][k], v, rtol=1e-5, atol=1e-6, err_msg=k)

@@ -9,12 +9,16 @@ command line, e.g. `--config.method=ce --config.train.num_epochs=5`.
 import ml_collections
 from ml_collections import config_dict
 
+from metadcseg_jax.methods import dale
+from metadcseg_jax.methods import gsdnet
+from metadcseg_jax.methods import two_network
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # metadcseg_jax.methods.NAMES: plain losses (ce, gce, sce), L2B (meta step, no DCD),
-  # MetaDCSeg.
+  # metadcseg_jax.methods.NAMES: plain losses (ce, gce, sce), two networks (coteaching,
+  # jocor, gsdnet), meta-weighted (l2b, dale), MetaDCSeg.
   config.method = "metadcseg"
 
   config.model = ml_collections.ConfigDict()
@@ -111,6 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.dcd.pixel_loss = "meta"
   config.dcd.detach_weights = True  # no gradient through h into w (Eq. 43, Eq. 44)
   config.dcd.center_momentum = 0.9
+
+  # Each method's own settings live in its module, beside the code that reads them.
+  config.coteach = two_network.default_config()  # small-loss selection (coteaching, jocor)
+  config.gsdnet = gsdnet.default_config()
+  config.dale = dale.default_config()
 
   config.loss = ml_collections.ConfigDict()
   config.loss.gce_q = 0.7

@@ -280,6 +280,8 @@ def _noisy_labels(
     "options": options,
     "corruption_mean": float(np.mean(corruption)),
     "corruption_std": float(np.std(corruption)),
+    # The share of wrong pixels: what small-loss selection's forget rate should match.
+    "pixel_error_rate": float(np.mean(clean != noisy)),
   }
   logging.info(
     "noisy labels %s: measured corruption 1-Dice = %.3f ± %.3f",

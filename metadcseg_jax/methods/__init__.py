@@ -4,10 +4,16 @@ Each method is one module behind the interface of `methods/base.py`; adding one 
 and one line here.
 """
 
+from typing import Any
+
 import ml_collections
 
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.methods import base
+from metadcseg_jax.methods import coteaching
+from metadcseg_jax.methods import dale
+from metadcseg_jax.methods import gsdnet
+from metadcseg_jax.methods import jocor
 from metadcseg_jax.methods import l2b
 from metadcseg_jax.methods import metadcseg
 from metadcseg_jax.methods import plain
@@ -16,11 +22,34 @@ REGISTRY: dict[str, type[base.Method]] = {
   "ce": plain.CE,
   "gce": plain.GCE,
   "sce": plain.SCE,
+  "coteaching": coteaching.CoTeaching,
+  "jocor": jocor.JoCoR,
+  "gsdnet": gsdnet.GSDNet,
+  "dale": dale.DALE,
   "l2b": l2b.L2B,
   "metadcseg": metadcseg.MetaDCSeg,
 }
 # Every method name, in the order of the paper's tables (baselines first).
 NAMES = tuple(REGISTRY)
+
+
+def with_data_settings(
+  config: ml_collections.ConfigDict, data_info: dict[str, Any]
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """`config` with the settings `config.method` takes from the data (`settings_from_data`),
+  and those settings; the config itself when there are none."""
+  cls = REGISTRY.get(config.method)
+  settings = cls.settings_from_data(config, data_info) if cls else {}
+  if not settings:
+    return config, {}
+  config = config.copy_and_resolve_references()
+  for key, value in settings.items():
+    *path, field = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[field] = value
+  return config, settings
 
 
 def create(config: ml_collections.ConfigDict, *, steps_per_epoch: int) -> base.Method:

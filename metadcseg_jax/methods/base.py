@@ -80,6 +80,19 @@ class Method(abc.ABC):
     self.config = config
     self.steps_per_epoch = steps_per_epoch
 
+  @classmethod
+  def settings_from_data(
+    cls, config: ml_collections.ConfigDict, data_info: dict[str, Any]
+  ) -> dict[str, Any]:
+    """Settings the method takes from the prepared data, as {dotted config key: value}.
+
+    The trainer applies them to the config before building the method (and records them in
+    results.json). `data_info` is `pipeline.DataSplits.info` (its "noise" entry has the
+    measured corruption). None by default.
+    """
+    del config, data_info
+    return {}
+
   @abc.abstractmethod
   def init_state(self, rng: Array) -> Any:
     """The initial training state: a pytree with an int32 scalar `step` field."""
