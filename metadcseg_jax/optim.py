@@ -83,6 +83,7 @@ def make_optimizer(
   weight_decay: float = 5e-4,
   grad_clip: Optional[float] = None,
   nesterov: bool = False,
+  eps_root: float = 0.0,
 ) -> Optimizer:
   """Builds the real optimizer and its clip-free base.
 
@@ -101,6 +102,8 @@ def make_optimizer(
     grad_clip: global-norm clipping threshold of the real step (paper Table 8 "Grad Thresh");
       None disables it. Never applied in the virtual step.
     nesterov: Nesterov momentum for SGD.
+    eps_root: Adam's ε inside the square root (optax); > 0 keeps a meta-gradient through the
+      Adam update finite where a parameter's gradient history is exactly 0.
 
   Returns:
     An `Optimizer`.
@@ -119,9 +122,11 @@ def make_optimizer(
       optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
     )
   elif name == "adam":
-    base = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+    base = optax.chain(
+      optax.add_decayed_weights(weight_decay), optax.adam(learning_rate, eps_root=eps_root)
+    )
   else:
-    base = optax.adamw(learning_rate, weight_decay=weight_decay)
+    base = optax.adamw(learning_rate, weight_decay=weight_decay, eps_root=eps_root)
   if grad_clip is None:
     tx, base_state = base, _identity_state
   else:

@@ -43,12 +43,7 @@ def with_data_settings(
   if not settings:
     return config, {}
   config = config.copy_and_resolve_references()
-  for key, value in settings.items():
-    *path, field = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    node[field] = value
+  config.update_from_flattened_dict(settings)
   return config, settings
 
 

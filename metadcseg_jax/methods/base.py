@@ -173,16 +173,22 @@ class SingleNetworkMethod(Method):
       deep_supervision=config.model.deep_supervision,
       dtype=jnp.dtype(config.model.dtype),
     )
-    t = config.train
+    self.schedule, self.optimizer = self.make_optimizer()
+
+  def make_optimizer(self) -> tuple[optax.Schedule, optim.Optimizer]:
+    """`(learning-rate schedule, optimizer)` from `config.train` (a method with its paper's own
+    optimizer overrides this)."""
+    t = self.config.train
     # The schedule counts optimizer updates: per epoch, steps times updates per step.
-    self.schedule = optim.lr_schedule(t.lr, steps_per_epoch * self.updates_per_step())
-    self.optimizer = optim.make_optimizer(
+    schedule = optim.lr_schedule(t.lr, self.steps_per_epoch * self.updates_per_step())
+    optimizer = optim.make_optimizer(
       name=t.optimizer,
-      learning_rate=self.schedule,
+      learning_rate=schedule,
       momentum=t.momentum,
       weight_decay=t.weight_decay,
       grad_clip=t.grad_clip or None,
     )
+    return schedule, optimizer
 
   def updates_per_step(self) -> int:
     """Optimizer updates one train step makes (the learning rate is set per epoch)."""

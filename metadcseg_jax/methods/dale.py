@@ -89,16 +89,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def make_adam(lr: float, weight_decay: float = 0.0) -> optim.Optimizer:
-  """Adam (PyTorch semantics, L2 penalty before Adam), no clipping: real and virtual step."""
-  base_tx = optax.chain(
-    optax.add_decayed_weights(weight_decay), optax.adam(lr, eps_root=ADAM_EPS_ROOT)
-  )
-  return optim.Optimizer(
-    tx=base_tx, base=base_tx, base_state=lambda s: s, linear_in_grad=False, name="adam"
-  )
-
-
 # ----------------------------------------------------------------------------- fuzziness masks
 
 
@@ -354,6 +344,13 @@ def _masked_mean(values: Array, weights: Array) -> Array:
   return jnp.where(total > 0, jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0), jnp.nan)
 
 
+def make_adam(lr: float, weight_decay: float = 0.0) -> optim.Optimizer:
+  """Adam (PyTorch semantics, L2 penalty before Adam), no clipping, `eps_root` ADAM_EPS_ROOT."""
+  return optim.make_optimizer(
+    name="adam", learning_rate=lr, weight_decay=weight_decay, eps_root=ADAM_EPS_ROOT
+  )
+
+
 class DALE(base.SingleNetworkMethod):
   """DALE (Algorithm 1): a non-fuzzy Adam step, then a ω-weighted, W2-aligned fuzzy Adam step.
 
@@ -367,9 +364,6 @@ class DALE(base.SingleNetworkMethod):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
     d = config.dale
     _check_config(d, config.data.size)
-    # The paper's optimizer (§4.1), whatever config.train says.
-    self.schedule = optax.constant_schedule(float(d.lr))
-    self.optimizer = make_adam(float(d.lr), float(d.weight_decay))
     self.mask_options = dict(
       patch_size=int(d.patch_size),
       num_bins=int(d.num_bins),
@@ -377,6 +371,11 @@ class DALE(base.SingleNetworkMethod):
       tau=float(d.tau),
       nonfuzzy_mask=str(d.nonfuzzy_mask),
     )
+
+  def make_optimizer(self):
+    # The paper's optimizer (§4.1), whatever config.train says: Adam, constant lr, no clipping.
+    d = self.config.dale
+    return optax.constant_schedule(float(d.lr)), make_adam(float(d.lr), float(d.weight_decay))
 
   def updates_per_step(self):
     return 2  # the non-fuzzy and the fuzzy update (the lr is constant either way)

@@ -336,11 +336,15 @@ class GSDNet(two_network.TwoNetworkMethod):
     if config.train.batch_size < 2:
       raise ConfigError("gsdnet's knowledge transfer needs config.train.batch_size >= 2")
     settings = scaled_settings(config)
-    self.num_gradual = settings["num_gradual"]
+    self._num_gradual = settings["num_gradual"]
     self.sglr_start = settings["sglr_start"]
     self.cap_every = settings["cap_every"]
     self.slic_segments = settings["slic_segments"]
     self.example_transform = self.add_maps
+
+  @property
+  def num_gradual(self):
+    return self._num_gradual  # GSD-Net's T_k (20 of 100 epochs, scaled), not config.coteach's
 
   # --- host side
 
@@ -364,13 +368,6 @@ class GSDNet(two_network.TwoNetworkMethod):
 
   def phase(self, epoch):
     return "refine" if epoch >= self.sglr_start else "select"
-
-  def keep_share(self, state):
-    """`1 − τ_e` with GSD-Net's ramp (`num_gradual`, scaled) and `config.coteach.forget_rate`."""
-    rate = two_network.forget_rate(
-      self.epoch(state), rate=self.config.coteach.forget_rate, num_gradual=self.num_gradual
-    )
-    return 1.0 - rate
 
   def weight_map(self, state, batch) -> tuple[Array, Array]:
     """`(W (B,H,W), cap)` of the batch at the state's epoch (GSD-Net Eq. 9)."""

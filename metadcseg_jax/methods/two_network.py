@@ -127,10 +127,17 @@ class TwoNetworkMethod(base.SingleNetworkMethod):
     """The 0-based epoch of the step about to be taken (traced int32)."""
     return state.step // self.steps_per_epoch
 
+  @property
+  def num_gradual(self) -> int:
+    """T_k, the epochs of the forget rate's ramp (GSD-Net sets its own)."""
+    return self.config.coteach.num_gradual
+
   def keep_share(self, state: base.TrainState) -> Array:
     """`1 − τ_e`: the share of pixels small-loss selection keeps at this step."""
-    c = self.config.coteach
-    return 1.0 - forget_rate(self.epoch(state), rate=c.forget_rate, num_gradual=c.num_gradual)
+    rate = forget_rate(
+      self.epoch(state), rate=self.config.coteach.forget_rate, num_gradual=self.num_gradual
+    )
+    return 1.0 - rate
 
   def update_pair(self, state: base.TrainState, grads, batch_stats, *, extra=None):
     """One optimizer update of each network with its own gradients, then the EMAs."""
