@@ -47,6 +47,7 @@ def _config(method: str, route: str, size: int, width: int, channels: int, batch
 
 
 def _batch(size, channels, batch, seed=0):
+  """The step's inputs without a method's transform (the PyTorch reference and profiles)."""
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[:size, :size]
   label = (((yy - size / 2) ** 2 + (xx - size / 3) ** 2) < (size / 4) ** 2).astype(np.int32)
@@ -58,19 +59,6 @@ def _batch(size, channels, batch, seed=0):
   }
 
 
-def _with_transform(m, feed):
-  """Adds what the method's input-pipeline transform adds per example (edges, superpixels)."""
-  if m.example_transform is None:
-    return feed
-  train_keys = [k for k in feed if not k.startswith("meta_")]
-  examples = [
-    m.example_transform({k: np.asarray(feed[k][i]) for k in train_keys})
-    for i in range(feed["image"].shape[0])
-  ]
-  added = {k: jnp.asarray(np.stack([e[k] for e in examples])) for k in examples[0] if k not in feed}
-  return {**feed, **added}
-
-
 def time_jax_step(method, route, size, width, channels, batch, repeats):
   """Median seconds of one jitted train step (state donated, as in training)."""
   config = _config(method, route, size, width, channels, batch)
@@ -78,7 +66,7 @@ def time_jax_step(method, route, size, width, channels, batch, repeats):
   # The phase of the last epoch: the step a long run spends its time in (after any warm-up).
   step = jax.jit(m.train_step(m.phase(config.train.num_epochs - 1)), donate_argnums=(0,))
   state = m.init_state(jax.random.PRNGKey(0))
-  feed = _with_transform(m, _batch(size, channels, batch))
+  feed = methods.example_feed(m, size=size, channels=channels, batch=batch)
   t0 = time.perf_counter()
   state, m = step(state, feed, jax.random.PRNGKey(0))
   jax.block_until_ready(m)

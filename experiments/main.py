@@ -21,7 +21,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print(train.summary(results), flush=True)
+  if "test" in results:  # process 0 of a multi-process run, or the only one
+    print(train.summary(results), flush=True)
 
 
 def run():

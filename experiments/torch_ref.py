@@ -53,24 +53,33 @@ class NestedUNet(nn.Module):
     return self.final(xs[(0, 4)])
 
 
+def _sync():
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
 def _median_time(fn, repeats):
   fn()  # warm-up
+  _sync()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     fn()
+    _sync()  # CUDA kernels run asynchronously
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
 
 
-def time_steps(size, width, channels, batch, repeats, lr=0.05, momentum=0.9, wd=5e-4):
-  """Median seconds of a plain CE step and of an L2B-style meta step."""
+def time_steps(size, width, channels, batch, repeats, lr=0.05, momentum=0.9, wd=5e-4, device=None):
+  """Median seconds of a plain CE step and of an L2B-style meta step (on the GPU if torch
+  sees one, else the CPU)."""
+  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(0)
-  model = NestedUNet(2, channels, width)
+  model = NestedUNet(2, channels, width).to(device)
   opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-  x = torch.randn(batch, channels, size, size)
-  y = (torch.rand(batch, size, size) > 0.5).long()
-  xv, yv = torch.randn(batch, channels, size, size), y.clone()
+  x = torch.randn(batch, channels, size, size, device=device)
+  y = (torch.rand(batch, size, size, device=device) > 0.5).long()
+  xv, yv = torch.randn(batch, channels, size, size, device=device), y.clone()
 
   def plain():
     opt.zero_grad()

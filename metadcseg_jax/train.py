@@ -16,6 +16,8 @@ the method's own figure (MetaDCSeg: `dcd.png`), `data_info.json`, `config.json` 
 `config_history.jsonl`. Rerunning the same command resumes from the last checkpoint.
 """
 
+import collections
+import concurrent.futures
 import functools
 import json
 import pathlib
@@ -33,6 +35,7 @@ from metadcseg_jax import evaluate
 from metadcseg_jax import figures
 from metadcseg_jax import files
 from metadcseg_jax import methods
+from metadcseg_jax import parallel
 from metadcseg_jax import validate
 from metadcseg_jax import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
@@ -59,31 +62,53 @@ def enable_compilation_cache(data_dir: str) -> pathlib.Path | None:
 
 
 class Compiled:
-  """A method and its jitted functions, compiled lazily and kept for the process."""
+  """A method and its jitted functions on a mesh, compiled lazily and kept for the process.
 
-  def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int):
+  The state is replicated and every batch is split over the mesh's `data` axis
+  (`metadcseg_jax.parallel`); on one device this is plain `jax.jit`.
+  """
+
+  def __init__(
+    self, config: ml_collections.ConfigDict, steps_per_epoch: int, par: parallel.Parallel
+  ):
     self.method = methods.create(config, steps_per_epoch=steps_per_epoch)
+    self.parallel = par
     self.predictor = evaluate.Predictor(self.method)
     self._steps: dict[str, Callable] = {}
 
   @functools.cached_property
   def diagnostics(self) -> Callable:
-    return jax.jit(self.method.diagnostics)
+    p = self.parallel
+    return jax.jit(
+      self.method.diagnostics,
+      in_shardings=(p.replicated, p.batch_sharding),
+      out_shardings=p.replicated,
+    )
 
   def step(self, phase: str) -> Callable:
     if phase not in self._steps:
-      self._steps[phase] = jax.jit(self.method.train_step(phase), donate_argnums=(0,))
+      p = self.parallel
+      self._steps[phase] = jax.jit(
+        self.method.train_step(phase),
+        donate_argnums=(0,),
+        in_shardings=(p.replicated, p.batch_sharding, p.replicated),
+        out_shardings=(p.replicated, p.replicated),
+      )
     return self._steps[phase]
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(config_json: str, steps_per_epoch: int) -> Compiled:
-  return Compiled(ml_collections.ConfigDict(json.loads(config_json)), steps_per_epoch)
+def _compiled(config_json: str, steps_per_epoch: int, par: parallel.Parallel) -> Compiled:
+  return Compiled(ml_collections.ConfigDict(json.loads(config_json)), steps_per_epoch, par)
 
 
-def compiled_for(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Compiled:
-  """The `Compiled` of this exact config (keyed on all of it: no stale step is reused)."""
-  return _compiled(config.to_json(sort_keys=True), steps_per_epoch)
+def compiled_for(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, par: parallel.Parallel | None = None
+) -> Compiled:
+  """The `Compiled` of this exact config and mesh (keyed on all of the config: no stale step is
+  reused). `par` None: one device."""
+  par = par or parallel.make_parallel(ml_collections.ConfigDict({"data": 1}))
+  return _compiled(config.to_json(sort_keys=True), steps_per_epoch, par)
 
 
 def _duration(seconds: float) -> str:
@@ -151,11 +176,52 @@ def _feed(batch: dict[str, np.ndarray], meta_batch: dict[str, np.ndarray] | None
   return feed
 
 
+class _Feeder:
+  """The steps' inputs, prepared one step ahead in a thread: the next batches are read,
+  split into this process's rows and sent to the devices while the current step runs.
+
+  Each item carries the iterators' states after its batches, so a checkpoint records what
+  was consumed, not what was prefetched.
+  """
+
+  def __init__(self, train_it, meta_it, par: parallel.Parallel, *, ahead: int = 2):
+    self._train_it, self._meta_it, self._par = train_it, meta_it, par
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._queue: collections.deque = collections.deque()
+    self._ahead = ahead
+    self.data_state = self._states()
+
+  def _states(self) -> dict[str, Any]:
+    states = {"train": self._train_it.get_state()}
+    if self._meta_it is not None:
+      states["meta"] = self._meta_it.get_state()
+    return states
+
+  def _produce(self):
+    meta_batch = next(self._meta_it) if self._meta_it is not None else None
+    feed = _feed(next(self._train_it), meta_batch)
+    return self._par.global_batch(feed), self._states()
+
+  def next(self) -> dict[str, jax.Array]:
+    while len(self._queue) < self._ahead:
+      self._queue.append(self._pool.submit(self._produce))
+    feed, self.data_state = self._queue.popleft().result()
+    return feed
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.method` and evaluates it; resumes from `workdir`'s last checkpoint.
 
+  On several processes (`config.distributed`), every process calls this with the same
+  config; process 0 holds the workdir's lock and writes its logs, results and figures, all
+  write the checkpoints together.
+
   Returns:
-    The final results (also written to workdir/results.json).
+    The final results (also written to workdir/results.json); on processes other than 0,
+    only {"process_index", "workdir"}.
 
   Raises:
     ConfigError, DataError, WorkdirError, CheckpointError: user errors, raised before training
@@ -163,17 +229,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       is kept).
   """
   validate.check_config(config)
+  parallel.initialize_distributed(config.get("distributed"))
   wd = workdir_lib.Workdir(workdir)
+  if not parallel.is_main_process():
+    return _train(config, wd)
   with wd.locked():
     return _train(config, wd)
 
 
 def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[str, Any]:
   t = config.train
-  wd.record_config(config)
+  main = parallel.is_main_process()
+  par = parallel.make_parallel(config.get("mesh"))
+  par.check_batch("config.train.batch_size", t.batch_size)
+  method_cls = methods.REGISTRY[config.method]
+  if method_cls.uses_meta_batch:
+    par.check_batch("config.train.meta_batch_size", t.meta_batch_size)
+  log = wd.metrics.append if main else (lambda record: None)
+  if main:
+    wd.record_config(config)
   enable_compilation_cache(config.data.data_dir)
+  # Process 0 builds the dataset and the noisy labels; the others then read its caches.
+  if not main:
+    parallel.sync("data: built by process 0")
   splits = pipeline.prepare_data(config.data, meta_batch_size=t.meta_batch_size)
-  pipeline.save_info(splits, wd.path / "data_info.json")
+  if main:
+    pipeline.save_info(splits, wd.path / "data_info.json")
+    parallel.sync("data: built by process 0")
   steps_per_epoch = len(splits.train) // t.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(
@@ -183,10 +265,19 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
   config, data_settings = methods.with_data_settings(config, splits.info)
   if data_settings:
     logging.info("settings from the data: %s", data_settings)
+  if par.num_devices > 1:
+    logging.info(
+      "data parallel over %d devices (%d processes): %d images per device",
+      par.num_devices,
+      jax.process_count(),
+      t.batch_size // par.num_devices,
+    )
 
-  compiled = compiled_for(config, steps_per_epoch)
+  compiled = compiled_for(config, steps_per_epoch, par)
   method = compiled.method
-  state = method.init_state(jax.random.PRNGKey(config.seed))
+  state = par.replicate(method.init_state(jax.random.PRNGKey(config.seed)))
+  shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
+  workers = config.data.get("num_workers", 0)
   train_it = iter(
     pipeline.train_dataset(
       splits.train,
@@ -194,23 +285,35 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
       seed=config.seed,
       augment=config.data.augment,
       transform=method.example_transform,
+      num_workers=workers,
+      **shard,
     )
   )
-  meta_it = iter(
-    pipeline.train_dataset(
-      splits.meta, batch_size=t.meta_batch_size, seed=config.seed + 7, augment=config.data.augment
+  meta_it = (
+    iter(
+      pipeline.train_dataset(
+        splits.meta,
+        batch_size=t.meta_batch_size,
+        seed=config.seed + 7,
+        augment=config.data.augment,
+        **shard,
+      )
     )
+    if method.uses_meta_batch
+    else None
   )
 
   ckpt = checkpoint.Checkpointer(wd.checkpoints, keep=t.keep_checkpoints, config=config)
   start_epoch = 0
-  restored = ckpt.restore_latest(jax.eval_shape(lambda: state), fallback_settings=wd.first_config())
+  restored = ckpt.restore_latest(par.abstract(state), fallback_settings=wd.first_config())
   if restored is not None:
     start_epoch, state, data_state = restored
     train_it.set_state(data_state["train"])
-    meta_it.set_state(data_state["meta"])
+    if meta_it is not None and "meta" in data_state:
+      meta_it.set_state(data_state["meta"])
     logging.info("resumed from %s at epoch %d", wd.checkpoints, start_epoch)
-  wd.metrics.truncate_after(start_epoch)
+  if main:
+    wd.metrics.truncate_after(start_epoch)
   progress = Progress(
     total_steps=t.num_epochs * steps_per_epoch,
     steps_per_epoch=steps_per_epoch,
@@ -218,22 +321,22 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
     every=t.log_every_steps,
     num_epochs=t.num_epochs,
   )
+  feeder = _Feeder(train_it, meta_it, par)
   try:
     for epoch in range(start_epoch, t.num_epochs):
       phase = method.phase(epoch)
       step_fn = compiled.step(phase)
-      first_step = int(state.step)
+      first_step = int(par.fetch(state.step))
       t0 = time.perf_counter()
       step_metrics = []
       for i in range(steps_per_epoch):
-        meta_batch = next(meta_it) if method.uses_meta_batch else None
-        feed = _feed(next(train_it), meta_batch)
+        feed = feeder.next()
         if t.diagnostics_every_steps and (first_step + i) % t.diagnostics_every_steps == 0:
           # On the batch the step is about to train on, by a separately compiled function: the
           # step itself stays as lean as without diagnostics.
-          diag = jax.device_get(compiled.diagnostics(state, feed))
+          diag = par.fetch(compiled.diagnostics(state, feed))
           if diag:
-            wd.metrics.append(
+            log(
               {
                 "epoch": epoch + 1,
                 "step": first_step + i,
@@ -244,11 +347,11 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
         state, m = step_fn(state, feed, jax.random.fold_in(state.rng, first_step + i))
         step_metrics.append(m)
         if progress.due(first_step + i + 1):
-          loss = float(m["loss"])  # the only host sync inside an epoch
+          loss = float(par.fetch(m["loss"]))  # the only host sync inside an epoch
           progress.update(first_step + i + 1, loss)
           if not np.isfinite(loss):
             break  # the scan below names the first bad step
-      stacked = jax.device_get(jax.tree.map(lambda *xs: np.stack(xs), *step_metrics))
+      stacked = par.fetch(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
       bad = _first_bad_step(stacked["loss"], first_step)
       if bad is not None:
         last = ckpt.latest_epoch()
@@ -262,9 +365,10 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
           f"stopped without saving: {where}"
         )
       dt = time.perf_counter() - t0
+      step_now = int(par.fetch(state.step))
       record = {
         "epoch": epoch + 1,
-        "step": int(state.step),
+        "step": step_now,
         "split": "train",
         "phase": phase,
         "lr": method.learning_rate(first_step),
@@ -280,32 +384,29 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
         phase,
         _duration(dt),
       )
-      wd.metrics.append(record)
-      if (epoch + 1) % t.eval_every_epochs == 0 or epoch + 1 == t.num_epochs:
-        # Validation only: the test split is read once, after training.
-        ev = _evaluate(compiled, state, splits.val, splits, config)
+      log(record)
+      if main and ((epoch + 1) % t.eval_every_epochs == 0 or epoch + 1 == t.num_epochs):
+        # Validation only: the test split is read once, after training. Process 0 evaluates a
+        # local copy of the (replicated) state: no other process waits on it.
+        ev = _evaluate(compiled, par.local(state), splits.val, splits, config)
         for variant, summary in ev.items():
-          wd.metrics.append(
-            {
-              "epoch": epoch + 1,
-              "step": int(state.step),
-              "split": "val",
-              "params": variant,
-              **summary,
-            }
-          )
+          log({"epoch": epoch + 1, "step": step_now, "split": "val", "params": variant, **summary})
         logging.info(
           "epoch %d val dice raw %.4f ema %.4f", epoch + 1, ev["raw"]["dice"], ev["ema"]["dice"]
         )
       if (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs:
-        ckpt.save(epoch + 1, state, {"train": train_it.get_state(), "meta": meta_it.get_state()})
+        ckpt.save(epoch + 1, state, feeder.data_state)
   finally:
+    feeder.close()
     ckpt.close()
 
+  if not main:
+    return {"process_index": jax.process_index(), "workdir": str(wd.path)}
+  local_state = par.local(state)
   results = {
-    "epoch": int(state.step) // steps_per_epoch,
-    "val": _evaluate(compiled, state, splits.val, splits, config),
-    "test": _evaluate(compiled, state, splits.test, splits, config),
+    "epoch": int(local_state.step) // steps_per_epoch,
+    "val": _evaluate(compiled, local_state, splits.val, splits, config),
+    "test": _evaluate(compiled, local_state, splits.test, splits, config),
   }
   results.update(
     {
@@ -317,7 +418,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
     }
   )
   files.write_atomic(wd.path / "results.json", json.dumps(results, indent=1))
-  _write_figures(compiled, state, splits, config, wd)
+  _write_figures(compiled, local_state, splits, config, wd)
   return results
 
 

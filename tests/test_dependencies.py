@@ -142,7 +142,14 @@ def test_constraints_pin_every_declared_dependency_inside_its_range():
 
 
 @pytest.mark.parametrize(
-  "script", ["metadcseg-train", "metadcseg-corrupt", "metadcseg-bench", "metadcseg-benchmark"]
+  "script",
+  [
+    "metadcseg-train",
+    "metadcseg-corrupt",
+    "metadcseg-bench",
+    "metadcseg-benchmark",
+    "metadcseg-throughput",
+  ],
 )
 def test_console_scripts_are_declared(script):
   scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

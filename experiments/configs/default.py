@@ -11,6 +11,7 @@ from ml_collections import config_dict
 
 from metadcseg_jax.methods import dale
 from metadcseg_jax.methods import gsdnet
+from metadcseg_jax import parallel
 from metadcseg_jax.methods import two_network
 
 
@@ -52,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seed = 0  # synthetic generation and the meta split
   config.data.meta_fraction = 0.02  # MetaDCSeg §4.1: 2% clean meta set
   config.data.augment = True
+  config.data.num_workers = 0  # grain worker processes for reading and augmenting (0: threads)
   config.data.noise = ml_collections.ConfigDict()
   # none | l2b20 | l2b40 | l2b60 | markov_sr | markov_se | dist (MetaDCSeg App. A.2)
   config.data.noise.kind = "l2b40"
@@ -93,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.meta.normalizer = "image"  # "image" (Eq. 24) | "batch" (L2B)
   config.meta.extra_clean_step = False  # L2B code: extra real step on the clean meta batch
   config.meta.use = True  # ablation "meta off": plain CE weights (MetaDCSeg §3.4)
+  # Matmul/convolution precision of the meta step: "highest" (true float32; a GPU's default
+  # TF32 rounds the per-pixel meta-gradients, BUILD_NOTES.md) | "high" | "default".
+  config.meta.precision = "highest"
 
   config.dcd = ml_collections.ConfigDict()
   config.dcd.use = True
@@ -120,6 +125,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.coteach = two_network.default_config()  # small-loss selection (coteaching, jocor)
   config.gsdnet = gsdnet.default_config()
   config.dale = dale.default_config()
+
+  # Data parallel over `mesh.data` devices (-1: all); several hosts join by `distributed`.
+  config.mesh = parallel.mesh_config()
+  config.distributed = parallel.distributed_config()
 
   config.loss = ml_collections.ConfigDict()
   config.loss.gce_q = 0.7

@@ -306,28 +306,51 @@ def train_dataset(
   transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
   num_threads: int = 2,
   prefetch: int = 4,
+  num_workers: int = 0,
+  shard_index: int = 0,
+  num_shards: int = 1,
 ) -> grain.IterDataset:
   """Infinite stream of batches: each epoch reshuffled and re-augmented, epochs never mixed.
 
   Batch dict: "image" (B,H,W,C) float32, "label"/"noisy_label" (B,H,W) int32, "index" (B,),
   plus what `transform` (run per example after augmentation, e.g. a method's edge detector)
   adds. `iter(ds)` gives an iterator whose `get_state()` / `set_state()` a checkpoint stores.
+
+  Several processes (`num_shards`, `shard_index` = jax.process_count(), process_index()):
+  `batch_size` is the global batch; shard k yields rows [k·b, (k+1)·b), b = batch_size /
+  num_shards, of every global batch, reading and augmenting only those examples. The global
+  batches are the same for any number of shards (rows in the same order), and an iterator's
+  state counts global batches, so a checkpoint resumes on a different number of processes.
+
+  Args:
+    num_workers: grain worker processes for reading, augmenting and `transform` (0: threads
+      of this process).
   """
   if len(records) < batch_size:
     raise ConfigError(
       f"{records.name}: {len(records)} examples, fewer than one batch of {batch_size}"
     )
+  if num_shards < 1 or not 0 <= shard_index < num_shards or batch_size % num_shards:
+    raise ConfigError(
+      f"{records.name}: a batch of {batch_size} does not split into {num_shards} equal "
+      f"shards (shard {shard_index})"
+    )
+  local = batch_size // num_shards
+  global_batches = len(records) // batch_size
   ds = grain.MapDataset.source(records).shuffle(seed=seed)
   if augment:
     options = dict(augment_options or {})
     ds = ds.random_map(lambda ex, rng: augment_lib.augment(ex, rng, **options), seed=seed + 1)
   if transform is not None:
     ds = ds.map(transform)
-  # Batch before repeat so an epoch is exactly len // batch_size batches of its own examples.
-  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_collate).repeat(None)
-  return ds.to_iter_dataset(
-    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-  )
+  # Batch before repeat so an epoch is exactly len // batch_size batches of its own examples;
+  # chunk j of an epoch is rows [(j mod n)·b, ...) of global batch j // n (n = num_shards).
+  ds = ds.batch(local, drop_remainder=True, batch_fn=_collate)
+  ds = ds[: global_batches * num_shards][shard_index::num_shards].repeat(None)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
 
 
 def eval_batches(records: Records, batch_size: int, *, transform=None):

@@ -7,6 +7,7 @@ and one line here.
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.methods import base
@@ -52,3 +53,30 @@ def create(config: ml_collections.ConfigDict, *, steps_per_epoch: int) -> base.M
   if config.method not in REGISTRY:
     raise ConfigError(f"config.method={config.method!r}: unknown, choose one of {NAMES}")
   return REGISTRY[config.method](config, steps_per_epoch=steps_per_epoch)
+
+
+def example_feed(
+  method: base.Method, *, size: int, channels: int, batch: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+  """A synthetic batch as the trainer feeds `method`'s step (for benchmarks and checks).
+
+  Returns:
+    "image" (B,H,W,C) float32 noise, "noisy_label" (B,H,W) int32 (one disc), the same for
+    "meta_image"/"meta_label", and what the method's `example_transform` adds per example
+    (edges, distance maps, superpixels).
+  """
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  label = (((yy - size / 2) ** 2 + (xx - size / 3) ** 2) < (size / 4) ** 2).astype(np.int32)
+  feed = {
+    "image": rng.standard_normal((batch, size, size, channels)).astype(np.float32),
+    "noisy_label": np.stack([label] * batch),
+    "meta_image": rng.standard_normal((batch, size, size, channels)).astype(np.float32),
+    "meta_label": np.stack([label] * batch),
+  }
+  if method.example_transform is None:
+    return feed
+  train_keys = [k for k in feed if not k.startswith("meta_")]
+  examples = [method.example_transform({k: feed[k][i] for k in train_keys}) for i in range(batch)]
+  feed.update({k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in feed})
+  return feed

@@ -223,7 +223,7 @@ class SingleNetworkMethod(Method):
       extra=self.init_extra(),
     )
     # Committed like a restored checkpoint, so a resumed run hits the same compiled steps.
-    return jax.device_put(state, jax.devices()[0])
+    return jax.device_put(state, jax.local_devices()[0])
 
   def forward(self, params, batch_stats, x: Array) -> tuple[tuple[Array, Array], Any]:
     """Train-mode forward of x (B,H,W,C): `((logits (B,H,W,L), features (B,H,W,D)), stats)`."""

@@ -7,6 +7,7 @@ noisy-label and pseudo-label losses (`metadcseg_jax.meta`), and trains on the we
 (Eq. 1). The DCD boundary term and the Dice term are MetaDCSeg's (`methods/metadcseg.py`).
 """
 
+import contextlib
 import functools
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ import optax
 
 from metadcseg_jax import losses
 from metadcseg_jax import meta
+from metadcseg_jax import models
 from metadcseg_jax import objective
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array
@@ -35,6 +37,19 @@ class L2B(base.SingleNetworkMethod):
   def __init__(self, config, *, steps_per_epoch):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
     self.meta_options = meta.MetaOptions.from_config(config.meta)
+    # bfloat16 rounds the per-pixel meta-gradients beyond use (50-70% relative error,
+    # BUILD_NOTES.md "Precision of the meta step"): with a half-precision model the meta-weights
+    # come from a float32 twin on the same parameters, and only the real step is in bf16.
+    if jnp.dtype(config.model.dtype).itemsize < 4:
+      self.meta_model = models.build_model(
+        config.model.name,
+        num_classes=config.data.num_classes,
+        width=config.model.width,
+        deep_supervision=config.model.deep_supervision,
+        dtype=jnp.float32,
+      )
+    else:
+      self.meta_model = self.model
 
   def updates_per_step(self):
     # L2B's code makes a second optimizer step per iteration on the clean meta batch, at the
@@ -48,6 +63,18 @@ class L2B(base.SingleNetworkMethod):
     if phase == "warmup" or not self.config.meta.use:
       return self.plain_step(losses.ce_map)  # warm-up (MetaDCSeg §3.2), or the "meta off" ablation
     return self.meta_step()
+
+  def meta_precision(self):
+    """The matmul/convolution precision the meta step is traced under (`config.meta.precision`).
+
+    The per-pixel meta-gradients are small differences of products (Eq. 28-29); TF32 (a GPU's
+    default for float32 convolutions) and bf16 round them visibly (BUILD_NOTES.md, "Precision
+    of the meta step"). "highest" is exact float32 everywhere; on a CPU every setting is.
+    """
+    precision = self.config.meta.get("precision", "default")
+    if precision == "default":
+      return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
 
   def loss_from_outputs(
     self, state: base.TrainState, batch: dict[str, Array]
@@ -82,19 +109,23 @@ class L2B(base.SingleNetworkMethod):
     def step(state: base.TrainState, batch, rng):
       del rng
       x, y = batch["image"], batch["noisy_label"]
-      variables = {"params": state.params, "batch_stats": state.batch_stats}
-      grads, stats, loss, mo, aux = meta.meta_step_grads(
-        self.model.apply,
-        variables,
-        state.opt_state,
-        self.optimizer,
-        x,
-        y,
-        batch["meta_image"],
-        batch["meta_label"],
-        self.loss_from_outputs(state, batch),
-        **self.meta_options.kwargs(),
-      )
+      if self.meta_model is not self.model:
+        grads, stats, loss, mo, aux = self._half_precision_grads(state, batch)
+      else:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        with self.meta_precision():
+          grads, stats, loss, mo, aux = meta.meta_step_grads(
+            self.model.apply,
+            variables,
+            state.opt_state,
+            self.optimizer,
+            x,
+            y,
+            batch["meta_image"],
+            batch["meta_label"],
+            self.loss_from_outputs(state, batch),
+            **self.meta_options.kwargs(),
+          )
       params, opt_state = self.update_params(state.params, state.opt_state, grads)
       if self.config.meta.extra_clean_step:
         params, opt_state, stats = self._clean_step(params, opt_state, stats, batch)
@@ -109,6 +140,22 @@ class L2B(base.SingleNetworkMethod):
       return new_state, metrics
 
     return step
+
+  def _half_precision_grads(self, state: base.TrainState, batch):
+    """`meta_step_grads` with a half-precision model: float32 meta-weights (`weights`), then
+    the gradient of the loss on the model's own (bf16) training forward."""
+    mo = self.weights(
+      state, batch["image"], batch["noisy_label"], batch["meta_image"], batch["meta_label"]
+    )
+    loss_from_outputs = self.loss_from_outputs(state, batch)
+
+    def loss_fn(params):
+      outputs, stats = self.forward(params, state.batch_stats, batch["image"])
+      loss, aux = loss_from_outputs(*outputs, mo)
+      return loss, (stats, aux)
+
+    (loss, (stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return grads, stats, loss, mo, aux
 
   def _clean_step(self, params, opt_state, batch_stats, batch):
     """L2B's code: one more real optimizer step on the clean meta batch (default off)."""
@@ -127,17 +174,18 @@ class L2B(base.SingleNetworkMethod):
     Args: x (B,H,W,C), y (B,H,W) noisy labels, xv (Bv,H,W,C), yv (Bv,H,W) a clean meta batch.
     """
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return meta.meta_weights(
-      self.model.apply,
-      variables,
-      state.opt_state,
-      self.optimizer,
-      x,
-      y,
-      xv,
-      yv,
-      **self.meta_options.kwargs(),
-    )
+    with self.meta_precision():
+      return meta.meta_weights(
+        self.meta_model.apply,
+        variables,
+        state.opt_state,
+        self.optimizer,
+        x,
+        y,
+        xv,
+        yv,
+        **self.meta_options.kwargs(),
+      )
 
   @functools.cached_property
   def _weights_fn(self):
