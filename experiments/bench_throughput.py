@@ -27,26 +27,8 @@ from experiments.configs import default as default_config
 from metadcseg_jax import cli
 from metadcseg_jax import methods
 
-_METHODS = flags.DEFINE_list("methods", ["ce", "l2b", "metadcseg"], "Methods to time.")
-_BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Batch sizes (training and meta).")
-_SIZE = flags.DEFINE_integer("size", 256, "Image size.")
-_WIDTH = flags.DEFINE_integer("width", 32, "U-Net++ base width.")
-_CHANNELS = flags.DEFINE_integer("channels", 3, "Input channels.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "config.model.dtype.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps (median reported).")
-_PEAK = flags.DEFINE_float(
-  "peak_tflops", 0.0, "Peak TFLOP/s for the MFU (0: from the device kind, if known)."
-)
-_MAX_BATCH = flags.DEFINE_bool("max_batch", False, "Search the largest batch that fits (GPU).")
-_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch L2B step if torch imports.")
-_TRAINER = flags.DEFINE_integer(
-  "trainer_steps",
-  0,
-  "Also run the trainer (metadcseg-train's loop: input pipeline, prefetch, logging) for 2 "
-  "epochs of this many steps on the synthetic set at the first batch size, and report its "
-  "second epoch's images/s beside the step's (0: skip).",
-)
-_DATA_DIR = flags.DEFINE_string("data_dir", "~/metadcseg_data", "Data folder for --trainer_steps.")
+FLAGS = flags.FLAGS
+
 
 # Dense peak TFLOP/s by device kind and the precision the step's convolutions run at (XLA's
 # GPU default for float32 is TF32; config.meta.precision="highest" makes the meta path FP32).
@@ -162,23 +144,47 @@ def trainer_images_per_s(config, steps: int, data_dir: str) -> float:
 
 
 def peak_tflops(dtype: str) -> float | None:
-  if _PEAK.value:
-    return _PEAK.value
+  if FLAGS.peak_tflops:
+    return FLAGS.peak_tflops
   table = PEAK_TFLOPS.get(jax.devices()[0].device_kind)
   if not table:
     return None
   return table["bf16" if dtype == "bfloat16" else "tf32"]
 
 
+def define_flags():
+  """The command-line flags (defined when run, so importing this module defines none)."""
+  flags.DEFINE_list("methods", ["ce", "l2b", "metadcseg"], "Methods to time.")
+  flags.DEFINE_list("batches", ["8", "32"], "Batch sizes (training and meta).")
+  flags.DEFINE_integer("size", 256, "Image size.")
+  flags.DEFINE_integer("width", 32, "U-Net++ base width.")
+  flags.DEFINE_integer("channels", 3, "Input channels.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "config.model.dtype.")
+  flags.DEFINE_integer("repeats", 10, "Timed steps (median reported).")
+  flags.DEFINE_float(
+    "peak_tflops", 0.0, "Peak TFLOP/s for the MFU (0: from the device kind, if known)."
+  )
+  flags.DEFINE_bool("max_batch", False, "Search the largest batch that fits (GPU).")
+  flags.DEFINE_bool("torch", True, "Also time the PyTorch L2B step if torch imports.")
+  flags.DEFINE_integer(
+    "trainer_steps",
+    0,
+    "Also run the trainer (metadcseg-train's loop: input pipeline, prefetch, logging) for 2 "
+    "epochs of this many steps on the synthetic set at the first batch size, and report its "
+    "second epoch's images/s beside the step's (0: skip).",
+  )
+  flags.DEFINE_string("data_dir", "~/metadcseg_data", "Data folder for --trainer_steps.")
+
+
 def main(argv):
   del argv
   torch_ref = None
-  if _TORCH.value:
+  if FLAGS.torch:
     try:
       from experiments import torch_ref  # pylint: disable=g-import-not-at-top
     except ImportError:
       torch_ref = None
-  size, width, ch, dtype = _SIZE.value, _WIDTH.value, _CHANNELS.value, _DTYPE.value
+  size, width, ch, dtype = FLAGS.size, FLAGS.width, FLAGS.channels, FLAGS.dtype
   peak = peak_tflops(dtype)
   device = jax.devices()[0]
   print(
@@ -187,10 +193,10 @@ def main(argv):
   )
   print("| method | batch | ms/step | images/s | peak memory (GiB) | GFLOP/step (CPU XLA) | MFU |")
   print("|---|---|---|---|---|---|---|")
-  for method in _METHODS.value:
-    for batch in map(int, _BATCHES.value):
+  for method in FLAGS.methods:
+    for batch in map(int, FLAGS.batches):
       config = config_for(method, size, width, ch, batch, dtype)
-      r = time_step(config, _REPEATS.value)
+      r = time_step(config, FLAGS.repeats)
       flops = cpu_flops(config)
       mfu = flops / r["seconds"] / (peak * 1e12) if flops and peak else None
       mem = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "–"
@@ -200,31 +206,32 @@ def main(argv):
         flush=True,
       )
   if torch_ref:
-    for batch in map(int, _BATCHES.value):
-      t = torch_ref.time_steps(size, width, ch, batch, _REPEATS.value)
+    for batch in map(int, FLAGS.batches):
+      t = torch_ref.time_steps(size, width, ch, batch, FLAGS.repeats)
       print(
         f"| torch plain | {batch} | {t['plain'] * 1e3:.1f} | {batch / t['plain']:.1f} | | | |\n"
         f"| torch L2B | {batch} | {t['l2b'] * 1e3:.1f} | {batch / t['l2b']:.1f} | | | |",
         flush=True,
       )
-  if _TRAINER.value:
-    batch = int(_BATCHES.value[0])
-    for method in _METHODS.value:
+  if FLAGS.trainer_steps:
+    batch = int(FLAGS.batches[0])
+    for method in FLAGS.methods:
       config = config_for(method, size, width, ch, batch, dtype)
-      step_rate = time_step(config, _REPEATS.value)["images_per_s"]
-      loop_rate = trainer_images_per_s(config, _TRAINER.value, _DATA_DIR.value)
+      step_rate = time_step(config, FLAGS.repeats)["images_per_s"]
+      loop_rate = trainer_images_per_s(config, FLAGS.trainer_steps, FLAGS.data_dir)
       print(
         f"trainer vs step, {method}, batch {batch}: {loop_rate:.1f} vs {step_rate:.1f} images/s "
         f"({loop_rate / step_rate:.0%})",
         flush=True,
       )
-  if _MAX_BATCH.value:
-    for method in _METHODS.value:
+  if FLAGS.max_batch:
+    for method in FLAGS.methods:
       print(f"largest batch at {size}px: {method} {max_batch(method, size, width, ch, dtype)}")
 
 
 def run():
   """Console-script entry (pyproject `metadcseg-throughput`)."""
+  define_flags()
   cli.run(main)
 
 

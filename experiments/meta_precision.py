@@ -22,10 +22,8 @@ from experiments.configs import default as default_config
 from metadcseg_jax import cli
 from metadcseg_jax import methods
 
-_SIZE = flags.DEFINE_integer("size", 64, "Image size.")
-_WIDTH = flags.DEFINE_integer("width", 8, "U-Net++ base width.")
-_CHANNELS = flags.DEFINE_integer("channels", 1, "Input channels.")
-_BATCH = flags.DEFINE_integer("batch", 4, "Batch and meta batch size.")
+FLAGS = flags.FLAGS
+
 
 SETTINGS = (
   ("float32, default precision", "float32", "default"),
@@ -91,12 +89,20 @@ def measure(size: int, width: int, channels: int, batch: int) -> dict[str, dict[
   return out
 
 
+def define_flags():
+  """The command-line flags (defined when run, so importing this module defines none)."""
+  flags.DEFINE_integer("size", 64, "Image size.")
+  flags.DEFINE_integer("width", 8, "U-Net++ base width.")
+  flags.DEFINE_integer("channels", 1, "Input channels.")
+  flags.DEFINE_integer("batch", 4, "Batch and meta batch size.")
+
+
 def main(argv):
   del argv
-  out = measure(_SIZE.value, _WIDTH.value, _CHANNELS.value, _BATCH.value)
+  out = measure(FLAGS.size, FLAGS.width, FLAGS.channels, FLAGS.batch)
   print(
-    f"{jax.devices()[0].device_kind} ({jax.default_backend()}), U-Net++ width {_WIDTH.value}, "
-    f"{_SIZE.value}px, {_CHANNELS.value} ch, batch {_BATCH.value}; relative error vs float64 (CPU)"
+    f"{jax.devices()[0].device_kind} ({jax.default_backend()}), U-Net++ width {FLAGS.width}, "
+    f"{FLAGS.size}px, {FLAGS.channels} ch, batch {FLAGS.batch}; relative error vs float64 (CPU)"
   )
   print("| setting | Ga | Gb | â | b̂ |\n|---|---|---|---|---|")
   for label, errs in out.items():
@@ -104,4 +110,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -31,19 +31,7 @@ from metadcseg_jax import methods
 from metadcseg_jax import parallel
 from metadcseg_jax import train
 
-_METHODS = flags.DEFINE_list("methods", list(methods.NAMES), "Methods to check.")
-_SIZE = flags.DEFINE_integer("size", 32, "Image size.")
-_WIDTH = flags.DEFINE_integer("width", 4, "U-Net++ base width.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Global batch and meta batch.")
-_STEPS = flags.DEFINE_integer("steps", 2, "Train steps compared.")
-_MODEL = flags.DEFINE_enum("model", "unet++", ["unet++", "unet"], "Network.")
-_X64 = flags.DEFINE_bool(
-  "x64",
-  False,
-  "Float64 throughout: only the order of sums differs between the meshes, so the differences "
-  "are rounding (~1e-15); in float32 the meta-weights amplify it (see BUILD_NOTES.md).",
-)
-_JSON = flags.DEFINE_string("json_out", None, "Write the differences here as JSON.")
+FLAGS = flags.FLAGS
 
 
 def config_for(
@@ -147,22 +135,39 @@ def check(
   }
 
 
+def define_flags():
+  """The command-line flags (defined when run, so importing this module defines none)."""
+  flags.DEFINE_list("methods", list(methods.NAMES), "Methods to check.")
+  flags.DEFINE_integer("size", 32, "Image size.")
+  flags.DEFINE_integer("width", 4, "U-Net++ base width.")
+  flags.DEFINE_integer("batch", 8, "Global batch and meta batch.")
+  flags.DEFINE_integer("steps", 2, "Train steps compared.")
+  flags.DEFINE_enum("model", "unet++", ["unet++", "unet"], "Network.")
+  flags.DEFINE_bool(
+    "x64",
+    False,
+    "Float64 throughout: only the order of sums differs between the meshes, so the differences "
+    "are rounding (~1e-15); in float32 the meta-weights amplify it (see BUILD_NOTES.md).",
+  )
+  flags.DEFINE_string("json_out", None, "Write the differences here as JSON.")
+
+
 def main(argv):
   del argv
-  if _X64.value:
+  if FLAGS.x64:
     jax.config.update("jax_enable_x64", True)
   print(f"{jax.device_count()} devices ({jax.default_backend()})", flush=True)
   out = {}
-  for method in _METHODS.value:
+  for method in FLAGS.methods:
     t0 = time.perf_counter()
     out[method] = check(
       method,
-      size=_SIZE.value,
-      width=_WIDTH.value,
-      batch=_BATCH.value,
-      steps=_STEPS.value,
-      model=_MODEL.value,
-      x64=_X64.value,
+      size=FLAGS.size,
+      width=FLAGS.width,
+      batch=FLAGS.batch,
+      steps=FLAGS.steps,
+      model=FLAGS.model,
+      x64=FLAGS.x64,
     )
     out[method]["seconds"] = round(time.perf_counter() - t0, 1)
     print(
@@ -172,9 +177,10 @@ def main(argv):
       ),
       flush=True,
     )
-  if _JSON.value:
-    pathlib.Path(_JSON.value).write_text(json.dumps(out, indent=1))
+  if FLAGS.json_out:
+    pathlib.Path(FLAGS.json_out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

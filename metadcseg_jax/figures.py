@@ -129,6 +129,33 @@ def write_maps_figure(
   _save(fig, axes, cols, path)
 
 
+def write_audit_gallery(
+  path: pathlib.Path,
+  *,
+  images: np.ndarray,
+  given: np.ndarray,
+  model: np.ndarray,
+  suspicion: np.ndarray,
+  titles: Sequence[str],
+) -> None:
+  """The label audit's most suspicious masks, one row each: image, given mask, the model's
+  mask, the suspicion map (metadcseg_jax/audit.py), the row's title on the image.
+
+  Args: images (N,H,W,C), given and model (N,H,W) labels, suspicion (N,H,W) in [0, 1].
+  """
+  cols = ["image", "given mask", "model's mask", "suspicion"]
+  n = max(len(images), 1)
+  fig, axes = plt.subplots(n, 4, figsize=(2.8 * 4, 2.4 * n), squeeze=False)
+  for r in range(len(images)):
+    _show_image(axes[r, 0], images[r])
+    axes[r, 0].set_ylabel(titles[r], fontsize=7)
+    _show_mask(axes[r, 1], images[r], np.asarray(given[r]), "orange")
+    _show_mask(axes[r, 2], images[r], np.asarray(model[r]), "deepskyblue")
+    im = axes[r, 3].imshow(np.asarray(suspicion[r], np.float32), cmap="magma", vmin=0, vmax=1)
+    fig.colorbar(im, ax=axes[r, 3], fraction=0.046)
+  _save(fig, axes, cols, path)
+
+
 _LABELS = {"dice": "Dice", "iou": "IoU", "miou": "mIoU", "hd": "HD", "hd95": "HD95", "asd": "ASD"}
 
 

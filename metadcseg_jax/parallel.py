@@ -144,6 +144,17 @@ class Parallel:
     stops = [global_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
     return min(starts), max(stops) - min(starts)
 
+  def input_shard(self, global_size: int) -> dict[str, int]:
+    """`{"shard_index", "num_shards"}` of `pipeline.train_dataset` for this process: which
+    equal block of rows of every global batch it feeds."""
+    first, count = self.process_rows(global_size)
+    if first % count or global_size % count:
+      raise ConfigError(
+        f"process {jax.process_index()} owns rows {first}..{first + count - 1} of a batch of "
+        f"{global_size}: not one of equal blocks (the mesh's devices are not grouped by process)"
+      )
+    return {"shard_index": first // count, "num_shards": global_size // count}
+
   def replicate(self, tree: Any) -> Any:
     """Every leaf on every device of the mesh (a multi-process run passes the same value on
     every process)."""

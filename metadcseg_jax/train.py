@@ -13,7 +13,8 @@ Outputs in `workdir`: `checkpoints/` (orbax: state, data iterator states, settin
 epoch, per validation and per diagnostics point in `metrics.jsonl`, `results.json` (final
 metrics on val and test), `panel.png`, `curves.png`,
 the method's own figure (MetaDCSeg: `dcd.png`), `data_info.json`, `config.json` and
-`config_history.jsonl`. Rerunning the same command resumes from the last checkpoint.
+`config_history.jsonl`; for a meta method, `audit/epoch_<e>.npz` in its last `config.audit.epochs`
+epochs (`metadcseg-audit`). Rerunning the same command resumes from the last checkpoint.
 """
 
 import collections
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from metadcseg_jax import audit as audit_lib
 from metadcseg_jax import checkpoint
 from metadcseg_jax import evaluate
 from metadcseg_jax import figures
@@ -276,7 +278,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
   compiled = compiled_for(config, steps_per_epoch, par)
   method = compiled.method
   state = par.replicate(method.init_state(jax.random.PRNGKey(config.seed)))
-  shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
+  shard = par.input_shard(t.batch_size)
   workers = config.data.get("num_workers", 0)
   train_it = iter(
     pipeline.train_dataset(
@@ -394,6 +396,18 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
         logging.info(
           "epoch %d val dice raw %.4f ema %.4f", epoch + 1, ev["raw"]["dice"], ev["ema"]["dice"]
         )
+      audit_epochs = config.get("audit", {}).get("epochs", 0)
+      if main and method.audits and epoch + 1 > t.num_epochs - audit_epochs:
+        # Before the checkpoint: a run killed in between redoes this epoch and rewrites it.
+        result = audit_lib.audit_pass(
+          method,
+          par.local(state),
+          splits.train,
+          splits.meta,
+          batch_size=t.batch_size,
+          meta_batch_size=t.meta_batch_size,
+        )
+        audit_lib.save_pass(wd.path, epoch + 1, result)
       if (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs:
         ckpt.save(epoch + 1, state, feeder.data_state)
   finally:

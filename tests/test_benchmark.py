@@ -246,3 +246,19 @@ def test_table_matches_the_cache_training_reads(tmp_path):
   mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("noisy_*.npy")}
   assert benchmark.corruption_table(config, ["l2b20", "l2b60"]) == table
   assert {p: p.stat().st_mtime_ns for p in cache.glob("noisy_*.npy")} == mtimes
+
+
+def test_largest_batch_search_doubles_then_bisects(monkeypatch):
+  from experiments import bench_throughput  # pylint: disable=g-import-not-at-top
+
+  tried = []
+
+  def fits(config):
+    tried.append(config.train.batch_size)
+    return config.train.batch_size <= 100
+
+  monkeypatch.setattr(bench_throughput, "fits", fits)
+  assert bench_throughput.max_batch("ce", 32, 4, 1, "float32") == 100
+  assert tried[:5] == [8, 16, 32, 64, 128] and len(tried) <= 12
+  monkeypatch.setattr(bench_throughput, "fits", lambda config: False)
+  assert bench_throughput.max_batch("ce", 32, 4, 1, "float32") == 0

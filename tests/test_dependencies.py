@@ -149,6 +149,7 @@ def test_constraints_pin_every_declared_dependency_inside_its_range():
     "metadcseg-bench",
     "metadcseg-benchmark",
     "metadcseg-throughput",
+    "metadcseg-audit",
   ],
 )
 def test_console_scripts_are_declared(script):

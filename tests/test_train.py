@@ -1,5 +1,6 @@
 """The trainer end to end on the tiny config: outputs, resume after a kill, NaN stop, CLI."""
 
+import csv
 import json
 import pathlib
 
@@ -12,7 +13,9 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import audit as audit_cli
 from experiments.configs import tiny
+from metadcseg_jax import audit
 from metadcseg_jax import checkpoint
 from metadcseg_jax import train
 from metadcseg_jax import validate
@@ -34,6 +37,29 @@ def tiny_config(tmp_path_factory):
 def full_run(tiny_config, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
   return workdir, train.train_and_evaluate(tiny_config, str(workdir))
+
+
+def test_audit_ranks_the_runs_training_masks(full_run, tiny_config, tmp_path):
+  workdir, _ = full_run
+  # The meta method scored every training mask in its last config.audit.epochs (2) epochs.
+  assert sorted(p.name for p in (workdir / "audit").iterdir()) == [
+    "epoch_0001.npz",
+    "epoch_0002.npz",
+  ]
+  r = audit_cli.report(workdir, out=tmp_path, top=3)
+  rows = list(csv.DictReader((tmp_path / "audit.csv").open()))
+  n_train = tiny_config.data.n_train - 2  # the meta split holds 2
+  assert r["epochs"] == [1, 2] and len(rows) == n_train
+  assert [int(row["rank"]) for row in rows] == list(range(1, n_train + 1))
+  scores = [float(row["score"]) for row in rows]
+  assert scores == sorted(scores, reverse=True)
+  assert sorted(int(row["index"]) for row in rows) == sorted(set(int(row["index"]) for row in rows))
+  assert all(0.0 <= float(row["corruption"]) <= 1.0 for row in rows)  # injected noise: known
+  assert np.load(tmp_path / "suspicion.npy").shape == (n_train, 32, 32)
+  assert (tmp_path / "gallery.png").stat().st_size > 1000
+  measured = json.loads((tmp_path / "measured.json").read_text())
+  for name in ("meta suspicion", "disagreement 1 - Dice(y, model)"):
+    assert set(measured[name]) == {"image_auroc", "image_ap", "spearman", "pixel_ap"}
 
 
 def _lines(path):
@@ -249,6 +275,9 @@ def test_other_methods_train_write_outputs_and_resume(method, tiny_config, tmp_p
   for name in ("results.json", "metrics.jsonl", "panel.png", "curves.png", "config.json"):
     assert (tmp_path / "whole" / name).is_file(), name
   assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["1", "2"]
+  if method == "coteaching":  # no meta-weights: the audit says so in one line
+    with pytest.raises(audit.AuditError, match=r"no meta scores \(its method is 'coteaching'"):
+      audit_cli.report(tmp_path / "whole")
   if method in ("coteaching", "jocor", "gsdnet"):
     # τ is the measured share of flipped training pixels (auto_forget_rate).
     info = json.loads((tmp_path / "whole" / "data_info.json").read_text())

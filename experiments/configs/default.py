@@ -11,6 +11,7 @@ from ml_collections import config_dict
 
 from metadcseg_jax.methods import dale
 from metadcseg_jax.methods import gsdnet
+from metadcseg_jax import audit
 from metadcseg_jax import parallel
 from metadcseg_jax.methods import two_network
 
@@ -125,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.coteach = two_network.default_config()  # small-loss selection (coteaching, jocor)
   config.gsdnet = gsdnet.default_config()
   config.dale = dale.default_config()
+
+  # Label audit (metadcseg-audit): meta methods score every training mask in their last epochs.
+  config.audit = audit.default_config()
 
   # Data parallel over `mesh.data` devices (-1: all); several hosts join by `distributed`.
   config.mesh = parallel.mesh_config()

@@ -71,6 +71,8 @@ class Method(abc.ABC):
 
   name: ClassVar[str] = ""
   uses_meta_batch: ClassVar[bool] = False
+  # `audit_maps` gives per-pixel label suspicion (metadcseg_jax/audit.py).
+  audits: ClassVar[bool] = False
   figure_name: ClassVar[str | None] = None
   # Host-side per-example transform run in the input pipeline after augmentation (e.g. Canny
   # edges for DCD): (example dict of numpy arrays) -> example dict. None: nothing to add.
@@ -120,6 +122,11 @@ class Method(abc.ABC):
     """The learning rate at train step `step`, for the log (None if the method has none)."""
     del step
     return None
+
+  def audit_maps(self, state: Any, batch: dict[str, Array]) -> dict[str, Array]:
+    """With `audits`: {"suspicion" (B,H,W) in [0, 1], "pseudo" (B,H,W) int32, the model's
+    labels} of one batch (as a step sees it) at `state`, nothing trained (jittable)."""
+    raise NotImplementedError(f"{self.name} computes no label audit")
 
   def explain(self, state: Any, batch: dict[str, Array]) -> list[PixelMap]:
     """Per-pixel maps of one training batch for the figure `figure_name` (none by default).

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metadcseg_jax import audit
 from metadcseg_jax import losses
 from metadcseg_jax import meta
 from metadcseg_jax import models
@@ -31,6 +32,7 @@ class L2B(base.SingleNetworkMethod):
 
   name = "l2b"
   uses_meta_batch = True
+  audits = True
 
   figure_name = "meta_weights.png"
 
@@ -186,6 +188,16 @@ class L2B(base.SingleNetworkMethod):
         yv,
         **self.meta_options.kwargs(),
       )
+
+  def audit_maps(self, state, batch):
+    mo = self.weights(
+      state, batch["image"], batch["noisy_label"], batch["meta_image"], batch["meta_label"]
+    )
+    y = batch["noisy_label"]
+    return {
+      "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
+      "pseudo": mo.y_pseudo,
+    }
 
   @functools.cached_property
   def _weights_fn(self):

@@ -1,0 +1,150 @@
+r"""`metadcseg-audit --workdir=RUN`: rank a finished run's training masks by label quality.
+
+    metadcseg-train --config=experiments/configs/synthetic.py --workdir=runs/meta
+    metadcseg-audit --workdir=runs/meta --top=16
+
+Reads the audit passes a meta method (l2b, metadcseg) wrote in its last epochs
+(`metadcseg_jax/audit.py`) and writes, into --out (default `<workdir>/audit`):
+`audit.csv` (every training image, most suspicious first: rank, index in the training split,
+case id, score, 1 − Dice between the mask and the model's, and where the clean masks are known
+because the noise was injected, 1 − Dice to the clean mask), `suspicion.npy` ((N,H,W) float16,
+rows in the CSV's order) and `gallery.png` (image, given mask, model's mask, suspicion map of
+the --top most suspicious). With injected noise it also prints how well the score finds the
+corrupted masks (image AUROC and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels).
+"""
+
+import csv
+import io
+import json
+import pathlib
+
+from absl import flags
+import ml_collections
+import numpy as np
+
+from metadcseg_jax import audit
+from metadcseg_jax import cli
+from metadcseg_jax import files
+from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.data import pipeline
+from metadcseg_jax.errors import WorkdirError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags (defined when run, so importing this module defines none)."""
+  flags.DEFINE_string("workdir", None, "A finished (or interrupted) run's folder.")
+  flags.DEFINE_string("out", None, "Where to write the report (default: <workdir>/audit).")
+  flags.DEFINE_integer("top", 12, "Images in the gallery.")
+  flags.DEFINE_float(
+    "corrupted_above",
+    0.1,
+    "With injected noise: a mask is 'corrupted' when 1 − Dice to the clean mask exceeds this.",
+  )
+  flags.mark_flags_as_required(["workdir"])
+
+
+def _run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  settings = workdir_lib.Workdir(workdir).first_config()
+  if settings is None:
+    raise WorkdirError(f"{workdir}: no config.json, not a metadcseg-train run folder")
+  return ml_collections.ConfigDict(settings)
+
+
+def report(workdir, *, out=None, top: int = 12, corrupted_above: float = 0.1) -> dict:
+  """Writes audit.csv, suspicion.npy and gallery.png; returns the measured figures (or {})."""
+  from metadcseg_jax import figures  # pylint: disable=g-import-not-at-top  (matplotlib)
+
+  workdir = pathlib.Path(workdir)
+  config = _run_config(workdir)
+  scores = audit.load(workdir, method=config.get("method"))
+  out = pathlib.Path(out) if out else workdir / audit.AUDIT_DIR
+  out.mkdir(parents=True, exist_ok=True)
+  splits = pipeline.prepare_data(config.data, meta_batch_size=config.train.meta_batch_size)
+  train = splits.train
+  by_source = {int(s): i for i, s in enumerate(train.indices)}
+  missing = [int(i) for i in scores["index"] if int(i) not in by_source]
+  if missing:
+    raise WorkdirError(
+      f"{workdir}: the audit scores name training examples the data no longer has "
+      f"(e.g. index {missing[0]}); was the dataset changed?"
+    )
+  examples = [train[by_source[int(i)]] for i in scores["index"]]
+  noisy = np.stack([e["noisy_label"] for e in examples])
+  clean = np.stack([e["label"] for e in examples])
+  injected = config.data.noise.kind != "none"
+  disagreement = audit.dice_distance(noisy, scores["pseudo"])
+  corruption = audit.dice_distance(noisy, clean) if injected else None
+  order = np.argsort(-scores["score"], kind="stable")
+
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(
+    ["rank", "index", "case_id", "score", "disagreement"] + (["corruption"] if injected else [])
+  )
+  for rank, k in enumerate(order, 1):
+    row = [rank, int(scores["index"][k]), train.case_id(by_source[int(scores["index"][k])])]
+    row += [f"{scores['score'][k]:.5f}", f"{disagreement[k]:.4f}"]
+    w.writerow(row + ([f"{corruption[k]:.4f}"] if injected else []))
+  files.write_atomic(out / "audit.csv", buf.getvalue())
+  np.save(out / "suspicion.npy", scores["suspicion"][order].astype(np.float16))
+  shown = order[:top]
+  figures.write_audit_gallery(
+    out / "gallery.png",
+    images=np.stack([examples[k]["image"] for k in shown]),
+    given=noisy[shown],
+    model=scores["pseudo"][shown],
+    suspicion=scores["suspicion"][shown],
+    titles=[
+      f"#{r + 1} idx {int(scores['index'][k])} score {scores['score'][k]:.3f}"
+      for r, k in enumerate(shown)
+    ],
+  )
+  measured = {}
+  if injected:
+    corrupted = corruption > corrupted_above
+    flipped = noisy != clean
+    for name, image_score, pixel_score in (
+      ("meta suspicion", scores["score"], scores["suspicion"]),
+      (
+        "disagreement 1 - Dice(y, model)",
+        disagreement,
+        (noisy != scores["pseudo"]).astype(np.float32),
+      ),
+    ):
+      from scipy import stats  # pylint: disable=g-import-not-at-top
+
+      measured[name] = {
+        "image_auroc": audit.auroc(image_score, corrupted),
+        "image_ap": audit.average_precision(image_score, corrupted),
+        "spearman": float(stats.spearmanr(image_score, corruption).statistic),
+        "pixel_ap": audit.average_precision(pixel_score, flipped),
+      }
+    measured["corrupted_share"] = float(corrupted.mean())
+    files.write_atomic(out / "measured.json", json.dumps(measured, indent=1))
+  return {"out": str(out), "epochs": scores["epochs"], "n": len(order), "measured": measured}
+
+
+def main(argv):
+  del argv
+  r = report(FLAGS.workdir, out=FLAGS.out, top=FLAGS.top, corrupted_above=FLAGS.corrupted_above)
+  print(
+    f"audited {r['n']} training masks (passes of epochs {r['epochs']}): {r['out']}/audit.csv, gallery.png"
+  )
+  for name, m in r["measured"].items():
+    if isinstance(m, dict):
+      print(
+        f"{name}: image AUROC {m['image_auroc']:.3f}, AP {m['image_ap']:.3f}, "
+        f"Spearman {m['spearman']:.3f}, pixel AP {m['pixel_ap']:.3f}"
+      )
+
+
+def run():
+  """Console-script entry (pyproject `metadcseg-audit`)."""
+  define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

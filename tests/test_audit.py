@@ -1,0 +1,132 @@
+"""The label audit: suspicion and scores by hand, the ranking on a toy set with flipped masks
+(the real meta step on a per-pixel linear model), ROC/AP against hand-worked values."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metadcseg_jax import audit
+from metadcseg_jax import meta
+from metadcseg_jax import optim
+
+
+def test_suspicion_is_the_pseudo_label_share_where_labels_disagree():
+  y = np.array([[1, 1, 0, 0]])
+  y_pseudo = np.array([[1, 0, 1, 0]])
+  a = np.array([[0.3, 0.0, 0.1, 0.0]])
+  b = np.array([[0.1, 0.0, 0.3, 0.2]])
+  s = audit.suspicion_map(y, y_pseudo, a, b)
+  # agree -> 0; disagree with γ = 0 -> 1/2; disagree -> b / (a + b) = 0.75
+  np.testing.assert_allclose(s, [[0.0, 0.5, 0.75, 0.0]])
+  # (0.5 + 0.75) / (|y| 2 + |ŷ| 2)
+  np.testing.assert_allclose(audit.image_scores(s, y, y_pseudo), [1.25 / 4])
+  np.testing.assert_allclose(audit.dice_distance(y, y_pseudo), [0.5])
+
+
+def test_auroc_and_average_precision_hand_worked():
+  scores = np.array([0.1, 0.4, 0.35, 0.8])
+  positive = np.array([0, 0, 1, 1])
+  # pairs (pos, neg): (0.35 > 0.1), (0.35 < 0.4), (0.8 > both) -> 3/4
+  assert audit.auroc(scores, positive) == pytest.approx(0.75)
+  # ranked 0.8 (hit, P 1), 0.4, 0.35 (hit, P 2/3) -> (1 + 2/3) / 2
+  assert audit.average_precision(scores, positive) == pytest.approx(5 / 6)
+  assert audit.auroc(np.array([0.2, 0.2]), np.array([1, 0])) == pytest.approx(0.5)
+  assert np.isnan(audit.auroc(scores, np.zeros(4)))
+
+
+class PixelLinear(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train):
+    del train
+    return nn.Conv(2, (1, 1))(x), x
+
+
+class ToySource:
+  """12 images of ±1 by a clean mask (a square of varying size); masks 3, 7 and 10 flipped."""
+
+  flipped = (3, 7, 10)
+
+  def __init__(self):
+    rng = np.random.default_rng(0)
+    self.items = []
+    for i in range(12):
+      clean = np.zeros((8, 8), np.int32)
+      clean[1 : 3 + i % 5, 2 : 4 + i % 4] = 1
+      image = (2.0 * clean - 1.0 + 0.1 * rng.standard_normal((8, 8)))[..., None]
+      noisy = 1 - clean if i in self.flipped else clean
+      self.items.append(
+        {
+          "image": image.astype(np.float32),
+          "label": clean,
+          "noisy_label": noisy,
+          "index": np.int64(i),
+        }
+      )
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    return self.items[i]
+
+
+class ToyMethod:
+  """The meta step's weights for a per-pixel linear model that already predicts the clean
+  masks: the clean meta batch should move the weight of flipped pixels to the pseudo-label."""
+
+  example_transform = None
+
+  def __init__(self):
+    self.model = PixelLinear()
+    self.optimizer = optim.make_optimizer(name="sgd", learning_rate=0.1, weight_decay=0.0)
+
+  def init(self):
+    params = self.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)["params"]
+    params = {"Conv_0": {"kernel": jnp.array([[[[-2.0, 2.0]]]]), "bias": jnp.zeros(2)}}
+    return {"params": params, "opt_state": self.optimizer.tx.init(params)}
+
+  def audit_maps(self, state, batch):
+    mo = meta.meta_weights(
+      self.model.apply,
+      {"params": state["params"]},
+      state["opt_state"],
+      self.optimizer,
+      batch["image"],
+      batch["noisy_label"],
+      batch["meta_image"],
+      batch["meta_label"],
+      route="reverse",
+    )
+    y = batch["noisy_label"]
+    return {
+      "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
+      "pseudo": mo.y_pseudo,
+    }
+
+
+def test_flipped_masks_rank_first_and_passes_average(tmp_path):
+  source = ToySource()
+  m = ToyMethod()
+  meta_source = ToySource()
+  meta_source.items = [dict(e, noisy_label=e["label"]) for e in meta_source.items[:4]]
+  result = audit.audit_pass(m, m.init(), source, meta_source, batch_size=5, meta_batch_size=2)
+  assert result["suspicion"].shape == (12, 8, 8) and result["index"].tolist() == list(range(12))
+  ranked = result["index"][np.argsort(-result["score"], kind="stable")]
+  assert sorted(ranked[:3].tolist()) == list(ToySource.flipped)
+  flipped = np.isin(result["index"], ToySource.flipped)
+  assert result["score"][flipped].min() > 0.4 and result["score"][~flipped].max() < 0.05
+  # The model's mask is the clean one, and the suspicion finds the flipped pixels.
+  noisy = np.stack([e["noisy_label"] for e in source.items])
+  clean = np.stack([e["label"] for e in source.items])
+  np.testing.assert_array_equal(result["pseudo"], clean)
+  assert audit.average_precision(result["suspicion"].astype(np.float32), noisy != clean) > 0.95
+  # Passes of two epochs are averaged; a workdir without any is a clear error.
+  audit.save_pass(tmp_path, 1, result)
+  audit.save_pass(tmp_path, 2, dict(result, score=result["score"] * 0.5))
+  loaded = audit.load(tmp_path)
+  assert loaded["epochs"] == [1, 2]
+  np.testing.assert_allclose(loaded["score"], 0.75 * result["score"], rtol=1e-6)
+  with pytest.raises(audit.AuditError, match=r"no meta scores \(its method is 'ce'"):
+    audit.load(tmp_path / "elsewhere", method="ce")
