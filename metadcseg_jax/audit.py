@@ -65,14 +65,15 @@ def audit_pass(
   meta_batch_size: int,
 ) -> dict[str, np.ndarray]:
   """One pass over `train` in order: {"index" (N,), "suspicion" (N,H,W) float16, "pseudo"
-  (N,H,W) uint8, "score" (N,)} at `state` (the meta batches cycle through `meta`)."""
+  (N,H,W) uint8, "probs" (N,H,W,L) float16 (the model's, for a comparison with cleanlab on the
+  same predictions), "score" (N,)} at `state` (the meta batches cycle through `meta`)."""
   from metadcseg_jax.methods import base  # pylint: disable=g-import-not-at-top  (a cycle)
 
   # Run once or twice per run: compiled for compile speed (3x faster to build on a CPU).
   fn = jax.jit(method.audit_maps, compiler_options=base.RUN_ONCE_COMPILE)
   meta_batches = list(pipeline.eval_batches(meta, meta_batch_size))
   meta_batches = [b for b in meta_batches if len(b["image"]) == meta_batch_size] or meta_batches
-  out = {"index": [], "suspicion": [], "pseudo": [], "noisy": []}
+  out = {"index": [], "suspicion": [], "pseudo": [], "probs": [], "noisy": []}
   for i, batch in enumerate(
     pipeline.eval_batches(train, batch_size, transform=method.example_transform)
   ):
@@ -88,8 +89,10 @@ def audit_pass(
     out["index"].append(batch["index"])
     out["suspicion"].append(np.asarray(maps["suspicion"][:n], np.float16))
     out["pseudo"].append(np.asarray(maps["pseudo"][:n], np.uint8))
+    if "probs" in maps:
+      out["probs"].append(np.asarray(maps["probs"][:n], np.float16))
     out["noisy"].append(batch["noisy_label"])
-  result = {k: np.concatenate(v) for k, v in out.items()}
+  result = {k: np.concatenate(v) for k, v in out.items() if v}
   result["score"] = image_scores(
     result["suspicion"].astype(np.float32), result.pop("noisy"), result["pseudo"]
   )
@@ -107,7 +110,8 @@ def save_pass(workdir: pathlib.Path, epoch: int, result: dict[str, np.ndarray]) 
 
 def load(workdir, *, method: str | None = None) -> dict[str, Any]:
   """The audit passes of a run, averaged: {"index", "suspicion" (N,H,W) float32, "pseudo" (the
-  last pass's), "score" (N,), "epochs"}.
+  last pass's), "probs" (N,H,W,L) float32 (mean; absent if not stored), "score" (N,),
+  "epochs"}.
 
   Raises:
     AuditError: no pass was written (names the method the run used, if known).
@@ -126,9 +130,11 @@ def load(workdir, *, method: str | None = None) -> dict[str, Any]:
   for p, d in zip(paths, passes):
     if not np.array_equal(d["index"], index):
       raise AuditError(f"{p}: its images differ from {paths[0]}'s (another dataset?)")
+  mean = lambda key: np.mean([d[key].astype(np.float32) for d in passes], axis=0)
   return {
     "index": index,
-    "suspicion": np.mean([d["suspicion"].astype(np.float32) for d in passes], axis=0),
+    "suspicion": mean("suspicion"),
+    **({"probs": mean("probs")} if all("probs" in d for d in passes) else {}),
     "pseudo": passes[-1]["pseudo"],
     "score": np.mean([d["score"] for d in passes], axis=0),
     "epochs": [int(p.stem.split("_")[1]) for p in paths],

@@ -103,6 +103,7 @@ class ToyMethod:
     return {
       "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
       "pseudo": mo.y_pseudo,
+      "probs": jax.nn.softmax(mo.logits, axis=-1),
     }
 
 
@@ -113,6 +114,8 @@ def test_flipped_masks_rank_first_and_passes_average(tmp_path):
   meta_source.items = [dict(e, noisy_label=e["label"]) for e in meta_source.items[:4]]
   result = audit.audit_pass(m, m.init(), source, meta_source, batch_size=5, meta_batch_size=2)
   assert result["suspicion"].shape == (12, 8, 8) and result["index"].tolist() == list(range(12))
+  assert result["probs"].shape == (12, 8, 8, 2)
+  np.testing.assert_array_equal(np.argmax(result["probs"], -1), result["pseudo"])
   ranked = result["index"][np.argsort(-result["score"], kind="stable")]
   assert sorted(ranked[:3].tolist()) == list(ToySource.flipped)
   flipped = np.isin(result["index"], ToySource.flipped)

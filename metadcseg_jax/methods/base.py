@@ -125,7 +125,8 @@ class Method(abc.ABC):
 
   def audit_maps(self, state: Any, batch: dict[str, Array]) -> dict[str, Array]:
     """With `audits`: {"suspicion" (B,H,W) in [0, 1], "pseudo" (B,H,W) int32, the model's
-    labels} of one batch (as a step sees it) at `state`, nothing trained (jittable)."""
+    labels, "probs" (B,H,W,L) the probabilities they are the argmax of} of one batch (as a step
+    sees it) at `state`, nothing trained (jittable)."""
     raise NotImplementedError(f"{self.name} computes no label audit")
 
   def explain(self, state: Any, batch: dict[str, Array]) -> list[PixelMap]:

@@ -197,6 +197,7 @@ class L2B(base.SingleNetworkMethod):
     return {
       "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
       "pseudo": mo.y_pseudo,
+      "probs": jax.nn.softmax(mo.logits, axis=-1),
     }
 
   @functools.cached_property
