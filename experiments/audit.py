@@ -10,7 +10,9 @@ case id, score, 1 − Dice between the mask and the model's, and where the clean
 because the noise was injected, 1 − Dice to the clean mask), `suspicion.npy` ((N,H,W) float16,
 rows in the CSV's order) and `gallery.png` (image, given mask, model's mask, suspicion map of
 the --top most suspicious). With injected noise it also prints how well the score finds the
-corrupted masks (image AUROC and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels).
+corrupted masks (image AUROC and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels),
+beside the plain disagreement between the mask and the model's and, with cleanlab installed
+(`pip install -e '.[audit]'`), cleanlab's scores on the same probabilities.
 """
 
 import csv
@@ -120,6 +122,27 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above: float = 0.1) ->
         "image_ap": audit.average_precision(image_score, corrupted),
         "spearman": float(stats.spearmanr(image_score, corruption).statistic),
         "pixel_ap": audit.average_precision(pixel_score, flipped),
+      }
+    try:
+      from experiments import cleanlab_ref  # pylint: disable=g-import-not-at-top  (optional)
+    except ImportError:
+      cleanlab_ref = None
+    if cleanlab_ref is not None and "probs" in scores:
+      from scipy import stats  # pylint: disable=g-import-not-at-top
+
+      cl = cleanlab_ref.suspicion(noisy, scores["probs"])
+      measured[f"cleanlab {cleanlab_ref.VERSION} get_label_quality_scores"] = {
+        "image_auroc": audit.auroc(cl["image"], corrupted),
+        "image_ap": audit.average_precision(cl["image"], corrupted),
+        "spearman": float(stats.spearmanr(cl["image"], corruption).statistic),
+        "pixel_ap": audit.average_precision(cl["pixel"], flipped),
+      }
+      issue_share = cl["issues"].mean(axis=(1, 2))
+      measured[f"cleanlab {cleanlab_ref.VERSION} find_label_issues (share per image)"] = {
+        "image_auroc": audit.auroc(issue_share, corrupted),
+        "image_ap": audit.average_precision(issue_share, corrupted),
+        "spearman": float(stats.spearmanr(issue_share, corruption).statistic),
+        "pixel_ap": audit.average_precision(cl["issues"].astype(np.float32), flipped),
       }
     measured["corrupted_share"] = float(corrupted.mean())
     files.write_atomic(out / "measured.json", json.dumps(measured, indent=1))

@@ -46,7 +46,10 @@ _IMPORT_ALL = textwrap.dedent("""
 
 
 # Modules whose imports belong to an optional extra: {module: (extra, top-level import)}.
-OPTIONAL_MODULES = {"experiments.torch_ref": ("bench", "torch")}
+OPTIONAL_MODULES = {
+  "experiments.torch_ref": ("bench", "torch"),
+  "experiments.cleanlab_ref": ("audit", "cleanlab"),
+}
 
 
 def test_every_module_imports_and_every_import_is_declared(deps):
