@@ -10,14 +10,12 @@ If torch is importable, also times an L2B-style PyTorch step on an identically s
 (experiments/torch_ref.py) and prints the JAX/PyTorch ratio per configuration.
 """
 
-import statistics
-import time
-
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import bench_throughput
 from experiments.configs import default as default_config
 from metadcseg_jax import cli
 from metadcseg_jax import methods
@@ -62,22 +60,8 @@ def _batch(size, channels, batch, seed=0):
 def time_jax_step(method, route, size, width, channels, batch, repeats):
   """Median seconds of one jitted train step (state donated, as in training)."""
   config = _config(method, route, size, width, channels, batch)
-  m = methods.create(config, steps_per_epoch=100)
-  # The phase of the last epoch: the step a long run spends its time in (after any warm-up).
-  step = jax.jit(m.train_step(m.phase(config.train.num_epochs - 1)), donate_argnums=(0,))
-  state = m.init_state(jax.random.PRNGKey(0))
-  feed = methods.example_feed(m, size=size, channels=channels, batch=batch)
-  t0 = time.perf_counter()
-  state, m = step(state, feed, jax.random.PRNGKey(0))
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(repeats):
-    t0 = time.perf_counter()
-    state, m = step(state, feed, jax.random.PRNGKey(i))
-    jax.block_until_ready((state, m))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), compile_s
+  r = bench_throughput.time_step(config, repeats)
+  return r["seconds"], r["compile_s"]
 
 
 def main(argv):

@@ -25,11 +25,13 @@ from metadcseg_jax import methods
 FLAGS = flags.FLAGS
 
 
+# (label, model dtype, meta precision, meta path in the model's own dtype instead of the
+# float32 twin a half-precision model gets).
 SETTINGS = (
-  ("float32, default precision", "float32", "default"),
-  ("float32, highest", "float32", "highest"),
-  ("bfloat16 compute, highest", "bfloat16", "highest"),
-  ("bfloat16 compute, default", "bfloat16", "default"),
+  ("float32, default precision", "float32", "default", False),
+  ("float32, highest", "float32", "highest", False),
+  ("bfloat16 model, float32 meta path (the trainer's)", "bfloat16", "highest", False),
+  ("bfloat16 meta path (no float32 twin)", "bfloat16", "highest", True),
 )
 FIELDS = ("ga", "gb", "a_hat", "b_hat")
 
@@ -78,8 +80,10 @@ def measure(size: int, width: int, channels: int, batch: int) -> dict[str, dict[
         {k: np.asarray(v, np.float64) if v.dtype == np.float32 else v for k, v in feed.items()}, cpu
       )
       refs[name] = _weights(m64, s64, f64)
-  for label, dtype, precision in SETTINGS:
+  for label, dtype, precision, own_dtype in SETTINGS:
     m = _method(dtype, precision, *shape)
+    if own_dtype:
+      m.meta_model = m.model
     for name, state in states.items():
       got = _weights(m, state, feed)
       out[f"{label}, {name}"] = {

@@ -21,7 +21,6 @@ import time
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

@@ -22,7 +22,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from metadcseg_jax import files
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import UserError
 

@@ -179,7 +179,7 @@ def _feed(batch: dict[str, np.ndarray], meta_batch: dict[str, np.ndarray] | None
 
 
 class _Feeder:
-  """The steps' inputs, prepared one step ahead in a thread: the next batches are read,
+  """The steps' inputs, prepared `ahead` steps ahead in a thread: the next batches are read,
   split into this process's rows and sent to the devices while the current step runs.
 
   Each item carries the iterators' states after its batches, so a checkpoint records what
