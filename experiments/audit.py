@@ -39,10 +39,11 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "A finished (or interrupted) run's folder.")
   flags.DEFINE_string("out", None, "Where to write the report (default: <workdir>/audit).")
   flags.DEFINE_integer("top", 12, "Images in the gallery.")
-  flags.DEFINE_float(
+  flags.DEFINE_list(
     "corrupted_above",
-    0.1,
-    "With injected noise: a mask is 'corrupted' when 1 − Dice to the clean mask exceeds this.",
+    ["0.1", "0.3", "0.5"],
+    "With injected noise: a mask is 'corrupted' when 1 − Dice to the clean mask exceeds this "
+    "(the image AUROC and AP at each).",
   )
   flags.mark_flags_as_required(["workdir"])
 
@@ -54,7 +55,7 @@ def _run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(settings)
 
 
-def report(workdir, *, out=None, top: int = 12, corrupted_above: float = 0.1) -> dict:
+def report(workdir, *, out=None, top: int = 12, corrupted_above=(0.1, 0.3, 0.5)) -> dict:
   """Writes audit.csv, suspicion.npy and gallery.png; returns the measured figures (or {})."""
   from metadcseg_jax import figures  # pylint: disable=g-import-not-at-top  (matplotlib)
 
@@ -105,46 +106,35 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above: float = 0.1) ->
   )
   measured = {}
   if injected:
-    corrupted = corruption > corrupted_above
-    flipped = noisy != clean
-    for name, image_score, pixel_score in (
-      ("meta suspicion", scores["score"], scores["suspicion"]),
-      (
-        "disagreement 1 - Dice(y, model)",
-        disagreement,
-        (noisy != scores["pseudo"]).astype(np.float32),
-      ),
-    ):
-      from scipy import stats  # pylint: disable=g-import-not-at-top
+    from scipy import stats  # pylint: disable=g-import-not-at-top
 
-      measured[name] = {
-        "image_auroc": audit.auroc(image_score, corrupted),
-        "image_ap": audit.average_precision(image_score, corrupted),
+    flipped = noisy != clean
+    thresholds = [float(t) for t in corrupted_above]
+
+    def measure(image_score, pixel_score):
+      return {
+        "image_auroc": {t: audit.auroc(image_score, corruption > t) for t in thresholds},
+        "image_ap": {t: audit.average_precision(image_score, corruption > t) for t in thresholds},
         "spearman": float(stats.spearmanr(image_score, corruption).statistic),
         "pixel_ap": audit.average_precision(pixel_score, flipped),
       }
+
+    measured["meta suspicion"] = measure(scores["score"], scores["suspicion"])
+    measured["disagreement 1 - Dice(y, model)"] = measure(
+      disagreement, (noisy != scores["pseudo"]).astype(np.float32)
+    )
     try:
       from experiments import cleanlab_ref  # pylint: disable=g-import-not-at-top  (optional)
     except ImportError:
       cleanlab_ref = None
     if cleanlab_ref is not None and "probs" in scores:
-      from scipy import stats  # pylint: disable=g-import-not-at-top
-
       cl = cleanlab_ref.suspicion(noisy, scores["probs"])
-      measured[f"cleanlab {cleanlab_ref.VERSION} get_label_quality_scores"] = {
-        "image_auroc": audit.auroc(cl["image"], corrupted),
-        "image_ap": audit.average_precision(cl["image"], corrupted),
-        "spearman": float(stats.spearmanr(cl["image"], corruption).statistic),
-        "pixel_ap": audit.average_precision(cl["pixel"], flipped),
-      }
-      issue_share = cl["issues"].mean(axis=(1, 2))
-      measured[f"cleanlab {cleanlab_ref.VERSION} find_label_issues (share per image)"] = {
-        "image_auroc": audit.auroc(issue_share, corrupted),
-        "image_ap": audit.average_precision(issue_share, corrupted),
-        "spearman": float(stats.spearmanr(issue_share, corruption).statistic),
-        "pixel_ap": audit.average_precision(cl["issues"].astype(np.float32), flipped),
-      }
-    measured["corrupted_share"] = float(corrupted.mean())
+      name = f"cleanlab {cleanlab_ref.VERSION}"
+      measured[f"{name} get_label_quality_scores"] = measure(cl["image"], cl["pixel"])
+      measured[f"{name} find_label_issues (share per image)"] = measure(
+        cl["issues"].mean(axis=(1, 2)), cl["issues"].astype(np.float32)
+      )
+    measured["corrupted_share"] = {t: float((corruption > t).mean()) for t in thresholds}
     files.write_atomic(out / "measured.json", json.dumps(measured, indent=1))
   return {"out": str(out), "epochs": scores["epochs"], "n": len(order), "measured": measured}
 
@@ -155,12 +145,20 @@ def main(argv):
   print(
     f"audited {r['n']} training masks (passes of epochs {r['epochs']}): {r['out']}/audit.csv, gallery.png"
   )
-  for name, m in r["measured"].items():
-    if isinstance(m, dict):
-      print(
-        f"{name}: image AUROC {m['image_auroc']:.3f}, AP {m['image_ap']:.3f}, "
-        f"Spearman {m['spearman']:.3f}, pixel AP {m['pixel_ap']:.3f}"
-      )
+  measured = r["measured"]
+  if measured:
+    shares = measured["corrupted_share"]
+    print(
+      "| score | "
+      + " | ".join(f"AUROC / AP, 1-Dice > {t:g} ({shares[t]:.0%})" for t in shares)
+      + " | Spearman | pixel AP |"
+    )
+    print("|---|" + "---|" * (len(shares) + 2))
+    for name, m in measured.items():
+      if name == "corrupted_share":
+        continue
+      cells = [f"{m['image_auroc'][t]:.3f} / {m['image_ap'][t]:.3f}" for t in shares]
+      print(f"| {name} | " + " | ".join(cells) + f" | {m['spearman']:.3f} | {m['pixel_ap']:.3f} |")
 
 
 def run():
