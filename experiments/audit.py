@@ -23,9 +23,11 @@ import pathlib
 from absl import flags
 import ml_collections
 import numpy as np
+from scipy import stats
 
 from metadcseg_jax import audit
 from metadcseg_jax import cli
+from metadcseg_jax import figures
 from metadcseg_jax import files
 from metadcseg_jax import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
@@ -57,8 +59,6 @@ def _run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
 
 def report(workdir, *, out=None, top: int = 12, corrupted_above=(0.1, 0.3, 0.5)) -> dict:
   """Writes audit.csv, suspicion.npy and gallery.png; returns the measured figures (or {})."""
-  from metadcseg_jax import figures  # pylint: disable=g-import-not-at-top  (matplotlib)
-
   workdir = pathlib.Path(workdir)
   config = _run_config(workdir)
   scores = audit.load(workdir, method=config.get("method"))
@@ -106,8 +106,6 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=(0.1, 0.3, 0.5))
   )
   measured = {}
   if injected:
-    from scipy import stats  # pylint: disable=g-import-not-at-top
-
     flipped = noisy != clean
     thresholds = [float(t) for t in corrupted_above]
 
@@ -143,7 +141,8 @@ def main(argv):
   del argv
   r = report(FLAGS.workdir, out=FLAGS.out, top=FLAGS.top, corrupted_above=FLAGS.corrupted_above)
   print(
-    f"audited {r['n']} training masks (passes of epochs {r['epochs']}): {r['out']}/audit.csv, gallery.png"
+    f"audited {r['n']} training masks (passes of epochs {r['epochs']}): "
+    f"{r['out']}/audit.csv, gallery.png"
   )
   measured = r["measured"]
   if measured:

@@ -16,7 +16,9 @@ bisection).
     metadcseg-throughput --size=64 --width=8 --channels=1 --batches=4 --methods=ce,l2b
 """
 
+import json
 import statistics
+import tempfile
 import time
 
 from absl import flags
@@ -26,6 +28,7 @@ import numpy as np
 from experiments.configs import default as default_config
 from metadcseg_jax import cli
 from metadcseg_jax import methods
+from metadcseg_jax import train
 
 FLAGS = flags.FLAGS
 
@@ -129,11 +132,6 @@ def max_batch(method: str, size, width, channels, dtype, start: int = 8, limit: 
 
 def trainer_images_per_s(config, steps: int, data_dir: str) -> float:
   """The second epoch's images/s of `train_and_evaluate` (the first includes compilation)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-
-  from metadcseg_jax import train  # pylint: disable=g-import-not-at-top
-
   config.data.name = "synthetic"
   config.data.data_dir = data_dir
   config.data.n_train = (steps + 1) * config.train.batch_size  # + the meta split

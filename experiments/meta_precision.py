@@ -1,6 +1,6 @@
 r"""Relative error of the meta-gradients and meta-weights against a float64 CPU reference.
 
-The per-pixel meta-gradients Ga, Gb (MetaDCSeg Eq. 28-29) are small differences of products;
+The per-pixel meta-gradients Ga, Gb (MetaDCSeg Eq. 28, Eq. 29) are small differences of products;
 the precision of the convolutions decides how many of their digits survive. On identical
 parameters and batches (U-Net++, random data, the first meta step and after one real step
 trained on the same batch), this measures ||v - v64|| / ||v64|| for v in (Ga, Gb, â, b̂) and

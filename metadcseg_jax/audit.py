@@ -1,6 +1,6 @@
 """Which training masks are wrong: a label audit from the meta-weights.
 
-The meta step (MetaDCSeg App. A.3, Eq. 23-24) splits each pixel's weight between the given
+The meta step (MetaDCSeg App. A.3, Eq. 23 and Eq. 24) splits each pixel's weight between the given
 label y and the model's pseudo-label ŷ: ã for y, b̃ for ŷ. Where y and ŷ agree the split says
 nothing; where they disagree, the share πb = b̃ / (ã + b̃) is how far the clean meta set moved
 the weight away from the given label. So, per pixel and per image,
@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from scipy import stats
 
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import UserError
@@ -62,14 +63,12 @@ def audit_pass(
   *,
   batch_size: int,
   meta_batch_size: int,
+  compiler_options: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
   """One pass over `train` in order: {"index" (N,), "suspicion" (N,H,W) float16, "pseudo"
   (N,H,W) uint8, "probs" (N,H,W,L) float16 (the model's, for a comparison with cleanlab on the
   same predictions), "score" (N,)} at `state` (the meta batches cycle through `meta`)."""
-  from metadcseg_jax.methods import base  # pylint: disable=g-import-not-at-top  (a cycle)
-
-  # Run once or twice per run: compiled for compile speed (3x faster to build on a CPU).
-  fn = jax.jit(method.audit_maps, compiler_options=base.RUN_ONCE_COMPILE)
+  fn = jax.jit(method.audit_maps, compiler_options=compiler_options)
   meta_batches = list(pipeline.eval_batches(meta, meta_batch_size))
   meta_batches = [b for b in meta_batches if len(b["image"]) == meta_batch_size] or meta_batches
   out = {"index": [], "suspicion": [], "pseudo": [], "probs": [], "noisy": []}
@@ -140,13 +139,11 @@ def load(workdir, *, method: str | None = None) -> dict[str, Any]:
   }
 
 
-# ----------------------------------------------------------------------------- measured against the truth
+# ------------------------------------------------------------------ measured against the truth
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
   """Area under the ROC curve (Mann-Whitney U with midranks for ties); NaN without both kinds."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-
   positive = np.asarray(positive, bool)
   n_pos, n_neg = int(positive.sum()), int((~positive).sum())
   if n_pos == 0 or n_neg == 0:

@@ -406,6 +406,8 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
           splits.meta,
           batch_size=t.batch_size,
           meta_batch_size=t.meta_batch_size,
+          # Run once or twice per run: compiled for compile speed.
+          compiler_options=methods.base.RUN_ONCE_COMPILE,
         )
         audit_lib.save_pass(wd.path, epoch + 1, result)
       if (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs:

@@ -69,7 +69,7 @@ class L2B(base.SingleNetworkMethod):
   def meta_precision(self):
     """The matmul/convolution precision the meta step is traced under (`config.meta.precision`).
 
-    The per-pixel meta-gradients are small differences of products (Eq. 28-29); TF32 (a GPU's
+    The per-pixel meta-gradients are small differences of products (Eq. 28, Eq. 29); TF32 (a GPU's
     default for float32 convolutions) and bf16 round them visibly (BUILD_NOTES.md, "Precision
     of the meta step"). "highest" is exact float32 everywhere; on a CPU every setting is.
     """
