@@ -12,8 +12,6 @@ If torch is importable, also times an L2B-style PyTorch step on an identically s
 
 from absl import flags
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from experiments import bench_throughput
 from experiments.configs import default as default_config
@@ -42,19 +40,6 @@ def _config(method: str, route: str, size: int, width: int, channels: int, batch
   config.model.width = width
   config.train.batch_size = config.train.meta_batch_size = batch
   return config
-
-
-def _batch(size, channels, batch, seed=0):
-  """The step's inputs without a method's transform (the PyTorch reference and profiles)."""
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[:size, :size]
-  label = (((yy - size / 2) ** 2 + (xx - size / 3) ** 2) < (size / 4) ** 2).astype(np.int32)
-  return {
-    "image": jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
-    "noisy_label": jnp.asarray(np.stack([label] * batch)),
-    "meta_image": jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32),
-    "meta_label": jnp.asarray(np.stack([label] * batch)),
-  }
 
 
 def time_jax_step(method, route, size, width, channels, batch, repeats):

@@ -26,7 +26,6 @@ from ml_collections import config_flags
 import numpy as np
 
 from metadcseg_jax import evaluate
-from metadcseg_jax import methods
 from metadcseg_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)

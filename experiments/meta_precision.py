@@ -53,8 +53,8 @@ def _cast(tree, dtype):
   )
 
 
-def _weights(m, state, feed):
-  fn = jax.jit(m.weights)
+def _weights(fn, state, feed):
+  """`fn` = jax.jit(method.weights): the fields of FIELDS as float64 numpy."""
   mo = fn(state, feed["image"], feed["noisy_label"], feed["meta_image"], feed["meta_label"])
   return {k: np.asarray(getattr(mo, k), np.float64) for k in FIELDS}
 
@@ -73,19 +73,21 @@ def measure(size: int, width: int, channels: int, batch: int) -> dict[str, dict[
   out = {}
   with jax.enable_x64(True):
     m64 = _method("float64", "highest", *shape)
+    fn64 = jax.jit(m64.weights)
     refs = {}
     for name, state in states.items():
       s64 = jax.device_put(_cast(jax.device_get(state), jnp.float64), cpu)
       f64 = jax.device_put(
         {k: np.asarray(v, np.float64) if v.dtype == np.float32 else v for k, v in feed.items()}, cpu
       )
-      refs[name] = _weights(m64, s64, f64)
+      refs[name] = _weights(fn64, s64, f64)
   for label, dtype, precision, own_dtype in SETTINGS:
     m = _method(dtype, precision, *shape)
     if own_dtype:
       m.meta_model = m.model
+    fn = jax.jit(m.weights)
     for name, state in states.items():
-      got = _weights(m, state, feed)
+      got = _weights(fn, state, feed)
       out[f"{label}, {name}"] = {
         k: float(np.linalg.norm(got[k] - refs[name][k]) / max(np.linalg.norm(refs[name][k]), 1e-30))
         for k in FIELDS

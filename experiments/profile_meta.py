@@ -53,7 +53,12 @@ def main(argv):
   method = methods.create(config, steps_per_epoch=100)
   model, optimizer = method.model, method.optimizer
   state = method.init_state(jax.random.PRNGKey(0))
-  batch = bench_step._batch(int(FLAGS.sizes[0]), int(FLAGS.channels[0]), FLAGS.batch)
+  batch = jax.tree.map(
+    jnp.asarray,
+    methods.example_feed(
+      method, size=int(FLAGS.sizes[0]), channels=int(FLAGS.channels[0]), batch=FLAGS.batch
+    ),
+  )
   x, y, xv, yv = batch["image"], batch["noisy_label"], batch["meta_image"], batch["meta_label"]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
 

@@ -63,12 +63,15 @@ def audit_pass(
   *,
   batch_size: int,
   meta_batch_size: int,
-  compiler_options: dict[str, Any] | None = None,
+  audit_fn=None,
 ) -> dict[str, np.ndarray]:
   """One pass over `train` in order: {"index" (N,), "suspicion" (N,H,W) float16, "pseudo"
   (N,H,W) uint8, "probs" (N,H,W,L) float16 (the model's, for a comparison with cleanlab on the
-  same predictions), "score" (N,)} at `state` (the meta batches cycle through `meta`)."""
-  fn = jax.jit(method.audit_maps, compiler_options=compiler_options)
+  same predictions), "score" (N,)} at `state` (the meta batches cycle through `meta`).
+
+  `audit_fn`: `method.audit_maps` already jitted (the trainer's, compiled once per run);
+  jitted here if None."""
+  fn = audit_fn or jax.jit(method.audit_maps)
   meta_batches = list(pipeline.eval_batches(meta, meta_batch_size))
   meta_batches = [b for b in meta_batches if len(b["image"]) == meta_batch_size] or meta_batches
   out = {"index": [], "suspicion": [], "pseudo": [], "probs": [], "noisy": []}

@@ -28,7 +28,6 @@ References:
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from metadcseg_jax import dcd

@@ -87,6 +87,11 @@ class Compiled:
       out_shardings=p.replicated,
     )
 
+  @functools.cached_property
+  def audit(self) -> Callable:
+    # One process, a local copy of the state; a few calls per run: compiled for compile speed.
+    return jax.jit(self.method.audit_maps, compiler_options=methods.base.RUN_ONCE_COMPILE)
+
   def step(self, phase: str) -> Callable:
     if phase not in self._steps:
       p = self.parallel
@@ -367,7 +372,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
           f"stopped without saving: {where}"
         )
       dt = time.perf_counter() - t0
-      step_now = int(par.fetch(state.step))
+      step_now = first_step + steps_per_epoch  # a NaN break has raised above
       record = {
         "epoch": epoch + 1,
         "step": step_now,
@@ -406,8 +411,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
           splits.meta,
           batch_size=t.batch_size,
           meta_batch_size=t.meta_batch_size,
-          # Run once or twice per run: compiled for compile speed.
-          compiler_options=methods.base.RUN_ONCE_COMPILE,
+          audit_fn=compiled.audit,
         )
         audit_lib.save_pass(wd.path, epoch + 1, result)
       if (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs:

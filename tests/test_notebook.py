@@ -2,7 +2,6 @@
 config (nbclient), installing nothing because the package is installed from this checkout."""
 
 import json
-import os
 import pathlib
 
 import nbformat

@@ -174,14 +174,19 @@ class SingleNetworkMethod(Method):
 
   def __init__(self, config, *, steps_per_epoch):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
-    self.model = models.build_model(
-      config.model.name,
-      num_classes=config.data.num_classes,
-      width=config.model.width,
-      deep_supervision=config.model.deep_supervision,
-      dtype=jnp.dtype(config.model.dtype),
-    )
+    self.model = self.build_network(jnp.dtype(config.model.dtype))
     self.schedule, self.optimizer = self.make_optimizer()
+
+  def build_network(self, dtype) -> Any:
+    """`config.model`'s network computing in `dtype` (parameters float32 either way)."""
+    m = self.config.model
+    return models.build_model(
+      m.name,
+      num_classes=self.config.data.num_classes,
+      width=m.width,
+      deep_supervision=m.deep_supervision,
+      dtype=dtype,
+    )
 
   def make_optimizer(self) -> tuple[optax.Schedule, optim.Optimizer]:
     """`(learning-rate schedule, optimizer)` from `config.train` (a method with its paper's own

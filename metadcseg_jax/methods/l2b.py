@@ -18,7 +18,6 @@ import optax
 from metadcseg_jax import audit
 from metadcseg_jax import losses
 from metadcseg_jax import meta
-from metadcseg_jax import models
 from metadcseg_jax import objective
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array
@@ -42,16 +41,8 @@ class L2B(base.SingleNetworkMethod):
     # bfloat16 rounds the per-pixel meta-gradients beyond use (50-70% relative error,
     # BUILD_NOTES.md "Precision of the meta step"): with a half-precision model the meta-weights
     # come from a float32 twin on the same parameters, and only the real step is in bf16.
-    if jnp.dtype(config.model.dtype).itemsize < 4:
-      self.meta_model = models.build_model(
-        config.model.name,
-        num_classes=config.data.num_classes,
-        width=config.model.width,
-        deep_supervision=config.model.deep_supervision,
-        dtype=jnp.float32,
-      )
-    else:
-      self.meta_model = self.model
+    half = jnp.dtype(config.model.dtype).itemsize < 4
+    self.meta_model = self.build_network(jnp.float32) if half else self.model
 
   def updates_per_step(self):
     # L2B's code makes a second optimizer step per iteration on the clean meta batch, at the
