@@ -37,6 +37,10 @@ def default_config() -> ml_collections.ConfigDict:
   """`config.audit`."""
   c = ml_collections.ConfigDict()
   c.epochs = 2  # final epochs with an audit pass over the training split (0: none)
+  # Clean meta images per audit batch: 0 cycles the training step's meta batches
+  # (config.train.meta_batch_size each); n > 0 uses the first n of the meta split (all if
+  # fewer) for every batch, so each verdict is the whole clean set's, not a sample's.
+  c.meta_images = 0
   return c
 
 
@@ -63,17 +67,23 @@ def audit_pass(
   *,
   batch_size: int,
   meta_batch_size: int,
+  meta_images: int = 0,
   audit_fn=None,
 ) -> dict[str, np.ndarray]:
   """One pass over `train` in order: {"index" (N,), "suspicion" (N,H,W) float16, "pseudo"
   (N,H,W) uint8, "probs" (N,H,W,L) float16 (the model's, for a comparison with cleanlab on the
-  same predictions), "score" (N,)} at `state` (the meta batches cycle through `meta`).
+  same predictions), "score" (N,), "meta_images" ()} at `state`.
 
+  `meta_images`: 0 cycles meta batches of `meta_batch_size` through `meta`; n > 0 uses the first
+  n images of `meta` (all if fewer) as the meta batch of every training batch.
   `audit_fn`: `method.audit_maps` already jitted (the trainer's, compiled once per run);
   jitted here if None."""
   fn = audit_fn or jax.jit(method.audit_maps)
-  meta_batches = list(pipeline.eval_batches(meta, meta_batch_size))
-  meta_batches = [b for b in meta_batches if len(b["image"]) == meta_batch_size] or meta_batches
+  if meta_images > 0:
+    meta_batches = [next(pipeline.eval_batches(meta, min(meta_images, len(meta))))]
+  else:
+    meta_batches = list(pipeline.eval_batches(meta, meta_batch_size))
+    meta_batches = [b for b in meta_batches if len(b["image"]) == meta_batch_size] or meta_batches
   out = {"index": [], "suspicion": [], "pseudo": [], "probs": [], "noisy": []}
   for i, batch in enumerate(
     pipeline.eval_batches(train, batch_size, transform=method.example_transform)
@@ -97,6 +107,7 @@ def audit_pass(
   result["score"] = image_scores(
     result["suspicion"].astype(np.float32), result.pop("noisy"), result["pseudo"]
   )
+  result["meta_images"] = np.asarray(len(meta_batches[0]["image"]) if meta_images > 0 else 0)
   return result
 
 
@@ -112,7 +123,7 @@ def save_pass(workdir: pathlib.Path, epoch: int, result: dict[str, np.ndarray]) 
 def load(workdir, *, method: str | None = None) -> dict[str, Any]:
   """The audit passes of a run, averaged: {"index", "suspicion" (N,H,W) float32, "pseudo" (the
   last pass's), "probs" (N,H,W,L) float32 (mean; absent if not stored), "score" (N,),
-  "epochs"}.
+  "epochs", "meta_images" (as in `audit_pass`)}.
 
   Raises:
     AuditError: no pass was written (names the method the run used, if known).
@@ -131,6 +142,12 @@ def load(workdir, *, method: str | None = None) -> dict[str, Any]:
   for p, d in zip(paths, passes):
     if not np.array_equal(d["index"], index):
       raise AuditError(f"{p}: its images differ from {paths[0]}'s (another dataset?)")
+  meta_images = {int(d.get("meta_images", 0)) for d in passes}
+  if len(meta_images) > 1:
+    raise AuditError(
+      f"{pathlib.Path(workdir) / AUDIT_DIR}: passes made with different meta sets "
+      f"(meta_images {sorted(meta_images)}); recompute them (metadcseg-audit --recompute)"
+    )
   mean = lambda key: np.mean([d[key].astype(np.float32) for d in passes], axis=0)
   return {
     "index": index,
@@ -139,6 +156,7 @@ def load(workdir, *, method: str | None = None) -> dict[str, Any]:
     "pseudo": passes[-1]["pseudo"],
     "score": np.mean([d["score"] for d in passes], axis=0),
     "epochs": [int(p.stem.split("_")[1]) for p in paths],
+    "meta_images": meta_images.pop(),
   }
 
 
@@ -155,6 +173,21 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
   return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(false positive rate, true positive rate), each (K+1,) from (0, 0) to (1, 1), one point
+  per distinct score in decreasing order (ties move both rates at once, so the trapezoid area
+  is `auroc`)."""
+  positive = np.asarray(positive, bool).ravel()
+  scores = np.asarray(scores, np.float64).ravel()
+  order = np.argsort(-scores, kind="stable")
+  hits, ranked = positive[order], scores[order]
+  last_of_tie = np.r_[np.flatnonzero(np.diff(ranked) != 0), len(ranked) - 1]
+  tp, fp = np.cumsum(hits)[last_of_tie], np.cumsum(~hits)[last_of_tie]
+  tpr = np.r_[0.0, tp / max(int(positive.sum()), 1)]
+  fpr = np.r_[0.0, fp / max(int((~positive).sum()), 1)]
+  return fpr, tpr
+
+
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
   """Σ over the positives, in decreasing score, of the precision at each (sklearn's AP without
   interpolation; ties broken by the order given)."""
@@ -165,6 +198,17 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
   hits = positive[order]
   precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
   return float(precision[hits].mean())
+
+
+def soft_dice_distance(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+  """(N,) 1 − soft Dice between the given foreground y (N,H,W) and the model's foreground
+  probability 1 − p(background) from `probs` (N,H,W,L): Σ|y − p| / (|y| + Σp), a baseline that
+  reads the model's probabilities only (no meta-weights)."""
+  y = (np.asarray(y) > 0).astype(np.float32)
+  p = 1.0 - np.asarray(probs, np.float32)[..., 0]
+  axes = tuple(range(1, y.ndim))
+  total = y.sum(axis=axes) + p.sum(axis=axes)
+  return np.where(total > 0, np.abs(y - p).sum(axis=axes) / np.maximum(total, 1e-12), 0.0)
 
 
 def dice_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:

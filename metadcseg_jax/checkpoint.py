@@ -101,6 +101,23 @@ class Checkpointer:
   def latest_epoch(self) -> int | None:
     return self.manager.latest_step()
 
+  def epochs(self) -> list[int]:
+    """The kept checkpoints' epochs, oldest first."""
+    return sorted(self.manager.all_steps())
+
+  def restore_state(
+    self, epoch: int, abstract_state: Any, *, fallback_settings: dict[str, Any] | None = None
+  ) -> Any:
+    """The state saved at `epoch` (read only: nothing is moved or deleted).
+
+    Raises:
+      CheckpointError: it does not fit `abstract_state`'s settings.
+    """
+    self._check_fits(epoch, abstract_state, fallback_settings)
+    return self.manager.restore(
+      epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )["state"]
+
   def _saved_settings(self, epoch: int, fallback: dict[str, Any] | None) -> dict[str, Any] | None:
     try:
       return self.manager.restore(epoch, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[

@@ -156,6 +156,32 @@ def write_audit_gallery(
   _save(fig, axes, cols, path)
 
 
+def write_audit_roc(
+  path: pathlib.Path,
+  curves: Mapping[float, Mapping[str, tuple[np.ndarray, np.ndarray, float]]],
+  *,
+  title: str = "",
+) -> None:
+  """ROC curves of the label audit's scores for "this mask is corrupted", one panel per
+  threshold on 1 − Dice to the clean mask.
+
+  Args: curves {threshold: {score name: (fpr (K+1,), tpr (K+1,), AUROC)}}.
+  """
+  fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 4.2), squeeze=False)
+  for ax, (threshold, by_score) in zip(axes[0], curves.items()):
+    for name, (fpr, tpr, area) in by_score.items():
+      ax.plot(fpr, tpr, label=f"{name} ({area:.3f})", lw=1.4)
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(f"corrupted: 1 − Dice to the clean mask > {threshold:g}", fontsize=9)
+    ax.legend(fontsize=6.5, loc="lower right")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 _LABELS = {"dice": "Dice", "iou": "IoU", "miou": "mIoU", "hd": "HD", "hd95": "HD95", "asd": "ASD"}
 
 

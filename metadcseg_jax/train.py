@@ -411,6 +411,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
           splits.meta,
           batch_size=t.batch_size,
           meta_batch_size=t.meta_batch_size,
+          meta_images=config.get("audit", {}).get("meta_images", 0),
           audit_fn=compiled.audit,
         )
         audit_lib.save_pass(wd.path, epoch + 1, result)

@@ -23,6 +23,9 @@ def test_suspicion_is_the_pseudo_label_share_where_labels_disagree():
   # (0.5 + 0.75) / (|y| 2 + |ŷ| 2)
   np.testing.assert_allclose(audit.image_scores(s, y, y_pseudo), [1.25 / 4])
   np.testing.assert_allclose(audit.dice_distance(y, y_pseudo), [0.5])
+  # p = 1 − p(background) = [0.9, 0.4, 0.5, 0]: Σ|y − p| = 0.1 + 0.6 + 0.5 = 1.2 over 2 + 1.8
+  probs = np.array([[[0.1, 0.9], [0.6, 0.4], [0.5, 0.5], [1.0, 0.0]]])
+  np.testing.assert_allclose(audit.soft_dice_distance(y, probs), [1.2 / 3.8])
 
 
 def test_auroc_and_average_precision_hand_worked():
@@ -34,6 +37,20 @@ def test_auroc_and_average_precision_hand_worked():
   assert audit.average_precision(scores, positive) == pytest.approx(5 / 6)
   assert audit.auroc(np.array([0.2, 0.2]), np.array([1, 0])) == pytest.approx(0.5)
   assert np.isnan(audit.auroc(scores, np.zeros(4)))
+  # The curve: thresholds 0.8, 0.4, 0.35, 0.1 -> (0, 1/2), (1/2, 1/2), (1/2, 1), (1, 1).
+  fpr, tpr = audit.roc_curve(scores, positive)
+  np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+  np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+
+
+def test_roc_curve_area_is_the_rank_auroc_with_ties():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 6, 200).astype(float)  # many ties
+  positive = rng.random(200) < scores / 8
+  fpr, tpr = audit.roc_curve(scores, positive)
+  assert len(fpr) == len(np.unique(scores)) + 1
+  area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+  assert area == pytest.approx(audit.auroc(scores, positive), abs=1e-12)
 
 
 class PixelLinear(nn.Module):
@@ -133,3 +150,14 @@ def test_flipped_masks_rank_first_and_passes_average(tmp_path):
   np.testing.assert_allclose(loaded["score"], 0.75 * result["score"], rtol=1e-6)
   with pytest.raises(audit.AuditError, match=r"no meta scores \(its method is 'ce'"):
     audit.load(tmp_path / "elsewhere", method="ce")
+  # The whole meta set as every batch's meta batch: the same verdicts here, and recorded, so
+  # passes made with different meta sets are not averaged together.
+  whole = audit.audit_pass(
+    m, m.init(), source, meta_source, batch_size=5, meta_batch_size=2, meta_images=32
+  )
+  assert int(whole["meta_images"]) == 4 and int(result["meta_images"]) == 0
+  ranked = whole["index"][np.argsort(-whole["score"], kind="stable")]
+  assert sorted(ranked[:3].tolist()) == list(ToySource.flipped)
+  audit.save_pass(tmp_path, 3, whole)
+  with pytest.raises(audit.AuditError, match=r"different meta sets \(meta_images \[0, 4\]\)"):
+    audit.load(tmp_path)

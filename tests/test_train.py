@@ -3,6 +3,7 @@
 import csv
 import json
 import pathlib
+import shutil
 
 from absl import flags
 import jax
@@ -57,9 +58,31 @@ def test_audit_ranks_the_runs_training_masks(full_run, tiny_config, tmp_path):
   assert all(0.0 <= float(row["corruption"]) <= 1.0 for row in rows)  # injected noise: known
   assert np.load(tmp_path / "suspicion.npy").shape == (n_train, 32, 32)
   assert (tmp_path / "gallery.png").stat().st_size > 1000
+  assert (tmp_path / "roc.png").stat().st_size > 1000  # injected noise: the ROC curves
   measured = json.loads((tmp_path / "measured.json").read_text())
-  for name in ("meta suspicion", "disagreement 1 - Dice(y, model)"):
+  for name in (
+    "meta suspicion",
+    "disagreement 1 - Dice(y, model)",
+    "soft disagreement 1 - soft Dice(y, model)",
+  ):
     assert set(measured[name]) == {"image_auroc", "image_ap", "spearman", "pixel_ap"}
+
+
+def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(full_run[0], run)
+  trained = {e: dict(np.load(run / "audit" / f"epoch_{e:04d}.npz")) for e in (1, 2)}
+  assert audit_cli.recompute(run, meta_images=0) == [1, 2]  # the kept checkpoints
+  for e, before in trained.items():
+    after = dict(np.load(run / "audit" / f"epoch_{e:04d}.npz"))
+    np.testing.assert_array_equal(after["index"], before["index"])
+    np.testing.assert_array_equal(after["pseudo"], before["pseudo"])
+    np.testing.assert_allclose(
+      after["suspicion"].astype(np.float32), before["suspicion"].astype(np.float32), atol=2e-3
+    )
+  # Nothing written before is lost: the trainer's passes are kept aside.
+  (aside,) = (run / "audit").glob("replaced-*")
+  assert sorted(p.name for p in aside.iterdir()) == ["epoch_0001.npz", "epoch_0002.npz"]
 
 
 def _lines(path):
@@ -278,6 +301,8 @@ def test_other_methods_train_write_outputs_and_resume(method, tiny_config, tmp_p
   if method == "coteaching":  # no meta-weights: the audit says so in one line
     with pytest.raises(audit.AuditError, match=r"no meta scores \(its method is 'coteaching'"):
       audit_cli.report(tmp_path / "whole")
+    with pytest.raises(audit.AuditError, match=r"'coteaching', which has no meta-weights"):
+      audit_cli.recompute(tmp_path / "whole")
   if method in ("coteaching", "jocor", "gsdnet"):
     # τ is the measured share of flipped training pixels (auto_forget_rate).
     info = json.loads((tmp_path / "whole" / "data_info.json").read_text())
