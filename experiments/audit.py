@@ -114,7 +114,8 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
       for path in old:
         shutil.move(str(path), aside / path.name)
       logging.info("moved %d earlier audit passes to %s", len(old), aside)
-    fn = jax.jit(method.audit_maps)
+    # As the trainer compiles it (its passes and these must agree).
+    fn = jax.jit(method.audit_maps, compiler_options=methods.base.RUN_ONCE_COMPILE)
     for epoch in epochs:
       state = ckpt.restore_state(epoch, abstract, fallback_settings=config.to_dict())
       result = audit.audit_pass(
@@ -133,23 +134,36 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
   return epochs
 
 
-def report(workdir, *, out=None, top: int = 12, corrupted_above=(0.1, 0.3, 0.5)) -> dict:
-  """Writes audit.csv, suspicion.npy and gallery.png; returns the measured figures (or {})."""
+def audited(workdir) -> tuple[ml_collections.ConfigDict, dict, pipeline.Records, list[int]]:
+  """A run's config, its averaged audit scores (`audit.load`), its training split, and the
+  position in that split of each audited image (in the scores' order).
+
+  Raises:
+    AuditError: the run has no audit passes.
+    WorkdirError: not a run folder, or its data no longer holds the audited images.
+  """
   workdir = pathlib.Path(workdir)
   config = _run_config(workdir)
   scores = audit.load(workdir, method=config.get("method"))
-  out = pathlib.Path(out) if out else workdir / audit.AUDIT_DIR
-  out.mkdir(parents=True, exist_ok=True)
   splits = pipeline.prepare_data(config.data, meta_batch_size=config.train.meta_batch_size)
-  train = splits.train
-  by_source = {int(s): i for i, s in enumerate(train.indices)}
+  by_source = {int(s): i for i, s in enumerate(splits.train.indices)}
   missing = [int(i) for i in scores["index"] if int(i) not in by_source]
   if missing:
     raise WorkdirError(
       f"{workdir}: the audit scores name training examples the data no longer has "
       f"(e.g. index {missing[0]}); was the dataset changed?"
     )
-  examples = [train[by_source[int(i)]] for i in scores["index"]]
+  return config, scores, splits.train, [by_source[int(i)] for i in scores["index"]]
+
+
+def report(workdir, *, out=None, top: int = 12, corrupted_above=(0.1, 0.3, 0.5)) -> dict:
+  """Writes audit.csv, suspicion.npy and gallery.png, and with injected noise measured.json and
+  roc.png; returns the measured figures (or {})."""
+  workdir = pathlib.Path(workdir)
+  config, scores, train, positions = audited(workdir)
+  out = pathlib.Path(out) if out else workdir / audit.AUDIT_DIR
+  out.mkdir(parents=True, exist_ok=True)
+  examples = [train[k] for k in positions]
   noisy = np.stack([e["noisy_label"] for e in examples])
   clean = np.stack([e["label"] for e in examples])
   injected = config.data.noise.kind != "none"
@@ -163,7 +177,7 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=(0.1, 0.3, 0.5))
     ["rank", "index", "case_id", "score", "disagreement"] + (["corruption"] if injected else [])
   )
   for rank, k in enumerate(order, 1):
-    row = [rank, int(scores["index"][k]), train.case_id(by_source[int(scores["index"][k])])]
+    row = [rank, int(scores["index"][k]), train.case_id(positions[k])]
     row += [f"{scores['score'][k]:.5f}", f"{disagreement[k]:.4f}"]
     w.writerow(row + ([f"{corruption[k]:.4f}"] if injected else []))
   files.write_atomic(out / "audit.csv", buf.getvalue())

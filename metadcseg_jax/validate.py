@@ -88,6 +88,7 @@ RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
   ("data.augment", _bool),
   ("data.num_workers", _int(0)),
   ("audit.epochs", _int(0)),
+  ("audit.meta_images", _int(0)),
   ("mesh.data", lambda v: None if v == -1 else _int(1)(v)),
   ("distributed.initialize", _one_of(("auto", "on", "off"))),
   ("distributed.num_processes", _int(0)),

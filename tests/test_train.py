@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from experiments import audit as audit_cli
+from experiments import audit_select
 from experiments.configs import tiny
 from metadcseg_jax import audit
 from metadcseg_jax import checkpoint
@@ -66,6 +67,12 @@ def test_audit_ranks_the_runs_training_masks(full_run, tiny_config, tmp_path):
     "soft disagreement 1 - soft Dice(y, model)",
   ):
     assert set(measured[name]) == {"image_auroc", "image_ap", "spearman", "pixel_ap"}
+  # The score selection reads the same run: its meta suspicion is the CSV's ranking measure.
+  by_name, meta_images = audit_select.measure_run(workdir)
+  assert meta_images == 0 and len(by_name) == 6
+  assert by_name["meta suspicion"][1] == pytest.approx(
+    measured["meta suspicion"]["image_auroc"]["0.3"], nan_ok=True
+  )
 
 
 def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_path):

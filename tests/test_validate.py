@@ -35,6 +35,7 @@ from metadcseg_jax.errors import ConfigError
     ("loss.gce_q", 0.0, "config.loss.gce_q must be > 0.0"),
     ("model.width", 0, "config.model.width must be >= 1"),
     ("model.dtype", "float64", "config.model.dtype must be one of"),
+    ("audit.meta_images", -1, "config.audit.meta_images must be >= 0"),
     ("seed", -1, "config.seed must be >= 0"),
   ],
 )
