@@ -1,15 +1,22 @@
 """The label audit: suspicion and scores by hand, the ranking on a toy set with flipped masks
 (the real meta step on a per-pixel linear model), ROC/AP against hand-worked values."""
 
+import csv
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
+from experiments import audit as audit_cli
+from experiments.configs import tiny
 from metadcseg_jax import audit
 from metadcseg_jax import meta
 from metadcseg_jax import optim
+from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.data import pipeline
 
 
 def test_suspicion_is_the_pseudo_label_share_where_labels_disagree():
@@ -161,3 +168,46 @@ def test_flipped_masks_rank_first_and_passes_average(tmp_path):
   audit.save_pass(tmp_path, 3, whole)
   with pytest.raises(audit.AuditError, match=r"different meta sets \(meta_images \[0, 4\]\)"):
     audit.load(tmp_path)
+
+
+def test_report_on_a_users_folder_without_injected_noise(tmp_path):
+  """The report reads any dataset the loaders read: case ids are the folder's file names, and
+  without injected noise nothing is measured (no clean masks to measure against)."""
+  rng = np.random.default_rng(0)
+  for sub in ("images", "masks"):
+    (tmp_path / "raw" / sub).mkdir(parents=True)
+  for i in range(12):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4 + i : 14 + i, 6:20] = 255
+    image = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "raw" / "images" / f"patient{i:02d}.png")
+    Image.fromarray(mask).save(tmp_path / "raw" / "masks" / f"patient{i:02d}.png")
+  config = tiny.get_config()
+  config.data.name, config.data.manual_dir = "folder", str(tmp_path / "raw")
+  config.data.data_dir, config.data.noise.kind = str(tmp_path / "data"), "none"
+  run = tmp_path / "run"
+  run.mkdir()
+  workdir_lib.Workdir(run).record_config(config)
+  with pytest.raises(audit.AuditError, match="no meta scores"):
+    audit_cli.report(run)
+  train = pipeline.prepare_data(config.data, meta_batch_size=config.train.meta_batch_size).train
+  given = np.stack([train[k]["noisy_label"] for k in range(len(train))])
+  pseudo = given.copy()
+  pseudo[2] = 1 - pseudo[2]  # the model disagrees with one mask everywhere
+  suspicion = np.where(given != pseudo, 0.9, 0.0).astype(np.float16)
+  passes = {
+    "index": np.asarray(train.indices),
+    "suspicion": suspicion,
+    "pseudo": pseudo.astype(np.uint8),
+    "score": audit.image_scores(suspicion.astype(np.float32), given, pseudo),
+    "meta_images": np.asarray(0),
+  }
+  audit.save_pass(run, 7, passes)
+  r = audit_cli.report(run, top=2)
+  rows = list(csv.DictReader((run / "audit" / "audit.csv").open()))
+  assert r["measured"] == {} and "corruption" not in rows[0]
+  assert rows[0]["case_id"] == train.case_id(2) and rows[0]["case_id"].startswith("patient")
+  assert sorted(row["case_id"] for row in rows) == sorted(
+    train.case_id(k) for k in range(len(train))
+  )
+  assert (run / "audit" / "gallery.png").is_file() and not (run / "audit" / "roc.png").exists()
