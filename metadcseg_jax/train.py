@@ -329,6 +329,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
     num_epochs=t.num_epochs,
   )
   feeder = _Feeder(train_it, meta_it, par)
+  audit_settings = config.get("audit", {})  # absent from configs older than the audit
   try:
     for epoch in range(start_epoch, t.num_epochs):
       phase = method.phase(epoch)
@@ -401,8 +402,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
         logging.info(
           "epoch %d val dice raw %.4f ema %.4f", epoch + 1, ev["raw"]["dice"], ev["ema"]["dice"]
         )
-      audit_epochs = config.get("audit", {}).get("epochs", 0)
-      if main and method.audits and epoch + 1 > t.num_epochs - audit_epochs:
+      if main and method.audits and epoch + 1 > t.num_epochs - audit_settings.get("epochs", 0):
         # Before the checkpoint: a run killed in between redoes this epoch and rewrites it.
         result = audit_lib.audit_pass(
           method,
@@ -411,7 +411,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
           splits.meta,
           batch_size=t.batch_size,
           meta_batch_size=t.meta_batch_size,
-          meta_images=config.get("audit", {}).get("meta_images", 0),
+          meta_images=audit_settings.get("meta_images", 0),
           audit_fn=compiled.audit,
         )
         audit_lib.save_pass(wd.path, epoch + 1, result)
