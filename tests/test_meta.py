@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from metadcseg_jax import meta
+from metadcseg_jax import models
 from metadcseg_jax import optim
 
 NUM_PIXELS = 20  # random pixels checked by finite differences
@@ -247,7 +248,6 @@ def unet_f64():
   32x32 rather than 16x16: at 16x16 the deepest BatchNorm normalises two values per channel,
   which makes the unrolled objective too curved for any finite-difference step.
   """
-  models = pytest.importorskip("metadcseg_jax.models")
   with jax.enable_x64(True):
     model = models.UNetPlusPlus(num_classes=2, width=4, dtype=jnp.float64)
     sgd = optim.make_optimizer(learning_rate=LR, weight_decay=5e-4)

@@ -1,7 +1,7 @@
 """Data parallel training: 4 CPU devices equal 1, two processes train as one, sharded input.
 
 The multi-device checks run in subprocesses: the device count of a process is fixed when JAX
-starts (`--xla_force_host_platform_device_count=4`), and this process has one device.
+starts (`--xla_force_host_platform_device_count=4`), whatever this process has.
 """
 
 import json
@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -35,11 +36,15 @@ def _env(devices: int | None = None) -> dict[str, str]:
 
 
 def test_mesh_of_more_devices_than_exist_is_refused():
-  with pytest.raises(ConfigError, match=r"config.mesh.data=5: this run has 1 devices"):
-    parallel.make_parallel(ml_collections.ConfigDict({"data": 5}))
+  # However many devices this process has (XLA_FLAGS may force several host devices): one
+  # more than that is refused, -1 takes them all, and one process feeds every row.
+  n = len(jax.devices())
+  with pytest.raises(ConfigError, match=rf"config.mesh.data={n + 1}: this run has {n} devices"):
+    parallel.make_parallel(ml_collections.ConfigDict({"data": n + 1}))
   par = parallel.make_parallel(ml_collections.ConfigDict({"data": -1}))
-  assert par.num_devices == 1 and par.process_rows(8) == (0, 8)
-  assert par.input_shard(8) == {"shard_index": 0, "num_shards": 1}
+  rows = 8 * n
+  assert par.num_devices == n and par.process_rows(rows) == (0, rows)
+  assert par.input_shard(rows) == {"shard_index": 0, "num_shards": 1}
 
 
 def test_distributed_settings_are_checked_before_joining():
