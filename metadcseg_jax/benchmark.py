@@ -20,9 +20,15 @@ After every run the benchmark rewrites, in `<workdir>`:
 * `benchmark.json`: every run's numbers, the per-seed values, the failed runs.
 * `dice_vs_noise.png`: test Dice against noise level with error bars, one line per row.
 
-Seeds vary the model initialisation and the data order (config.seed) only: the noisy labels
-(config.data.noise.seed) and the meta split (config.data.seed) stay the same, so every row sees
-the same corrupted masks. Each run reads its test split once, after training.
+Two label modes. `labels="per_seed"` (the presets' default): seed k also draws the noise
+realisation (config.data.noise.seed = k) and the clean meta split (config.data.meta_seed = k),
+so the spread over seeds is the spread a user meets on new data; every row of one seed still
+sees the same corrupted masks and meta set, so rows stay paired. `labels="fixed"`: seeds vary
+the initialisation and the data order only (config.seed), the noisy labels and the meta split
+those of the base config. Each run reads its test split once, after training, and keeps every
+test case's scores (cases.json), from which the paired comparisons are computed:
+`metadcseg_jax.stats` (mean paired difference, a 95% interval over seeds and test cases, its
+seed and test-set parts, a verdict).
 """
 
 import dataclasses
@@ -42,6 +48,7 @@ import numpy as np
 from metadcseg_jax import figures
 from metadcseg_jax import methods
 from metadcseg_jax import noise
+from metadcseg_jax import stats
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
@@ -95,24 +102,37 @@ ABLATIONS = (
   Row("metadcseg: (a0,b0)=(1,0)", "metadcseg", (("meta.a0", 1.0),)),
   Row("metadcseg: batch normaliser", "metadcseg", (("meta.normalizer", "batch"),)),
 )
+LABEL_MODES = ("per_seed", "fixed")
 PRESETS = {
   # The acceptance table: baselines and MetaDCSeg at 0/40/60% noise, 3 seeds.
   "main": dict(
-    rows=method_rows(("ce", "l2b", "metadcseg")), noises=("none", "l2b40", "l2b60"), seeds=(0, 1, 2)
+    rows=method_rows(("ce", "l2b", "metadcseg")),
+    noises=("none", "l2b40", "l2b60"),
+    seeds=(0, 1, 2),
+    labels="per_seed",
+  ),
+  # The comparisons under noise only (the Kvasir-SEG CPU table).
+  "noisy": dict(
+    rows=method_rows(("ce", "l2b", "metadcseg")),
+    noises=("l2b40", "l2b60"),
+    seeds=(0, 1, 2),
+    labels="per_seed",
   ),
   # The paper's Table 2 columns.
   "paper": dict(
     rows=method_rows(("ce", "l2b", "metadcseg")),
     noises=("none", "l2b20", "l2b40", "l2b60"),
     seeds=(0, 1, 2),
+    labels="per_seed",
   ),
-  "ablation": dict(rows=list(ABLATIONS), noises=("l2b40",), seeds=(0, 1, 2)),
+  "ablation": dict(rows=list(ABLATIONS), noises=("l2b40",), seeds=(0, 1, 2), labels="per_seed"),
   # Every registered method (plain losses, two networks, GSD-Net, DALE, L2B, MetaDCSeg) at the
   # same noise levels, seeds and budget.
   "comparison": dict(
     rows=method_rows(methods.NAMES),
     noises=("none", "l2b40", "l2b60"),
     seeds=(0, 1, 2),
+    labels="per_seed",
   ),
 }
 
@@ -152,13 +172,24 @@ def check_grid(rows: Sequence[Row], noises: Sequence[str], seeds: Sequence[int])
 
 
 def run_config(
-  config: ml_collections.ConfigDict, *, row: Row, noise_kind: str, seed: int
+  config: ml_collections.ConfigDict,
+  *,
+  row: Row,
+  noise_kind: str,
+  seed: int,
+  labels: str = "fixed",
 ) -> ml_collections.ConfigDict:
-  """A copy of `config` with the row's method and overrides, the noise kind and the seed."""
+  """A copy of `config` with the row's method and overrides, the noise kind and the seed; with
+  `labels="per_seed"` the seed also draws the noise realisation and the meta split."""
+  if labels not in LABEL_MODES:
+    raise ConfigError(f"--labels: {labels!r}, choose from {LABEL_MODES}")
   cfg = config.copy_and_resolve_references()
   cfg.method = row.method
   cfg.data.noise.kind = noise_kind
   cfg.seed = seed
+  if labels == "per_seed":
+    cfg.data.noise.seed = seed
+    cfg.data.meta_seed = seed
   for key, value in row.overrides:
     *path, field = key.split(".")
     node = cfg
@@ -185,6 +216,7 @@ def run_benchmark(
   rows: Sequence[Row],
   noises: Sequence[str],
   seeds: Sequence[int],
+  labels: str = "fixed",
   command: str = "",
   echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
@@ -197,6 +229,7 @@ def run_benchmark(
     rows: the table's rows (`method_rows`, `ABLATIONS`, or a preset's).
     noises: values of config.data.noise.kind ("none" for clean labels).
     seeds: values of config.seed.
+    labels: "per_seed" (the seed draws the noise and the meta split too) or "fixed".
     command: the command line, recorded in benchmark.md and benchmark.json.
     echo: where progress lines go.
 
@@ -222,8 +255,10 @@ def run_benchmark(
     rdir = run_dir(root, noise_kind, row, seed)
     tag = f"[{i}/{len(combos)}] {noise_kind}/{row.label}/seed{seed}"
     done = rdir / "results.json"
+    cfg = run_config(config, row=row, noise_kind=noise_kind, seed=seed, labels=labels)
     if done.is_file():
       results = _load_results(done)
+      _check_labels(results, cfg, rdir)
       note = ""
       if results["epoch"] != config.train.num_epochs:
         note = (
@@ -235,9 +270,7 @@ def run_benchmark(
     echo(f"{tag}: training in {rdir}")
     t0 = time.perf_counter()
     try:
-      results = train.train_and_evaluate(
-        run_config(config, row=row, noise_kind=noise_kind, seed=seed), str(rdir)
-      )
+      results = train.train_and_evaluate(cfg, str(rdir))
     except NonFiniteLossError as e:
       # One diverging run must not cost the rest of the benchmark; rerunning retries it.
       echo(f"{tag}: FAILED: {e}")
@@ -246,6 +279,9 @@ def run_benchmark(
     echo(f"{tag}: {_short(results)}  [{time.perf_counter() - t0:.0f} s]")
     write()
   cells = write()
+  paired = comparisons(root, cells)
+  if paired:
+    echo("paired differences, test Dice (points):\n" + comparison_table(paired))
   echo(
     f"tables: {root / 'benchmark.md'}  numbers: {root / 'benchmark.json'}  "
     f"plot: {root / 'dice_vs_noise.png'}"
@@ -259,6 +295,18 @@ def run_benchmark(
 
 
 # ----------------------------------------------------------------------------- the numbers
+
+
+def _check_labels(results: Mapping[str, Any], cfg: ml_collections.ConfigDict, rdir) -> None:
+  """A finished run trained on other noisy labels than this invocation asks for (the other
+  label mode) would pair wrongly with the new runs: refused, naming the folder."""
+  want = cfg.data.noise.seed if cfg.data.noise.kind != "none" else None
+  got = (results.get("noise") or {}).get("seed")
+  if want is not None and got is not None and int(got) != int(want):
+    raise ConfigError(
+      f"{rdir} was trained with noise seed {got}, this benchmark asks for {want} (another "
+      "--labels mode?): use another --workdir, or delete the folder to retrain it"
+    )
 
 
 def _load_results(path: pathlib.Path) -> dict[str, Any]:
@@ -337,8 +385,201 @@ def collect(
           }
           for params in ("ema", "raw")
         }
+        # The EMA weights with each choice of BatchNorm statistics (runs that recorded both).
+        if all("ema_bn" in f[2][split] for f in found):
+          for bn in train.EMA_BATCH_STATS:
+            cell[split][f"ema_bn_{bn}"] = {
+              "dice": _stat([f[2][split]["ema_bn"][bn]["dice"] for f in found])
+            }
       cells.append(cell)
   return cells
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+
+
+def claim_pairs(cells: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+  """The (row, reference row) pairs the tables make claims about, by label: MetaDCSeg against
+  L2B; every ablation variant against its method's default row; every other method against
+  CE."""
+  methods_of = {c["label"]: c["method"] for c in cells}
+  pairs = []
+  if "metadcseg" in methods_of and "l2b" in methods_of:
+    pairs.append(("metadcseg", "l2b"))
+  for label, method in methods_of.items():
+    if label != method and method in methods_of:
+      pairs.append((label, method))
+    elif label == method and method != "ce" and "ce" in methods_of:
+      pairs.append((label, "ce"))
+  return list(dict.fromkeys(pairs))
+
+
+def _case_scores(run: pathlib.Path, split: str, params: str, metric: str):
+  """(case ids, scores) of one finished run from its cases.json; None when it has none.
+
+  `params`: "raw", "ema", or "ema_bn_<choice>" (the EMA weights with that choice of BatchNorm
+  statistics)."""
+  try:
+    entry = json.loads((run / train.CASES_FILE).read_text())[split]
+    entry = (
+      entry["ema_bn"][params[len("ema_bn_") :]] if params.startswith("ema_bn_") else entry[params]
+    )
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  values = np.asarray([np.nan if v is None else v for v in entry[metric]], np.float64)
+  return list(entry["case_ids"]), values
+
+
+def paired_scores(
+  root: pathlib.Path, cell_a, cell_b, *, split: str, params_a: str, params_b: str, metric: str
+):
+  """(seeds, a (S, N), b (S, N)) over the seeds both cells finished with case scores."""
+  dir_a, dir_b = (Row(c["label"], c["method"]).dirname for c in (cell_a, cell_b))
+  seeds, rows_a, rows_b = [], [], []
+  for seed in [s for s in cell_a["seeds"] if s in cell_b["seeds"]]:
+    a = _case_scores(root / cell_a["noise"] / dir_a / f"seed{seed}", split, params_a, metric)
+    b = _case_scores(root / cell_b["noise"] / dir_b / f"seed{seed}", split, params_b, metric)
+    if a is None or b is None:
+      continue
+    if a[0] != b[0]:
+      raise ValueError(
+        f"{cell_a['noise']}/{dir_a} and {dir_b} seed {seed}: scored on different {split} cases"
+      )
+    seeds.append(seed)
+    rows_a.append(a[1])
+    rows_b.append(b[1])
+  if not seeds:
+    return [], None, None
+  return seeds, np.stack(rows_a), np.stack(rows_b)
+
+
+def comparisons(
+  workdir, cells: Sequence[Mapping[str, Any]], *, split: str = "test", metric: str = "dice"
+) -> list[dict[str, Any]]:
+  """The paired differences of every `claim_pairs` pair at every noise level, EMA and raw.
+
+  Returns:
+    Dicts {"noise", "row", "reference", "params", "split", "metric", "seed_list"} plus
+    `stats.paired_difference`'s fields (in units of the metric: Dice in [0, 1]).
+  """
+  root = pathlib.Path(workdir)
+  by = {(c["noise"], c["label"]): c for c in cells}
+  out = []
+  for noise_kind in dict.fromkeys(c["noise"] for c in cells):
+    for a, b in claim_pairs(cells):
+      if (noise_kind, a) not in by or (noise_kind, b) not in by:
+        continue
+      for params in ("ema", "raw"):
+        seeds, sa, sb = paired_scores(
+          root,
+          by[noise_kind, a],
+          by[noise_kind, b],
+          split=split,
+          params_a=params,
+          params_b=params,
+          metric=metric,
+        )
+        if not seeds:
+          continue
+        out.append(
+          {
+            "noise": noise_kind,
+            "row": a,
+            "reference": b,
+            "params": params,
+            "split": split,
+            "metric": metric,
+            "seed_list": seeds,
+            **stats.paired_difference(sa, sb),
+          }
+        )
+  return out
+
+
+def ema_bn_comparisons(workdir, cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Validation Dice of the EMA weights with recomputed BatchNorm statistics against the EMA of
+  the statistics, paired over seeds and validation cases, for every cell that recorded both:
+  what the default of `config.train.ema_batch_stats` is chosen on."""
+  root = pathlib.Path(workdir)
+  out = []
+  for cell in cells:
+    seeds, rec, ema = paired_scores(
+      root,
+      cell,
+      cell,
+      split="val",
+      params_a="ema_bn_recompute",
+      params_b="ema_bn_ema",
+      metric="dice",
+    )
+    if seeds:
+      out.append(
+        {
+          "noise": cell["noise"],
+          "row": cell["label"],
+          "seed_list": seeds,
+          "recompute": float(np.mean(rec)),
+          "ema": float(np.mean(ema)),
+          **stats.paired_difference(rec, ema),
+        }
+      )
+  return out
+
+
+def _points(value: float | None, signed: bool = True) -> str:
+  if value is None:
+    return "-"
+  return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}"
+
+
+def _interval(c: Mapping[str, Any]) -> str:
+  if c["low"] is None:
+    return "-"
+  return f"[{c['low'] * 100:+.2f}, {c['high'] * 100:+.2f}]"
+
+
+def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Markdown: one line per paired comparison (differences in points of the metric)."""
+  out = [
+    "| noise | row − reference | params | seeds | difference | 95% interval | seed part (se) "
+    "| test part (se) | verdict | seeds for ±2 points |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for c in rows:
+    need = c["seeds_to_resolve"]
+    out.append(
+      f"| {noise_label(c['noise'])} | {c['row']} − {c['reference']} | {c['params']} "
+      f"| {len(c['seed_list'])} | {_points(c['mean'])} | {_interval(c)} "
+      f"| {_points(c['se_seed'], False)} | {_points(c['se_test'], False)} | {c['verdict']} "
+      f"| {need if need is not None else ('> 1000' if c['low'] is not None else '-')} |"
+    )
+  return "\n".join(out)
+
+
+def ema_bn_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Markdown: validation Dice of the EMA weights with each choice of statistics, per cell,
+  and a last line counting the verdicts."""
+  out = [
+    "| noise | row | seeds | EMA of the statistics | recomputed | recomputed − EMA | 95% interval "
+    "| verdict |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for c in rows:
+    out.append(
+      f"| {noise_label(c['noise'])} | {c['row']} | {len(c['seed_list'])} "
+      f"| {_points(c['ema'], False)} | {_points(c['recompute'], False)} | {_points(c['mean'])} "
+      f"| {_interval(c)} | {c['verdict']} |"
+    )
+  if rows:
+    verdicts = [c["verdict"] for c in rows]
+    out += [
+      "",
+      f"Recomputed statistics over all {len(rows)} cells: mean difference "
+      f"{_points(float(np.mean([c['mean'] for c in rows])))} points; ahead in "
+      f"{verdicts.count('ahead')}, behind in {verdicts.count('behind')}, not resolved in "
+      f"{len(rows) - verdicts.count('ahead') - verdicts.count('behind')}.",
+    ]
+  return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- the tables
@@ -426,9 +667,15 @@ def corruption_lines(cells: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def to_markdown(
-  cells: Sequence[Mapping[str, Any]], *, command: str = "", failed: Sequence[Mapping[str, Any]] = ()
+  cells: Sequence[Mapping[str, Any]],
+  *,
+  command: str = "",
+  failed: Sequence[Mapping[str, Any]] = (),
+  paired: Sequence[Mapping[str, Any]] = (),
+  ema_bn: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-  """benchmark.md: the command, the tables on test (EMA, raw) and validation, corruption."""
+  """benchmark.md: the command, the tables on test (EMA, raw) and validation, the paired
+  comparisons with their intervals and verdicts, the EMA statistics' choice, corruption."""
   out = ["# Benchmark", ""]
   if command:
     out += ["```bash", command, "```", ""]
@@ -449,6 +696,26 @@ def to_markdown(
       ("Validation, raw parameters", "val", "raw"),
     ):
       out += [f"## {title}", "", main_table(cells, split=split, params=params), ""]
+    if paired:
+      out += [
+        "## Paired differences: test Dice, points",
+        "",
+        "Mean over seeds and test cases of the per-case difference; the 95% interval covers "
+        "both the seeds and the finite test set (`metadcseg_jax.stats`), the two parts given "
+        "as standard errors. Verdict: ahead / behind when the interval excludes zero. Seeds "
+        "for ±2 points: seeds needed for an interval half-width under 2 points at the measured "
+        "variance.",
+        "",
+        comparison_table(paired),
+        "",
+      ]
+    if ema_bn:
+      out += [
+        "## EMA weights: BatchNorm statistics, validation Dice (%)",
+        "",
+        ema_bn_table(ema_bn),
+        "",
+      ]
     ablation = ablation_table(cells)
     if ablation:
       out += ["## Ablation (the paper's Table 5 layout): DSC", "", ablation, ""]
@@ -479,10 +746,19 @@ def write_outputs(
   """Writes benchmark.md, benchmark.json and (when there are cells) dice_vs_noise.png."""
   root = pathlib.Path(workdir)
   cells = collect(root, rows=rows, noises=noises, seeds=seeds)
-  (root / "benchmark.md").write_text(to_markdown(cells, command=command, failed=failed))
-  (root / "benchmark.json").write_text(
-    json.dumps(_json_safe({"command": command, "cells": cells, "failed": list(failed)}), indent=1)
+  paired = comparisons(root, cells)
+  ema_bn = ema_bn_comparisons(root, cells)
+  (root / "benchmark.md").write_text(
+    to_markdown(cells, command=command, failed=failed, paired=paired, ema_bn=ema_bn)
   )
+  record = {
+    "command": command,
+    "cells": cells,
+    "comparisons": paired,
+    "ema_batch_stats": ema_bn,
+    "failed": list(failed),
+  }
+  (root / "benchmark.json").write_text(json.dumps(_json_safe(record), indent=1))
   if cells:
     try:
       figures.plot_dice_vs_noise(cells, root / "dice_vs_noise.png", label=noise_label)

@@ -10,12 +10,15 @@ import pathlib
 import numpy as np
 import pytest
 
+from experiments.configs import kvasir_cpu
+from experiments.configs import kvasir_seg
 from experiments.configs import tiny
 from metadcseg_jax import benchmark
 from metadcseg_jax import figures
 from metadcseg_jax import methods
 from metadcseg_jax import noise
 from metadcseg_jax import train
+from metadcseg_jax import validate
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 
@@ -203,7 +206,9 @@ def test_bad_grid_and_overrides(tmp_path):
     benchmark.run_config(
       config, row=benchmark.Row("x", "ce", (("dcd.nope", 1),)), noise_kind="none", seed=0
     )
-  assert set(benchmark.PRESETS) == {"main", "paper", "ablation", "comparison"}
+  assert set(benchmark.PRESETS) == {"main", "noisy", "paper", "ablation", "comparison"}
+  # Every preset backs a claim: each seed draws its own noisy labels and meta split.
+  assert {p["labels"] for p in benchmark.PRESETS.values()} == {"per_seed"}
   # Every registered method is a row of the comparison table.
   assert {r.method for r in benchmark.PRESETS["comparison"]["rows"]} == set(methods.NAMES)
   assert len({r.dirname for r in benchmark.ABLATIONS}) == len(benchmark.ABLATIONS)
@@ -262,3 +267,95 @@ def test_largest_batch_search_doubles_then_bisects(monkeypatch):
   assert tried[:5] == [8, 16, 32, 64, 128] and len(tried) <= 12
   monkeypatch.setattr(bench_throughput, "fits", lambda config: False)
   assert bench_throughput.max_batch("ce", 32, 4, 1, "float32") == 0
+
+
+def test_per_seed_labels_draw_noise_and_meta_split_with_the_seed(tmp_path):
+  config = tiny.get_config()
+  config.lock()
+  per_seed = benchmark.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="per_seed")
+  assert (per_seed.seed, per_seed.data.noise.seed, per_seed.data.meta_seed) == (2, 2, 2)
+  fixed = benchmark.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="fixed")
+  assert fixed.data.noise.seed == config.data.noise.seed and fixed.data.meta_seed is None
+  with pytest.raises(ConfigError, match="--labels"):
+    benchmark.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="random")
+  # A finished run on other noisy labels (the other mode) is refused, not paired.
+  res = _results(0.5, 0.4, 5.0)
+  res["noise"] = {"kind": "l2b40", "seed": 0}
+  _write_run(tmp_path, "l2b40", CE, 2, res)
+  with pytest.raises(ConfigError, match="noise seed 0"):
+    benchmark.run_benchmark(
+      config, tmp_path, rows=[CE], noises=["l2b40"], seeds=[2], labels="per_seed", echo=print
+    )
+
+
+def test_meta_split_follows_meta_seed():
+  split = lambda seed: pipeline._split_meta(100, fraction=0.05, min_size=2, seed=seed)[1]
+  assert not np.array_equal(split(0), split(1))
+  assert np.array_equal(split(3), split(3))
+
+
+def _write_cases(run, dice_by_params, case_ids):
+  cases = {
+    split: {
+      "raw": {"case_ids": case_ids, "dice": list(dice_by_params["raw"])},
+      "ema": {"case_ids": case_ids, "dice": list(dice_by_params["ema"])},
+      "ema_bn": {
+        bn: {"case_ids": case_ids, "dice": list(dice_by_params[bn])} for bn in ("ema", "recompute")
+      },
+    }
+    for split in ("val", "test")
+  }
+  (run / train.CASES_FILE).write_text(json.dumps(cases))
+
+
+def test_paired_comparisons_from_each_runs_case_scores(tmp_path):
+  rng = np.random.default_rng(0)
+  ids = [f"case{i}" for i in range(40)]
+  l2b = benchmark.Row("l2b", "l2b")
+  variant = benchmark.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
+  rows, gains = [CE, l2b, META, variant], {"ce": 0.0, "l2b": 0.10, "metadcseg": 0.12}
+  gains["metadcseg: DCD off"] = 0.11
+  scores = {}
+  for seed in range(3):
+    base = rng.uniform(0.3, 0.7, len(ids))
+    for row in rows:
+      d = np.clip(base + gains[row.label] + rng.normal(0, 0.01, len(ids)), 0, 1)
+      per = {"raw": d, "ema": d, "recompute": d + 0.02}
+      scores[row.label, seed] = per
+      res = _results(float(d.mean()), 0.5, 5.0, method=row.method)
+      _write_cases(_write_run(tmp_path, "l2b40", row, seed, res), per, ids)
+  cells = benchmark.collect(tmp_path, rows=rows, noises=["l2b40"])
+  assert benchmark.claim_pairs(cells) == [
+    ("metadcseg", "l2b"),
+    ("l2b", "ce"),
+    ("metadcseg", "ce"),
+    ("metadcseg: DCD off", "metadcseg"),
+  ]
+  found = benchmark.comparisons(tmp_path, cells)
+  by = {(c["row"], c["reference"], c["params"]): c for c in found}
+  c = by["l2b", "ce", "raw"]
+  want = np.mean([scores["l2b", s]["raw"] - scores["ce", s]["raw"] for s in range(3)])
+  assert c["mean"] == pytest.approx(want) and c["seed_list"] == [0, 1, 2]
+  assert c["verdict"] == "ahead" and c["se_seed"] > 0 and c["se_test"] > 0
+  assert by["metadcseg", "l2b", "ema"]["mean"] == pytest.approx(0.02, abs=0.01)
+  ema_bn = benchmark.ema_bn_comparisons(tmp_path, cells)
+  assert len(ema_bn) == 4 and all(e["mean"] == pytest.approx(0.02, abs=1e-9) for e in ema_bn)
+  benchmark.write_outputs(tmp_path, rows=rows, noises=["l2b40"])
+  md = (tmp_path / "benchmark.md").read_text()
+  assert "## Paired differences" in md and "| 40% | l2b − ce | raw | 3 |" in md
+  assert "Recomputed statistics over all 4 cells" in md
+  saved = json.loads((tmp_path / "benchmark.json").read_text())
+  assert len(saved["comparisons"]) == 8 and len(saved["ema_batch_stats"]) == 4
+  # Runs scored on different test cases cannot be paired.
+  run = benchmark.run_dir(tmp_path, "l2b40", CE, 0)
+  _write_cases(run, scores["ce", 0], ids[::-1])
+  with pytest.raises(ValueError, match="different test cases"):
+    benchmark.comparisons(tmp_path, cells)
+
+
+def test_kvasir_presets_load(tmp_path):
+  cpu, gpu = kvasir_cpu.get_config(), kvasir_seg.get_config()
+  assert (cpu.data.size, gpu.data.size, gpu.train.num_epochs) == (64, 256, 140)  # Table 8
+  for config in (cpu, gpu):
+    config.data.manual_dir = str(tmp_path)
+    validate.check_config(config)

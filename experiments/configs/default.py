@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.n_val = 50
   config.data.n_test = 100
   config.data.seed = 0  # synthetic generation and the meta split
+  # The meta split's own seed (None: data.seed), so that the clean meta set can vary while a
+  # synthetic dataset stays the same (the benchmark's `--labels=per_seed`).
+  config.data.meta_seed = config_dict.placeholder(int)
   config.data.meta_fraction = 0.02  # MetaDCSeg §4.1: 2% clean meta set
   config.data.augment = True
   config.data.num_workers = 0  # grain worker processes for reading and augmenting (0: threads)
@@ -79,6 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 5e-4
   config.train.grad_clip = 0.2  # global norm; 0 disables
   config.train.ema_decay = 0.99
+  # BatchNorm statistics used with the EMA weights at evaluation: "recompute" (one train-mode
+  # pass over the training images for the EMA weights, SWA's bn_update) | "ema" (the EMA of the
+  # running statistics). results.json holds both; the default is the one chosen on validation
+  # (BUILD_NOTES.md, "EMA BatchNorm statistics").
+  config.train.ema_batch_stats = "recompute"
   config.train.eval_every_epochs = 5
   config.train.eval_batch_size = 16
   config.train.log_every_steps = 50

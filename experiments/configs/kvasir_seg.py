@@ -4,7 +4,13 @@ r"""MetaDCSeg on Kvasir-SEG with the paper's Table 8 hyper-parameters (see table
         --config.data.manual_dir=/path/to/Kvasir-SEG --workdir=runs/kvasir_seg
 
 Input: the Kvasir-SEG folder (images/ and masks/ jpg).
-Cost: 140 epochs, hours on a GPU, days on a CPU.
+Cost: 140 epochs, hours on a GPU, days on a CPU. The comparison table in this setting (the
+GPU preset; several runs share one GPU as separate processes, one per noise level):
+
+    metadcseg-benchmark --config=experiments/configs/kvasir_seg.py --workdir=runs/kvasir_paper \
+        --preset=noisy --config.data.manual_dir=/path/to/Kvasir-SEG
+
+A 2-core CPU runs `kvasir_cpu.py` instead.
 Label noise: --config.data.noise.kind=l2b20|l2b40|l2b60|markov_sr|markov_se|dist|none.
 """
 

@@ -207,7 +207,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> 
 
   Args:
     config: the `data` sub-config (name, data_dir, size, channels, num_classes, meta_fraction,
-      seed, noise.{kind, seed, options}).
+      seed, meta_seed (None: seed), noise.{kind, seed, options}).
     meta_batch_size: the meta split holds at least one meta batch.
 
   Returns:
@@ -219,8 +219,12 @@ def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> 
       raise DataError(f"dataset {config.name!r} ({key}): split {split!r} is empty")
   shape = (config.size, config.size, config.channels)
   n_train = len(sources["train"])
+  meta_seed = config.get("meta_seed")
   train_idx, meta_idx = _split_meta(
-    n_train, fraction=config.meta_fraction, min_size=meta_batch_size, seed=config.seed
+    n_train,
+    fraction=config.meta_fraction,
+    min_size=meta_batch_size,
+    seed=config.seed if meta_seed is None else meta_seed,
   )
   clean = load_labels(sources["train"], f"{key}/train", config.num_classes)
   noisy, noise_info = _noisy_labels(clean, config, key)

@@ -21,7 +21,7 @@ also the clean "meta_image" (Bv,H,W,C) and "meta_label" (Bv,H,W).
 
 import abc
 import functools
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 import flax.struct
 import jax
@@ -31,6 +31,7 @@ import optax
 
 from metadcseg_jax import models
 from metadcseg_jax import optim
+from metadcseg_jax.models import unet
 from metadcseg_jax.types import Array
 
 # (state, batch, rng) -> (state, metrics): what `Method.train_step` returns (not yet jitted).
@@ -129,6 +130,13 @@ class Method(abc.ABC):
     sees it) at `state`, nothing trained (jittable)."""
     raise NotImplementedError(f"{self.name} computes no label audit")
 
+  def recompute_ema_batch_stats(self, state: Any, batches: Callable[[], Iterable[Array]]) -> Any:
+    """`state` with the BatchNorm statistics of its EMA weights recomputed from `batches()`
+    (equal-sized (B,H,W,C) batches of training images), SWA's `bn_update`. Unchanged by default
+    (a method without BatchNorm or EMA)."""
+    del batches
+    return state
+
   def explain(self, state: Any, batch: dict[str, Array]) -> list[PixelMap]:
     """Per-pixel maps of one training batch for the figure `figure_name` (none by default).
 
@@ -162,6 +170,14 @@ class TrainState:
   ema_batch_stats: Any
   rng: Array
   extra: Any
+
+
+def map_norm_stats(fn: Callable[[Array, Array], tuple[Array, Array]], stats: Mapping) -> dict:
+  """`fn(mean, var) -> (mean, var)` applied to each BatchNorm's {"mean", "var"} in `stats`."""
+  if set(stats) == {"mean", "var"}:
+    mean, var = fn(stats["mean"], stats["var"])
+    return {"mean": mean, "var": var}
+  return {k: map_norm_stats(fn, v) for k, v in stats.items()}
 
 
 @functools.lru_cache(maxsize=16)
@@ -302,6 +318,47 @@ class SingleNetworkMethod(Method):
       return new_state, self.measurements(loss, grads, new_state.params)
 
     return step
+
+  @functools.cached_property
+  def _batch_moments(self) -> Callable:
+    def moments(params, batch_stats, images):
+      zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+      _, updates = self.model.apply(
+        {"params": params, "batch_stats": zeros}, images, train=True, mutable=["batch_stats"]
+      )
+      # flax's running update is m·old + (1 − m)·batch: from zeros it is (1 − m)·batch.
+      scale = 1.0 / (1.0 - unet.BN_MOMENTUM)
+      return map_norm_stats(
+        lambda mean, var: (mean * scale, var * scale + jnp.square(mean * scale)),
+        updates["batch_stats"],
+      )
+
+    return jax.jit(moments)
+
+  def recomputed_batch_stats(self, params, batch_stats, batches: Iterable[Array]):
+    """BatchNorm statistics of `params` over all of `batches` (equal-sized (B,H,W,C) arrays).
+
+    Each BatchNorm's mean and (biased) variance over every pixel of every batch, each layer's
+    input normalised with its batch's statistics as in training: the mean of the batch means
+    and of the batch second moments, variance = second moment − mean².
+    """
+    total, n = None, 0
+    for images in batches:
+      m = self._batch_moments(params, batch_stats, images)
+      total = m if total is None else jax.tree.map(jnp.add, total, m)
+      n += 1
+    if n == 0:
+      raise ValueError("recomputing BatchNorm statistics needs at least one batch")
+    return map_norm_stats(
+      lambda mean, sq: (mean / n, jnp.maximum(sq / n - jnp.square(mean / n), 0.0)), total
+    )
+
+  def recompute_ema_batch_stats(self, state, batches):
+    return state.replace(
+      ema_batch_stats=self.recomputed_batch_stats(
+        state.ema_params, state.ema_batch_stats, batches()
+      )
+    )
 
   def predict(self, state, images, *, variant="raw"):
     if variant == "ema":

@@ -194,6 +194,13 @@ class TwoNetworkMethod(base.SingleNetworkMethod):
       out.append(logits)
     return tuple(out)
 
+  def recompute_ema_batch_stats(self, state, batches):
+    stats = tuple(
+      self.recomputed_batch_stats(p, s, batches())
+      for p, s in zip(state.ema_params, state.ema_batch_stats)
+    )
+    return state.replace(ema_batch_stats=stats)
+
   def predict(self, state, images, *, variant="raw"):
     l1, l2 = self.logits_pair(state, images, variant=variant)
     return jax.nn.softmax(l1 + l2, axis=-1)
