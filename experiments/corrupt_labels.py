@@ -15,7 +15,7 @@ from metadcseg_jax import benchmark
 from metadcseg_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file (ml_collections).", lock_config=True
+  "config", None, "Config file (listed below) of the dataset and its noise.", lock_config=True
 )
 _KINDS = flags.DEFINE_list("kinds", ["l2b20", "l2b40", "l2b60"], "Noise kinds to build.")
 flags.mark_flags_as_required(["config"])

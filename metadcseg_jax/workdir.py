@@ -7,11 +7,13 @@
 
 Files: `.lock` (while a run holds the folder: pid, host, start), `config.json` (the settings of
 the first invocation), `config_history.jsonl` (one line per invocation: time, host, pid,
-command line, settings), `metrics.jsonl` (one JSON object per line).
+command line, settings), `metrics.jsonl` (one JSON object per line) and, mirroring it,
+TensorBoard's `events.out.tfevents.*` (`metadcseg_jax.summaries`).
 """
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import pathlib
@@ -23,6 +25,7 @@ from absl import logging
 import ml_collections
 
 from metadcseg_jax import files
+from metadcseg_jax import summaries as summaries_lib
 from metadcseg_jax.errors import WorkdirError
 
 LOCK_NAME = ".lock"
@@ -59,10 +62,14 @@ class MetricsLog:
   Each record is one `os.write` of a complete line to a file opened for appending, so a kill
   leaves a line whole or absent; should a line still be torn (a full disk, a crash of the
   machine), `read` drops it with a warning naming the file.
+
+  With `summaries`, every record is also written to TensorBoard's event file, and
+  `truncate_after` rewrites that to the records kept.
   """
 
-  def __init__(self, path: pathlib.Path):
+  def __init__(self, path: pathlib.Path, summaries: summaries_lib.Summaries | None = None):
     self.path = path
+    self.summaries = summaries
 
   def append(self, record: dict[str, Any]) -> None:
     data = (json.dumps(record) + "\n").encode()
@@ -71,6 +78,8 @@ class MetricsLog:
       os.write(fd, data)
     finally:
       os.close(fd)
+    if self.summaries is not None:
+      self.summaries.write_record(record)
 
   def read(self) -> list[dict[str, Any]]:
     """The records in file order; unreadable lines are dropped with a warning."""
@@ -100,25 +109,58 @@ class MetricsLog:
 
   def truncate_after(self, epoch: int) -> None:
     """Keeps the records of epochs <= `epoch` (a killed run may have logged past its
-    checkpoint) and drops torn lines; rewritten atomically."""
-    if not self.path.exists():
-      return
+    checkpoint) and drops torn lines; rewritten atomically. The event files are rewritten
+    from the kept records."""
     kept = [r for r in self.read() if r["epoch"] <= epoch]
-    files.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    if self.path.exists():
+      files.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    if self.summaries is not None:
+      self.summaries.rebuild(kept)
+
+
+HINT_WRITABLE = "pass a --workdir in a folder you can write to"
+
+
+def make_dir(path: str | os.PathLike, *, writable: bool = True) -> pathlib.Path:
+  """Creates the folder `path` (and its missing parents) and, with `writable`, checks that it
+  can be written.
+
+  Raises:
+    WorkdirError: `path` or a parent is a file, or the folder cannot be created or written,
+      naming the folder at fault.
+  """
+  path = pathlib.Path(path).expanduser().resolve()
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f"workdir {path} exists and is not a directory: pass a folder")
+  hint = HINT_WRITABLE
+  if not path.exists():
+    # The nearest folder that exists is the one at fault when nothing below it can be made.
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+      raise WorkdirError(f"cannot create workdir {path}: {existing} is a file, not a folder")
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "is on a read-only file system" if e.errno == errno.EROFS else "is not writable"
+        raise WorkdirError(f"cannot create workdir {path}: {existing} {why}; {hint}") from None
+      first = next(p for p in (path, *path.parents) if p.parent == existing)
+      raise WorkdirError(
+        f"cannot create workdir {path}: cannot create {first} in {existing} ({e.strerror}); {hint}"
+      ) from None
+  if writable and not os.access(path, os.W_OK):
+    raise WorkdirError(f"workdir {path} is not writable; {hint}")
+  return path
 
 
 class Workdir:
   """The folder of one run (created if missing)."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path).expanduser().resolve()
-    if self.path.exists() and not self.path.is_dir():
-      raise WorkdirError(f"workdir {self.path} exists and is not a directory: pass a folder")
-    try:
-      self.path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise WorkdirError(f"cannot create workdir {self.path}: {e.strerror}") from None
-    self.metrics = MetricsLog(self.path / "metrics.jsonl")
+    # Reading a finished run needs no write access; taking the lock checks it.
+    self.path = make_dir(path, writable=False)
+    self.summaries = summaries_lib.Summaries(self.path)
+    self.metrics = MetricsLog(self.path / "metrics.jsonl", self.summaries)
     self.checkpoints = self.path / "checkpoints"
     self._lock_path = self.path / LOCK_NAME
 
@@ -142,6 +184,10 @@ class Workdir:
       fd = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
       return False
+    except OSError as e:
+      raise WorkdirError(
+        f"workdir {self.path} is not writable ({e.strerror}); {HINT_WRITABLE}"
+      ) from None
     with os.fdopen(fd, "w") as f:
       json.dump(me, f)
     return True
@@ -150,7 +196,8 @@ class Workdir:
     """Takes the folder for this process; a stale lock of a dead process is taken over.
 
     Raises:
-      WorkdirError: another live process (or a process on another host) holds the folder.
+      WorkdirError: another live process (or a process on another host) holds the folder, or
+        the folder is not writable.
     """
     if self._try_lock():
       return
@@ -181,6 +228,7 @@ class Workdir:
     )
 
   def release(self) -> None:
+    self.summaries.close()
     if self._holder().get("pid") == os.getpid():
       self._lock_path.unlink(missing_ok=True)
 

@@ -1,21 +1,28 @@
-"""The installed console scripts, run as a new user would: the quick start end to end, resume,
-the corruption and benchmark commands, and user errors as one line.
+"""The installed console scripts, run as a new user would: the quick start end to end, its
+TensorBoard events, resume, the corruption and benchmark commands, every command's --help, and
+user errors as one line.
 
 Each command is a subprocess of the console script pip installed beside this interpreter. They
 share one data folder, so JAX's persistent compilation cache under it serves the later runs.
 """
 
+import collections
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import textwrap
+import tomllib
 
 import pytest
 
+from metadcseg_jax import summaries
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "configs" / "tiny.py")
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
 def _script(name: str) -> str:
@@ -73,6 +80,34 @@ def test_quick_start_writes_every_output(quick_start):
   assert "epoch 2/2 step" in out.stderr and "img/s" in out.stderr and "left" in out.stderr
 
 
+def _duplicated_steps(logdir) -> list[tuple[str, int]]:
+  counts = collections.Counter((e["tag"], e["step"]) for e in summaries.read(logdir))
+  return [key for key, n in counts.items() if n > 1]
+
+
+def test_quick_start_writes_tensorboard_events_and_says_how_to_see_them(quick_start):
+  workdir, out = quick_start
+  assert out.returncode == 0, out.stderr[-3000:]
+  series = summaries.scalars(workdir)
+  steps = [s for s, _ in series["train/loss"]]
+  assert len(steps) == 2 and steps == sorted(set(steps))  # one point per epoch
+  for tag in ("train/lr", "train/images_per_s"):
+    assert [s for s, _ in series[tag]] == steps, tag
+  # The loss terms of MetaDCSeg's epoch (the first is its warm-up on plain CE).
+  assert {"train/ce_term", "train/bd_term", "train/dice_term"} <= set(series)
+  for params in ("raw", "ema"):  # the validation after each epoch
+    for metric in ("dice", "iou", "hd95"):
+      assert [s for s, _ in series[f"val/{params}/{metric}"]] == steps, (params, metric)
+  assert {"diagnostics/grad_norm_total", "diagnostics/alpha_share"} <= set(series)
+  images = {e["tag"]: e for e in summaries.read(workdir) if "image" in e}
+  assert sorted(images) == ["figures/dcd", "figures/panel"]
+  assert images["figures/panel"]["image"] == (workdir / "panel.png").read_bytes()
+  assert images["figures/panel"]["step"] == steps[-1]
+  assert _duplicated_steps(workdir) == []
+  # The run ends naming what to open and how to watch it.
+  assert out.stdout.strip().splitlines()[-1] == f"tensorboard: tensorboard --logdir {workdir}"
+
+
 def test_quick_start_imports_only_declared_dependencies(quick_start, deps):
   _, out = quick_start
   modules = deps.modules_from_importtime(out.stderr)
@@ -98,6 +133,13 @@ def test_second_invocation_resumes_instead_of_retraining(quick_start, data_dir):
   assert [r["epoch"] for r in records if r["split"] == "train"] == [1, 2]
   assert json.loads((workdir / "results.json").read_text())["test"] == json.loads(before)["test"]
   assert len((workdir / "config_history.jsonl").read_text().splitlines()) == 2
+  # The event files were rewritten from the kept records, the figures written once again.
+  assert _duplicated_steps(workdir) == []
+  assert len(list(workdir.glob(summaries.EVENTS_GLOB))) == 1
+  assert sorted(e["tag"] for e in summaries.read(workdir) if "image" in e) == [
+    "figures/dcd",
+    "figures/panel",
+  ]
 
 
 def test_corrupt_command(data_dir):
@@ -131,6 +173,9 @@ def test_benchmark_command(data_dir, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert (tmp_path / "none" / "ce" / "seed0" / "results.json").is_file()
   assert (tmp_path / "dice_vs_noise.png").stat().st_size > 0
+  assert summaries.scalars(tmp_path / "none" / "ce" / "seed0")["val/ema/dice"]
+  assert f"plot: {tmp_path / 'dice_vs_noise.png'}" in out.stdout
+  assert out.stdout.strip().splitlines()[-1].endswith(f"tensorboard --logdir {tmp_path}")
   table = (tmp_path / "benchmark.md").read_text()
   assert "| ce | " in table and "--methods=ce" in table
   cells = json.loads((tmp_path / "benchmark.json").read_text())["cells"]
@@ -214,3 +259,253 @@ def test_a_busy_workdir_is_refused_with_the_holder_named(tmp_path):
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert f"is in use by pid {holder.pid}" in out.stderr
   assert not (workdir / "metrics.jsonl").exists()  # the busy run's files untouched
+
+
+# ------------------------------------------------------------ --help and mistakes, in-process
+
+# Console-script entry points called as the scripts call them, with sys.argv set, in one
+# interpreter so that JAX and the rest are imported once, not once per command (each command's
+# flags are removed before the next command's module is imported). For each call: the exit
+# status, stdout, everything written to stderr (absl's log lines included), and the flags the
+# command defines.
+_DRIVER = textwrap.dedent(
+  """
+  import contextlib, importlib, io, json, os, sys
+  from absl import app, flags, logging
+  app.define_help_flags()  # absl's own flags stay; the commands' are removed between them
+  FLAGS = flags.FLAGS
+  baseline, loaded, results = set(FLAGS), None, []
+  for call in json.loads(sys.argv[1]):
+    module_name, function = call["target"].split(":")
+    if module_name != loaded:
+      for flag in [f for f in list(FLAGS) if f not in baseline]:
+        if flag in FLAGS:
+          delattr(FLAGS, flag)
+      module, loaded = importlib.import_module(module_name), module_name
+    FLAGS.unparse_flags()
+    os.chdir(call["cwd"])
+    sys.argv = call["argv"]
+    out, err = io.StringIO(), io.StringIO()
+    logging.get_absl_handler().python_handler.stream = err
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        getattr(module, function)()
+        code = "returned"
+      except SystemExit as e:
+        code = e.code
+    logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    own = [f.name for f in FLAGS.get_key_flags_for_module(module_name)]
+    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "flags": own})
+  print(json.dumps(results))
+  """
+)
+
+
+def _call_entry_points(calls: list[dict]) -> list[dict]:
+  """`calls`: {"script", "argv" (after the script's name), "cwd"}; a script whose flags its
+  entry function defines (audit, throughput) is called once."""
+  order = sorted(range(len(calls)), key=lambda i: list(SCRIPTS).index(calls[i]["script"]))
+  payload = [
+    {
+      "target": SCRIPTS[calls[i]["script"]],
+      "argv": [calls[i]["script"], *calls[i]["argv"]],
+      "cwd": str(calls[i].get("cwd", ROOT)),
+    }
+    for i in order
+  ]
+  out = _run([sys.executable, "-c", _DRIVER, json.dumps(payload)])
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads(out.stdout.splitlines()[-1])
+  return [results[order.index(i)] for i in range(len(calls))]
+
+
+def _read_only_folder(tmp_path) -> pathlib.Path | None:
+  """A folder this process cannot create anything in (root ignores permissions: /sys)."""
+  folder = tmp_path / "read_only"
+  folder.mkdir()
+  folder.chmod(0o555)
+  if not os.access(folder, os.W_OK):
+    return folder
+  if sys.platform == "linux":
+    try:
+      os.mkdir("/sys/metadcseg_probe")
+    except OSError:
+      return pathlib.Path("/sys")
+    os.rmdir("/sys/metadcseg_probe")
+  return None
+
+
+def _mistakes(tmp: pathlib.Path) -> dict[str, tuple[str, list[str], str]]:
+  """Each command-line mistake: (script, arguments, the start of its one-line error)."""
+  (tmp / "syntax.py").write_text("import ml_collections\n\ndef get_config(:\n  pass\n")
+  (tmp / "fails.py").write_text("def get_config():\n  return undefined_name\n")
+  (tmp / "a_file").write_text("x")
+  (tmp / "folder").mkdir()
+  unreadable = tmp / "unreadable.py"
+  unreadable.write_text("def get_config():\n  return None\n")
+  unreadable.chmod(0)
+  read_only = _read_only_folder(tmp)
+  train = "metadcseg-train"
+  wd = f"--workdir={tmp / 'run'}"
+  rows = {
+    "relative config from another folder": (
+      train,
+      ["--config=experiments/configs/synthetic.py", wd],
+      "error: config file experiments/configs/synthetic.py not found in "
+      f"{tmp} (a relative path is read from the folder the command runs in; the commands in "
+      "the README run from the repository root); the shipped synthetic.py is "
+      f"{ROOT / 'experiments' / 'configs' / 'synthetic.py'}",
+    ),
+    "missing config": (
+      train,
+      [f"--config={tmp / 'nope.py'}", wd],
+      f"error: config file {tmp / 'nope.py'} not found; metadcseg-train --help lists the "
+      "configs that ship",
+    ),
+    "config is a folder": (
+      train,
+      [f"--config={tmp / 'folder'}", wd],
+      f"error: config {tmp / 'folder'} is a folder: pass a config file (.py) in it",
+    ),
+    "unreadable config": (
+      train,
+      [f"--config={unreadable}", wd],
+      f"error: cannot read config file {unreadable}: Permission denied",
+    ),
+    "config argument not taken": (
+      train,
+      [f"--config={TINY}:bad", wd],
+      f"error: config file {TINY} does not take the argument 'bad' (get_config() takes 0 "
+      f"positional arguments but 1 was given); pass --config={TINY}",
+    ),
+    "config syntax error": (
+      train,
+      [f"--config={tmp / 'syntax.py'}", wd],
+      f"error: syntax error in config file {tmp / 'syntax.py'}, line 3: ",
+    ),
+    "config raises": (
+      train,
+      [f"--config={tmp / 'fails.py'}", wd],
+      f"error: config file {tmp / 'fails.py'}, line 2 failed: NameError: name "
+      "'undefined_name' is not defined",
+    ),
+    "workdir under a file": (
+      train,
+      [f"--config={TINY}", f"--workdir={tmp / 'a_file' / 'run'}"],
+      f"error: cannot create workdir {tmp / 'a_file' / 'run'}: {tmp / 'a_file'} is a file, "
+      "not a folder",
+    ),
+    "workdir in a read-only folder": (
+      train,
+      [f"--config={TINY}", f"--workdir={read_only}/metadcseg_run/run"],
+      f"error: cannot create workdir {read_only}/metadcseg_run/run: {read_only} is ",
+    ),
+    "workdir is a read-only folder": (
+      train,
+      [f"--config={TINY}", f"--workdir={read_only}"],
+      f"error: workdir {read_only} is not writable (",
+    ),
+    "benchmark workdir in a read-only folder": (
+      "metadcseg-benchmark",
+      [f"--config={TINY}", f"--workdir={read_only}/bench", "--methods=ce", "--noise=none"],
+      f"error: cannot create workdir {read_only}/bench: {read_only} is ",
+    ),
+    "missing --workdir": (
+      train,
+      [f"--config={TINY}"],
+      "error: --workdir is required (metadcseg-train --help lists the flags)",
+    ),
+    "a positional argument": (
+      train,
+      [f"--config={TINY}", wd, "runs/x"],
+      "error: unexpected arguments runs/x: flags are written --name=value",
+    ),
+  }
+  if os.access(unreadable, os.R_OK):  # root reads it anyway
+    del rows["unreadable config"]
+  if read_only is None:
+    for row in [r for r in rows if "read-only" in r]:
+      del rows[row]
+  return rows
+
+
+@pytest.fixture(scope="module")
+def entry_points(tmp_path_factory):
+  """Every console script's --help and every mistake of `_mistakes`, in one interpreter."""
+  tmp = tmp_path_factory.mktemp("mistakes")
+  rows = _mistakes(tmp)
+  calls = [{"script": name, "argv": ["--help"]} for name in SCRIPTS]
+  calls += [{"script": script, "argv": argv, "cwd": tmp} for script, argv, _ in rows.values()]
+  results = _call_entry_points(calls)
+  helps = dict(zip(SCRIPTS, results[: len(SCRIPTS)]))
+  mistakes = {
+    row: (result, expected)
+    for (row, (_, _, expected)), result in zip(rows.items(), results[len(SCRIPTS) :])
+  }
+  return helps, mistakes
+
+
+@pytest.mark.parametrize(
+  "script, named",
+  [
+    ("metadcseg-train", ["--config=FILE[:ARG]", "--workdir=DIR", "--config.FIELD=VALUE"]),
+    ("metadcseg-bench", ["--sizes=", "--widths=", "--steps=", "--[no]torch"]),
+    ("metadcseg-corrupt", ["--config=FILE[:ARG]", "--kinds="]),
+    ("metadcseg-benchmark", ["--config=", "--workdir=DIR", "--preset=main|", "--seeds="]),
+    ("metadcseg-throughput", ["--size=INT", "--batches=", "--trainer_steps=INT"]),
+    ("metadcseg-audit", ["--workdir=DIR", "--top=INT", "--[no]recompute"]),
+  ],
+)
+def test_help_lists_the_commands_flags_and_exits_0(entry_points, script, named):
+  helps, _ = entry_points
+  assert sorted(helps) == sorted(SCRIPTS)  # every console script pyproject declares
+  result = helps[script]
+  text = result["stdout"]
+  assert result["code"] == 0 and result["stderr"] == "", result
+  assert result["flags"], script
+  for flag in result["flags"]:
+    assert f"--{flag}=" in text or f"--[no]{flag}" in text, flag
+  for form in named:
+    assert f"  {form}" in text, form
+  # One-line descriptions beside the flags, an example command, the shipped configs.
+  assert "Flags:" in text and "--helpfull" in text
+  lines = text.splitlines()
+  assert any(line.startswith(f"    {script} ") or line == f"    {script}" for line in lines)
+  if "--config=FILE[:ARG]" in text:
+    assert "synthetic.py   The README demo: MetaDCSeg on the built-in synthetic set" in text
+    assert "\n  tiny.py " in text and "\n  table8.py" not in text  # table8 is no config
+
+
+def test_help_of_the_installed_script_exits_0():
+  out = _run([_script("metadcseg-corrupt"), "--help"])
+  assert out.returncode == 0 and out.stderr == "", out.stderr
+  assert "  --kinds=A,B,..." in out.stdout
+
+
+@pytest.mark.parametrize(
+  "row",
+  [
+    "relative config from another folder",
+    "missing config",
+    "config is a folder",
+    "unreadable config",
+    "config argument not taken",
+    "config syntax error",
+    "config raises",
+    "workdir under a file",
+    "workdir in a read-only folder",
+    "workdir is a read-only folder",
+    "benchmark workdir in a read-only folder",
+    "missing --workdir",
+    "a positional argument",
+  ],
+)
+def test_command_line_mistakes_are_one_line_with_status_2(entry_points, row):
+  _, mistakes = entry_points
+  if row not in mistakes:
+    pytest.skip("no such folder for this user (root ignores permissions)")
+  result, expected = mistakes[row]
+  lines = [l for l in result["stderr"].splitlines() if l.strip()]
+  assert result["code"] == 2 and len(lines) == 1, result
+  assert lines[0].startswith(expected), lines[0]
+  assert result["stdout"] == ""
