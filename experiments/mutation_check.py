@@ -1,14 +1,14 @@
 r"""Mutation check: does the test suite kill wrong formulas in the method code?
 
 Applies one-line wrong formulas (a swapped pair, a dropped factor, a sign, an axis, a detached
-or undetached term, a wrong normaliser) to `meta.py`, `dcd.py`, `objective.py`, `optim.py` and
-the methods, one at a time, each in a temporary copy of the repository (the working tree is
-never touched), and runs the tests that should notice. A mutant is killed when a test fails;
-mutants known to be equivalent (no observable change in what the step computes) carry the
-reason, and are still run to confirm that they survive.
+or undetached term, a wrong normaliser) to `meta.py`, `dcd.py`, `objective.py`, `optim.py`,
+`wasserstein.py` and the methods, one at a time, each in a temporary copy of the repository
+(the working tree is never touched), and runs the tests that should notice. A mutant is killed
+when a test fails; mutants known to be equivalent (no observable change in what the step
+computes) carry the reason, and are still run to confirm that they survive.
 
     python experiments/mutation_check.py               # every mutant, ~15-30 min on 2 cores
-    python experiments/mutation_check.py --only=meta_b_tilde_from_ga,dcd_gamma_dropped
+    python experiments/mutation_check.py --only=meta_b_tilde_from_ga,dcd_center_drops_gamma
     python experiments/mutation_check.py --list
 
 Prints a Markdown table (mutant, file, change, result, the first failing test) and exits 1 if
@@ -38,6 +38,10 @@ LOSS_TESTS = (
 )
 OPTIM_TESTS = (REFERENCE, "tests/test_optim.py", "tests/test_fd_more.py")
 METHOD_TESTS = (REFERENCE, "tests/test_methods.py")
+# The whole-step references alone (tests/test_gsdnet.py and test_dale.py check the pieces, but
+# take minutes more to run).
+GSD_TESTS = ("tests/test_reference_steps.py::test_gsdnet_step_equals_reference",)
+DALE_TESTS = ("tests/test_reference_steps.py::test_dale_step_equals_reference",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +317,62 @@ MUTANTS = [
     'return {**state.extra, "dcd_centers": aux["new_default_centers"]}',
     "return state.extra",
     METHOD_TESTS,
+  ),
+  Mutant(
+    "gsdnet_kl_weight_dropped",
+    "metadcseg_jax/methods/gsdnet.py",
+    "return ce + co_lambda * two_network.symmetric_kl_map(logits1, logits2)",
+    "return ce + two_network.symmetric_kl_map(logits1, logits2)",
+    GSD_TESTS,
+  ),
+  Mutant(
+    "gsdnet_refined_labels_swapped",
+    "metadcseg_jax/methods/gsdnet.py",
+    "refined = jnp.where(pick > 0, y, pseudo)",
+    "refined = jnp.where(pick > 0, pseudo, y)",
+    GSD_TESTS,
+  ),
+  Mutant(
+    "gsdnet_dice_unscaled",
+    "metadcseg_jax/methods/gsdnet.py",
+    'out[f"dice_{i}"] = 0.5 * w_mean * jnp.mean(class_dice_loss(probs, labels))',
+    'out[f"dice_{i}"] = 0.5 * jnp.mean(class_dice_loss(probs, labels))',
+    GSD_TESTS,
+  ),
+  Mutant(
+    "two_network_gradients_swapped",
+    "metadcseg_jax/methods/two_network.py",
+    "p2, o2 = self.update_params(state.params[1], state.opt_state[1], grads[1])",
+    "p2, o2 = self.update_params(state.params[1], state.opt_state[1], grads[0])",
+    GSD_TESTS,
+  ),
+  Mutant(
+    "dale_keep_sign",
+    "metadcseg_jax/methods/dale.py",
+    "keep = (omega > 1.0) if d.use_omega else jnp.ones(y.shape, bool)",
+    "keep = (omega < 1.0) if d.use_omega else jnp.ones(y.shape, bool)",
+    DALE_TESTS,
+  ),
+  Mutant(
+    "dale_alignment_unweighted_by_omega",
+    "metadcseg_jax/methods/dale.py",
+    "loss = seg + float(d.alpha) * jnp.mean(omega) * w2",
+    "loss = seg + float(d.alpha) * w2",
+    DALE_TESTS,
+  ),
+  Mutant(
+    "dale_masks_swapped",
+    "metadcseg_jax/methods/dale.py",
+    "return m, mf, mn, x * mf[..., None], x * mn[..., None]",
+    "return m, mf, mn, x * mn[..., None], x * mf[..., None]",
+    DALE_TESTS,
+  ),
+  Mutant(
+    "wasserstein_cross_term_sign",
+    "metadcseg_jax/wasserstein.py",
+    "return mean_term + jnp.trace(c1 + c2, axis1=-2, axis2=-1) - 2.0 * cross",
+    "return mean_term + jnp.trace(c1 + c2, axis1=-2, axis2=-1) + 2.0 * cross",
+    DALE_TESTS,
   ),
   Mutant(
     "metadcseg_meta_off_pseudo_is_label",

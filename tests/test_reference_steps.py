@@ -5,12 +5,17 @@ library: their own virtual step (PyTorch SGD: `d = g + wd·θ`, `buf = μ·buf +
 `θ ← θ − λ(step)·buf`, λ decayed per epoch as `λ0·20/(epoch + 20)`), their own meta-gradients
 Ga, Gb (plain `jax.grad` through that step, MetaDCSeg Eq. 21-22), their own ã, b̃ (Eq. 23),
 â, b̂ (Eq. 24), γ, πa, πb (Eq. 9), their own objective (Eq. 1, Eq. 6-13, Eq. 46-47 and the soft
-Dice term) and the real update with global-norm clipping. Only the network's `apply` is shared.
+Dice term) and the real update with global-norm clipping. GSD-Net's step (its Eq. 2-18, both
+networks, the colour-jittered second view, small-loss selection, SGLR, knowledge transfer) and
+DALE's (its Algorithm 1: the non-fuzzy Adam step, ω from an exact one-step meta-gradient through
+Adam, the fuzzy step with the Gaussian W2 alignment in closed form) are written out the same way.
+Only the network's `apply` is shared.
 
 Two consecutive steps are taken from the method's initial state (the second one with a
 momentum buffer, and in the next epoch of the schedule: one step per epoch), and parameters,
 BatchNorm statistics, their EMA, the optimizer state, the DCD default centers and every
-metric must agree to 1e-10 relative.
+metric must agree to 1e-10 relative (quantities a method keeps in float32 by design, such as
+GSD-Net's selection shares, to float32 rounding).
 
 CI runs a few configurations chosen to cover every code path once (`CI_CASES`) on a small
 network; with METADCSEG_SLOW=1 the full matrix (both routes, both normalisers, (a0, b0) =
