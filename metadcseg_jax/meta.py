@@ -472,24 +472,26 @@ def meta_step_grads(
     )
     fwd_jvp = None
     fwd_vjp = fwd_vjp_raw
-  meta = _meta_from_forward(
-    apply_fn,
-    jax.lax.stop_gradient(variables),
-    opt_state,
-    optimizer,
-    x,
-    y,
-    xv,
-    yv,
-    jax.lax.stop_gradient(outputs),
-    fwd_jvp,
-    fwd_vjp,
-    a0,
-    b0,
-    eta,
-    normalizer,
-    route,
-  )
+  # The scope names the meta-gradient's operations in XLA's profile (metadcseg_jax.profiling).
+  with jax.named_scope("meta_weights"):
+    meta = _meta_from_forward(
+      apply_fn,
+      jax.lax.stop_gradient(variables),
+      opt_state,
+      optimizer,
+      x,
+      y,
+      xv,
+      yv,
+      jax.lax.stop_gradient(outputs),
+      fwd_jvp,
+      fwd_vjp,
+      a0,
+      b0,
+      eta,
+      normalizer,
+      route,
+    )
   loss, loss_vjp, aux = jax.vjp(
     lambda lo, fe: loss_from_outputs(lo, fe, meta), *outputs, has_aux=True
   )

@@ -483,6 +483,35 @@ def test_real_kvasir_sample(shared_data, tmp_path):
   print(f"kvasir sample at 64x64 built in {seconds:.2f} s")
 
 
+def test_real_kvasir_256_folder(shared_data, tmp_path):
+  # The 256-px copy of Kvasir-SEG the benchmark's Kvasir presets read: a handful of its pairs,
+  # linked in its own layout (never copied), build and binarise as the full folder does.
+  shared = shared_data / "kvasir_seg_256" / "Kvasir-SEG"
+  if not shared.is_dir():
+    pytest.skip(f"{shared} not present")
+  stems = sorted(p.stem for p in (shared / "images").glob("*.jpg"))[:10]
+  root = tmp_path / "raw" / "Kvasir-SEG"
+  for sub in ("images", "masks"):
+    (root / sub).mkdir(parents=True)
+    for stem in stems:
+      (root / sub / f"{stem}.jpg").symlink_to(shared / sub / f"{stem}.jpg")
+  sources = real.load_dataset("kvasir_seg", data_dir=tmp_path, manual_dir=tmp_path / "raw", size=32)
+  per_split = _check_splits(sources, stems)
+  assert {s: len(v) for s, v in per_split.items()} == {"train": 8, "val": 1, "test": 1}
+  for src in sources.values():
+    for i in range(len(src)):
+      rec = src[i]
+      assert (
+        rec["image"].shape == (32, 32, 3) and 0.0 <= rec["image"].min() <= rec["image"].max() <= 1.0
+      )
+      # A polyp mask thresholded at 127: two values, a plausible share (the folder's mean is 0.16).
+      mask = np.asarray(
+        Image.open(shared / "masks" / f"{rec['case_id'].decode()}.jpg").convert("L")
+      )
+      assert set(np.unique(rec["label"])) == {0, 1}
+      assert abs(rec["label"].mean() - (mask > 127).mean()) < 0.05
+
+
 @pytest.fixture
 def brats_decathlon(shared_data, tmp_path):
   """The two BraTS cases (and a third name for the first) in the Decathlon layout, symlinked."""

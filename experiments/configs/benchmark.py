@@ -7,8 +7,9 @@ r"""The benchmark's preset setting: the synthetic set at 64 px, sized so that th
     metadcseg-benchmark --config=experiments/configs/benchmark.py --workdir=runs/ablation \
         --preset=ablation
 
-Label noise: the L2B levels calibrated to their nominal corruption on these masks. Cost and
-results: BUILD_NOTES.md ("Benchmark"). On a GPU, the synthetic default size:
+Label noise: the L2B levels calibrated to their nominal corruption on these masks; the presets
+draw each seed's own noise realisation and meta split (`--labels=per_seed`). 500 test images,
+so that the paired intervals' test-set part is small next to their seed part. Cost and results: BUILD_NOTES.md ("Benchmark"). On a GPU, the synthetic default size:
 `--config=experiments/configs/synthetic.py`.
 """
 
@@ -18,6 +19,7 @@ from experiments.configs import synthetic
 def get_config():
   config = synthetic.get_config()
   config.data.n_train = 320
+  config.data.n_test = 500
   config.train.num_epochs = 10
   config.train.warmup_epochs = 2
   config.train.eval_every_epochs = 5

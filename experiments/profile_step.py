@@ -1,0 +1,44 @@
+r"""Where the training step's time goes on this machine, per kind of XLA operation.
+
+    python -m experiments.profile_step --methods=ce,l2b,metadcseg --size=64 --width=8 \
+        --channels=1 --batch=4
+
+For each method: one jitted step (the benchmark preset's shapes by default) profiled with
+`metadcseg_jax.profiling` (XLA's per-operation trace), a table of milliseconds per step by
+scope (meta-gradient, DCD, the rest of the step) and kind (convolution forward/backward,
+BatchNorm, other), with the convolutions' FLOP rate.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+import jax
+
+from experiments import bench_throughput
+from metadcseg_jax import profiling
+
+_METHODS = flags.DEFINE_list("methods", ["ce", "l2b", "metadcseg"], "Methods to profile.")
+_SIZE = flags.DEFINE_integer("size", 64, "Image size.")
+_WIDTH = flags.DEFINE_integer("width", 8, "U-Net++ base width.")
+_CHANNELS = flags.DEFINE_integer("channels", 1, "Input channels.")
+_BATCH = flags.DEFINE_integer("batch", 4, "Training (and meta) batch size.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Profiled steps.")
+
+
+def main(argv):
+  del argv
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} devices={jax.devices()}")
+  for method in _METHODS.value:
+    config = bench_throughput.config_for(
+      method, _SIZE.value, _WIDTH.value, _CHANNELS.value, _BATCH.value, "float32"
+    )
+    m, step, feed = bench_throughput._step_and_inputs(config)  # pylint: disable=protected-access
+    state = m.init_state(jax.random.PRNGKey(0))
+    profile = profiling.profile_step(step, state, jax.device_put(feed), repeats=_REPEATS.value)
+    title = f"{method}, {_SIZE.value} px, width {_WIDTH.value}, batch {_BATCH.value}"
+    print(profiling.markdown(title, profile), "\n", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
