@@ -13,6 +13,10 @@ loss), a config file that is missing, unreadable, has a syntax error or fails, a
 flag or config key print one line, `error: ...`, and exit with status 2; the traceback is
 kept with `--verbosity=1` (or `-v 1`) or METADCSEG_DEBUG=1. Any other exception is a
 programming error and keeps its traceback.
+
+A run that stopped and can be resumed (`RunStopped`: a stop signal during training, a full
+disk) prints one line, `stopped: ...`, and exits with status 75 (`EXIT_RESUMABLE`, sysexits'
+EX_TEMPFAIL): a job script can requeue on 75, treat 0 as done and anything else as an error.
 """
 
 import ast
@@ -32,6 +36,8 @@ from absl import flags
 from absl import logging
 from ml_collections.config_flags import config_flags as ml_config_flags
 
+from metadcseg_jax.errors import EXIT_RESUMABLE
+from metadcseg_jax.errors import RunStopped
 from metadcseg_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -372,6 +378,11 @@ def run(main: Callable[[list[str]], Any]) -> None:
     logging.get_absl_handler().addFilter(_only_our_info)
     try:
       return main(argv)
+    except RunStopped as e:
+      if _debug():
+        traceback.print_exc()
+      print(f"stopped: {e}", file=sys.stderr, flush=True)
+      sys.exit(EXIT_RESUMABLE)
     except UserError as e:
       if _debug():
         raise

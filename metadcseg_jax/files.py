@@ -1,9 +1,19 @@
-"""Writing files so that a crash leaves the old version or the new one, never half of one."""
+"""Writing files so that a crash leaves the old version or the new one, never half of one; a full
+disk as one `DiskFullError` naming the path and the free space."""
 
+import contextlib
+import errno
+import fcntl
 import os
 import pathlib
 import shutil
 import tempfile
+from typing import Iterator
+
+from metadcseg_jax.errors import DiskFullError
+
+# What a full disk (or quota) reads as once wrapped by orbax, tensorstore or XLA.
+_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "ENOSPC")
 
 
 def _default_mode() -> int:
@@ -35,6 +45,21 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     raise
 
 
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike) -> Iterator[None]:
+  """Holds an exclusive lock on `lock_path` (created if missing) against the other processes
+  on this machine and, through POSIX locks, on a network file system: one builds, the others
+  wait and then find it built. The lock goes with the process, also on a kill."""
+  lock_path = pathlib.Path(lock_path)
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
 def snapshot(root: pathlib.Path) -> set[str]:
   """Every path below `root` (and `root` itself) that exists now."""
   found = {str(root)} if root.exists() else set()
@@ -55,3 +80,61 @@ def remove_new(root: pathlib.Path, before: set[str]) -> list[str]:
       os.unlink(path)
     removed.append(path)
   return removed
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from, is a full disk (ENOSPC, EDQUOT), also when
+  orbax or tensorstore wrap it in their own exception with the text only."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, DiskFullError):
+      return True
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(text in str(error) for text in _FULL_TEXT):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "kB", "MB", "GB"):
+    if n < 1000:
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1000
+  return f"{n:.1f} TB"
+
+
+def free_space(path: str | os.PathLike) -> str:
+  """'1.2 MB free of 6.0 MB' on the file system holding `path` (or its nearest existing
+  parent)."""
+  p = pathlib.Path(path).absolute()
+  while not p.exists() and p != p.parent:
+    p = p.parent
+  try:
+    usage = shutil.disk_usage(p)
+  except OSError:
+    return "free space unknown"
+  return f"{_size(usage.free)} free of {_size(usage.total)}"
+
+
+def disk_full_error(path: str | os.PathLike) -> DiskFullError:
+  """The one-line error of a write to `path` that ran out of space."""
+  return DiskFullError(
+    f"no space left writing {path} ({free_space(path)}); the last checkpoint is intact: free "
+    "some space and rerun the same command to resume"
+  )
+
+
+@contextlib.contextmanager
+def full_disk_stops(path: str | os.PathLike) -> Iterator[None]:
+  """Turns a full disk inside the block into `disk_full_error(path)`; other errors pass."""
+  try:
+    yield
+  except DiskFullError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (orbax wraps OSError in its own types)
+    if is_disk_full(e):
+      raise disk_full_error(path) from e
+    raise

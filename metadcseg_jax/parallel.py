@@ -221,3 +221,12 @@ def sync(name: str) -> None:
 def is_main_process() -> bool:
   """The process that writes the workdir's logs, figures and results."""
   return jax.process_index() == 0
+
+
+def any_process(flags: list[bool]) -> list[bool]:
+  """Each flag, true if it is true on any process: one small all-gather, so that every process
+  takes the same decision at the same step (no communication on one process)."""
+  if jax.process_count() == 1:
+    return [bool(f) for f in flags]
+  gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+  return [bool(v) for v in np.asarray(gathered).reshape(-1, len(flags)).max(axis=0)]

@@ -116,6 +116,8 @@ RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
   ("train.log_every_steps", _int(0)),
   ("train.diagnostics_every_steps", _int(0)),
   ("train.checkpoint_every_epochs", _int(1)),
+  ("train.checkpoint_every_steps", _int(0)),
+  ("train.checkpoint_every_minutes", _float(0.0)),
   ("train.keep_checkpoints", _int(1)),
   ("train.num_panel_images", _int(0)),
   ("meta.route", _one_of(meta.ROUTES)),

@@ -21,6 +21,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from metadcseg_jax import files
 from metadcseg_jax import noise
 from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import augment as augment_lib
@@ -127,6 +128,15 @@ def open_dataset(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str, 
     (slice, row, col) for volumetric datasets ({} otherwise).
   """
   data_dir = str(pathlib.Path(data.data_dir).expanduser().resolve())
+  # Several runs may start on one fresh data folder at once: one builds, the others wait and
+  # then open its build (two builds would swap files under each other's readers, and a failed
+  # one's cleanup would remove the other's). The builders read what is built when made, so
+  # they are made under the lock too.
+  with files.exclusive(pathlib.Path(data_dir) / f".{data.name}.build.lock"):
+    return _open_dataset(data, data_dir)
+
+
+def _open_dataset(data: ml_collections.ConfigDict, data_dir: str):
   if data.name == "synthetic":
     sources = synthetic.load_synthetic(
       data_dir=data_dir,
