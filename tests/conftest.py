@@ -8,6 +8,10 @@ import sys
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The console scripts' small-CPU XLA setting, here too, so that a run in a subprocess and one in
+# the test process compute alike (set before JAX creates its backend).
+if "XLA_FLAGS" not in os.environ and len(os.sched_getaffinity(0)) <= 2:
+  os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 import pytest
 from absl import flags

@@ -288,10 +288,15 @@ def test_per_seed_labels_draw_noise_and_meta_split_with_the_seed(tmp_path):
     )
 
 
-def test_meta_split_follows_meta_seed():
-  split = lambda seed: pipeline._split_meta(100, fraction=0.05, min_size=2, seed=seed)[1]
-  assert not np.array_equal(split(0), split(1))
-  assert np.array_equal(split(3), split(3))
+def test_meta_split_follows_meta_seed(tmp_path):
+  config = tiny.get_config()
+  config.data.data_dir = str(tmp_path)
+  meta = lambda: pipeline.prepare_data(config.data, meta_batch_size=2).info["meta_indices"]
+  default = meta()
+  config.data.meta_seed = config.data.seed
+  assert meta() == default  # unset: the data seed's split
+  config.data.meta_seed = config.data.seed + 1
+  assert meta() != default
 
 
 def _write_cases(run, dice_by_params, case_ids):
@@ -323,6 +328,10 @@ def test_paired_comparisons_from_each_runs_case_scores(tmp_path):
       per = {"raw": d, "ema": d, "recompute": d + 0.02}
       scores[row.label, seed] = per
       res = _results(float(d.mean()), 0.5, 5.0, method=row.method)
+      for split in ("val", "test"):
+        res[split]["ema_bn"] = {
+          bn: dict(res[split]["ema"], dice=float(per[bn].mean())) for bn in ("ema", "recompute")
+        }
       _write_cases(_write_run(tmp_path, "l2b40", row, seed, res), per, ids)
   cells = benchmark.collect(tmp_path, rows=rows, noises=["l2b40"])
   assert benchmark.claim_pairs(cells) == [
@@ -338,6 +347,17 @@ def test_paired_comparisons_from_each_runs_case_scores(tmp_path):
   assert c["mean"] == pytest.approx(want) and c["seed_list"] == [0, 1, 2]
   assert c["verdict"] == "ahead" and c["se_seed"] > 0 and c["se_test"] > 0
   assert by["metadcseg", "l2b", "ema"]["mean"] == pytest.approx(0.02, abs=0.01)
+  # A table reads one choice of the EMA weights' statistics, whatever each run was set to.
+  recomputed = benchmark.collect(tmp_path, rows=rows, noises=["l2b40"], ema_choice="recompute")
+  want = np.mean([scores["ce", s]["recompute"].mean() for s in range(3)])
+  assert recomputed[0]["test"]["ema"]["dice"]["mean"] == pytest.approx(want)
+  assert cells[0]["test"]["ema"]["dice"]["mean"] == pytest.approx(want - 0.02, abs=1e-6)
+  c = {
+    (c["row"], c["reference"], c["params"]): c
+    for c in benchmark.comparisons(tmp_path, cells, ema_choice="recompute")
+  }["l2b", "ce", "ema"]
+  want = np.mean([scores["l2b", s]["recompute"] - scores["ce", s]["recompute"] for s in range(3)])
+  assert c["mean"] == pytest.approx(want)
   ema_bn = benchmark.ema_bn_comparisons(tmp_path, cells)
   assert len(ema_bn) == 4 and all(e["mean"] == pytest.approx(0.02, abs=1e-9) for e in ema_bn)
   benchmark.write_outputs(tmp_path, rows=rows, noises=["l2b40"])

@@ -82,17 +82,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 5e-4
   config.train.grad_clip = 0.2  # global norm; 0 disables
   config.train.ema_decay = 0.99
-  # BatchNorm statistics used with the EMA weights at evaluation: "recompute" (one train-mode
-  # pass over the training images for the EMA weights, SWA's bn_update) | "ema" (the EMA of the
-  # running statistics). results.json holds both; the default is the one chosen on validation
-  # (BUILD_NOTES.md, "EMA BatchNorm statistics").
-  config.train.ema_batch_stats = "recompute"
+  # BatchNorm statistics used with the EMA weights at evaluation: "ema" (the EMA of the running
+  # statistics) | "recompute" (one train-mode pass over the training images for the EMA
+  # weights, SWA's bn_update). results.json holds both; the default is the one ahead on
+  # validation Dice (BUILD_NOTES.md, "The EMA weights' BatchNorm statistics").
+  config.train.ema_batch_stats = "ema"
   config.train.eval_every_epochs = 5
   config.train.eval_batch_size = 16
   config.train.log_every_steps = 50
   # Gradient norm per loss term, meta-weight and DCD statistics into metrics.jsonl (0: off).
   config.train.diagnostics_every_steps = 50
   config.train.checkpoint_every_epochs = 1
+  # Step checkpoints inside an epoch (0: off), so a large epoch is never lost whole; a stop
+  # signal writes one too. Resuming from one gives the results of an uninterrupted run.
+  config.train.checkpoint_every_steps = 0
+  config.train.checkpoint_every_minutes = 30.0
   config.train.keep_checkpoints = 2
   config.train.num_panel_images = 6
 
