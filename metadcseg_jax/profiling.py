@@ -7,7 +7,8 @@ path, e.g. `jit(step)/transpose(jvp(UNetPlusPlus))/conv0_1/conv2/conv_general_di
 for convolutions, the FLOPs computed from the operand shapes. Categories:
 
 * scope: "meta" for operations under the `meta_weights` named scope (the virtual step and the
-  meta-gradients Ga, Gb of MetaDCSeg App. A.3), "dcd" under `dcd` (Eq. 8-13), else "step"
+  meta-gradients Ga, Gb of MetaDCSeg App. A.3), "dcd" under `dcd` (the DCD weights of Eq. 12,
+  from the regions of Eq. 8 on), else "step"
   (the forward at θ, the loss and the real backward and update);
 * kind: "conv forward", "conv backward" (`transpose(` in op_name: input and weight
   gradients), "batchnorm" (the networks' bn modules), "other" (fusions of elementwise work,

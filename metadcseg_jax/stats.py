@@ -19,7 +19,8 @@ estimated without bias from the two-way analysis of variance of d:
 with sample variances (ddof 1) and MS_res the residual mean square of the two-way layout. The
 95% interval is D ± t_{0.975, ν}·√Var(D), ν by Welch–Satterthwaite over the three parts, or
 S − 1 when the seed part is at least half of Var(D) (with 3 seeds t = 4.3 then, and the
-interval is wide, as it should be). The two parts are reported as standard errors, √v_seed and √v_test.
+interval is wide, as it should be). The two parts are reported as standard errors, √v_seed
+and √v_test.
 
 The verdict: "ahead" when the interval lies above zero, "behind" when below, "not resolved"
 otherwise; with one seed the seed part is unknown and the verdict is "one seed".

@@ -9,7 +9,8 @@ r"""The benchmark's preset setting: the synthetic set at 64 px, sized so that th
 
 Label noise: the L2B levels calibrated to their nominal corruption on these masks; the presets
 draw each seed's own noise realisation and meta split (`--labels=per_seed`). 500 test images,
-so that the paired intervals' test-set part is small next to their seed part. Cost and results: BUILD_NOTES.md ("Benchmark"). On a GPU, the synthetic default size:
+so that the paired intervals' test-set part is small next to their seed part. Cost and
+results: BUILD_NOTES.md ("Benchmark"). On a GPU, the synthetic default size:
 `--config=experiments/configs/synthetic.py`.
 """
 
