@@ -147,10 +147,10 @@ def _first_line(error: Exception) -> str:
   return f"{type(error).__name__}: {(text[0] if text else '')[:400]}"
 
 
-def _manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
-  # A temporary folder left by a kill or a full disk would otherwise stay forever.
+def _manager(directory: pathlib.Path, keep: int, cleanup: bool) -> ocp.CheckpointManager:
+  # cleanup: a temporary folder left by a kill or a full disk would otherwise stay forever.
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=keep, create=True, cleanup_tmp_directories=True
+    max_to_keep=keep, create=True, cleanup_tmp_directories=cleanup
   )
   # Handlers named up front, so a fresh process can read an item's metadata before restoring.
   handlers = {
@@ -165,7 +165,9 @@ class Checkpointer:
   """Saves and restores `(state, data iterator states)` under `directory`: epoch checkpoints
   (the newest `keep`) and step checkpoints in `directory/steps` (the newest one).
 
-  `steps_per_epoch` orders the two kinds on resume (`restore_resume_point`).
+  `steps_per_epoch` orders the two kinds on resume (`restore_resume_point`). `writer`: the
+  run that owns the folder (it holds the workdir's lock) removes the temporary folders a kill
+  or a full disk left; a reader (the audit, a check) must not, as a run may be saving.
   """
 
   def __init__(
@@ -175,15 +177,17 @@ class Checkpointer:
     keep: int,
     config: ml_collections.ConfigDict,
     steps_per_epoch: int | None = None,
+    writer: bool = False,
   ):
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self.directory = pathlib.Path(directory).resolve()  # orbax needs an absolute path
     self.settings = json.loads(config.to_json_best_effort())
     self.steps_per_epoch = steps_per_epoch
+    self.writer = writer
     _quiet_full_disk_logs()
     with self._full_disk_stops():
-      self.manager = _manager(self.directory, keep)
+      self.manager = _manager(self.directory, keep, writer)
     self._step_manager: ocp.CheckpointManager | None = None
     self._failed = False
 
@@ -195,7 +199,7 @@ class Checkpointer:
     """The step checkpoints' manager; made when first needed (no empty folder otherwise)."""
     if self._step_manager is None and (create or self.steps_dir.is_dir()):
       with self._full_disk_stops():
-        self._step_manager = _manager(self.steps_dir, 1)
+        self._step_manager = _manager(self.steps_dir, 1, self.writer)
     return self._step_manager
 
   def _managers(self) -> list[ocp.CheckpointManager]:
@@ -207,7 +211,7 @@ class Checkpointer:
   def _remove_tmp(self) -> None:
     """Removes orbax's temporary folders (a save that failed half-way): only process 0, the
     one orbax lets write the folder's layout."""
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 or not self.writer:
       return
     for folder in (self.directory, self.steps_dir):
       for tmp in folder.glob(f"*{TMP_SUFFIX}*") if folder.is_dir() else ():

@@ -72,12 +72,24 @@ class MetricsLog:
     self.summaries = summaries
 
   def append(self, record: dict[str, Any]) -> None:
+    """Appends one line.
+
+    Raises:
+      DiskFullError: the disk is full; the file is left as it was (no torn line).
+    """
     data = (json.dumps(record) + "\n").encode()
-    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-      os.write(fd, data)
-    finally:
-      os.close(fd)
+    with files.full_disk_stops(self.path):
+      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+      try:
+        size = os.fstat(fd).st_size
+        try:
+          if os.write(fd, data) < len(data):  # a short write is the disk filling up
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        except OSError:
+          os.ftruncate(fd, size)
+          raise
+      finally:
+        os.close(fd)
     if self.summaries is not None:
       self.summaries.write_record(record)
 
@@ -107,11 +119,26 @@ class MetricsLog:
       records.append(record)
     return records
 
-  def truncate_after(self, epoch: int) -> None:
+  def truncate_after(self, epoch: int, *, diagnostics_before: int | None = None) -> None:
     """Keeps the records of epochs <= `epoch` (a killed run may have logged past its
     checkpoint) and drops torn lines; rewritten atomically. The event files are rewritten
-    from the kept records."""
-    kept = [r for r in self.read() if r["epoch"] <= epoch]
+    from the kept records.
+
+    Args:
+      diagnostics_before: resuming inside epoch `epoch + 1` at this global step: that
+        epoch's diagnostics records of earlier steps are kept too.
+    """
+    kept = [
+      r
+      for r in self.read()
+      if r["epoch"] <= epoch
+      or (
+        diagnostics_before is not None
+        and r["epoch"] == epoch + 1
+        and r.get("split") == "diagnostics"
+        and r.get("step", diagnostics_before) < diagnostics_before
+      )
+    ]
     if self.path.exists():
       files.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     if self.summaries is not None:
