@@ -48,6 +48,7 @@ FULL = "RESOURCE_EXHAUSTED: Failed to write 29604 bytes to file 7: No space left
 
 def test_first_signal_is_recorded_and_a_second_acts_as_before():
   seen = []
+  sigint = signal.getsignal(signal.SIGINT)
   before = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
   try:
     with preemption.StopSignals() as stop:
@@ -56,7 +57,7 @@ def test_first_signal_is_recorded_and_a_second_acts_as_before():
       assert stop.received == signal.SIGUSR1 and stop.name == "SIGUSR1" and not seen
       signal.raise_signal(signal.SIGUSR1)  # the handler from before is back at once
       assert seen == [signal.SIGUSR1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint  # untouched ones put back on exit
   finally:
     signal.signal(signal.SIGUSR1, before)
 
