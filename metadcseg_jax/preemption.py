@@ -31,7 +31,8 @@ class StopSignals:
   """A context in which the first stop signal is recorded instead of acted on.
 
   Handlers can only be installed from the main thread; elsewhere (the trainer called from a
-  thread) the signals keep their handlers and `received` stays None.
+  thread) the signals keep their handlers and `received` stays None. A signal the process
+  ignores (SIGINT in a shell's background job) stays ignored.
 
   Attributes:
     received: the number of the first signal received, or None.
@@ -45,7 +46,8 @@ class StopSignals:
   def __enter__(self) -> "StopSignals":
     if threading.current_thread() is threading.main_thread():
       for s in self.signals:
-        self._previous[s] = signal.signal(s, self._handle)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # ignored on purpose (a background job)
+          self._previous[s] = signal.signal(s, self._handle)
     return self
 
   def __exit__(self, *exc) -> None:
