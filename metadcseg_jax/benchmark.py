@@ -10,6 +10,9 @@ Each (noise, row, seed) trains with `train.train_and_evaluate` into
 `<workdir>/<noise>/<row>/seed<k>`, where a row is a method, or a method with config overrides
 (an ablation variant). A finished run (results.json present) is skipped and an unfinished one
 resumes from its checkpoint, so rerunning the same command after an interruption carries on.
+A run that fails (diverges, runs out of memory, raises) is listed with its reason in
+benchmark.md and the others go on; the next invocation retries it. A stop signal stops the
+benchmark once the run in progress has checkpointed (`errors.Preempted`, exit status 75).
 After every run the benchmark rewrites, in `<workdir>`:
 
 * `benchmark.md`: the main table in the layout of the paper's Table 2 (rows: methods; for each
@@ -53,6 +56,8 @@ from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
+from metadcseg_jax.errors import RunStopped
+from metadcseg_jax.errors import UserError
 from metadcseg_jax.metrics import METRIC_KEYS
 from metadcseg_jax.noise import cache as noise_cache
 
@@ -238,8 +243,12 @@ def run_benchmark(
 
   Raises:
     ConfigError: an unknown method or noise kind, a repeated value.
-    NonFiniteLossError: after the other runs, if some run's loss went non-finite (those
-      runs are listed in benchmark.json and benchmark.md).
+    NonFiniteLossError: after the other runs, if some runs' loss went non-finite and no run
+      failed otherwise; RunsFailedError: after the other runs, if some failed in any other
+      way (an exception, out of memory). Either way the failed runs are listed with their
+      reasons in benchmark.json and benchmark.md, and a rerun retries them.
+    RunStopped: a run stopped on a signal (checkpointed: a rerun resumes it) or on a full
+      disk; the outputs are written first and no further run starts.
   """
   seeds = parse_seeds(seeds)
   rows = list(rows)
@@ -248,8 +257,16 @@ def run_benchmark(
   root.mkdir(parents=True, exist_ok=True)
   combos = [(n, r, s) for s in seeds for n in noises for r in rows]
   failed: list[dict[str, Any]] = []
+  diverged: list[dict[str, Any]] = []
+  ema_choice = train.ema_batch_stats(config)
   write = lambda: write_outputs(
-    root, rows=rows, noises=noises, seeds=seeds, command=command, failed=failed
+    root,
+    rows=rows,
+    noises=noises,
+    seeds=seeds,
+    command=command,
+    failed=failed,
+    ema_choice=ema_choice,
   )
   for i, (noise_kind, row, seed) in enumerate(combos, start=1):
     rdir = run_dir(root, noise_kind, row, seed)
@@ -271,15 +288,25 @@ def run_benchmark(
     t0 = time.perf_counter()
     try:
       results = train.train_and_evaluate(cfg, str(rdir))
-    except NonFiniteLossError as e:
-      # One diverging run must not cost the rest of the benchmark; rerunning retries it.
-      echo(f"{tag}: FAILED: {e}")
-      failed.append({"noise": noise_kind, "row": row.label, "seed": seed, "error": str(e)})
+    except RunStopped as e:
+      # A stop signal (the run checkpointed) or a full disk: the other runs would stop alike.
+      echo(f"{tag}: {e}")
+      write()
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # One failing run (diverged, out of memory, a bug) must not cost the rest of the
+      # benchmark; it is listed with its reason and a rerun retries it.
+      reason = _reason(e)
+      echo(f"{tag}: FAILED: {reason}")
+      failed.append({"noise": noise_kind, "row": row.label, "seed": seed, "error": reason})
+      if isinstance(e, NonFiniteLossError):
+        diverged.append(failed[-1])
+      write()
       continue
     echo(f"{tag}: {_short(results)}  [{time.perf_counter() - t0:.0f} s]")
     write()
   cells = write()
-  paired = comparisons(root, cells)
+  paired = comparisons(root, cells, ema_choice=ema_choice)
   if paired:
     echo("paired differences, test Dice (points):\n" + comparison_table(paired))
   echo(
@@ -287,11 +314,26 @@ def run_benchmark(
     f"plot: {root / 'dice_vs_noise.png'}"
   )
   if failed:
-    raise NonFiniteLossError(
-      f"{len(failed)} of {len(combos)} runs diverged: "
-      + ", ".join(f"{f['noise']}/{f['row']}/seed{f['seed']}" for f in failed)
+    names = ", ".join(f"{f['noise']}/{f['row']}/seed{f['seed']}" for f in failed)
+    if len(diverged) == len(failed):
+      raise NonFiniteLossError(f"{len(failed)} of {len(combos)} runs diverged: {names}")
+    raise RunsFailedError(
+      f"{len(failed)} of {len(combos)} runs failed ({len(diverged)} diverged): {names}; the "
+      f"reasons are in {root / 'benchmark.md'}, and rerunning the command retries them"
     )
   return cells
+
+
+class RunsFailedError(UserError):
+  """Some runs of a benchmark failed; the others finished (reasons in benchmark.md)."""
+
+
+def _reason(error: Exception) -> str:
+  """One line for benchmark.md: the trainer's message, or the exception's type and first line."""
+  if isinstance(error, UserError):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
 
 
 # ----------------------------------------------------------------------------- the numbers
@@ -322,6 +364,15 @@ def _load_results(path: pathlib.Path) -> dict[str, Any]:
   return results
 
 
+def _with_ema_choice(results: dict[str, Any], ema_choice: str | None) -> dict[str, Any]:
+  """`results` with "ema" the EMA weights under the BatchNorm statistics `ema_choice` where the
+  run recorded both choices: a table reads one choice, whatever each run was configured with."""
+  for split in ("val", "test"):
+    if ema_choice is not None and ema_choice in results[split].get("ema_bn", {}):
+      results[split]["ema"] = results[split]["ema_bn"][ema_choice]
+  return results
+
+
 def _stat(values: Sequence[float]) -> dict[str, Any]:
   """Mean and sample std (ddof=1; None for a single seed) over seeds."""
   arr = np.asarray(values, float)
@@ -337,7 +388,12 @@ def _corruption(run: pathlib.Path) -> float | None:
 
 
 def collect(
-  workdir, *, rows: Sequence[Row], noises: Sequence[str], seeds: Sequence[int] | None = None
+  workdir,
+  *,
+  rows: Sequence[Row],
+  noises: Sequence[str],
+  seeds: Sequence[int] | None = None,
+  ema_choice: str | None = None,
 ) -> list[dict[str, Any]]:
   """The table cells from the finished runs under `workdir`.
 
@@ -363,7 +419,8 @@ def collect(
         if not seed_text.isdigit() or (seeds is not None and int(seed_text) not in seeds):
           continue
         if (seed_dir / "results.json").is_file():
-          found.append((int(seed_text), seed_dir, _load_results(seed_dir / "results.json")))
+          results = _with_ema_choice(_load_results(seed_dir / "results.json"), ema_choice)
+          found.append((int(seed_text), seed_dir, results))
       if not found:
         continue
       found.sort(key=lambda f: f[0])
@@ -414,13 +471,15 @@ def claim_pairs(cells: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
   return list(dict.fromkeys(pairs))
 
 
-def _case_scores(run: pathlib.Path, split: str, params: str, metric: str):
+def _case_scores(run: pathlib.Path, split: str, params: str, metric: str, ema_choice=None):
   """(case ids, scores) of one finished run from its cases.json; None when it has none.
 
   `params`: "raw", "ema", or "ema_bn_<choice>" (the EMA weights with that choice of BatchNorm
-  statistics)."""
+  statistics); "ema" reads the `ema_choice` statistics where the run recorded both."""
   try:
     entry = json.loads((run / train.CASES_FILE).read_text())[split]
+    if params == "ema" and ema_choice is not None and ema_choice in entry.get("ema_bn", {}):
+      params = f"ema_bn_{ema_choice}"
     entry = (
       entry["ema_bn"][params[len("ema_bn_") :]] if params.startswith("ema_bn_") else entry[params]
     )
@@ -431,14 +490,26 @@ def _case_scores(run: pathlib.Path, split: str, params: str, metric: str):
 
 
 def paired_scores(
-  root: pathlib.Path, cell_a, cell_b, *, split: str, params_a: str, params_b: str, metric: str
+  root: pathlib.Path,
+  cell_a,
+  cell_b,
+  *,
+  split: str,
+  params_a: str,
+  params_b: str,
+  metric: str,
+  ema_choice: str | None = None,
 ):
   """(seeds, a (S, N), b (S, N)) over the seeds both cells finished with case scores."""
   dir_a, dir_b = (Row(c["label"], c["method"]).dirname for c in (cell_a, cell_b))
   seeds, rows_a, rows_b = [], [], []
   for seed in [s for s in cell_a["seeds"] if s in cell_b["seeds"]]:
-    a = _case_scores(root / cell_a["noise"] / dir_a / f"seed{seed}", split, params_a, metric)
-    b = _case_scores(root / cell_b["noise"] / dir_b / f"seed{seed}", split, params_b, metric)
+    a = _case_scores(
+      root / cell_a["noise"] / dir_a / f"seed{seed}", split, params_a, metric, ema_choice
+    )
+    b = _case_scores(
+      root / cell_b["noise"] / dir_b / f"seed{seed}", split, params_b, metric, ema_choice
+    )
     if a is None or b is None:
       continue
     if a[0] != b[0]:
@@ -454,7 +525,12 @@ def paired_scores(
 
 
 def comparisons(
-  workdir, cells: Sequence[Mapping[str, Any]], *, split: str = "test", metric: str = "dice"
+  workdir,
+  cells: Sequence[Mapping[str, Any]],
+  *,
+  split: str = "test",
+  metric: str = "dice",
+  ema_choice: str | None = None,
 ) -> list[dict[str, Any]]:
   """The paired differences of every `claim_pairs` pair at every noise level, EMA and raw.
 
@@ -478,6 +554,7 @@ def comparisons(
           params_a=params,
           params_b=params,
           metric=metric,
+          ema_choice=ema_choice,
         )
         if not seeds:
           continue
@@ -741,12 +818,20 @@ def _json_safe(obj):
 
 
 def write_outputs(
-  workdir, *, rows, noises, seeds=None, command: str = "", failed: Sequence[Mapping[str, Any]] = ()
+  workdir,
+  *,
+  rows,
+  noises,
+  seeds=None,
+  command: str = "",
+  failed: Sequence[Mapping[str, Any]] = (),
+  ema_choice: str | None = None,
 ) -> list[dict[str, Any]]:
-  """Writes benchmark.md, benchmark.json and (when there are cells) dice_vs_noise.png."""
+  """Writes benchmark.md, benchmark.json and (when there are cells) dice_vs_noise.png; "ema"
+  reads the EMA weights with the BatchNorm statistics `ema_choice` where runs recorded both."""
   root = pathlib.Path(workdir)
-  cells = collect(root, rows=rows, noises=noises, seeds=seeds)
-  paired = comparisons(root, cells)
+  cells = collect(root, rows=rows, noises=noises, seeds=seeds, ema_choice=ema_choice)
+  paired = comparisons(root, cells, ema_choice=ema_choice)
   ema_bn = ema_bn_comparisons(root, cells)
   (root / "benchmark.md").write_text(
     to_markdown(cells, command=command, failed=failed, paired=paired, ema_bn=ema_bn)

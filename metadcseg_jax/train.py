@@ -13,8 +13,16 @@ Outputs in `workdir`: `checkpoints/` (orbax: state, data iterator states, settin
 epoch, per validation and per diagnostics point in `metrics.jsonl`, `results.json` (final
 metrics on val and test), `panel.png`, `curves.png`,
 the method's own figure (MetaDCSeg: `dcd.png`), `data_info.json`, `config.json` and
-`config_history.jsonl`; for a meta method, `audit/epoch_<e>.npz` in its last `config.audit.epochs`
+`config_history.jsonl`, `cases.json` (every val and test case's Dice, IoU and HD95, for paired
+statistics across runs); for a meta method, `audit/epoch_<e>.npz` in its last `config.audit.epochs`
 epochs (`metadcseg-audit`). Rerunning the same command resumes from the last checkpoint.
+
+Stopping: a stop signal (SIGTERM, SIGINT, SIGUSR1) during training finishes the step in
+progress, writes a step checkpoint and raises `Preempted`; a full disk raises `DiskFullError`
+with the checkpoints before it intact (`metadcseg_jax.preemption`). A run resumed inside an
+epoch logs that epoch's line as if it had not stopped: its metrics are the mean over all the
+epoch's steps (those before the stop come with the checkpoint); only images_per_s and the
+duration count the steps of the last invocation alone.
 """
 
 import collections
@@ -37,12 +45,16 @@ from metadcseg_jax import evaluate
 from metadcseg_jax import figures
 from metadcseg_jax import files
 from metadcseg_jax import methods
+from metadcseg_jax import metrics as metrics_lib
 from metadcseg_jax import parallel
+from metadcseg_jax import preemption
 from metadcseg_jax import validate
 from metadcseg_jax import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
+from metadcseg_jax.errors import Preempted
+from metadcseg_jax.errors import RunStopped
 
 COMPILE_CACHE = "jax_compilation_cache"
 
@@ -115,7 +127,14 @@ def compiled_for(
   """The `Compiled` of this exact config and mesh (keyed on all of the config: no stale step is
   reused). `par` None: one device."""
   par = par or parallel.make_parallel(ml_collections.ConfigDict({"data": 1}))
-  return _compiled(config.to_json(sort_keys=True), steps_per_epoch, par)
+  settings = json.loads(config.to_json(sort_keys=True))
+  for key in NOT_COMPILED:  # runs differing only in these share their compiled functions
+    settings.get("train", {}).pop(key, None)
+  return _compiled(json.dumps(settings, sort_keys=True), steps_per_epoch, par)
+
+
+# Settings of `config.train` that no compiled function reads.
+NOT_COMPILED = ("checkpoint_every_steps", "checkpoint_every_minutes")
 
 
 def _duration(seconds: float) -> str:
@@ -168,6 +187,32 @@ class Progress:
 def _first_bad_step(losses: np.ndarray, first_step: int) -> int | None:
   bad = np.flatnonzero(~np.isfinite(losses))
   return None if bad.size == 0 else first_step + int(bad[0])
+
+
+def _epoch_metrics(par, done: dict[str, np.ndarray] | None, step_metrics) -> dict[str, np.ndarray]:
+  """The epoch's step metrics so far, {name: (steps, ...)}: those restored from a step
+  checkpoint (`done`) first, then this invocation's."""
+  new = par.fetch(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)) if step_metrics else {}
+  if not done:
+    return new
+  return {k: np.concatenate([done[k], new[k]]) if k in new else done[k] for k in done}
+
+
+def _raise_if_not_finite(stacked, first_step: int, epoch: int, ckpt, wd) -> None:
+  bad = _first_bad_step(stacked["loss"], first_step)
+  if bad is None:
+    return
+  last, last_step = ckpt.latest_epoch(), ckpt.latest_step_checkpoint()
+  where = (
+    f"the last good checkpoint (epoch {last}) is kept in {wd.checkpoints}"
+    if last is not None
+    else "no checkpoint had been written yet"
+  )
+  if last_step is not None and last_step > (last or 0) * ckpt.steps_per_epoch:
+    where = f"the last good checkpoint (step {last_step}) is kept in {ckpt.steps_dir}"
+  raise NonFiniteLossError(
+    f"non-finite training loss at step {bad} (epoch {epoch + 1}); stopped without saving: {where}"
+  )
 
 
 # Batch keys a train step never sees: the clean label (only the meta batch is clean) and the
@@ -233,15 +278,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises:
     ConfigError, DataError, WorkdirError, CheckpointError: user errors, raised before training
       where possible. NonFiniteLossError: the loss became NaN or Inf (the last good checkpoint
-      is kept).
+      is kept). Preempted: a stop signal during training (the step it came in is finished and
+      checkpointed). DiskFullError: a write ran out of space (the checkpoints before it are
+      intact). Rerunning resumes after the last two.
   """
   validate.check_config(config)
   parallel.initialize_distributed(config.get("distributed"))
   wd = workdir_lib.Workdir(workdir)
-  if not parallel.is_main_process():
-    return _train(config, wd)
-  with wd.locked():
-    return _train(config, wd)
+  try:
+    if not parallel.is_main_process():
+      return _train(config, wd)
+    with wd.locked():
+      return _train(config, wd)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless a full disk)
+    if isinstance(e, RunStopped) or not files.is_disk_full(e):
+      raise
+    raise files.disk_full_error(getattr(e, "filename", None) or wd.path) from e
 
 
 def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[str, Any]:
@@ -310,17 +362,26 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
     else None
   )
 
-  ckpt = checkpoint.Checkpointer(wd.checkpoints, keep=t.keep_checkpoints, config=config)
-  start_epoch = 0
-  restored = ckpt.restore_latest(par.abstract(state), fallback_settings=wd.first_config())
+  ckpt = checkpoint.Checkpointer(
+    wd.checkpoints,
+    keep=t.keep_checkpoints,
+    config=config,
+    steps_per_epoch=steps_per_epoch,
+    writer=True,
+  )
+  start_epoch, partial = 0, None
+  restored = ckpt.restore_resume_point(par.abstract(state), fallback_settings=wd.first_config())
   if restored is not None:
-    start_epoch, state, data_state = restored
+    start_epoch, state, data_state = restored.epoch, restored.state, restored.data
+    partial = restored.partial
     train_it.set_state(data_state["train"])
     if meta_it is not None and "meta" in data_state:
       meta_it.set_state(data_state["meta"])
-    logging.info("resumed from %s at epoch %d", wd.checkpoints, start_epoch)
+    logging.info("resumed from %s at %s", wd.checkpoints, restored.name)
   if main:
-    wd.metrics.truncate_after(start_epoch)
+    wd.metrics.truncate_after(
+      start_epoch, diagnostics_before=partial["step"] if partial is not None else None
+    )
   progress = Progress(
     total_steps=t.num_epochs * steps_per_epoch,
     steps_per_epoch=steps_per_epoch,
@@ -330,14 +391,25 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
   )
   feeder = _Feeder(train_it, meta_it, par)
   audit_settings = config.get("audit", {})  # absent from configs older than the audit
+  stop = preemption.StopSignals()
+  schedule = preemption.Schedule(
+    t.get("checkpoint_every_steps", 0), t.get("checkpoint_every_minutes", 0.0), stop
+  )
   try:
+    stop.__enter__()
     for epoch in range(start_epoch, t.num_epochs):
       phase = method.phase(epoch)
       step_fn = compiled.step(phase)
       first_step = int(par.fetch(state.step))
+      begin, done_metrics = 0, None
+      if partial is not None:  # resumed from a step checkpoint inside this epoch
+        begin, done_metrics = partial["offset"], preemption.metrics_from_json(partial["metrics"])
+        first_step -= begin
+        partial = None
+      epoch_checkpoint = (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs
       t0 = time.perf_counter()
       step_metrics = []
-      for i in range(steps_per_epoch):
+      for i in range(begin, steps_per_epoch):
         feed = feeder.next()
         if t.diagnostics_every_steps and (first_step + i) % t.diagnostics_every_steps == 0:
           # On the batch the step is about to train on, by a separately compiled function: the
@@ -359,19 +431,30 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
           progress.update(first_step + i + 1, loss)
           if not np.isfinite(loss):
             break  # the scan below names the first bad step
-      stacked = par.fetch(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
-      bad = _first_bad_step(stacked["loss"], first_step)
-      if bad is not None:
-        last = ckpt.latest_epoch()
-        where = (
-          f"the last good checkpoint (epoch {last}) is kept in {wd.checkpoints}"
-          if last is not None
-          else "no checkpoint had been written yet"
-        )
-        raise NonFiniteLossError(
-          f"non-finite training loss at step {bad} (epoch {epoch + 1}); "
-          f"stopped without saving: {where}"
-        )
+        save, stopping = schedule.check(first_step + i + 1)
+        # The epoch's own checkpoint follows its last step (unless stopping there).
+        if save and (stopping or i + 1 < steps_per_epoch or not epoch_checkpoint):
+          stacked = _epoch_metrics(par, done_metrics, step_metrics)
+          _raise_if_not_finite(stacked, first_step, epoch, ckpt, wd)
+          partial = {
+            "epoch": epoch,
+            "offset": i + 1,
+            "step": first_step + i + 1,
+            "metrics": preemption.metrics_to_json(stacked),
+          }
+          path = ckpt.save_step(
+            first_step + i + 1, state, feeder.data_state, partial, wait=stopping
+          )
+          partial = None
+          schedule.reset()
+          if stopping:
+            raise Preempted(
+              f"stopped by {stop.name} after step {first_step + i + 1} (epoch {epoch + 1}, "
+              f"step {i + 1}/{steps_per_epoch}), checkpoint {path}: rerun the same command to "
+              "resume"
+            )
+      stacked = _epoch_metrics(par, done_metrics, step_metrics)
+      _raise_if_not_finite(stacked, first_step, epoch, ckpt, wd)
       dt = time.perf_counter() - t0
       step_now = first_step + steps_per_epoch  # a NaN break has raised above
       record = {
@@ -380,7 +463,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
         "split": "train",
         "phase": phase,
         "lr": method.learning_rate(first_step),
-        "images_per_s": steps_per_epoch * t.batch_size / dt,
+        "images_per_s": (steps_per_epoch - begin) * t.batch_size / max(dt, 1e-9),
         **{k: float(np.mean(v)) for k, v in stacked.items()},
       }
       logging.info(
@@ -414,21 +497,31 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
           meta_images=audit_settings.get("meta_images", 0),
           audit_fn=compiled.audit,
         )
-        audit_lib.save_pass(wd.path, epoch + 1, result)
-      if (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs:
+        with files.full_disk_stops(wd.path / audit_lib.AUDIT_DIR):
+          audit_lib.save_pass(wd.path, epoch + 1, result)
+      if epoch_checkpoint:
         ckpt.save(epoch + 1, state, feeder.data_state)
-  finally:
+        schedule.reset()
+  except BaseException:
+    stop.__exit__()
     feeder.close()
-    ckpt.close()
+    ckpt.abandon()  # the run's error is the one to report
+    raise
+  stop.__exit__()
+  feeder.close()
+  ckpt.close()
+  if parallel.any_process([stop.received is not None])[0]:
+    # Came after the last step (during its evaluation or checkpoint): training is saved.
+    raise Preempted(
+      f"stopped by {stop.name} after the last training step, before the final evaluation: "
+      "rerun the same command to evaluate"
+    )
 
   if not main:
     return {"process_index": jax.process_index(), "workdir": str(wd.path)}
   local_state = par.local(state)
-  results = {
-    "epoch": int(local_state.step) // steps_per_epoch,
-    "val": _evaluate(compiled, local_state, splits.val, splits, config),
-    "test": _evaluate(compiled, local_state, splits.test, splits, config),
-  }
+  scores, cases = _final_evaluation(compiled, local_state, splits, config)
+  results = {"epoch": int(local_state.step) // steps_per_epoch, **scores}
   results.update(
     {
       "method": config.method,
@@ -438,6 +531,7 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
       "settings_from_data": data_settings,
     }
   )
+  files.write_atomic(wd.path / CASES_FILE, json.dumps(cases))
   files.write_atomic(wd.path / "results.json", json.dumps(results, indent=1))
   _write_figures(compiled, local_state, splits, config, wd)
   return results
@@ -457,6 +551,9 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def _evaluate(compiled: Compiled, state, records, splits: pipeline.DataSplits, config):
+  """{"raw", "ema": summary} of a split, the EMA weights with `config.train.ema_batch_stats`."""
+  if ema_batch_stats(config) == "recompute":
+    state = _recompute_ema_stats(compiled, state, splits, config)
   return evaluate.evaluate(
     compiled.predictor,
     state,
@@ -467,21 +564,87 @@ def _evaluate(compiled: Compiled, state, records, splits: pipeline.DataSplits, c
   )
 
 
+# Per-case scores of the final evaluation, beside results.json.
+CASES_FILE = "cases.json"
+EMA_BATCH_STATS = ("ema", "recompute")
+
+
+def ema_batch_stats(config: ml_collections.ConfigDict) -> str:
+  """Which BatchNorm statistics the EMA weights are evaluated with (configs older than the
+  option: the EMA of the running statistics, as they were trained)."""
+  return config.train.get("ema_batch_stats", "ema")
+
+
+def _recompute_ema_stats(compiled: Compiled, state, splits: pipeline.DataSplits, config):
+  """`state` with its EMA weights' BatchNorm statistics recomputed on the training images (in
+  order, unaugmented, whole batches of eval_batch_size; a smaller split as one batch)."""
+  size = min(config.train.eval_batch_size, len(splits.train))
+
+  def batches():
+    for batch in pipeline.eval_batches(splits.train, size):
+      if len(batch["image"]) == size:
+        yield jnp.asarray(batch["image"], jnp.float32)
+
+  return compiled.method.recompute_ema_batch_stats(state, batches)
+
+
+def _final_evaluation(compiled: Compiled, state, splits: pipeline.DataSplits, config):
+  """The end-of-run scores on val and test: raw, EMA with the configured BatchNorm statistics,
+  and the EMA weights with each choice of statistics ("ema_bn"), so that the choice can be
+  made on validation without retraining.
+
+  Returns:
+    ({split: {"raw", "ema": summary, "ema_bn": {choice: summary}}},
+     {split: {"raw", "ema": case scores, "ema_bn": {choice: case scores}}}) for the results
+    and `CASES_FILE`.
+  """
+  states = {"ema": state, "recompute": _recompute_ema_stats(compiled, state, splits, config)}
+  chosen = ema_batch_stats(config)
+  scores, cases = {}, {}
+  for name, records in (("val", splits.val), ("test", splits.test)):
+    kw = dict(
+      batch_size=config.train.eval_batch_size,
+      num_classes=config.data.num_classes,
+      spacing=splits.info["spacing"] or None,
+    )
+    evaluate_one = lambda s, variant: evaluate.evaluate_cases(
+      compiled.predictor, s, records, variants=(variant,), **kw
+    )[variant]
+    per = {"raw": evaluate_one(state, "raw")}
+    per.update({bn: evaluate_one(s, "ema") for bn, s in states.items()})
+    summaries = {k: metrics_lib.summarize(c) for k, (_, c) in per.items()}
+    per_case = {k: evaluate.case_scores(ids, c) for k, (ids, c) in per.items()}
+    scores[name] = {
+      "raw": summaries["raw"],
+      "ema": summaries[chosen],
+      "ema_bn": {bn: summaries[bn] for bn in EMA_BATCH_STATS},
+    }
+    cases[name] = {
+      "raw": per_case["raw"],
+      "ema": per_case[chosen],
+      "ema_bn": {bn: per_case[bn] for bn in EMA_BATCH_STATS},
+    }
+  return scores, cases
+
+
 def _write_figures(compiled: Compiled, state, splits, config, wd: workdir_lib.Workdir) -> None:
   """panel.png, curves.png and the method's figure; a failing figure never costs the results."""
   t = config.train
   method = compiled.method
+  current = wd.path / "panel.png"  # the figure being written
   try:
     figures.write_panel(
-      wd.path / "panel.png",
+      current,
       compiled.predictor,
       state,
       splits,
       n=t.num_panel_images,
       batch_size=t.eval_batch_size,
     )
-    figures.plot_curves(wd.metrics.path, wd.path / "curves.png")
+    current = wd.path / "curves.png"
+    figures.plot_curves(wd.metrics.path, current)
     if method.figure_name:
+      current = wd.path / method.figure_name
       batch = next(
         pipeline.eval_batches(splits.train, t.batch_size, transform=method.example_transform)
       )
@@ -495,4 +658,12 @@ def _write_figures(compiled: Compiled, state, splits, config, wd: workdir_lib.Wo
       if maps:
         figures.write_maps_figure(wd.path / method.figure_name, batch, maps)
   except Exception as e:  # pylint: disable=broad-except
+    if files.is_disk_full(e):  # a rerun redoes the figures: stop rather than leave half of one
+      current.unlink(missing_ok=True)
+      raise files.disk_full_error(current) from e
     logging.warning("could not write a figure: %s", e)
+  # TensorBoard shows the figures beside the curves (a figure not written is skipped).
+  wd.summaries.write_images(
+    [wd.path / "panel.png", *([wd.path / method.figure_name] if method.figure_name else [])],
+    step=int(state.step),
+  )

@@ -18,6 +18,8 @@ import tomllib
 
 import pytest
 
+from metadcseg_jax import cli
+
 from metadcseg_jax import summaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -509,3 +511,12 @@ def test_command_line_mistakes_are_one_line_with_status_2(entry_points, row):
   assert result["code"] == 2 and len(lines) == 1, result
   assert lines[0].startswith(expected), lines[0]
   assert result["stdout"] == ""
+
+
+def test_small_cpu_xla_default_leaves_a_users_setting_alone():
+  env = {}
+  assert cli.apply_cpu_defaults(env, cpus=2) and env["XLA_FLAGS"] == cli.CPU_XLA_FLAGS
+  env = {"XLA_FLAGS": ""}  # set, even empty: the user's
+  assert not cli.apply_cpu_defaults(env, cpus=1) and env["XLA_FLAGS"] == ""
+  env = {}
+  assert not cli.apply_cpu_defaults(env, cpus=16) and "XLA_FLAGS" not in env

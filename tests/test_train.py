@@ -1,9 +1,14 @@
-"""The trainer end to end on the tiny config: outputs, resume after a kill, NaN stop, CLI."""
+"""The trainer end to end on the tiny config: outputs, resume after a kill or a stop signal,
+step checkpoints, NaN stop, CLI."""
 
 import csv
 import json
+import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 
 from absl import flags
 import jax
@@ -24,6 +29,7 @@ from metadcseg_jax import validate
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
+from metadcseg_jax.errors import Preempted
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
@@ -132,6 +138,18 @@ def test_run_writes_metrics_results_panel_and_checkpoints(full_run, tiny_config)
   for k in ("dice", "iou", "miou", "hd95", "asd", "n_cases"):
     assert k in results["test"]["ema"]
   assert results["test"]["ema"]["n_cases"] == tiny_config.data.n_test
+  # The EMA weights scored with both choices of BatchNorm statistics, "ema" the configured one;
+  # every case's scores kept for paired statistics.
+  assert results["test"]["ema"] == results["test"]["ema_bn"][tiny_config.train.ema_batch_stats]
+  cases = json.loads((workdir / train.CASES_FILE).read_text())
+  for split in ("val", "test"):
+    for params in ("raw", "ema"):
+      dice = cases[split][params]["dice"]
+      assert len(dice) == len(cases[split][params]["case_ids"]) == results[split]["raw"]["n_cases"]
+      assert np.mean(dice) == pytest.approx(results[split][params]["dice"])
+    for bn in train.EMA_BATCH_STATS:
+      want = results[split]["ema_bn"][bn]["dice"]
+      assert np.mean(cases[split]["ema_bn"][bn]["dice"]) == pytest.approx(want)
   ckpts = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   assert ckpts == ["1", "2"]
   history = _lines(workdir / "config_history.jsonl")
@@ -324,3 +342,85 @@ def test_other_methods_train_write_outputs_and_resume(method, tiny_config, tmp_p
   for params in ("raw", "ema"):
     for k, v in whole["test"][params].items():
       np.testing.assert_allclose(resumed["test"][params][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+_UPDATE = train.Progress.update
+
+
+def _at_logged_step(monkeypatch, step, action):
+  """Runs `action()` right after the progress line of global step `step` (tiny: every 2)."""
+
+  def update(self, at, loss):
+    _UPDATE(self, at, loss)
+    if at == step:
+      action()
+
+  monkeypatch.setattr(train.Progress, "update", update)
+
+
+def test_step_checkpoints_and_a_stop_signal_resume_to_identical_results(
+  full_run, tiny_config, tmp_path, monkeypatch
+):
+  workdir, want = full_run
+  config = ml_collections.ConfigDict(tiny_config.to_dict())
+  config.train.checkpoint_every_steps = 3  # 5 steps per epoch: inside the epochs
+  # A kill between two step checkpoints (step 4, after the one of step 3)...
+  _at_logged_step(monkeypatch, 4, lambda: (_ for _ in ()).throw(_Crash("killed at step 4")))
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints" / "steps").iterdir()) == ["3"]
+  # ... resumes inside epoch 1; then a SIGTERM during step 8 stops after it, checkpointed.
+  _at_logged_step(monkeypatch, 8, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  with pytest.raises(Preempted, match=r"SIGTERM after step 8 \(epoch 2, step 3/5\)"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers put back
+  assert sorted(p.name for p in (tmp_path / "checkpoints" / "steps").iterdir()) == ["8"]
+  monkeypatch.undo()
+  got = train.train_and_evaluate(config, str(tmp_path))
+  for split in ("val", "test"):
+    assert got[split] == want[split]  # bit for bit
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+  # The log is that of the uninterrupted run: each epoch's line averages all its steps.
+  drop = ("images_per_s",)
+  lines = [
+    {k: v for k, v in r.items() if k not in drop} for r in _lines(tmp_path / "metrics.jsonl")
+  ]
+  assert lines == [
+    {k: v for k, v in r.items() if k not in drop} for r in _lines(workdir / "metrics.jsonl")
+  ]
+
+
+def test_sigterm_to_the_command_stops_after_the_step_with_status_75(tiny_config, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if jax.config.jax_compilation_cache_dir:  # the programs the runs above compiled
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+  run = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "experiments.main",
+      f"--config={CONFIG_DIR / 'tiny.py'}",
+      f"--config.data.data_dir={tiny_config.data.data_dir}",
+      "--config.train.diagnostics_every_steps=0",  # one function fewer to compile
+      f"--workdir={tmp_path}",
+    ],
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=CONFIG_DIR.parents[1],
+    env=env,
+  )
+  logged = None
+  for line in run.stderr:
+    if "epoch 1/2 step 2/5" in line:  # a step has been logged: stop the run
+      logged = 2
+      run.send_signal(signal.SIGTERM)
+      break
+  rest = run.stderr.read()
+  assert run.wait(timeout=600) == 75, rest[-3000:]
+  assert logged is not None
+  last = rest.strip().splitlines()[-1]
+  step = int(last.split("after step ")[1].split()[0])
+  assert last.startswith("stopped: stopped by SIGTERM after step") and "rerun" in last
+  assert 2 <= step < 10  # at most the step in progress when the signal came is redone
+  assert (tmp_path / "checkpoints" / "steps" / str(step)).is_dir()
+  assert "Traceback" not in rest
