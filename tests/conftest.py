@@ -8,10 +8,10 @@ import sys
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The console scripts' small-CPU XLA setting, here too, so that a run in a subprocess and one in
-# the test process compute alike (set before JAX creates its backend).
-if "XLA_FLAGS" not in os.environ and len(os.sched_getaffinity(0)) <= 2:
-  os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# XLA's own default in the test process and in the console scripts it starts (an XLA_FLAGS that
+# is set, even empty, is left alone by the scripts' small-CPU setting), so that a run in a
+# subprocess and one in the test process compute alike, as the suite always has.
+os.environ.setdefault("XLA_FLAGS", "")
 
 import pytest
 from absl import flags

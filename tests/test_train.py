@@ -237,6 +237,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
 
 
+@pytest.mark.skipif(
+  os.environ.get("METADCSEG_SLOW") != "1",
+  reason="tests/test_reference_steps.py checks these steps against float64 references in CI; "
+  "this U-Net++ step of each meta method runs with METADCSEG_SLOW=1",
+)
 def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
   config = ml_collections.ConfigDict(tiny_config.to_dict())
   rng = np.random.default_rng(0)
