@@ -20,7 +20,6 @@ EX_TEMPFAIL): a job script can requeue on 75, treat 0 as done and anything else 
 """
 
 import ast
-import importlib.util
 import inspect
 import logging as std_logging
 import os
@@ -81,11 +80,13 @@ def _fail(message: str) -> None:
 
 
 def configs_dir() -> pathlib.Path | None:
-  """experiments/configs, where the config files that ship are (installed or in the clone)."""
-  spec = importlib.util.find_spec("experiments.configs")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  return pathlib.Path(next(iter(spec.submodule_search_locations))).resolve()
+  """experiments/configs, where the config files that ship are: below the working folder (a
+  checkout's root) or beside the package (a checkout installed with `pip install -e .`)."""
+  for root in (pathlib.Path.cwd(), pathlib.Path(__file__).resolve().parents[1]):
+    folder = root / "experiments" / "configs"
+    if folder.is_dir():
+      return folder.resolve()
+  return None
 
 
 def _shown(path: pathlib.Path) -> str:
@@ -358,7 +359,7 @@ def _only_our_info(record) -> bool:
 
 # Single-threaded XLA CPU kernels: on a 2-core CPU a training step is 17-22% faster than with
 # Eigen's thread pool, and the other core is left to the input pipeline (BUILD_NOTES.md,
-# "Measured: step benchmark"). Not measured on larger CPUs, where the pool may win.
+# "XLA threads on a 2-core CPU"). Not measured on larger CPUs, where the pool may win.
 CPU_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 SMALL_CPU = 2
 

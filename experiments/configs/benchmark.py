@@ -10,15 +10,17 @@ r"""The benchmark's preset setting: the synthetic set at 64 px, sized so that th
 Label noise: the L2B levels calibrated to their nominal corruption on these masks; the presets
 draw each seed's own noise realisation and meta split (`--labels=per_seed`). 500 test images,
 so that the paired intervals' test-set part is small next to their seed part. Cost and
-results: BUILD_NOTES.md ("Benchmark"). On a GPU, the synthetic default size:
-`--config=experiments/configs/synthetic.py`.
+results: BUILD_NOTES.md, "The benchmark on the synthetic preset". On a GPU, the synthetic
+default size: `--config=experiments/configs/synthetic.py`.
 """
 
-from experiments.configs import synthetic
+import pathlib
+
+from metadcseg_jax import configs
 
 
 def get_config():
-  config = synthetic.get_config()
+  config = configs.from_file(pathlib.Path(__file__).with_name("synthetic.py"))
   config.data.n_train = 320
   config.data.n_test = 500
   config.train.num_epochs = 10

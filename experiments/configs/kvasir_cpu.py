@@ -14,11 +14,11 @@ Kvasir-SEG's 1000 (or the 998 of a resized copy) image/mask pairs split 80/10/10
 split; U-Net++ width 8; 12 epochs of batch 8 (2 of CE warm-up for the meta methods).
 """
 
-from experiments.configs import table8
+from metadcseg_jax import configs
 
 
 def get_config():
-  config = table8.config_for("kvasir_seg")
+  config = configs.table8_config("kvasir_seg")
   config.data.size = 64
   # The published L2B kernels suit 144-320 px masks: scaled to 64 px, then calibrated.
   config.data.noise.scale_kernels_with_size = True

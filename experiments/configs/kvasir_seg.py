@@ -1,4 +1,5 @@
-r"""MetaDCSeg on Kvasir-SEG with the paper's Table 8 hyper-parameters (see table8.py).
+r"""MetaDCSeg on Kvasir-SEG with the paper's Table 8 hyper-parameters.
+The rows of Table 8 are `metadcseg_jax.configs.TABLE8`.
 
     metadcseg-train --config=experiments/configs/kvasir_seg.py \
         --config.data.manual_dir=/path/to/Kvasir-SEG --workdir=runs/kvasir_seg
@@ -14,8 +15,8 @@ A 2-core CPU runs `kvasir_cpu.py` instead.
 Label noise: --config.data.noise.kind=l2b20|l2b40|l2b60|markov_sr|markov_se|dist|none.
 """
 
-from experiments.configs import table8
+from metadcseg_jax import configs
 
 
 def get_config():
-  return table8.config_for("kvasir_seg")
+  return configs.table8_config("kvasir_seg")

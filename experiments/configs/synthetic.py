@@ -4,15 +4,15 @@
 
 64x64 single-channel images, 400 training images (8 of them the clean meta split) whose labels
 are corrupted with L2B's 40% level (kernels scaled to the image size), U-Net++ width 8,
-evaluation on 100 clean test images. Cost and result: see BUILD_NOTES.md ("synthetic demo").
+evaluation on 100 clean test images. Cost and result: BUILD_NOTES.md, "The quick start".
 For the clean-label baseline add `--config.method=ce --config.data.noise.kind=none`.
 """
 
-from experiments.configs import default
+from metadcseg_jax import configs
 
 
 def get_config():
-  config = default.get_config()
+  config = configs.default_config()
   config.model.width = 8
   config.data.size = 64
   config.data.n_train = 400

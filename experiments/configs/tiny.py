@@ -5,11 +5,11 @@
 Cost: about 30-60 s on a 2-core CPU, nearly all of it jit compilation.
 """
 
-from experiments.configs import default
+from metadcseg_jax import configs
 
 
 def get_config():
-  config = default.get_config()
+  config = configs.default_config()
   config.model.width = 4
   config.data.data_dir = "/tmp/metadcseg_data"
   config.data.size = 32

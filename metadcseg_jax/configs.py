@@ -1,0 +1,233 @@
+"""The default configuration and the paper's Table 8 rows, as `ml_collections.ConfigDict`s.
+
+    config = configs.default_config()            # MetaDCSeg on the synthetic set, U-Net++
+    config = configs.table8_config("kvasir_seg")  # the paper's Kvasir-SEG settings
+
+The config files in `experiments/configs/` start from these and override only what differs;
+every field can also be overridden on the command line, e.g. `--config.method=ce
+--config.train.num_epochs=5`. `from_file` reads such a file by its path (one config file
+building on another, without a package to import it from).
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+from metadcseg_jax import audit
+from metadcseg_jax import parallel
+from metadcseg_jax.methods import dale
+from metadcseg_jax.methods import gsdnet
+from metadcseg_jax.methods import two_network
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """MetaDCSeg (L2B meta step + DCD) on the synthetic set with L2B 40% noise, U-Net++ width 32."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # metadcseg_jax.methods.NAMES: plain losses (ce, gce, sce), two networks (coteaching,
+  # jocor, gsdnet), meta-weighted (l2b, dale), MetaDCSeg.
+  config.method = "metadcseg"
+  config.model = _model_config()
+  config.data = _data_config()
+  config.train = _train_config()
+  config.meta = _meta_config()
+  config.dcd = _dcd_config()
+
+  # Each method's own settings live in its module, beside the code that reads them.
+  config.coteach = two_network.default_config()  # small-loss selection (coteaching, jocor)
+  config.gsdnet = gsdnet.default_config()
+  config.dale = dale.default_config()
+
+  # Label audit (metadcseg-audit): meta methods score every training mask in their last epochs.
+  config.audit = audit.default_config()
+
+  # Data parallel over `mesh.data` devices (-1: all); several hosts join by `distributed`.
+  config.mesh = parallel.mesh_config()
+  config.distributed = parallel.distributed_config()
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.gce_q = 0.7
+  config.loss.sce_alpha = 0.1
+  config.loss.sce_beta = 1.0
+  return config
+
+
+def _model_config() -> ml_collections.ConfigDict:
+  """`config.model`: the network."""
+  c = ml_collections.ConfigDict()
+  c.name = "unet++"  # "unet++" | "unet"
+  c.width = 32
+  c.deep_supervision = False
+  c.dtype = "float32"
+  return c
+
+
+def _data_config() -> ml_collections.ConfigDict:
+  """`config.data`: the dataset, its splits, augmentation and the label noise."""
+  c = ml_collections.ConfigDict()
+  c.name = "synthetic"  # synthetic | kvasir_seg | promise12 | msd_brain | msd_heart | folder
+  c.data_dir = "~/metadcseg_data"  # TFDS builds and noisy-label caches live here
+  c.manual_dir = ""  # raw data folder for real datasets
+  # Reading a folder of your own (name "folder"): channels and num_classes below, and
+  # masks binarised as value > mask_threshold (JPEG-compressed masks), mask stem = image stem +
+  # mask_suffix (e.g. "_segmentation").
+  c.mask_threshold = config_dict.placeholder(int)
+  c.options = ml_collections.ConfigDict()
+  c.options.mask_suffix = ""
+  # Volumes (promise12, msd_*): which training slices to keep ("all", "foreground",
+  # "nonzero"); MSD Brain: the modality (name or index in dataset.json, default FLAIR).
+  c.options.train_slices = config_dict.placeholder(str)
+  c.options.modality = config_dict.placeholder(str)
+  c.size = 64
+  c.channels = 1
+  c.num_classes = 2
+  c.n_train = 400  # synthetic only
+  c.n_val = 50
+  c.n_test = 100
+  c.seed = 0  # synthetic generation and the meta split
+  # The meta split's own seed (None: data.seed), so that the clean meta set can vary while a
+  # synthetic dataset stays the same (the benchmark's `--labels=per_seed`).
+  c.meta_seed = config_dict.placeholder(int)
+  c.meta_fraction = 0.02  # MetaDCSeg §4.1: 2% clean meta set
+  c.augment = True
+  c.num_workers = 0  # grain worker processes for reading and augmenting (0: threads)
+  c.noise = ml_collections.ConfigDict()
+  # none | l2b20 | l2b40 | l2b60 | markov_sr | markov_se | dist (MetaDCSeg App. A.2)
+  c.noise.kind = "l2b40"
+  c.noise.seed = 0
+  # L2B kinds only. calibrate: scale the level's kernels so that its measured corruption
+  # 1 - Dice of the training masks is its nominal share (20/40/60%, within 3 points; the
+  # paper's App. A.2.3). Off: the published kernels, scaled to the image size when
+  # scale_kernels_with_size (they suit ~144-320 px images; at 64 px unscaled 40% noise empties
+  # a third of the masks).
+  c.noise.calibrate = True
+  c.noise.scale_kernels_with_size = True
+  c.noise.small_mask = "empty"  # masks of 1..300 px: "empty" (L2B) | "keep"
+  return c
+
+
+def _train_config() -> ml_collections.ConfigDict:
+  """`config.train`: optimisation, EMA, evaluation, logging and checkpoints."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 4
+  c.meta_batch_size = 2
+  c.num_epochs = 30
+  c.warmup_epochs = 3  # plain CE on the noisy labels, no meta step, no DCD
+  c.optimizer = "sgd"  # sgd | adam (adam only with meta.route="reverse")
+  c.lr = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.grad_clip = 0.2  # global norm; 0 disables
+  c.ema_decay = 0.99
+  # BatchNorm statistics used with the EMA weights at evaluation: "ema" (the EMA of the running
+  # statistics) | "recompute" (one train-mode pass over the training images for the EMA
+  # weights, SWA's bn_update). results.json holds both; the default is the one ahead on
+  # validation Dice (BUILD_NOTES.md, "The EMA weights' BatchNorm statistics").
+  c.ema_batch_stats = "ema"
+  c.eval_every_epochs = 5
+  c.eval_batch_size = 16
+  c.log_every_steps = 50
+  # Gradient norm per loss term, meta-weight and DCD statistics into metrics.jsonl (0: off).
+  c.diagnostics_every_steps = 50
+  c.checkpoint_every_epochs = 1
+  # Step checkpoints inside an epoch (0: off), so a large epoch is never lost whole; a stop
+  # signal writes one too. Resuming from one gives the results of an uninterrupted run.
+  c.checkpoint_every_steps = 0
+  c.checkpoint_every_minutes = 30.0
+  c.keep_checkpoints = 2
+  c.num_panel_images = 6
+  return c
+
+
+def _meta_config() -> ml_collections.ConfigDict:
+  """`config.meta`: the L2B meta step (l2b, metadcseg)."""
+  c = ml_collections.ConfigDict()
+  c.route = "jvp"  # "jvp" (forward-over-reverse, linear updates) | "reverse"
+  c.a0 = 0.0  # (a0, b0) = (0, 0): L2B's code; (1, 0): the paper's Eq. 2
+  c.b0 = 0.0
+  c.eta = 0.01  # meta lr (Table 8 "Meta LR Scale"); cancels when (a0, b0) = (0, 0)
+  c.normalizer = "image"  # "image" (Eq. 24) | "batch" (L2B)
+  c.extra_clean_step = False  # L2B code: extra real step on the clean meta batch
+  c.use = True  # ablation "meta off": plain CE weights (MetaDCSeg §3.4)
+  # Matmul/convolution precision of the meta step: "highest" (true float32; a GPU's default
+  # TF32 rounds the per-pixel meta-gradients, BUILD_NOTES.md, "Precision of the meta step") |
+  # "high" | "default".
+  c.precision = "highest"
+  return c
+
+
+def _dcd_config() -> ml_collections.ConfigDict:
+  """`config.dcd`: Dynamic Center Distance and the boundary terms (metadcseg)."""
+  c = ml_collections.ConfigDict()
+  c.use = True
+  c.use_dice = True
+  c.tau = 0.7
+  c.tau_dcd = 1.0
+  c.lambda_bd = 0.35
+  c.lambda_dice = 0.08
+  # Edge pixels of Eq. 8: "auto" (PiDiNet if pidinet_weights is set, else Canny) | "pidinet" |
+  # "canny" | "sobel" (top edge_top_fraction of the Sobel magnitude).
+  c.edges = "auto"
+  c.pidinet_weights = ""  # the released table5_pidinet.pth (see the README)
+  c.canny_sigma = 2.0
+  c.edge_top_fraction = 0.05
+  # How Eq. 12-13 are read (BUILD_NOTES.md, "DCD and the objective"): DCD divided by its
+  # boundary mean ("mean") or not ("none"); weights with mean 1 ("mean_one") or sum 1
+  # ("sum_one"); the boundary term on the meta-weighted loss ("meta") or on πa·f + πb·g ("mixing").
+  c.dcd_scale = "mean"
+  c.weight_sum = "mean_one"
+  c.pixel_loss = "meta"
+  c.detach_weights = True  # no gradient through h into w (Eq. 43, Eq. 44)
+  c.center_momentum = 0.9
+  return c
+
+
+# The paper's Table 8 (MetaDCSeg, per-dataset hyper-parameters). "Boundary Ratio" is undefined
+# in the paper: recorded here, not used (BUILD_NOTES.md, "DCD and the objective").
+# name: (input size, channels, train batch, meta batch, epochs, warm-up, lr, weight decay,
+#        lambda_bd, lambda_dice, grad threshold, boundary ratio)
+TABLE8 = {
+  "kvasir_seg": (256, 3, 2, 2, 140, 10, 0.0060, 5e-4, 0.35, 0.08, 0.08, 0.14),
+  "promise12": (144, 1, 1, 2, 120, 10, 0.0050, 5e-4, 0.30, 0.10, 0.10, 0.10),
+  "msd_heart": (160, 1, 1, 2, 160, 15, 0.0040, 5e-4, 0.33, 0.12, 0.10, 0.11),
+  "msd_brain": (160, 1, 1, 2, 180, 15, 0.0035, 4e-4, 0.28, 0.14, 0.12, 0.12),
+}
+
+
+def table8_config(name: str) -> ml_collections.ConfigDict:
+  """The default config with dataset `name`'s Table 8 row (meta step 1, meta lr scale 0.01,
+  tau_dcd 1.0 for every dataset)."""
+  (size, channels, batch, meta_batch, epochs, warmup, lr, wd, lambda_bd, lambda_dice, clip, _) = (
+    TABLE8[name]
+  )
+  config = default_config()
+  config.data.name = name
+  config.data.size = size
+  config.data.channels = channels
+  config.data.noise.scale_kernels_with_size = False  # L2B kernels as published
+  config.model.width = 32
+  config.train.batch_size = batch
+  config.train.meta_batch_size = meta_batch
+  config.train.num_epochs = epochs
+  config.train.warmup_epochs = warmup
+  config.train.lr = lr
+  config.train.weight_decay = wd
+  config.train.grad_clip = clip
+  config.train.eval_every_epochs = 10
+  config.meta.eta = 0.01
+  config.dcd.lambda_bd = lambda_bd
+  config.dcd.lambda_dice = lambda_dice
+  config.dcd.tau_dcd = 1.0
+  return config
+
+
+def from_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of the config file at `path`, loaded by its path as
+  `--config=PATH` loads it, so that one config file can build on another."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"_metadcseg_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
