@@ -8,7 +8,7 @@ whole-meta-set variant, a copy of it recomputed with `metadcseg-audit --recomput
 mask > t" at t = 0.1 / 0.3 / 0.5, and the criterion fixed before the runs were looked at: the
 mean AUROC at 0.3 and 0.5 (the thresholds where both classes hold at least a fifth of the
 masks); then the criterion's mean over the runs. The runs used and the choice made:
-BUILD_NOTES.md ("Label audit").
+BUILD_NOTES.md, "Label audit: the score chosen on validation".
 
 Candidates, with d = [y ≠ ŷ] and the meta share πb of `metadcseg_jax/audit.py`:
   * meta suspicion: Σ d·πb / (|y| + |ŷ|) (the audit's score);

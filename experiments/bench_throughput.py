@@ -9,7 +9,7 @@ torch installed, also the PyTorch L2B-style step (experiments/torch_ref.py) on t
 --max_batch searches the largest batch whose step fits in device memory (doubling, then
 bisection).
 
-    # the table on a GPU (H100: peak bf16/tf32 dense 989/494 TFLOP/s, fp32 67):
+    # the table on a GPU (H100: peak bf16/tf32 dense 989/494 TFLOP/s, fp32 67):
     metadcseg-throughput --size=256 --width=32 --channels=3 --batches=8,32 \
         --methods=ce,l2b,metadcseg,coteaching,jocor --max_batch
     # a quick look on a CPU:

@@ -146,7 +146,8 @@ def define_flags():
     "x64",
     False,
     "Float64 throughout: only the order of sums differs between the meshes, so the differences "
-    "are rounding (~1e-15); in float32 the meta-weights amplify it (see BUILD_NOTES.md).",
+    "are rounding (~1e-15); in float32 the meta-weights amplify it "
+    '(BUILD_NOTES.md, "Several devices and processes against one").',
   )
   flags.DEFINE_string("json_out", None, "Write the differences here as JSON.")
 

@@ -5,7 +5,7 @@ Host-side numpy/scipy code, run at evaluation time and never inside `jit`. A
 `volume_metrics`); every metric is computed per case and then averaged over
 cases by `summarize`.
 
-Conventions (this project's, see BUILD_NOTES.md; the paper, MetaDCSeg §4.1, names mIoU,
+Conventions (this project's, see BUILD_NOTES.md, "Metrics"; the paper, MetaDCSeg §4.1, names mIoU,
 DSC and HD without defining them):
 
 * Foreground is `label > 0` (all non-background classes merged). Dice and IoU

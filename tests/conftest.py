@@ -29,7 +29,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def shared_data():
-  """Path to ../shared/data (real samples); skips the test when absent."""
+  """Path to shared/data beside the checkout (real samples); skips the test when absent."""
   if not SHARED_DATA.is_dir():
     pytest.skip(f"{SHARED_DATA} not present")
   return SHARED_DATA

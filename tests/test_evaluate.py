@@ -1,4 +1,4 @@
-"""`evaluate.evaluate` on hand-built splits with known answers (MetaDCSeg §4.1, SPEC §7): the
+"""`evaluate.evaluate` on hand-built splits with known answers (MetaDCSeg §4.1): the
 predictions in order despite a padded last batch, each parameter variant scored, against the
 clean labels (never the noisy ones), per image for 2D data and per volume for 3D data."""
 

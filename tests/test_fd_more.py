@@ -71,7 +71,7 @@ def _problem(model, opt, *, shape, meta_batch, num_classes, seed=0, fake_steps=3
 
 
 def _unrolled(apply_fn, opt, variables, opt_state, x, y, xv, yv):
-  """`(a, b) -> Lval(θ̂(a, b))` (Eq. 21, SPEC §1 steps 1-4), independent of meta.py."""
+  """`(a, b) -> Lval(θ̂(a, b))` (Eq. 21), independent of meta.py."""
   params = variables["params"]
 
   def forward(p, images):
@@ -119,7 +119,7 @@ def _fd(apply_fn, opt, pb, a0b0, idx, eps):
 def _meta(apply_fn, opt, pb, a0b0, route):
   fn = jax.jit(
     lambda v, s, x, y, xv, yv: meta.meta_weights(
-      apply_fn, v, s, opt, x, y, xv, yv, a0b0=a0b0, eta=0.01, route=route
+      apply_fn, v, s, opt, x, y, xv, yv, meta.MetaOptions(*a0b0, eta=0.01, route=route)
     ),
     compiler_options=FAST_COMPILE,
   )
@@ -269,9 +269,13 @@ def test_metadcseg_objective_gradient_in_the_parameters(normalizer):
     b_t = jnp.asarray(rng.uniform(0.0, 1.0, (b, hw, hw)))
     gamma = a_t + b_t
     z = jnp.sum(gamma, (1, 2), keepdims=True) if normalizer == "image" else jnp.sum(gamma)
-    weights = dict(
+    weights = objective.PixelWeights(
       a_hat=a_t / z, b_hat=b_t / z, gamma=gamma, pi_a=a_t / gamma, pi_b=b_t / gamma,
       y_pseudo=jnp.asarray(rng.integers(0, 2, (b, hw, hw)), jnp.int32),
+    )  # fmt: skip
+    options = objective.ObjectiveOptions(
+      lambda_bd=0.5, lambda_dice=0.3, normalizer=normalizer,
+      dcd=dcd.DCDOptions(tau=0.6, detach_weights=False),
     )  # fmt: skip
     centers = jnp.asarray(rng.normal(size=(3, 4)))
 
@@ -280,8 +284,7 @@ def test_metadcseg_objective_gradient_in_the_parameters(normalizer):
         {**variables, "params": p}, x, train=True, mutable=["batch_stats"]
       )
       total, aux = objective.metadcseg_loss(
-        logits, features, y, edges, **weights, default_centers=centers,
-        lambda_bd=0.5, lambda_dice=0.3, tau=0.6, detach_weights=False, normalizer=normalizer,
+        logits, features, y, edges, weights, centers, options
       )  # fmt: skip
       return total, aux
 

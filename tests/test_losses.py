@@ -162,7 +162,7 @@ def test_gradients_and_hessians_match_finite_differences_float64():
     @jax.jit
     def errors(z):
       # One compile for all losses. Second order only for CE, the loss the
-      # meta step differentiates twice (SPEC §1), both ways: jax.hessian is
+      # meta step differentiates twice (MetaDCSeg §3.2), both ways: jax.hessian is
       # forward-over-reverse, jacrev(grad) reverse-over-reverse.
       out = {}
       for name in _PIXEL_LOSSES:

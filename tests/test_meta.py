@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.meta: exact pixel-wise meta-gradients (SPEC §1, paper Eq. 21-29).
+"""Tests for metadcseg_jax.meta: exact pixel-wise meta-gradients (App. A.3, Eq. 21-29).
 
 The reference for exactness is a central finite difference, in float64, of the one-step
 unrolled objective `Lval(θ̂(a, b))` written out independently here (`_unrolled_objective`).
@@ -139,10 +139,7 @@ def _meta_fn(pb, *, route, a0b0=(0.0, 0.0), normalizer="image", opt=None, apply_
       y,
       xv,
       yv,
-      a0b0=a0b0,
-      eta=eta,
-      normalizer=normalizer,
-      route=route,
+      meta.MetaOptions(*a0b0, eta=eta, normalizer=normalizer, route=route),
     )
   )
 
@@ -503,7 +500,9 @@ def test_jvp_route_refused_for_adam(conv32):
   adam = optim.make_optimizer(name="adam", learning_rate=1e-3)
   state = adam.tx.init(conv32.variables["params"])
   with pytest.raises(ValueError, match=r"(?s)'adam'.*route='reverse'"):
-    meta.meta_weights(conv32.apply_fn, conv32.variables, state, adam, *conv32.data, route="jvp")
+    meta.meta_weights(
+      conv32.apply_fn, conv32.variables, state, adam, *conv32.data, meta.MetaOptions(route="jvp")
+    )
 
 
 # ----------------------------------------------------------------------------- (h) step grads
@@ -528,7 +527,7 @@ def test_meta_step_grads_matches_plain_grad(conv32, conv32_out, route, a0b0):
   loss_fn = _loss_from_outputs(pb.y)
   step = _jit(
     lambda v, s, x, y, xv, yv: meta.meta_step_grads(
-      pb.apply_fn, v, s, pb.opt, x, y, xv, yv, loss_fn, a0b0=a0b0, route=route
+      pb.apply_fn, v, s, pb.opt, x, y, xv, yv, loss_fn, meta.MetaOptions(*a0b0, route=route)
     )
   )
   grads, new_stats, loss, mo, aux = step(pb.variables, pb.opt_state, *pb.data)
@@ -567,14 +566,14 @@ def test_bad_arguments(conv32):
   pb = conv32
   call = functools.partial(meta.meta_weights, pb.apply_fn, pb.variables, pb.opt_state, pb.opt)
   with pytest.raises(ValueError, match="route"):
-    call(*pb.data, route="forward")
+    call(*pb.data, meta.MetaOptions(route="forward"))
   with pytest.raises(ValueError, match="normalizer"):
-    call(*pb.data, normalizer="pixel")
+    call(*pb.data, meta.MetaOptions(normalizer="pixel"))
   with pytest.raises(ValueError, match="y must be"):
     call(pb.x, pb.y[:, :4], pb.xv, pb.yv)
   with pytest.raises(ValueError, match="yv must hold integer"):
     call(pb.x, pb.y, pb.xv, pb.yv.astype(jnp.float32))
   with pytest.raises(ValueError, match="eta"):
-    call(*pb.data, eta=0.0)
+    call(*pb.data, meta.MetaOptions(eta=0.0))
   with pytest.raises(ValueError, match="optimizer"):
     meta.meta_weights(pb.apply_fn, pb.variables, pb.opt_state, optax.sgd(0.1), *pb.data)

@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.metrics (SPEC §7), with hand-worked expectations."""
+"""Tests for metadcseg_jax.metrics (MetaDCSeg §4.1), with hand-worked expectations."""
 
 import math
 

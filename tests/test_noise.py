@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.noise (SPEC §5; MetaDCSeg App. A.2; GSD-Net §4.3)."""
+"""Tests for metadcseg_jax.noise (MetaDCSeg App. A.2; GSD-Net §4.3)."""
 
 import hashlib
 import json

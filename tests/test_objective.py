@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.objective (MetaDCSeg Eq. 13, SPEC §3)."""
+"""Tests for metadcseg_jax.objective (MetaDCSeg Eq. 13, §3.4)."""
 
 import math
 

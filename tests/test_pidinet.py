@@ -1,6 +1,6 @@
 """PiDiNet port: the torch-zip reader, the PDC -> vanilla kernel conversion, the whole network
 against a numpy forward pass written from the pixel-difference definitions, and the released
-weights on images (skipped when ../shared/models/pidinet is absent)."""
+weights on images (skipped when shared/models/pidinet beside the checkout is absent)."""
 
 import pathlib
 import struct

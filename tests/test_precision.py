@@ -1,6 +1,6 @@
 """Precision of the meta step: `config.meta.precision` reaches every convolution of the meta
 path, and a bfloat16 model takes its meta-weights from a float32 twin (bf16 meta-gradients are
-50-70% off, BUILD_NOTES.md "Precision of the meta step")."""
+50-70% off, BUILD_NOTES.md, "Meta-weights in float32 and bfloat16 against float64")."""
 
 import jax
 import jax.extend

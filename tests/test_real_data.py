@@ -464,7 +464,7 @@ def test_msd_heart_and_layout_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Real samples in ../shared/data (skipped when absent).
+# Real samples in shared/data beside the checkout (skipped when absent).
 
 
 def test_real_kvasir_sample(shared_data, tmp_path):

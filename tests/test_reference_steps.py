@@ -1,6 +1,6 @@
 """Every meta method's whole jitted train step against an independent float64 reference.
 
-The references below are written from SPEC §1-§4 and the papers' equations, not from the
+The references below are written from the papers' equations, not from the
 library: their own virtual step (PyTorch SGD: `d = g + wd·θ`, `buf = μ·buf + d`,
 `θ ← θ − λ(step)·buf`, λ decayed per epoch as `λ0·20/(epoch + 20)`), their own meta-gradients
 Ga, Gb (plain `jax.grad` through that step, MetaDCSeg Eq. 21-22), their own ã, b̃ (Eq. 23),
@@ -140,7 +140,7 @@ def _ce(logits, labels):
 
 
 def _lr(count, updates_per_epoch):
-  """SPEC §4: λ0·20/(epoch + 20), the epoch counted in optimizer updates."""
+  """The learning rate λ0·20/(epoch + 20), the epoch counted in optimizer updates."""
   return LR0 * 20.0 / (count // updates_per_epoch + 20.0)
 
 
@@ -172,7 +172,7 @@ def _meta_weights(fwd, params, buf, count, x, y, xv, yv, *, a0, b0, eta, normali
 
   def virtual_loss(p, a, b):
     (lo, _), _ = fwd(p, x)
-    # Σ_hw (a·f + b·g) / (H·W), averaged over the batch (SPEC §1 step 5).
+    # Σ_hw (a·f + b·g) / (H·W), averaged over the batch (BUILD_NOTES.md, "Meta-gradients").
     return jnp.sum(a * _ce(lo, y) + b * _ce(lo, y_pseudo)) / y.size
 
   def lval(a, b):
@@ -292,7 +292,7 @@ def _reference_step(apply_fn, spec, ref, batch):
       alpha_share=jnp.sum(wts["a_hat"]) / jnp.maximum(total, 1e-12),
       weight_zero_frac=jnp.mean(wts["gamma"] <= 0),
     )
-  else:  # SPEC §3 "meta off": â = 1/HW (1/BHW per batch), b̂ = 0, γ = 1, πa = 1, πb = 0
+  else:  # the "meta off" ablation: â = 1/HW (1/BHW per batch), b̂ = 0, γ = 1, πa = 1, πb = 0
     n = y[0].size if normalizer == "image" else y.size
     ones = jnp.ones(y.shape, jnp.float64)
     wts = dict(a_hat=ones / n, b_hat=0 * ones, gamma=ones, pi_a=ones, pi_b=0 * ones)

@@ -19,7 +19,7 @@ iteration of its Algorithm 1 on one batch (x, y), y the noisy labels:
    constant, covariance perturbed by ε·11ᵀ, Eq. 13) and the fuzzy class features of pixels
    whose ω rose (Eq. 12), with gradient into the fuzzy features.
 
-Where the paper is open or inconsistent, the choices (also in BUILD_NOTES "DALE"):
+Where the paper is open or inconsistent, the choices (also in BUILD_NOTES.md, "DALE"):
 * Eq. 3 as printed, `−(1/hw) Σ_k p_k log p_k` over pixels k, is `−Σ_b q_b² log q_b` over
   histogram bins, not an entropy; read as the Shannon entropy of the patch's intensity
   histogram, used here. Intensities (mean over channels) are quantised into `num_bins` equal

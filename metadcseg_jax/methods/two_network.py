@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_gradual = 10  # T_k: epochs of the linear ramp 0 -> τ (Co-teaching, JoCoR)
   # JoCoR's λ in (1 − λ)(CE1 + CE2) + λ·symmetric KL. Its CIFAR setting 0.9 made both
   # networks agree on an empty mask at 60% noise (validation Dice 0); 0.5, chosen on the
-  # validation split (BUILD_NOTES "Measured: comparison methods"), is GSD-Net's weighting too.
+  # validation split (BUILD_NOTES.md, "Comparison methods"), is GSD-Net's weighting too.
   c.co_lambda = 0.5
   return c
 
