@@ -173,8 +173,8 @@ def _dcd_config() -> ml_collections.ConfigDict:
   c.pidinet_weights = ""  # the released table5_pidinet.pth (see the README)
   c.canny_sigma = 2.0
   c.edge_top_fraction = 0.05
-  # How Eq. 12-13 are read (BUILD_NOTES.md, "DCD and the objective"): DCD divided by its
-  # boundary mean ("mean") or not ("none"); weights with mean 1 ("mean_one") or sum 1
+  # How Eq. 12 and Eq. 13 are read (BUILD_NOTES.md, "DCD and the objective"): DCD divided by
+  # its boundary mean ("mean") or not ("none"); weights with mean 1 ("mean_one") or sum 1
   # ("sum_one"); the boundary term on the meta-weighted loss ("meta") or on πa·f + πb·g ("mixing").
   c.dcd_scale = "mean"
   c.weight_sum = "mean_one"
