@@ -151,8 +151,8 @@ MUTANTS = [
   Mutant(
     "meta_outputs_undetached",
     "metadcseg_jax/meta.py",
-    "    jax.lax.stop_gradient(outputs),\n",
-    "    outputs,\n",
+    "      fwd._replace(outputs=jax.lax.stop_gradient(fwd.outputs)),\n",
+    "      fwd,\n",
     META_TESTS,
     equivalent="every MetaOutput field is stop-gradiented on return from _meta_from_forward, "
     "so the real loss sees the same constants either way",
@@ -247,8 +247,8 @@ MUTANTS = [
   Mutant(
     "dcd_weights_detach_inverted",
     "metadcseg_jax/dcd.py",
-    "  if detach_weights:\n    w = jax.lax.stop_gradient(w)",
-    "  if not detach_weights:\n    w = jax.lax.stop_gradient(w)",
+    "  if options.detach_weights:\n    w = jax.lax.stop_gradient(w)",
+    "  if not options.detach_weights:\n    w = jax.lax.stop_gradient(w)",
     LOSS_TESTS,
   ),
   Mutant(
@@ -375,8 +375,8 @@ MUTANTS = [
   Mutant(
     "metadcseg_meta_off_pseudo_is_label",
     "metadcseg_jax/methods/metadcseg.py",
-    "y_pseudo=jnp.argmax(logits, -1),",
-    "y_pseudo=y,",
+    "jnp.argmax(logits, -1), normalizer=",
+    'batch["noisy_label"], normalizer=',
     METHOD_TESTS,
     equivalent="with meta off b̂ = 0 and πb = 0, so the pseudo-labels' loss g is weighted by 0 "
     "in every term",

@@ -15,9 +15,13 @@ References:
   MetaDCSeg §3.3, App. A.4.2 and App. A.5.1.
 """
 
+import dataclasses
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 
+from metadcseg_jax import settings
 from metadcseg_jax.types import Array
 
 # Region order used by every (3, ...) array in this module.
@@ -149,7 +153,7 @@ def dcd_map(h: Array, centers: Array, *, eps: float = DCD_EPS, dcd_max: float = 
   return jnp.where(clipped, dcd_max, num / safe_den)
 
 
-# How Eq. 12's softmax is read (MetaDCSeg §3.3.4; BUILD_NOTES.md "DCD weights").
+# How Eq. 12's softmax is read (MetaDCSeg §3.3.4; BUILD_NOTES.md, "DCD and the objective").
 DCD_SCALES = ("mean", "none")
 WEIGHT_SUMS = ("mean_one", "sum_one")
 
@@ -203,22 +207,49 @@ def boundary_weights(
   return w * count if weight_sum == "mean_one" else w
 
 
+@dataclasses.dataclass(frozen=True)
+class DCDOptions:
+  """How the DCD boundary weights are computed, read by name from `config.dcd` (`from_config`).
+
+  Frozen, so it hashes: a jitted function can take it as a static argument.
+
+  Attributes:
+    use: the DCD boundary term is on (False: the "DCD off" ablation, paper Table 5).
+    tau: region threshold τ in (0.5, 1) (Eq. 6, Eq. 7, Eq. 8).
+    tau_dcd: temperature τ_dcd > 0 of Eq. 12.
+    dcd_scale, weight_sum: how Eq. 12 is read (`boundary_weights`' scale and weight_sum).
+    detach_weights: stop the gradient at w (default); False lets it flow through h into the
+      weights (Eq. 43, Eq. 44), via the pixel features and via the centers.
+    center_momentum: EMA momentum of the fallback centers (Eq. 47, `update_default_centers`).
+  """
+
+  use: bool = True
+  tau: float = 0.7
+  tau_dcd: float = 1.0
+  dcd_scale: str = "mean"
+  weight_sum: str = "mean_one"
+  detach_weights: bool = True
+  center_momentum: float = 0.9
+
+  @classmethod
+  def from_config(cls, dcd_config: Mapping[str, Any]) -> "DCDOptions":
+    """From the `dcd` section of a config; its other fields are the objective's and the edge
+    detector's."""
+    return settings.from_section(cls, dcd_config)
+
+
 def dcd_weights_single(
   h: Array,
   fg_prob: Array,
   edges: Array,
   gamma: Array,
   default_centers: Array,
-  *,
-  tau: float = 0.7,
-  tau_dcd: float = 1.0,
-  scale: str = "mean",
-  weight_sum: str = "mean_one",
-  min_pixels: int = MIN_PIXELS,
-  detach_weights: bool = True,
-  exclusive: bool = False,
+  options: DCDOptions = DCDOptions(),
 ) -> dict[str, Array]:
   """Regions (Eq. 6, Eq. 7, Eq. 8), centers (Eq. 10), DCD (Eq. 11), weights (Eq. 12) of one image.
+
+  The regions overlap as the paper writes them (`regions`), and a region of fewer than
+  `MIN_PIXELS` pixels uses its fallback center (Eq. 47).
 
   Args:
     h: (H, W, D) penultimate decoder features (Eq. 5).
@@ -226,36 +257,38 @@ def dcd_weights_single(
     edges: (H, W) bool edge pixels P_edge of Eq. 8 (`metadcseg_jax.edges`).
     gamma: (H, W) reliability γ (Eq. 9).
     default_centers: (3, D) fallback centers (Eq. 47).
-    tau: region threshold τ (Eq. 6, Eq. 7, Eq. 8).
-    tau_dcd, scale, weight_sum: see `boundary_weights` (Eq. 12).
-    min_pixels: τ_min (Eq. 47).
-    detach_weights: stop the gradient at w (default); False lets it flow through h into the
-      weights (Eq. 43, Eq. 44), via the pixel features and via the centers.
-    exclusive: see `regions`.
+    options: τ, τ_dcd, the reading of Eq. 12 and whether w is detached (Eq. 43, Eq. 44).
 
   Returns:
     dict with "w" (H,W), "dcd" (H,W), "masks" (3,H,W) bool, "centers" (3,D),
     "used_fallback" (3,) bool.
   """
-  fg, bg, bd = regions(fg_prob, edges, tau=tau, exclusive=exclusive)
+  fg, bg, bd = regions(fg_prob, edges, tau=options.tau)
   masks = jnp.stack([fg, bg, bd])
-  centers, used_fallback = region_centers(h, gamma, masks, default_centers, min_pixels=min_pixels)
+  centers, used_fallback = region_centers(h, gamma, masks, default_centers)
   dcd = dcd_map(h, centers)
-  w = boundary_weights(dcd, bd, tau_dcd=tau_dcd, scale=scale, weight_sum=weight_sum)
-  if detach_weights:
+  w = boundary_weights(
+    dcd, bd, tau_dcd=options.tau_dcd, scale=options.dcd_scale, weight_sum=options.weight_sum
+  )
+  if options.detach_weights:
     w = jax.lax.stop_gradient(w)
   return dict(w=w, dcd=dcd, masks=masks, centers=centers, used_fallback=used_fallback)
 
 
 def dcd_weights(
-  h: Array, fg_prob: Array, edges: Array, gamma: Array, default_centers: Array, **kwargs
+  h: Array,
+  fg_prob: Array,
+  edges: Array,
+  gamma: Array,
+  default_centers: Array,
+  options: DCDOptions = DCDOptions(),
 ) -> dict[str, Array]:
   """`dcd_weights_single` vmapped over the batch.
 
   Args:
     h: (B, H, W, D); fg_prob, gamma: (B, H, W); edges: (B, H, W) bool;
     default_centers: (3, D), shared by the batch.
-    **kwargs: keyword options of `dcd_weights_single`.
+    options: as in `dcd_weights_single`.
 
   Returns:
     The dict of `dcd_weights_single` with a leading batch axis.
@@ -265,7 +298,7 @@ def dcd_weights(
   for name, x in (("fg_prob", fg_prob), ("gamma", gamma), ("edges", edges)):
     if x.shape != (b, hh, ww):
       raise ValueError(f"{name} must be {(b, hh, ww)}, got {x.shape}.")
-  fn = lambda h_, p_, e_, g_: dcd_weights_single(h_, p_, e_, g_, default_centers, **kwargs)
+  fn = lambda h_, p_, e_, g_: dcd_weights_single(h_, p_, e_, g_, default_centers, options)
   return jax.vmap(fn)(h, fg_prob, edges, gamma)
 
 

@@ -33,12 +33,14 @@ References:
   Ren et al., "Learning to Reweight Examples for Robust Deep Learning", ICML 2018.
 """
 
-from typing import Any, Callable, NamedTuple, Tuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from metadcseg_jax import settings
 from metadcseg_jax.losses import ce_map
 from metadcseg_jax.optim import Optimizer
 from metadcseg_jax.types import Array, Params, Variables
@@ -49,14 +51,19 @@ NORMALIZERS = ("image", "batch")
 EPS_Z = 1e-10  # Eq. 24's guard against an all-zero image
 
 
-class MetaOptions(NamedTuple):
-  """The options of one meta step, as one value (`meta_weights(..., **options.kwargs())`).
+@dataclasses.dataclass(frozen=True)
+class MetaOptions:
+  """The options of one meta step, read by name from `config.meta` (`from_config`).
+
+  Frozen, so it hashes: a jitted function can take it as a static argument.
 
   Attributes:
-    a0, b0: the point (a0, b0) where the meta-gradients are taken (MetaDCSeg §3.2.2, App. A.3).
-    eta: meta learning rate η (Eq. 22).
-    normalizer: "image" (Eq. 24) or "batch" (L2B's code).
-    route: "reverse" or "jvp".
+    a0, b0: the point (a0, b0) where the meta-gradients are taken (MetaDCSeg §3.2.2, App. A.3),
+      Python floats: (0, 0) as in L2B's code (default), or (1, 0), the paper's Eq. 2.
+    eta: meta learning rate η (Eq. 22); cancels in â, b̂, πa, πb when (a0, b0) = (0, 0).
+    normalizer: "image" (Z per image, Eq. 24) or "batch" (Z over the batch, L2B's code).
+    route: "reverse" (reverse-over-reverse, any optimizer) or "jvp" (forward-over-reverse,
+      `Optimizer.linear_in_grad` only).
   """
 
   a0: float = 0.0
@@ -66,19 +73,9 @@ class MetaOptions(NamedTuple):
   route: str = "reverse"
 
   @classmethod
-  def from_config(cls, meta_config) -> "MetaOptions":
-    """From the `meta` section of a config (fields a0, b0, eta, normalizer, route)."""
-    return cls(
-      float(meta_config.a0),
-      float(meta_config.b0),
-      float(meta_config.eta),
-      str(meta_config.normalizer),
-      str(meta_config.route),
-    )
-
-  def kwargs(self) -> dict[str, Any]:
-    """Keyword arguments of `meta_weights` and `meta_step_grads`."""
-    return dict(a0b0=(self.a0, self.b0), eta=self.eta, normalizer=self.normalizer, route=self.route)
+  def from_config(cls, meta_config: Mapping[str, Any]) -> "MetaOptions":
+    """From the `meta` section of a config; its other fields are the method's."""
+    return settings.from_section(cls, meta_config)
 
 
 class MetaOutput(NamedTuple):
@@ -175,23 +172,55 @@ def linearize_update(
   return updates, linear, lambda v: transpose(v)[0]
 
 
-def _check_args(optimizer, x, y, xv, yv, a0b0, eta, normalizer, route):
-  if not isinstance(optimizer, Optimizer):
-    raise ValueError(f"optimizer must be a metadcseg_jax.optim.Optimizer, got {type(optimizer)}")
-  if route not in ROUTES:
-    raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-  if normalizer not in NORMALIZERS:
-    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
-  if route == "jvp" and not optimizer.linear_in_grad:
+class _Problem(NamedTuple):
+  """What one meta step is taken on: the model, its variables and optimizer, the two batches.
+
+  x (B,H,W,C) training images, y (B,H,W) their noisy labels, xv (Bv,H',W',C) and yv (Bv,H',W')
+  the clean meta batch; the rest as in `meta_weights`.
+  """
+
+  apply_fn: Callable[..., Any]
+  variables: Variables
+  opt_state: optax.OptState
+  optimizer: Optimizer
+  x: Array
+  y: Array
+  xv: Array
+  yv: Array
+
+
+class _TrainForward(NamedTuple):
+  """The train-mode training forward at θ, as the meta step reuses it.
+
+  Attributes:
+    outputs: `(logits (B,H,W,L), features (B,H,W,D))`.
+    jvp: its linear map in θ (route "jvp"), or None.
+    vjp: `cotangents -> (grads,)`, its transpose, or None where nothing is differentiated.
+    new_stats: the running statistics it updated, or None where they are not kept.
+  """
+
+  outputs: Tuple[Array, Array]
+  jvp: Callable[[Params], Tuple[Array, Array]] | None
+  vjp: Callable[[Tuple[Array, Array | None]], Tuple[Params]] | None
+  new_stats: Any
+
+
+def _checked(pb: _Problem, options: MetaOptions) -> MetaOptions:
+  """`options` with (a0, b0) as Python floats, once `pb` and `options` are checked."""
+  if not isinstance(pb.optimizer, Optimizer):
+    raise ValueError(f"optimizer must be a metadcseg_jax.optim.Optimizer, got {type(pb.optimizer)}")
+  if options.route not in ROUTES:
+    raise ValueError(f"route must be one of {ROUTES}, got {options.route!r}")
+  if options.normalizer not in NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {options.normalizer!r}")
+  if options.route == "jvp" and not pb.optimizer.linear_in_grad:
     raise ValueError(
-      f"route='jvp' needs an update linear in the gradient; optimizer {optimizer.name!r} is "
+      f"route='jvp' needs an update linear in the gradient; optimizer {pb.optimizer.name!r} is "
       "not: use route='reverse'"
     )
-  if len(a0b0) != 2:
-    raise ValueError(f"a0b0 must be a pair of floats (a0, b0), got {a0b0!r}")
-  if isinstance(eta, (int, float)) and eta <= 0:
-    raise ValueError(f"eta must be > 0, got {eta}")
-  for name, img, lab in (("x", x, y), ("xv", xv, yv)):
+  if isinstance(options.eta, (int, float)) and options.eta <= 0:
+    raise ValueError(f"eta must be > 0, got {options.eta}")
+  for name, img, lab in (("x", pb.x, pb.y), ("xv", pb.xv, pb.yv)):
     label_name = "y" if name == "x" else "yv"
     if img.ndim != 4:
       raise ValueError(f"{name} must be (B,H,W,C), got shape {img.shape}")
@@ -199,6 +228,8 @@ def _check_args(optimizer, x, y, xv, yv, a0b0, eta, normalizer, route):
       raise ValueError(f"{label_name} must be (B,H,W) = {img.shape[:3]}, got shape {lab.shape}")
     if not jnp.issubdtype(lab.dtype, jnp.integer):
       raise ValueError(f"{label_name} must hold integer class ids, got dtype {lab.dtype}")
+  a0, b0 = _static_float(options.a0, "a0"), _static_float(options.b0, "b0")
+  return dataclasses.replace(options, a0=a0, b0=b0)
 
 
 def _static_float(value, name):
@@ -220,13 +251,14 @@ def _ce_logit_grads(logits, y, y_pseudo):
   return df, dg
 
 
-def _rectify_normalize(ga, gb, a0, b0, eta, normalizer):
+def _rectify_normalize(ga, gb, options):
   """Meta update a0 − η·Ga (Eq. 22, Eq. 28), rectify (Eq. 23), normalise (Eq. 24), γ (Eq. 9).
 
-  Args: Ga, Gb (B,H,W); the point (a0, b0); η; the normaliser.
+  Args: Ga, Gb (B,H,W); the `MetaOptions` (a0, b0, η, the normaliser).
 
   Returns: `(ã, b̃, â, b̂, γ, πa, πb)`, (B,H,W) each.
   """
+  a0, b0, eta, normalizer = options.a0, options.b0, options.eta, options.normalizer
   a_t = jnp.maximum(a0 - eta * ga, 0.0)
   b_t = jnp.maximum(b0 - eta * gb, 0.0)
   gamma = a_t + b_t
@@ -241,12 +273,11 @@ def _rectify_normalize(ga, gb, a0, b0, eta, normalizer):
   return a_t, b_t, a_hat, b_hat, gamma, pi_a, pi_b
 
 
-def _reverse_grads(
-  apply_fn, variables, opt_state, optimizer, x, y, y_pseudo, xv, yv, a0, b0, dtype
-):
+def _reverse_grads(pb: _Problem, y_pseudo, a0, b0, dtype):
   """Reverse-over-reverse: `jax.grad` of Lval(θ̂(a, b)) w.r.t. (a, b) (Eq. 21, Eq. 22)."""
+  apply_fn, variables, x, y = pb.apply_fn, pb.variables, pb.x, pb.y
   params = variables["params"]
-  update = _virtual_update(optimizer, opt_state, params)
+  update = _virtual_update(pb.optimizer, pb.opt_state, params)
 
   def weighted_train_loss(p, a, b):
     (logits, _), _ = _forward(apply_fn, variables, p, x)
@@ -256,76 +287,58 @@ def _reverse_grads(
   def unrolled(ab):
     grads = jax.grad(weighted_train_loss)(params, *ab)
     theta_hat = optax.apply_updates(params, update(grads))
-    return _meta_loss(apply_fn, variables, theta_hat, xv, yv)
+    return _meta_loss(apply_fn, variables, theta_hat, pb.xv, pb.yv)
 
   ab0 = (jnp.full(y.shape, a0, dtype), jnp.full(y.shape, b0, dtype))
   meta_loss, (ga, gb) = jax.value_and_grad(unrolled)(ab0)
   return ga, gb, meta_loss
 
 
-def _jvp_grads(apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0, fwd_jvp, fwd_vjp, df, dg):
+def _jvp_grads(pb: _Problem, fwd: _TrainForward, a0, b0, df, dg):
   """Forward-over-reverse: `Ga_k = <Lᵀ∇Lval(θ̂), ∇θ f_k>` from one JVP (Eq. 29).
 
-  `fwd_jvp` / `fwd_vjp` are the linearised training forward at θ and its transpose.
+  `fwd.jvp` / `fwd.vjp` are the linearised training forward at θ and its transpose.
   """
-  params = variables["params"]
+  params = pb.variables["params"]
   # The virtual loss is Σ (a·f + b·g) / n over the n = B·H·W pixels (a mean-CE step at (1, 0)).
   n = df.size // df.shape[-1]
   if a0 == 0.0 and b0 == 0.0:
     # θ̂ = θ + U(0, s): no backward pass on the training batch.
     grads0 = jax.tree.map(jnp.zeros_like, params)
   else:
-    (grads0,) = fwd_vjp(((a0 * df + b0 * dg) / n, None))
-  update0, _, update_transpose = linearize_update(optimizer, opt_state, params, grads0)
+    (grads0,) = fwd.vjp(((a0 * df + b0 * dg) / n, None))
+  update0, _, update_transpose = linearize_update(pb.optimizer, pb.opt_state, params, grads0)
   theta_hat = optax.apply_updates(params, update0)
-  meta_loss, v = jax.value_and_grad(_meta_loss, argnums=2)(apply_fn, variables, theta_hat, xv, yv)
+  meta_loss, v = jax.value_and_grad(_meta_loss, argnums=2)(
+    pb.apply_fn, pb.variables, theta_hat, pb.xv, pb.yv
+  )
   u = update_transpose(v)
-  dlogits, _ = fwd_jvp(u)
+  dlogits, _ = fwd.jvp(u)
   ga = jnp.sum(df * dlogits, axis=-1) / n
   gb = jnp.sum(dg * dlogits, axis=-1) / n
   return ga, gb, meta_loss
 
 
-def _meta_from_forward(
-  apply_fn,
-  variables,
-  opt_state,
-  optimizer,
-  x,
-  y,
-  xv,
-  yv,
-  outputs,
-  fwd_jvp,
-  fwd_vjp,
-  a0,
-  b0,
-  eta,
-  normalizer,
-  route,
-):
-  logits, features = outputs
-  if logits.shape[:3] != y.shape:
+def _meta_from_forward(pb: _Problem, fwd: _TrainForward, options: MetaOptions) -> MetaOutput:
+  """The meta step (Eq. 21, Eq. 22, Eq. 23, Eq. 24) on the training forward `fwd` at θ."""
+  logits, features = fwd.outputs
+  if logits.shape[:3] != pb.y.shape:
     raise ValueError(
-      f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = y.shape {y.shape}"
+      f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = y.shape {pb.y.shape}"
     )
   y_pseudo = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  df, dg = _ce_logit_grads(logits, y, y_pseudo)
-  if route == "reverse":
-    ga, gb, meta_loss = _reverse_grads(
-      apply_fn, variables, opt_state, optimizer, x, y, y_pseudo, xv, yv, a0, b0, logits.dtype
-    )
+  df, dg = _ce_logit_grads(logits, pb.y, y_pseudo)
+  if options.route == "reverse":
+    ga, gb, meta_loss = _reverse_grads(pb, y_pseudo, options.a0, options.b0, logits.dtype)
   else:
-    ga, gb, meta_loss = _jvp_grads(
-      apply_fn, variables, opt_state, optimizer, xv, yv, a0, b0, fwd_jvp, fwd_vjp, df, dg
-    )
-  weights = _rectify_normalize(ga, gb, a0, b0, eta, normalizer)
+    ga, gb, meta_loss = _jvp_grads(pb, fwd, options.a0, options.b0, df, dg)
+  weights = _rectify_normalize(ga, gb, options)
   out = MetaOutput(ga, gb, *weights, y_pseudo, logits, features, meta_loss)
   return jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def _linearized_forward(apply_fn, variables, x):
-  """Training forward at θ, linearised: `(outputs, jvp, vjp, new_batch_stats)`."""
+def _linearized_forward(apply_fn, variables, x) -> _TrainForward:
+  """Training forward at θ, linearised (`jax.linearize`), with its transpose."""
   params = variables["params"]
   outputs, fwd_jvp, new_stats = jax.linearize(
     lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True
@@ -338,7 +351,7 @@ def _linearized_forward(apply_fn, variables, x):
       ct_features = jnp.zeros_like(outputs[1])
     return fwd_transpose((ct_logits, ct_features))
 
-  return outputs, fwd_jvp, fwd_vjp, new_stats
+  return _TrainForward(outputs, fwd_jvp, fwd_vjp, new_stats)
 
 
 def meta_weights(
@@ -350,11 +363,7 @@ def meta_weights(
   y: Array,
   xv: Array,
   yv: Array,
-  *,
-  a0b0: Tuple[float, float] = (0.0, 0.0),
-  eta: float = 1.0,
-  normalizer: str = "image",
-  route: str = "reverse",
+  options: MetaOptions = MetaOptions(),
 ) -> MetaOutput:
   """Pixel-wise meta-weights from exact one-step meta-gradients (MetaDCSeg App. A.3).
 
@@ -374,12 +383,8 @@ def meta_weights(
     y: noisy labels (B,H,W) int.
     xv: clean meta images (Bv,H',W',C).
     yv: clean meta labels (Bv,H',W') int.
-    a0b0: the point (a0, b0) where the meta-gradients are taken, Python floats: (0, 0) as in
-      L2B's code (default), or (1, 0), the paper's Eq. 2.
-    eta: meta learning rate η (Eq. 22); cancels in â, b̂, πa, πb when a0b0 = (0, 0).
-    normalizer: "image" (Z per image, Eq. 24) or "batch" (Z over the batch, L2B).
-    route: "reverse" (reverse-over-reverse, any optimizer) or "jvp" (forward-over-reverse,
-      `optimizer.linear_in_grad` only).
+    options: the point (a0, b0) ((0, 0) as in L2B's code, or (1, 0), the paper's Eq. 2), η,
+      the normaliser and the route (`MetaOptions`; a0, b0 Python floats, η may be traced).
 
   Returns:
     A gradient-free `MetaOutput`.
@@ -388,33 +393,14 @@ def meta_weights(
     ValueError: for bad shapes, an unknown route or normalizer, or route="jvp" with an update
       that is not linear in the gradient.
   """
-  _check_args(optimizer, x, y, xv, yv, a0b0, eta, normalizer, route)
-  a0 = _static_float(a0b0[0], "a0b0[0]")
-  b0 = _static_float(a0b0[1], "a0b0[1]")
-  variables = jax.lax.stop_gradient(variables)
-  if route == "jvp":
-    outputs, fwd_jvp, fwd_vjp, _ = _linearized_forward(apply_fn, variables, x)
+  pb = _Problem(apply_fn, jax.lax.stop_gradient(variables), opt_state, optimizer, x, y, xv, yv)
+  options = _checked(pb, options)
+  if options.route == "jvp":
+    fwd = _linearized_forward(apply_fn, pb.variables, x)
   else:
-    outputs, _ = _forward(apply_fn, variables, variables["params"], x)
-    fwd_jvp = fwd_vjp = None
-  return _meta_from_forward(
-    apply_fn,
-    variables,
-    opt_state,
-    optimizer,
-    x,
-    y,
-    xv,
-    yv,
-    outputs,
-    fwd_jvp,
-    fwd_vjp,
-    a0,
-    b0,
-    eta,
-    normalizer,
-    route,
-  )
+    outputs, _ = _forward(apply_fn, pb.variables, pb.variables["params"], x)
+    fwd = _TrainForward(outputs, None, None, None)
+  return _meta_from_forward(pb, fwd, options)
 
 
 def meta_step_grads(
@@ -427,19 +413,15 @@ def meta_step_grads(
   xv: Array,
   yv: Array,
   loss_from_outputs: LossFromOutputs,
-  *,
-  a0b0: Tuple[float, float] = (0.0, 0.0),
-  eta: float = 1.0,
-  normalizer: str = "image",
-  route: str = "reverse",
+  options: MetaOptions = MetaOptions(),
 ) -> Tuple[Params, Any, Array, MetaOutput, Any]:
   """Meta-weights plus the real training gradient, sharing the training forward.
 
   Computes `meta = meta_weights(...)`, then `∇θ loss` where
   `(loss, aux) = loss_from_outputs(logits, features, meta)` on the train-mode forward at θ.
   With route="jvp" the forward is linearised once (`jax.linearize`): its linear map gives the
-  meta JVP and its transpose the virtual step's gradient (a0b0 ≠ (0, 0)) and the real loss's
-  VJP. With route="reverse" one `jax.vjp` forward serves the pseudo labels and the real
+  meta JVP and its transpose the virtual step's gradient ((a0, b0) ≠ (0, 0)) and the real
+  loss's VJP. With route="reverse" one `jax.vjp` forward serves the pseudo labels and the real
   gradient; the unrolled meta objective recomputes its own forward. (Under `jit`, XLA's CSE
   merges a repeated identical forward anyway: a separate `meta_weights` + `value_and_grad`
   compiles to the same convolutions and FLOPs; the sharing is explicit here so it does not
@@ -453,51 +435,35 @@ def meta_step_grads(
     apply_fn, variables, opt_state, optimizer, x, y, xv, yv: as in `meta_weights`.
     loss_from_outputs: `(logits (B,H,W,L), features (B,H,W,D), MetaOutput) -> (loss, aux)`,
       differentiable in logits and features (the MetaOutput is constant).
-    a0b0, eta, normalizer, route: as in `meta_weights`.
+    options: as in `meta_weights`.
 
   Returns:
     `(grads, new_batch_stats, loss, meta_output, aux)`: the gradient w.r.t. params, the
     running statistics updated by the training forward at θ (only that one), the loss value,
     the gradient-free `MetaOutput` and the loss's aux.
   """
-  _check_args(optimizer, x, y, xv, yv, a0b0, eta, normalizer, route)
-  a0 = _static_float(a0b0[0], "a0b0[0]")
-  b0 = _static_float(a0b0[1], "a0b0[1]")
-  params = variables["params"]
-  if route == "jvp":
-    outputs, fwd_jvp, fwd_vjp, new_stats = _linearized_forward(apply_fn, variables, x)
+  pb = _Problem(apply_fn, variables, opt_state, optimizer, x, y, xv, yv)
+  options = _checked(pb, options)
+  if options.route == "jvp":
+    fwd = _linearized_forward(apply_fn, variables, x)
   else:
-    outputs, fwd_vjp_raw, new_stats = jax.vjp(
-      lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True
+    outputs, fwd_vjp, new_stats = jax.vjp(
+      lambda p: _forward(apply_fn, variables, p, x), variables["params"], has_aux=True
     )
-    fwd_jvp = None
-    fwd_vjp = fwd_vjp_raw
+    fwd = _TrainForward(outputs, None, fwd_vjp, new_stats)
   # The scope names the meta-gradient's operations in XLA's profile (metadcseg_jax.profiling).
   with jax.named_scope("meta_weights"):
     meta = _meta_from_forward(
-      apply_fn,
-      jax.lax.stop_gradient(variables),
-      opt_state,
-      optimizer,
-      x,
-      y,
-      xv,
-      yv,
-      jax.lax.stop_gradient(outputs),
-      fwd_jvp,
-      fwd_vjp,
-      a0,
-      b0,
-      eta,
-      normalizer,
-      route,
+      pb._replace(variables=jax.lax.stop_gradient(variables)),
+      fwd._replace(outputs=jax.lax.stop_gradient(fwd.outputs)),
+      options,
     )
   loss, loss_vjp, aux = jax.vjp(
-    lambda lo, fe: loss_from_outputs(lo, fe, meta), *outputs, has_aux=True
+    lambda lo, fe: loss_from_outputs(lo, fe, meta), *fwd.outputs, has_aux=True
   )
   cotangents = loss_vjp(jnp.ones_like(loss))
-  (grads,) = fwd_vjp(cotangents)
-  return grads, new_stats, loss, meta, aux
+  (grads,) = fwd.vjp(cotangents)
+  return grads, fwd.new_stats, loss, meta, aux
 
 
 def unrolled_meta_grad(

@@ -191,7 +191,7 @@ def test_full_pipeline_finite_when_feature_is_its_bd_center():
       jnp.zeros((8, 8), bool),
       jnp.ones((8, 8)),
       jnp.zeros((3, 2)),
-      detach_weights=False,
+      dcd.DCDOptions(detach_weights=False),
     )
     return jnp.sum(out["w"] * jnp.arange(64.0).reshape(8, 8)), out
 
@@ -259,7 +259,12 @@ def _bd_loss_fn(h, w_frozen, frozen, *, prob, edges, gamma, head, detach):
   """
   f = jax.nn.softplus(h @ head)
   out = dcd.dcd_weights_single(
-    h, prob, edges, gamma, jnp.zeros((3, h.shape[-1]), h.dtype), detach_weights=detach
+    h,
+    prob,
+    edges,
+    gamma,
+    jnp.zeros((3, h.shape[-1]), h.dtype),
+    dcd.DCDOptions(detach_weights=detach),
   )
   w = frozen * w_frozen + (1 - frozen) * out["w"]
   return jnp.sum(w * f), out

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+from metadcseg_jax import dcd
 from metadcseg_jax import meta
 from metadcseg_jax import models
 from metadcseg_jax import objective
@@ -274,19 +275,18 @@ def test_metadcseg_objective_gradient_in_the_parameters(normalizer):
       y_pseudo=jnp.asarray(rng.integers(0, 2, (b, hw, hw)), jnp.int32),
     )  # fmt: skip
     options = objective.ObjectiveOptions(
-      lambda_bd=0.5, lambda_dice=0.3, normalizer=normalizer,
+      lambda_bd=0.5,
+      lambda_dice=0.3,
+      normalizer=normalizer,
       dcd=dcd.DCDOptions(tau=0.6, detach_weights=False),
-    )  # fmt: skip
+    )
     centers = jnp.asarray(rng.normal(size=(3, 4)))
 
     def loss(p):
       (logits, features), _ = model.apply(
         {**variables, "params": p}, x, train=True, mutable=["batch_stats"]
       )
-      total, aux = objective.metadcseg_loss(
-        logits, features, y, edges, weights, centers, options
-      )  # fmt: skip
-      return total, aux
+      return objective.metadcseg_loss(logits, features, y, edges, weights, centers, options)
 
     loss_fn = jax.jit(loss, compiler_options=FAST_COMPILE)
     (_, aux), grads = jax.jit(

@@ -5,6 +5,7 @@ unrolled objective `Lval(θ̂(a, b))` written out independently here (`_unrolled
 Compiled functions live in module-scoped fixtures: XLA compile time dominates on a CPU.
 """
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from metadcseg_jax import configs
 from metadcseg_jax import meta
 from metadcseg_jax import models
 from metadcseg_jax import optim
@@ -577,3 +579,15 @@ def test_bad_arguments(conv32):
     call(*pb.data, meta.MetaOptions(eta=0.0))
   with pytest.raises(ValueError, match="optimizer"):
     meta.meta_weights(pb.apply_fn, pb.variables, pb.opt_state, optax.sgd(0.1), *pb.data)
+
+
+def test_meta_options_are_read_by_name():
+  """`MetaOptions` reads its fields from `config.meta` by name; the rest is the method's."""
+  section = configs.default_config().meta
+  names = {f.name for f in dataclasses.fields(meta.MetaOptions)}
+  # Read by methods/l2b.py: the "meta off" ablation, L2B's extra clean step, the precision.
+  assert set(section) == names | {"use", "extra_clean_step", "precision"}
+  markers = {k: f"marker {k}" for k in section}
+  options = meta.MetaOptions.from_config(markers)
+  assert {k: getattr(options, k) for k in names} == {k: markers[k] for k in names}
+  hash(meta.MetaOptions.from_config(section))

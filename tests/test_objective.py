@@ -1,5 +1,7 @@
 """Tests for metadcseg_jax.objective (MetaDCSeg Eq. 13, §3.4)."""
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -7,27 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metadcseg_jax import configs
 from metadcseg_jax import dcd
 from metadcseg_jax import edges as edges_lib
 from metadcseg_jax import objective
 
 # One jitted entry point; the compile cache is shared by every test that uses
-# the same static options.
-LOSS = jax.jit(
-  objective.metadcseg_loss,
-  static_argnames=(
-    "tau",
-    "tau_dcd",
-    "use_dcd",
-    "use_dice",
-    "detach_weights",
-    "normalizer",
-    "pixel_loss",
-    "dcd_scale",
-    "weight_sum",
-    "center_momentum",
-  ),
-)
+# the same (hashable) options.
+LOSS = jax.jit(objective.metadcseg_loss, static_argnames=("options",))
 B, S, L, D = 2, 16, 3, 4
 
 
@@ -66,18 +55,23 @@ def batch():
   )
 
 
+def _options(*, lambda_bd=0.7, lambda_dice=0.3, use_dcd=True, detach_weights=True, **kwargs):
+  dcd_options = dcd.DCDOptions(use=use_dcd, detach_weights=detach_weights)
+  return objective.ObjectiveOptions(lambda_bd, lambda_dice, dcd=dcd_options, **kwargs)
+
+
 def _call(batch, weights, **kwargs):
-  kwargs.setdefault("lambda_bd", 0.7)
-  kwargs.setdefault("lambda_dice", 0.3)
+  """The loss on `batch` with `weights` (a dict without y_pseudo, or `PixelWeights`)."""
+  if isinstance(weights, dict):
+    weights = objective.PixelWeights(**weights, y_pseudo=batch["y_pseudo"])
   return LOSS(
     batch["logits"],
     batch["features"],
     batch["noisy_label"],
     batch["edges"],
-    y_pseudo=batch["y_pseudo"],
-    default_centers=batch["default_centers"],
-    **weights,
-    **kwargs,
+    weights,
+    batch["default_centers"],
+    options=_options(**kwargs),
   )
 
 
@@ -96,19 +90,15 @@ def test_normalizers_by_hand():
   for normalizer, expected in (("image", per_image.mean()), ("batch", per_image.sum())):
     got = objective.l2b_loss(logits, y, a_hat=a, b_hat=b, y_pseudo=yp, normalizer=normalizer)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
-    weights = dict(a_hat=a, b_hat=b, gamma=a + b, pi_a=a, pi_b=b)
+    weights = objective.PixelWeights(a_hat=a, b_hat=b, gamma=a + b, pi_a=a, pi_b=b, y_pseudo=yp)
     loss, aux = LOSS(
       logits,
       jnp.zeros((2, 1, 2, 3)),
       y,
       jnp.zeros((2, 1, 2), bool),
-      y_pseudo=yp,
-      default_centers=jnp.zeros((3, 3)),
-      lambda_bd=1.0,
-      lambda_dice=0.5,
-      use_dcd=False,
-      normalizer=normalizer,
-      **weights,
+      weights,
+      jnp.zeros((3, 3)),
+      options=_options(lambda_bd=1.0, lambda_dice=0.5, use_dcd=False, normalizer=normalizer),
     )
     # Dice term is a mean over images under both normalisers.
     dice = _np_dice(logits, y).mean()
@@ -118,7 +108,7 @@ def test_normalizers_by_hand():
 
 @pytest.mark.parametrize("normalizer", ["image", "batch"])
 def test_meta_off_is_plain_mean_ce(batch, normalizer):
-  w = objective.meta_off_weights((B, S, S), normalizer=normalizer)
+  w = objective.meta_off_weights(batch["y_pseudo"], normalizer=normalizer)
   loss, aux = _call(batch, w, use_dcd=False, use_dice=False, normalizer=normalizer)
   ce = _np_ce(batch["logits"], batch["noisy_label"])
   np.testing.assert_allclose(loss, ce.mean(), rtol=1e-5)
@@ -126,7 +116,7 @@ def test_meta_off_is_plain_mean_ce(batch, normalizer):
 
 
 def test_meta_off_with_dcd_and_dice(batch):
-  w = objective.meta_off_weights((B, S, S))
+  w = objective.meta_off_weights(batch["y_pseudo"])
   loss, aux = _call(batch, w)
   ce = _np_ce(batch["logits"], batch["noisy_label"])
   # Boundary weights recomputed here from M̂ = 1 − p_0 (numpy); the boundary term weights the
@@ -217,7 +207,7 @@ def test_boundary_pixel_weight_is_a_hat_times_one_plus_lambda_w(batch):
 
 
 def test_gradients_and_detach(batch):
-  w = objective.meta_off_weights((B, S, S))
+  w = objective.meta_off_weights(batch["y_pseudo"])
 
   def grads(detach):
     fn = lambda lg, ft: _call(dict(batch, logits=lg, features=ft), w, detach_weights=detach)[0]
@@ -240,7 +230,7 @@ def test_empty_boundary_gives_zero_term_and_finite_grads():
   logits[0, :, : S // 2, 1] = math.log(99.0)
   logits[0, :, S // 2 :, 0] = math.log(99.0)
   y = (np.arange(S)[None, None, :] < S // 2).repeat(S, 1).astype(np.int32)
-  w = objective.meta_off_weights((1, S, S))
+  w = objective.meta_off_weights(jnp.asarray(y))
 
   def fn(lg, ft):
     return objective.metadcseg_loss(
@@ -248,11 +238,9 @@ def test_empty_boundary_gives_zero_term_and_finite_grads():
       ft,
       jnp.asarray(y),
       jnp.zeros((1, S, S), bool),
-      y_pseudo=jnp.asarray(y),
-      default_centers=jnp.zeros((3, D)),
-      lambda_bd=1.0,
-      lambda_dice=1.0,
-      **w,
+      w,
+      jnp.zeros((3, D)),
+      objective.ObjectiveOptions(lambda_bd=1.0, lambda_dice=1.0),
     )
 
   (loss, aux), (g_l, g_f) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
@@ -267,43 +255,39 @@ def test_empty_boundary_gives_zero_term_and_finite_grads():
 
 
 def test_bad_inputs_raise(batch):
-  w = objective.meta_off_weights((B, S, S))
+  w = objective.meta_off_weights(batch["y_pseudo"])
+  call = functools.partial(
+    objective.metadcseg_loss, batch["logits"], batch["features"], batch["noisy_label"]
+  )
+  options = objective.ObjectiveOptions(lambda_bd=1.0, lambda_dice=1.0)
+  centers = batch["default_centers"]
   with pytest.raises(ValueError, match="normalizer"):
-    objective.metadcseg_loss(
-      batch["logits"],
-      batch["features"],
-      batch["noisy_label"],
-      batch["edges"],
-      y_pseudo=batch["y_pseudo"],
-      default_centers=batch["default_centers"],
-      lambda_bd=1.0,
-      lambda_dice=1.0,
-      normalizer="pixel",
-      **w,
-    )
+    call(batch["edges"], w, centers, dataclasses.replace(options, normalizer="pixel"))
   with pytest.raises(ValueError, match="a_hat"):
-    objective.metadcseg_loss(
-      batch["logits"],
-      batch["features"],
-      batch["noisy_label"],
-      batch["edges"],
-      y_pseudo=batch["y_pseudo"],
-      default_centers=batch["default_centers"],
-      lambda_bd=1.0,
-      lambda_dice=1.0,
-      **dict(w, a_hat=w["a_hat"][0]),
-    )
+    call(batch["edges"], w._replace(a_hat=w.a_hat[0]), centers, options)
   with pytest.raises(ValueError, match="default_centers"):
-    objective.metadcseg_loss(
-      batch["logits"],
-      batch["features"],
-      batch["noisy_label"],
-      batch["edges"],
-      y_pseudo=batch["y_pseudo"],
-      default_centers=jnp.zeros((3, D + 1)),
-      lambda_bd=1.0,
-      lambda_dice=1.0,
-      **w,
-    )
+    call(batch["edges"], w, jnp.zeros((3, D + 1)), options)
   with pytest.raises(ValueError, match="shape"):
-    objective.meta_off_weights((B, S))
+    objective.meta_off_weights(batch["y_pseudo"][0])
+
+
+def test_every_dcd_setting_is_read_by_name():
+  """A new `config.dcd` option is its default and the field that reads it: nothing copies it."""
+  section = configs.default_config().dcd
+  objective_fields = {f.name for f in dataclasses.fields(objective.ObjectiveOptions)}
+  objective_fields -= {"normalizer", "dcd"}  # the meta step's normaliser; the DCD options
+  dcd_fields = {f.name for f in dataclasses.fields(dcd.DCDOptions)}
+  # Read by the edge detector of Eq. 8 (`edges.make_detector`), not by the objective.
+  edge_settings = {"edges", "pidinet_weights", "canny_sigma", "edge_top_fraction"}
+  assert objective_fields.isdisjoint(dcd_fields)
+  assert set(section) == objective_fields | dcd_fields | edge_settings
+  # Each field comes from the section under its own name: a distinct marker each.
+  markers = {k: f"marker {k}" for k in section}
+  options = objective.ObjectiveOptions.from_config(markers, normalizer="batch")
+  assert options.normalizer == "batch"
+  assert {k: getattr(options, k) for k in objective_fields} == {
+    k: markers[k] for k in objective_fields
+  }
+  assert {k: getattr(options.dcd, k) for k in dcd_fields} == {k: markers[k] for k in dcd_fields}
+  # The options hash, so a jitted function can take them as a static argument.
+  hash(objective.ObjectiveOptions.from_config(section, normalizer="image"))

@@ -39,7 +39,7 @@ class L2B(base.SingleNetworkMethod):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
     self.meta_options = meta.MetaOptions.from_config(config.meta)
     # bfloat16 rounds the per-pixel meta-gradients beyond use (50-70% relative error,
-    # BUILD_NOTES.md "Precision of the meta step"): with a half-precision model the meta-weights
+    # BUILD_NOTES.md, "Precision of the meta step"): with a half-precision model the meta-weights
     # come from a float32 twin on the same parameters, and only the real step is in bf16.
     half = jnp.dtype(config.model.dtype).itemsize < 4
     self.meta_model = self.build_network(jnp.float32) if half else self.model
@@ -117,7 +117,7 @@ class L2B(base.SingleNetworkMethod):
             batch["meta_image"],
             batch["meta_label"],
             self.loss_from_outputs(state, batch),
-            **self.meta_options.kwargs(),
+            self.meta_options,
           )
       params, opt_state = self.update_params(state.params, state.opt_state, grads)
       if self.config.meta.extra_clean_step:
@@ -177,7 +177,7 @@ class L2B(base.SingleNetworkMethod):
         y,
         xv,
         yv,
-        **self.meta_options.kwargs(),
+        self.meta_options,
       )
 
   def audit_maps(self, state, batch):

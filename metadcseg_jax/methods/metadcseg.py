@@ -32,19 +32,8 @@ class MetaDCSeg(l2b.L2B):
     self.detector = edges_lib.make_detector(d)
     if self.detector.on_host and d.use:
       self.example_transform = self.detector.add_edges
-    self.loss_options = dict(
-      lambda_bd=d.lambda_bd,
-      lambda_dice=d.lambda_dice,
-      tau=d.tau,
-      tau_dcd=d.tau_dcd,
-      use_dcd=d.use,
-      use_dice=d.use_dice,
-      detach_weights=d.detach_weights,
-      normalizer=self.meta_options.normalizer,
-      pixel_loss=d.pixel_loss,
-      dcd_scale=d.dcd_scale,
-      weight_sum=d.weight_sum,
-      center_momentum=d.center_momentum,
+    self.loss_options = objective.ObjectiveOptions.from_config(
+      d, normalizer=self.meta_options.normalizer
     )
 
   def init_extra(self):
@@ -63,15 +52,16 @@ class MetaDCSeg(l2b.L2B):
   def loss_from_outputs(self, state, batch):
     edges = self._edges(batch)
 
-    def loss_fn(logits, features, mo):
+    def loss_fn(logits, features, weights):
+      # `weights`: a MetaOutput, or the PixelWeights of the "meta off" ablation.
       return objective.metadcseg_loss(
         logits,
         features,
         batch["noisy_label"],
         edges,
-        **objective.pixel_weights(mo),
-        default_centers=state.extra["dcd_centers"],
-        **self.loss_options,
+        objective.pixel_weights(weights),
+        state.extra["dcd_centers"],
+        self.loss_options,
       )
 
     return loss_fn
@@ -88,22 +78,14 @@ class MetaDCSeg(l2b.L2B):
 
     def step(state: base.TrainState, batch, rng):
       del rng
-      y = batch["noisy_label"]
-      edges = self._edges(batch)
+      loss_from_outputs = self.loss_from_outputs(state, batch)
 
       def loss_fn(params):
         (logits, features), stats = self.forward(params, state.batch_stats, batch["image"])
-        weights = objective.meta_off_weights(y.shape, normalizer=self.meta_options.normalizer)
-        loss, aux = objective.metadcseg_loss(
-          logits,
-          features,
-          y,
-          edges,
-          **weights,
-          y_pseudo=jnp.argmax(logits, -1),
-          default_centers=state.extra["dcd_centers"],
-          **self.loss_options,
+        weights = objective.meta_off_weights(
+          jnp.argmax(logits, -1), normalizer=self.meta_options.normalizer
         )
+        loss, aux = loss_from_outputs(logits, features, weights)
         return loss, (stats, aux)
 
       (loss, (stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
