@@ -16,10 +16,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from metadcseg_jax import audit
+from metadcseg_jax import methods
 from metadcseg_jax import parallel
-from metadcseg_jax.methods import dale
-from metadcseg_jax.methods import gsdnet
-from metadcseg_jax.methods import two_network
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -32,13 +30,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.model = _model_config()
   config.data = _data_config()
   config.train = _train_config()
-  config.meta = _meta_config()
-  config.dcd = _dcd_config()
 
-  # Each method's own settings live in its module, beside the code that reads them.
-  config.coteach = two_network.default_config()  # small-loss selection (coteaching, jocor)
-  config.gsdnet = gsdnet.default_config()
-  config.dale = dale.default_config()
+  # Each method's own settings live in its module, beside the code that reads and checks them:
+  # meta (l2b, metadcseg), dcd (metadcseg), coteach (coteaching, jocor, gsdnet), gsdnet, dale,
+  # loss (gce, sce).
+  for name, section in methods.default_settings().items():
+    config[name] = section
 
   # Label audit (metadcseg-audit): meta methods score every training mask in their last epochs.
   config.audit = audit.default_config()
@@ -46,11 +43,6 @@ def default_config() -> ml_collections.ConfigDict:
   # Data parallel over `mesh.data` devices (-1: all); several hosts join by `distributed`.
   config.mesh = parallel.mesh_config()
   config.distributed = parallel.distributed_config()
-
-  config.loss = ml_collections.ConfigDict()
-  config.loss.gce_q = 0.7
-  config.loss.sce_alpha = 0.1
-  config.loss.sce_beta = 1.0
   return config
 
 
@@ -138,49 +130,6 @@ def _train_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_minutes = 30.0
   c.keep_checkpoints = 2
   c.num_panel_images = 6
-  return c
-
-
-def _meta_config() -> ml_collections.ConfigDict:
-  """`config.meta`: the L2B meta step (l2b, metadcseg)."""
-  c = ml_collections.ConfigDict()
-  c.route = "jvp"  # "jvp" (forward-over-reverse, linear updates) | "reverse"
-  c.a0 = 0.0  # (a0, b0) = (0, 0): L2B's code; (1, 0): the paper's Eq. 2
-  c.b0 = 0.0
-  c.eta = 0.01  # meta lr (Table 8 "Meta LR Scale"); cancels when (a0, b0) = (0, 0)
-  c.normalizer = "image"  # "image" (Eq. 24) | "batch" (L2B)
-  c.extra_clean_step = False  # L2B code: extra real step on the clean meta batch
-  c.use = True  # ablation "meta off": plain CE weights (MetaDCSeg §3.4)
-  # Matmul/convolution precision of the meta step: "highest" (true float32; a GPU's default
-  # TF32 rounds the per-pixel meta-gradients, BUILD_NOTES.md, "Precision of the meta step") |
-  # "high" | "default".
-  c.precision = "highest"
-  return c
-
-
-def _dcd_config() -> ml_collections.ConfigDict:
-  """`config.dcd`: Dynamic Center Distance and the boundary terms (metadcseg)."""
-  c = ml_collections.ConfigDict()
-  c.use = True
-  c.use_dice = True
-  c.tau = 0.7
-  c.tau_dcd = 1.0
-  c.lambda_bd = 0.35
-  c.lambda_dice = 0.08
-  # Edge pixels of Eq. 8: "auto" (PiDiNet if pidinet_weights is set, else Canny) | "pidinet" |
-  # "canny" | "sobel" (top edge_top_fraction of the Sobel magnitude).
-  c.edges = "auto"
-  c.pidinet_weights = ""  # the released table5_pidinet.pth (see the README)
-  c.canny_sigma = 2.0
-  c.edge_top_fraction = 0.05
-  # How Eq. 12 and Eq. 13 are read (BUILD_NOTES.md, "DCD and the objective"): DCD divided by
-  # its boundary mean ("mean") or not ("none"); weights with mean 1 ("mean_one") or sum 1
-  # ("sum_one"); the boundary term on the meta-weighted loss ("meta") or on πa·f + πb·g ("mixing").
-  c.dcd_scale = "mean"
-  c.weight_sum = "mean_one"
-  c.pixel_loss = "meta"
-  c.detach_weights = True  # no gradient through h into w (Eq. 43, Eq. 44)
-  c.center_momentum = 0.9
   return c
 
 

@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from metadcseg_jax import audit as audit_lib
+from metadcseg_jax import check_settings
 from metadcseg_jax import checkpoint
 from metadcseg_jax import evaluate
 from metadcseg_jax import figures
@@ -48,7 +49,6 @@ from metadcseg_jax import methods
 from metadcseg_jax import metrics as metrics_lib
 from metadcseg_jax import parallel
 from metadcseg_jax import preemption
-from metadcseg_jax import validate
 from metadcseg_jax import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
@@ -282,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointed). DiskFullError: a write ran out of space (the checkpoints before it are
       intact). Rerunning resumes after the last two.
   """
-  validate.check_config(config)
+  check_settings.check_config(config)
   parallel.initialize_distributed(config.get("distributed"))
   wd = workdir_lib.Workdir(workdir)
   try:

@@ -121,7 +121,7 @@ class ToyMethod:
       batch["noisy_label"],
       batch["meta_image"],
       batch["meta_label"],
-      route="reverse",
+      meta.MetaOptions(route="reverse"),
     )
     y = batch["noisy_label"]
     return {

@@ -14,11 +14,11 @@ from experiments.configs import kvasir_cpu
 from experiments.configs import kvasir_seg
 from experiments.configs import tiny
 from metadcseg_jax import benchmark
+from metadcseg_jax import check_settings
 from metadcseg_jax import figures
 from metadcseg_jax import methods
 from metadcseg_jax import noise
 from metadcseg_jax import train
-from metadcseg_jax import validate
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 
@@ -378,4 +378,4 @@ def test_kvasir_presets_load(tmp_path):
   assert (cpu.data.size, gpu.data.size, gpu.train.num_epochs) == (64, 256, 140)  # Table 8
   for config in (cpu, gpu):
     config.data.manual_dir = str(tmp_path)
-    validate.check_config(config)
+    check_settings.check_config(config)

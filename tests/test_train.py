@@ -23,9 +23,9 @@ from experiments import audit as audit_cli
 from experiments import audit_select
 from experiments.configs import tiny
 from metadcseg_jax import audit
+from metadcseg_jax import check_settings
 from metadcseg_jax import checkpoint
 from metadcseg_jax import train
-from metadcseg_jax import validate
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
@@ -292,11 +292,11 @@ def test_unknown_config_key_and_bad_values_are_refused(tiny_config):
   bad = ml_collections.ConfigDict(tiny_config.to_dict())
   bad.method = "nope"
   with pytest.raises(ConfigError, match="config.method must be one of"):
-    validate.check_config(bad)
+    check_settings.check_config(bad)
   bad.method = "l2b"
   bad.data.size = 40
   with pytest.raises(ConfigError, match="divisible by 16"):
-    validate.check_config(bad)
+    check_settings.check_config(bad)
 
 
 @pytest.mark.parametrize(
@@ -306,9 +306,9 @@ def test_every_config_loads_and_passes_checks(name, tmp_path):
   config = _parse(["prog", f"--config={CONFIG_DIR / (name + '.py')}"])
   if config.data.name != "synthetic":
     with pytest.raises(ConfigError, match="manual_dir"):
-      validate.check_config(config)
+      check_settings.check_config(config)
     config.data.manual_dir = str(tmp_path)
-  validate.check_config(config)
+  check_settings.check_config(config)
   doc = (CONFIG_DIR / (name + ".py")).read_text()
   assert "metadcseg-train --config=experiments/configs/" + name in doc
 

@@ -1,7 +1,8 @@
 """Training methods by name: `config.method` selects one from `REGISTRY`.
 
-Each method is one module behind the interface of `methods/base.py`; adding one is a new module
-and one line here.
+Each method is one module behind the interface of `methods/base.py`, its own settings included
+(their defaults and checks: `default_settings`, `check_settings`); adding one is a new module and
+one line here.
 """
 
 from typing import Any
@@ -32,6 +33,24 @@ REGISTRY: dict[str, type[base.Method]] = {
 }
 # Every method name, in the order of the paper's tables (baselines first).
 NAMES = tuple(REGISTRY)
+
+
+def default_settings() -> dict[str, ml_collections.ConfigDict]:
+  """The config sections of every registered method's own settings, {section: defaults}.
+
+  In registry order; a section several methods share (Co-teaching's `coteach`, L2B's `meta`)
+  comes once.
+  """
+  sections = {}
+  for cls in REGISTRY.values():
+    for name, section in cls.default_settings().items():
+      sections.setdefault(name, section)
+  return sections
+
+
+def settings_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """What the registered methods find wrong with their settings in `config` (each once)."""
+  return list(dict.fromkeys(p for cls in REGISTRY.values() for p in cls.check_settings(config)))
 
 
 def with_data_settings(

@@ -12,7 +12,14 @@ it as an opaque pytree) and never branches on the method's name.
           ...
         return step
 
-and one line in `metadcseg_jax/methods/__init__.py`'s `REGISTRY`.
+and one line in `metadcseg_jax/methods/__init__.py`'s `REGISTRY`. A method with settings of its
+own names their config section's defaults and rules in the same file:
+
+      config_sections = {"mine": default_config}     # config.mine = default_config()
+      config_rules = (("mine.rate", settings.number(0.0, 1.0)),)
+
+(the default config holds the sections of every registered method, and every run checks their
+rules before any work).
 
 Batch keys a step receives: "image" (B,H,W,C) float32 and "noisy_label" (B,H,W) int32 (the
 labels to learn from; the clean "label" is never given to a step); with `uses_meta_batch`,
@@ -31,6 +38,7 @@ import optax
 
 from metadcseg_jax import models
 from metadcseg_jax import optim
+from metadcseg_jax import settings
 from metadcseg_jax.models import unet
 from metadcseg_jax.types import Array
 
@@ -78,10 +86,33 @@ class Method(abc.ABC):
   # Host-side per-example transform run in the input pipeline after augmentation (e.g. Canny
   # edges for DCD): (example dict of numpy arrays) -> example dict. None: nothing to add.
   example_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+  # The config sections of this method's own settings, {section: () -> its defaults}, and the
+  # (dotted key, check) rules of their values (`metadcseg_jax.settings`).
+  config_sections: ClassVar[Mapping[str, Callable[[], ml_collections.ConfigDict]]] = {}
+  config_rules: ClassVar[settings.Rules] = ()
 
   def __init__(self, config: ml_collections.ConfigDict, *, steps_per_epoch: int):
     self.config = config
     self.steps_per_epoch = steps_per_epoch
+
+  @classmethod
+  def default_settings(cls) -> dict[str, ml_collections.ConfigDict]:
+    """The config sections of this method's own settings, {section name: defaults}.
+
+    `metadcseg_jax.configs.default_config` holds the sections of every registered method, so
+    that a config file may switch methods on the command line.
+    """
+    return {name: defaults() for name, defaults in cls.config_sections.items()}
+
+  @classmethod
+  def check_settings(cls, config: ml_collections.ConfigDict) -> list[str]:
+    """What is wrong with this method's own settings in `config`, one sentence each naming the
+    setting; empty when all is fine. `config_rules`; a method adds checks of combinations.
+
+    `metadcseg_jax.check_settings` runs this for every registered method before any work (no
+    dataset, no compilation), so it reads the config only.
+    """
+    return settings.problems(config, cls.config_rules)
 
   @classmethod
   def settings_from_data(

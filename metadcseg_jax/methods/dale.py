@@ -360,6 +360,9 @@ class DALE(base.SingleNetworkMethod):
 
   name = "dale"
 
+  # Checked when it is built (`_check_config`): patch_size must divide the run's image size.
+  config_sections = {"dale": default_config}
+
   def __init__(self, config, *, steps_per_epoch):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
     d = config.dale

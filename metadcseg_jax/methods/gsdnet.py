@@ -39,6 +39,7 @@ from scipy import ndimage
 from skimage import segmentation
 
 from metadcseg_jax import losses
+from metadcseg_jax import settings
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.methods import two_network
 from metadcseg_jax.types import Array
@@ -75,6 +76,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.kt_share_threshold = 0.5  # foreground share above which an image keeps its background
   c.official_bugs = False  # reproduce the released code's two bugs (module docstring)
   return c
+
+
+RULES: settings.Rules = (
+  ("gsdnet.co_lambda", settings.number(0.0)),
+  ("gsdnet.reference_epochs", settings.integer(1)),
+  ("gsdnet.scale_schedule", settings.boolean),
+  ("gsdnet.num_gradual", settings.integer(1)),
+  ("gsdnet.sglr_start", settings.integer(0)),
+  ("gsdnet.cap_every", settings.number(0.0, low_open=True)),
+  ("gsdnet.max_distance", settings.number(0.0, low_open=True)),
+  ("gsdnet.jitter_strength", settings.number(0.0, 1.25, high_open=True)),
+  ("gsdnet.slic_segments", settings.integer(1)),
+  ("gsdnet.slic_compactness", settings.number(0.0, low_open=True)),
+  ("gsdnet.slic_sigma", settings.number(0.0)),
+  ("gsdnet.slic_reference_size", settings.integer(1)),
+  ("gsdnet.scale_slic_with_size", settings.boolean),
+  ("gsdnet.pseudo_threshold", settings.number(0.0, 1.0)),
+  ("gsdnet.kt_share_threshold", settings.number(0.0, 1.0)),
+  ("gsdnet.official_bugs", settings.boolean),
+)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -329,17 +350,20 @@ class GSDNet(two_network.TwoNetworkMethod):
 
   name = "gsdnet"
 
+  config_sections = {**two_network.TwoNetworkMethod.config_sections, "gsdnet": default_config}
+  config_rules = two_network.TwoNetworkMethod.config_rules + RULES
+
   def __init__(self, config, *, steps_per_epoch):
     super().__init__(config, steps_per_epoch=steps_per_epoch)
     if config.data.num_classes != 2:
       raise ConfigError(f"gsdnet is binary; config.data.num_classes={config.data.num_classes}")
     if config.train.batch_size < 2:
       raise ConfigError("gsdnet's knowledge transfer needs config.train.batch_size >= 2")
-    settings = scaled_settings(config)
-    self._num_gradual = settings["num_gradual"]
-    self.sglr_start = settings["sglr_start"]
-    self.cap_every = settings["cap_every"]
-    self.slic_segments = settings["slic_segments"]
+    scaled = scaled_settings(config)
+    self._num_gradual = scaled["num_gradual"]
+    self.sglr_start = scaled["sglr_start"]
+    self.cap_every = scaled["cap_every"]
+    self.slic_segments = scaled["slic_segments"]
     self.example_transform = self.add_maps
 
   @property

@@ -13,17 +13,48 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from metadcseg_jax import audit
 from metadcseg_jax import losses
 from metadcseg_jax import meta
 from metadcseg_jax import objective
+from metadcseg_jax import settings
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array
 
 # Loss terms a meta step reports when its loss computes them.
 LOSS_TERMS = ("ce_term", "bd_term", "dice_term")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.meta`: the L2B meta step (l2b, metadcseg); `meta.MetaOptions` reads its fields."""
+  c = ml_collections.ConfigDict()
+  c.route = "jvp"  # "jvp" (forward-over-reverse, linear updates) | "reverse"
+  c.a0 = 0.0  # (a0, b0) = (0, 0): L2B's code; (1, 0): the paper's Eq. 2
+  c.b0 = 0.0
+  c.eta = 0.01  # meta lr (Table 8 "Meta LR Scale"); cancels when (a0, b0) = (0, 0)
+  c.normalizer = "image"  # "image" (Eq. 24) | "batch" (L2B)
+  c.extra_clean_step = False  # L2B code: extra real step on the clean meta batch
+  c.use = True  # ablation "meta off": plain CE weights (MetaDCSeg §3.4)
+  # Matmul/convolution precision of the meta step: "highest" (true float32; a GPU's default
+  # TF32 rounds the per-pixel meta-gradients, BUILD_NOTES.md, "Precision of the meta step") |
+  # "high" | "default".
+  c.precision = "highest"
+  return c
+
+
+RULES: settings.Rules = (
+  ("meta.route", settings.one_of(meta.ROUTES)),
+  ("meta.a0", settings.number(0.0)),
+  ("meta.b0", settings.number(0.0)),
+  ("meta.eta", settings.number(0.0, low_open=True)),
+  ("meta.normalizer", settings.one_of(meta.NORMALIZERS)),
+  ("meta.extra_clean_step", settings.boolean),
+  ("meta.use", settings.boolean),
+  ("meta.precision", settings.one_of(("default", "high", "highest"))),
+)
 
 
 class L2B(base.SingleNetworkMethod):
@@ -34,6 +65,22 @@ class L2B(base.SingleNetworkMethod):
   audits = True
 
   figure_name = "meta_weights.png"
+
+  config_sections = {"meta": default_config}
+  config_rules = RULES
+
+  @classmethod
+  def check_settings(cls, config):
+    found = super().check_settings(config)
+    if found or "meta" not in config:
+      return found
+    if config.meta.route == "jvp" and config.train.optimizer != "sgd":
+      found.append(
+        f"config.meta.route='jvp' needs an update linear in the gradient "
+        f"(config.train.optimizer='sgd'); use route='reverse' with "
+        f"{config.train.optimizer!r}"
+      )
+    return found
 
   def __init__(self, config, *, steps_per_epoch):
     super().__init__(config, steps_per_epoch=steps_per_epoch)

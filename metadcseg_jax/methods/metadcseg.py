@@ -9,15 +9,79 @@ the input pipeline (`example_transform`).
 """
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from metadcseg_jax import dcd
 from metadcseg_jax import edges as edges_lib
 from metadcseg_jax import objective
+from metadcseg_jax import settings
 from metadcseg_jax.methods import base
 from metadcseg_jax.methods import l2b
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.dcd`: Dynamic Center Distance and the boundary terms (metadcseg).
+
+  `objective.ObjectiveOptions` and `dcd.DCDOptions` read their fields by name, the edge
+  detector (`edges.make_detector`) edges, pidinet_weights, canny_sigma and edge_top_fraction.
+  """
+  c = ml_collections.ConfigDict()
+  c.use = True
+  c.use_dice = True
+  c.tau = 0.7
+  c.tau_dcd = 1.0
+  c.lambda_bd = 0.35
+  c.lambda_dice = 0.08
+  # Edge pixels of Eq. 8: "auto" (PiDiNet if pidinet_weights is set, else Canny) | "pidinet" |
+  # "canny" | "sobel" (top edge_top_fraction of the Sobel magnitude).
+  c.edges = "auto"
+  c.pidinet_weights = ""  # the released table5_pidinet.pth (see the README)
+  c.canny_sigma = 2.0
+  c.edge_top_fraction = 0.05
+  # How Eq. 12 and Eq. 13 are read (BUILD_NOTES.md, "DCD and the objective"): DCD divided by
+  # its boundary mean ("mean") or not ("none"); weights with mean 1 ("mean_one") or sum 1
+  # ("sum_one"); the boundary term on the meta-weighted loss ("meta") or on πa·f + πb·g ("mixing").
+  c.dcd_scale = "mean"
+  c.weight_sum = "mean_one"
+  c.pixel_loss = "meta"
+  c.detach_weights = True  # no gradient through h into w (Eq. 43, Eq. 44)
+  c.center_momentum = 0.9
+  return c
+
+
+RULES: settings.Rules = (
+  ("dcd.use", settings.boolean),
+  ("dcd.use_dice", settings.boolean),
+  ("dcd.tau", settings.number(0.5, 1.0, low_open=True, high_open=True)),
+  ("dcd.tau_dcd", settings.number(0.0, low_open=True)),
+  ("dcd.lambda_bd", settings.number(0.0)),
+  ("dcd.lambda_dice", settings.number(0.0)),
+  ("dcd.edge_top_fraction", settings.number(0.0, 1.0)),
+  ("dcd.edges", settings.one_of(edges_lib.DETECTORS)),
+  ("dcd.canny_sigma", settings.number(0.0, low_open=True)),
+  ("dcd.dcd_scale", settings.one_of(dcd.DCD_SCALES)),
+  ("dcd.weight_sum", settings.one_of(dcd.WEIGHT_SUMS)),
+  ("dcd.pixel_loss", settings.one_of(objective.PIXEL_LOSSES)),
+  ("dcd.detach_weights", settings.boolean),
+  ("dcd.center_momentum", settings.number(0.0, 1.0)),
+)
+
+
+def _edge_problems(dcd_config: ml_collections.ConfigDict) -> list[str]:
+  """PiDiNet's weights: asked for but not given, or given but not there."""
+  weights = dcd_config.get("pidinet_weights", "")
+  if dcd_config.edges == "pidinet" and not weights:
+    return [
+      "config.dcd.edges='pidinet' needs config.dcd.pidinet_weights, the path of "
+      "PiDiNet's released weights (table5_pidinet.pth)"
+    ]
+  if weights and not pathlib.Path(weights).expanduser().is_file():
+    return [f"config.dcd.pidinet_weights={weights!r}: no such file"]
+  return []
 
 
 class MetaDCSeg(l2b.L2B):
@@ -25,6 +89,16 @@ class MetaDCSeg(l2b.L2B):
 
   name = "metadcseg"
   figure_name = "dcd.png"
+
+  config_sections = {**l2b.L2B.config_sections, "dcd": default_config}
+  config_rules = l2b.L2B.config_rules + RULES
+
+  @classmethod
+  def check_settings(cls, config):
+    found = super().check_settings(config)
+    if "dcd" in config and not settings.problems(config, RULES):  # single values first
+      found += _edge_problems(config.dcd)
+    return found
 
   def __init__(self, config, *, steps_per_epoch):
     super().__init__(config, steps_per_epoch=steps_per_epoch)

@@ -2,8 +2,27 @@
 
 import functools
 
+import ml_collections
+
 from metadcseg_jax import losses
+from metadcseg_jax import settings
 from metadcseg_jax.methods import base
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.loss`: the robust losses' parameters (gce, sce)."""
+  c = ml_collections.ConfigDict()
+  c.gce_q = 0.7
+  c.sce_alpha = 0.1
+  c.sce_beta = 1.0
+  return c
+
+
+RULES: settings.Rules = (
+  ("loss.gce_q", settings.number(0.0, 1.0, low_open=True)),
+  ("loss.sce_alpha", settings.number(0.0)),
+  ("loss.sce_beta", settings.number(0.0)),
+)
 
 
 class CE(base.SingleNetworkMethod):
@@ -20,6 +39,8 @@ class GCE(base.SingleNetworkMethod):
   """Generalized cross-entropy (Zhang & Sabuncu 2018), q = `config.loss.gce_q`."""
 
   name = "gce"
+  config_sections = {"loss": default_config}
+  config_rules = RULES
 
   def train_step(self, phase):
     del phase
@@ -30,6 +51,8 @@ class SCE(base.SingleNetworkMethod):
   """Symmetric cross-entropy (Wang et al. 2019), `config.loss.sce_alpha`, `sce_beta`."""
 
   name = "sce"
+  config_sections = {"loss": default_config}
+  config_rules = RULES
 
   def train_step(self, phase):
     del phase

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from metadcseg_jax import settings
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array
 
@@ -52,6 +53,14 @@ def default_config() -> ml_collections.ConfigDict:
   # validation split (BUILD_NOTES.md, "Comparison methods"), is GSD-Net's weighting too.
   c.co_lambda = 0.5
   return c
+
+
+RULES: settings.Rules = (
+  ("coteach.auto_forget_rate", settings.boolean),
+  ("coteach.forget_rate", settings.number(0.0, 1.0, high_open=True)),
+  ("coteach.num_gradual", settings.integer(1)),
+  ("coteach.co_lambda", settings.number(0.0, 1.0)),
+)
 
 
 def forget_rate(epoch: Array, *, rate: float, num_gradual: int) -> Array:
@@ -103,6 +112,9 @@ def symmetric_kl_map(logits1: Array, logits2: Array) -> Array:
 
 class TwoNetworkMethod(base.SingleNetworkMethod):
   """Two U-Nets of `config.model`, each with its optimizer state and EMA (see module doc)."""
+
+  config_sections = {"coteach": default_config}
+  config_rules = RULES
 
   def init_state(self, rng):
     rng1, rng2 = jax.random.split(rng)

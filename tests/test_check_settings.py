@@ -1,11 +1,20 @@
 """Every setting is checked before any work: each bad value gets a sentence naming it."""
 
+import pathlib
+import re
+import types
+
+import jax
+import numpy as np
 import pytest
 
 from experiments.configs import default
 from experiments.configs import tiny
-from metadcseg_jax import validate
+from metadcseg_jax import check_settings
+from metadcseg_jax import methods
 from metadcseg_jax.errors import ConfigError
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.parametrize(
@@ -47,7 +56,7 @@ def test_each_bad_value_is_named(key, value, message):
     node = node[part]
   node[field] = value
   with pytest.raises(ConfigError) as e:
-    validate.check_config(config)
+    check_settings.check_config(config)
   assert message in str(e.value)
 
 
@@ -69,7 +78,7 @@ def test_incompatible_combinations(changes, message, tmp_path):
     section, field = key.split(".")
     config[section][field] = value
   with pytest.raises(ConfigError, match=message):
-    validate.check_config(config)
+    check_settings.check_config(config)
 
 
 def test_folder_settings(tmp_path):
@@ -77,15 +86,15 @@ def test_folder_settings(tmp_path):
   config.data.name, config.data.manual_dir = "folder", str(tmp_path)
   config.data.channels = 2
   with pytest.raises(ConfigError, match="read as 1 .grey. or 3"):
-    validate.check_config(config)
+    check_settings.check_config(config)
   config.data.channels, config.data.num_classes, config.data.mask_threshold = 3, 3, 127
   with pytest.raises(ConfigError, match=r"mask_threshold=127 must be .*config.data.num_classes=2"):
-    validate.check_config(config)
+    check_settings.check_config(config)
   config.data.num_classes = 2
-  validate.check_config(config)
+  check_settings.check_config(config)
   config.data.name = "kvasir_seg"
   with pytest.raises(ConfigError, match="mask_threshold applies to"):
-    validate.check_config(config)
+    check_settings.check_config(config)
 
 
 def test_all_problems_in_one_message_before_any_work(tmp_path):
@@ -94,6 +103,40 @@ def test_all_problems_in_one_message_before_any_work(tmp_path):
   config.train.batch_size = 0
   config.train.keep_checkpoints = 0
   with pytest.raises(ConfigError, match=r"^2 settings are wrong: .*batch_size.*keep_checkpoints"):
-    validate.check_config(config)
+    check_settings.check_config(config)
   assert not (tmp_path / "data").exists()  # nothing built, nothing written
-  assert validate.problems(default.get_config()) == []
+  assert check_settings.problems(default.get_config()) == []
+
+
+def _readme_method() -> types.ModuleType:
+  """The README's "Adding a method" file, as a module."""
+  source = re.search(
+    r"```python\n(# metadcseg_jax/methods/focal\.py\n.*?)```", README.read_text(), re.S
+  )
+  module = types.ModuleType("focal")
+  exec(compile(source.group(1), "focal.py", "exec"), module.__dict__)
+  return module
+
+
+def test_a_method_with_its_own_settings_is_one_file_and_one_registry_line(monkeypatch):
+  """The README's example: its file and one line in the registry, and nothing else, give the
+  default config its section, check it before any work, and train."""
+  focal = _readme_method()
+  monkeypatch.setitem(methods.REGISTRY, "focal", focal.Focal)  # the registry line
+  config = tiny.get_config()
+  assert config.focal.gamma == 2.0
+  config.method = "focal"
+  config.model.name = "unet"  # compiles faster; the method does not care
+  check_settings.check_config(config)
+  config.focal.gamma = -1.0
+  with pytest.raises(ConfigError) as e:
+    check_settings.check_config(config)
+  assert str(e.value) == "config.focal.gamma must be >= 0.0, got -1.0"
+
+  config.focal.gamma = 1.0
+  method = methods.create(config, steps_per_epoch=1)
+  state = method.init_state(jax.random.PRNGKey(0))
+  feed = methods.example_feed(method, size=config.data.size, channels=1, batch=2)
+  step = jax.jit(method.train_step(method.phase(0)))
+  _, metrics = step(state, feed, jax.random.PRNGKey(1))
+  assert np.isfinite(metrics["loss"])
