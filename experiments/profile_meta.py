@@ -79,7 +79,9 @@ def main(argv):
   def jvp_part(p, v):
     return jax.jvp(functools.partial(fwd, x=x), (p,), (v,))[1]
 
-  mw = functools.partial(meta.meta_weights, model.apply, optimizer=optimizer, route="jvp")
+  mw = functools.partial(
+    meta.meta_weights, model.apply, optimizer=optimizer, options=meta.MetaOptions(route="jvp")
+  )
   parts = {
     "train forward": (jax.jit(fwd), (state.params, x)),
     "train forward+backward": (jax.jit(jax.grad(ce)), (state.params, x, y)),
