@@ -4,7 +4,9 @@ import importlib.metadata as md
 import os
 import pathlib
 import re
+import shutil
 import sys
+import tempfile
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +14,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # is set, even empty, is left alone by the scripts' small-CPU setting), so that a run in a
 # subprocess and one in the test process compute alike, as the suite always has.
 os.environ.setdefault("XLA_FLAGS", "")
+# One persistent compilation cache for the session: the test process and every program it starts
+# (console scripts, the notebook, the preemption runs) compile the same tiny configuration, and
+# compiling, not running, is what the suite spends its time on. Removed at the end.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="metadcseg-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest
 from absl import flags
@@ -25,6 +35,11 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 def pytest_configure(config):
   # absl flags raise UnparsedFlagAccessError when read under pytest otherwise.
   flags.FLAGS.mark_as_parsed()
+
+
+def pytest_unconfigure(config):
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -94,20 +94,32 @@ def _interp_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
   return lower.astype(np.int32), rem / (n_out - 1)
 
 
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of the taps: two non-zeros a row, summing to one."""
+  lower, frac = _interp_taps(n_in, n_out)
+  upper = np.minimum(lower + 1, n_in - 1)
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.arange(n_out), lower), 1 - frac)
+  np.add.at(m, (np.arange(n_out), upper), frac)
+  return m
+
+
 def _lerp_axis(x: Array, axis: int, n_out: int) -> Array:
-  lower, frac = _interp_taps(x.shape[axis], n_out)
-  upper = np.minimum(lower + 1, x.shape[axis] - 1)
-  shape = [1] * x.ndim
-  shape[axis] = n_out
-  frac = jnp.asarray(frac.reshape(shape), x.dtype)
-  return (1 - frac) * jnp.take(x, lower, axis=axis) + frac * jnp.take(x, upper, axis=axis)
+  # A product with the interpolation matrix rather than two gathers: the gathers' transpose in
+  # the backward pass is a scatter-add, which XLA's CPU backend runs element by element; the
+  # product's transpose is another product. Exact zeros leave each output the same two-term
+  # sum, so the corners still copy the input bit for bit.
+  m = jnp.asarray(_interp_matrix(x.shape[axis], n_out), x.dtype)
+  spec = "oh,bhwc->bowc" if axis == 1 else "ow,bhwc->bhoc"
+  return jnp.einsum(spec, m, x, precision=jax.lax.Precision.HIGHEST)
 
 
 def upsample_bilinear_2x(x: Array) -> Array:
   """Bilinear 2x upsampling with aligned corners, as `nn.Upsample` in the reference.
 
   Output pixel `o` samples the input at `o * (n - 1) / (2n - 1)`, separably in
-  H and W (static gathers, so forward- and reverse-mode both work).
+  H and W (a product with a constant matrix on each axis, so forward- and reverse-mode
+  both work without a scatter).
 
   Args:
     x: (B,H,W,C).
