@@ -28,8 +28,8 @@ from absl import app
 import numpy as np
 from scipy import stats
 
-from experiments import audit as audit_cli
 from metadcseg_jax import audit
+from metadcseg_jax import audit_report
 
 THRESHOLDS = (0.1, 0.3, 0.5)
 CRITERION = (0.3, 0.5)
@@ -58,7 +58,7 @@ def candidates(scores: dict, noisy: np.ndarray) -> dict[str, np.ndarray]:
 
 def measure_run(run) -> tuple[dict[str, list[float]], int]:
   """({candidate: [AUROC at each of THRESHOLDS]}, the meta images of the run's passes)."""
-  _, scores, train, positions = audit_cli.audited(run)
+  _, scores, train, positions = audit_report.audited(run)
   noisy = np.stack([train[k]["noisy_label"] for k in positions])
   clean = np.stack([train[k]["label"] for k in positions])
   corruption = audit.dice_distance(noisy, clean)

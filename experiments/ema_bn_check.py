@@ -14,37 +14,28 @@ checkpoint's validation Dice with:
 Validation split only: this informs a choice, so the test split stays unread.
 """
 
-import json
 import pathlib
 from typing import Sequence
 
 from absl import app
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from metadcseg_jax import checkpoint
-from metadcseg_jax import methods
 from metadcseg_jax import metrics as metrics_lib
-from metadcseg_jax.data import pipeline
+from metadcseg_jax import runs
 from metadcseg_jax.models import unet
 
 
 def check_run(run: pathlib.Path) -> dict[str, float]:
   """{variant: validation Dice} of one run folder (variants as in the module docstring)."""
-  config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
-  t = config.train
-  splits = pipeline.prepare_data(config.data, meta_batch_size=t.meta_batch_size)
-  method = methods.create(config, steps_per_epoch=len(splits.train) // t.batch_size)
-  initial = method.init_state(jax.random.PRNGKey(config.seed))
-  ckpt = checkpoint.Checkpointer(run / "checkpoints", keep=t.keep_checkpoints, config=config)
-  restored = ckpt.restore_latest(jax.eval_shape(lambda: initial))
-  ckpt.close()
-  if restored is None:
-    raise ValueError(f"{run}: no checkpoint")
-  _, state, _ = restored
-  model = method.model
+  opened = runs.open_run(run)
+  ckpt = opened.checkpointer()
+  try:
+    state = opened.restore(ckpt)
+  finally:
+    ckpt.close()
+  config, splits, model = opened.config, opened.splits, opened.method.model
 
   def stack(records, key):
     return np.stack([records[i][key] for i in range(len(records))])

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.configs import default as default_config
 from metadcseg_jax import cli
+from metadcseg_jax import configs
 from metadcseg_jax import methods
 
 FLAGS = flags.FLAGS
@@ -37,7 +37,7 @@ FIELDS = ("ga", "gb", "a_hat", "b_hat")
 
 
 def _method(dtype: str, precision: str, size: int, width: int, channels: int, batch: int):
-  config = default_config.get_config()
+  config = configs.default_config()
   config.method = "l2b"
   config.data.size, config.data.channels = size, channels
   config.model.width = width

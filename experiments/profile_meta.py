@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments import bench_step
 from metadcseg_jax import losses
 from metadcseg_jax import meta
 from metadcseg_jax import methods
+from metadcseg_jax import throughput
+from metadcseg_jax.commands import bench  # pylint: disable=unused-import  (its flags)
 
 # The benchmark's flags (--sizes, --widths, --channels, --batch, --repeats); the first value of
 # each list is profiled.
@@ -47,8 +48,8 @@ def _flops(fn, *args):
 
 def main(argv):
   del argv
-  config = bench_step._config(
-    "l2b", "jvp", int(FLAGS.sizes[0]), int(FLAGS.widths[0]), int(FLAGS.channels[0]), FLAGS.batch
+  config = throughput.config_for(
+    "l2b", int(FLAGS.sizes[0]), int(FLAGS.widths[0]), int(FLAGS.channels[0]), FLAGS.batch
   )
   method = methods.create(config, steps_per_epoch=100)
   model, optimizer = method.model, method.optimizer

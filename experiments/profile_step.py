@@ -15,8 +15,8 @@ from absl import app
 from absl import flags
 import jax
 
-from experiments import bench_throughput
 from metadcseg_jax import profiling
+from metadcseg_jax import throughput
 
 _METHODS = flags.DEFINE_list("methods", ["ce", "l2b", "metadcseg"], "Methods to profile.")
 _SIZE = flags.DEFINE_integer("size", 64, "Image size.")
@@ -30,10 +30,10 @@ def main(argv):
   del argv
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} devices={jax.devices()}")
   for method in _METHODS.value:
-    config = bench_throughput.config_for(
+    config = throughput.config_for(
       method, _SIZE.value, _WIDTH.value, _CHANNELS.value, _BATCH.value, "float32"
     )
-    m, step, feed = bench_throughput._step_and_inputs(config)  # pylint: disable=protected-access
+    m, step, feed = throughput.step_and_inputs(config)
     state = m.init_state(jax.random.PRNGKey(0))
     profile = profiling.profile_step(step, state, jax.device_put(feed), repeats=_REPEATS.value)
     title = f"{method}, {_SIZE.value} px, width {_WIDTH.value}, batch {_BATCH.value}"

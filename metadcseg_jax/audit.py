@@ -111,6 +111,40 @@ def audit_pass(
   return result
 
 
+def is_due(method, config: ml_collections.ConfigDict, epoch: int) -> bool:
+  """Whether the trainer writes an audit pass after epoch `epoch` (1-based): for a method with
+  meta-weights (`method.audits`), in its last `config.audit.epochs` epochs (a config older than
+  the audit has none)."""
+  epochs = config.get("audit", {}).get("epochs", 0)
+  return bool(method.audits) and epoch > config.train.num_epochs - epochs
+
+
+def run_pass(
+  method,
+  state,
+  splits: pipeline.DataSplits,
+  config: ml_collections.ConfigDict,
+  *,
+  meta_images: int | None = None,
+  audit_fn=None,
+) -> dict[str, np.ndarray]:
+  """`audit_pass` over a run's training split with its batch sizes; `meta_images` None: the
+  run's `config.audit.meta_images`."""
+  t = config.train
+  if meta_images is None:
+    meta_images = config.get("audit", {}).get("meta_images", 0)
+  return audit_pass(
+    method,
+    state,
+    splits.train,
+    splits.meta,
+    batch_size=t.batch_size,
+    meta_batch_size=t.meta_batch_size,
+    meta_images=meta_images,
+    audit_fn=audit_fn,
+  )
+
+
 def save_pass(workdir: pathlib.Path, epoch: int, result: dict[str, np.ndarray]) -> pathlib.Path:
   path = pathlib.Path(workdir) / AUDIT_DIR / f"epoch_{epoch:04d}.npz"
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -262,7 +262,31 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
     raise ValueError(f"metrics_jsonl_path={str(metrics_jsonl_path)!r}: no records")
   fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
   (ax_loss, ax_dice, ax_lr), (ax_grad, ax_share, ax_speed) = axes
+  _epoch_panels(ax_loss, ax_dice, ax_lr, ax_speed, train, val)
+  _diagnostics_panels(ax_grad, ax_share, diag)
+  for ax in axes.ravel():
+    ax.grid(alpha=0.3)
+  for ax in (ax_loss, ax_dice, ax_lr, ax_speed):
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  # The run folder's last parts name it in a sweep (<noise>/<method>/seed<k>).
+  parts = pathlib.Path(metrics_jsonl_path).resolve().parent.parts[-3:]
+  fig.suptitle("/".join(parts), fontsize=10)
+  return _write_png(fig, out_png)
 
+
+def _write_png(fig, out_png, dpi: int = 90) -> pathlib.Path:
+  """Lays `fig` out, writes it to `out_png` (its folder created) and closes it."""
+  fig.tight_layout()
+  out = pathlib.Path(out_png)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=dpi)
+  plt.close(fig)
+  return out
+
+
+def _epoch_panels(ax_loss, ax_dice, ax_lr, ax_speed, train, val) -> None:
+  """`plot_curves`' panels per epoch: training loss and its terms, validation Dice (raw and
+  EMA, the last value written beside), learning rate, throughput."""
   _lines(
     ax_loss,
     train,
@@ -295,6 +319,15 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
   _lines(ax_lr, train, [("lr", "tab:red")], empty="no learning rate logged")
   ax_lr.set(title="learning rate (epoch start)", xlabel="epoch")
 
+  _lines(ax_speed, train, [("images_per_s", "tab:gray")], empty="no throughput logged")
+  ax_speed.set_ylim(bottom=0)
+  ax_speed.set(title="throughput, images/s (epoch 1 includes jit)", xlabel="epoch")
+
+
+def _diagnostics_panels(ax_grad, ax_share, diag) -> None:
+  """`plot_curves`' panels per diagnostics step: each loss term's gradient norm (log scale),
+  the cosine of the total gradient with the CE term's and the meta-weight shares, with the DCD
+  weights' effective support on a second axis."""
   if _lines(
     ax_grad,
     diag,
@@ -328,24 +361,6 @@ def plot_curves(metrics_jsonl_path, out_png) -> pathlib.Path:
     twin = ax_share.twinx()
     twin.plot(x, y, "x:", ms=3, color="tab:orange", label="DCD support 1/Σw²")
     twin.set_ylabel("DCD support (pixels)", color="tab:orange", fontsize=8)
-
-  _lines(ax_speed, train, [("images_per_s", "tab:gray")], empty="no throughput logged")
-  ax_speed.set_ylim(bottom=0)
-  ax_speed.set(title="throughput, images/s (epoch 1 includes jit)", xlabel="epoch")
-
-  for ax in axes.ravel():
-    ax.grid(alpha=0.3)
-  for ax in (ax_loss, ax_dice, ax_lr, ax_speed):
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-  # The run folder's last parts name it in a sweep (<noise>/<method>/seed<k>).
-  parts = pathlib.Path(metrics_jsonl_path).resolve().parent.parts[-3:]
-  fig.suptitle("/".join(parts), fontsize=10)
-  fig.tight_layout()
-  out = pathlib.Path(out_png)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=90)
-  plt.close(fig)
-  return out
 
 
 def plot_dice_vs_noise(
@@ -390,9 +405,4 @@ def plot_dice_vs_noise(
     ax.grid(alpha=0.3)
   axes[0].set_ylabel(f"{_LABELS.get(metric, metric)} (mean ± std over seeds)")
   axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  fig.tight_layout()
-  out = pathlib.Path(out_png)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=90)
-  plt.close(fig)
-  return out
+  return _write_png(fig, out_png)

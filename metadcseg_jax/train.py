@@ -27,6 +27,7 @@ duration count the steps of the last invocation alone.
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import pathlib
@@ -49,9 +50,9 @@ from metadcseg_jax import methods
 from metadcseg_jax import metrics as metrics_lib
 from metadcseg_jax import parallel
 from metadcseg_jax import preemption
+from metadcseg_jax import runs
 from metadcseg_jax import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
-from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
@@ -198,13 +199,25 @@ def _epoch_metrics(par, done: dict[str, np.ndarray] | None, step_metrics) -> dic
   return {k: np.concatenate([done[k], new[k]]) if k in new else done[k] for k in done}
 
 
-def _raise_if_not_finite(stacked, first_step: int, epoch: int, ckpt, wd) -> None:
-  bad = _first_bad_step(stacked["loss"], first_step)
+def check_finite(losses: np.ndarray, first_step: int, epoch: int, ckpt) -> None:
+  """The NaN policy: a non-finite loss stops the run before anything of its epoch is saved.
+
+  Args:
+    losses: (steps,) the epoch's step losses so far, the first after global step `first_step`.
+    first_step: the global step before the epoch's first step.
+    epoch: the epoch (0-based).
+    ckpt: the run's `checkpoint.Checkpointer` (named in the message: where the last good
+      checkpoint is kept, epoch or step, whichever is newer).
+
+  Raises:
+    NonFiniteLossError: a loss is NaN or Inf (names the first such global step).
+  """
+  bad = _first_bad_step(losses, first_step)
   if bad is None:
     return
   last, last_step = ckpt.latest_epoch(), ckpt.latest_step_checkpoint()
   where = (
-    f"the last good checkpoint (epoch {last}) is kept in {wd.checkpoints}"
+    f"the last good checkpoint (epoch {last}) is kept in {ckpt.directory}"
     if last is not None
     else "no checkpoint had been written yet"
   )
@@ -296,34 +309,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise files.disk_full_error(getattr(e, "filename", None) or wd.path) from e
 
 
+@dataclasses.dataclass
+class _Loop:
+  """What the trainer's parts share.
+
+  Attributes:
+    run: the run's folder, settings (with those from the data), data and steps per epoch.
+    par: the device mesh.
+    compiled: the method and its jitted functions on `par`.
+    main: whether this is process 0 (logs, evaluation, audit, results, figures).
+    ckpt, feeder, progress, stop, schedule: set by `_start`.
+    state: the replicated training state (donated to every step: always the newest).
+    start_epoch: the first epoch this invocation trains (0-based).
+    partial: a step checkpoint's progress into epoch `start_epoch` (consumed by its first
+      epoch), or None.
+  """
+
+  run: runs.Run
+  par: parallel.Parallel
+  compiled: Compiled
+  main: bool
+  ckpt: checkpoint.Checkpointer | None = None
+  feeder: _Feeder | None = None
+  progress: Progress | None = None
+  stop: preemption.StopSignals | None = None
+  schedule: preemption.Schedule | None = None
+  state: Any = None
+  start_epoch: int = 0
+  partial: dict[str, Any] | None = None
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.run.config
+
+  @property
+  def method(self) -> methods.base.Method:
+    return self.compiled.method
+
+  def log(self, record: dict[str, Any]) -> None:
+    """A line of metrics.jsonl (process 0 only)."""
+    if self.main:
+      self.run.workdir.metrics.append(record)
+
+
+@dataclasses.dataclass
+class _Epoch:
+  """One epoch in progress.
+
+  Attributes:
+    index: the epoch (0-based).
+    phase: the method's phase in it (`method.phase`).
+    first_step: the global step before its first step.
+    begin: the first step this invocation runs (after those a step checkpoint restored).
+    done_metrics: the restored steps' metrics, {name: (begin, ...)}, or None.
+    checkpoint: whether an epoch checkpoint follows it.
+    started: `time.perf_counter()` at its first step in this invocation.
+    step_metrics: this invocation's steps' metrics (device arrays), in order.
+  """
+
+  index: int
+  phase: str
+  first_step: int
+  begin: int
+  done_metrics: dict[str, np.ndarray] | None
+  checkpoint: bool
+  started: float = 0.0
+  step_metrics: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+
+
 def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[str, Any]:
+  """The run in `wd` (locked by the caller on process 0): prepare, inputs and restore
+  (`_start`), the epochs (`_one_epoch`, `_end_epoch`), then `_finish`. An error in the epochs
+  leaves the checkpoints as they were before it; the error raised is the run's own."""
+  loop = _prepare(config, wd)
+  _start(loop)
+  try:
+    loop.stop.__enter__()
+    for epoch in range(loop.start_epoch, loop.config.train.num_epochs):
+      _end_epoch(loop, _one_epoch(loop, epoch))
+  except BaseException:
+    loop.stop.__exit__()
+    loop.feeder.close()
+    loop.ckpt.abandon()  # the run's error is the one to report
+    raise
+  return _finish(loop)
+
+
+def _prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> _Loop:
+  """The mesh's checks, the settings recorded, the data (`runs.prepare`) and the method
+  compiled for them (lazily: each function compiles at its first call)."""
   t = config.train
   main = parallel.is_main_process()
   par = parallel.make_parallel(config.get("mesh"))
   par.check_batch("config.train.batch_size", t.batch_size)
-  method_cls = methods.REGISTRY[config.method]
-  if method_cls.uses_meta_batch:
+  if methods.REGISTRY[config.method].uses_meta_batch:
     par.check_batch("config.train.meta_batch_size", t.meta_batch_size)
-  log = wd.metrics.append if main else (lambda record: None)
   if main:
     wd.record_config(config)
   enable_compilation_cache(config.data.data_dir)
-  # Process 0 builds the dataset and the noisy labels; the others then read its caches.
-  if not main:
-    parallel.sync("data: built by process 0")
-  splits = pipeline.prepare_data(config.data, meta_batch_size=t.meta_batch_size)
-  if main:
-    pipeline.save_info(splits, wd.path / "data_info.json")
-    parallel.sync("data: built by process 0")
-  steps_per_epoch = len(splits.train) // t.batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(
-      f"config.train.batch_size={t.batch_size} exceeds the {len(splits.train)} training examples"
-    )
-  logging.info("data: %s", {k: v for k, v in splits.info.items() if k != "meta_indices"})
-  config, data_settings = methods.with_data_settings(config, splits.info)
-  if data_settings:
-    logging.info("settings from the data: %s", data_settings)
+  run = runs.prepare(config, wd, write_info=True)
+  logging.info("data: %s", {k: v for k, v in run.splits.info.items() if k != "meta_indices"})
+  if run.data_settings:
+    logging.info("settings from the data: %s", run.data_settings)
   if par.num_devices > 1:
     logging.info(
       "data parallel over %d devices (%d processes): %d images per device",
@@ -331,209 +418,267 @@ def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[s
       jax.process_count(),
       t.batch_size // par.num_devices,
     )
+  compiled = compiled_for(run.config, run.steps_per_epoch, par)
+  return _Loop(run=run, par=par, compiled=compiled, main=main)
 
-  compiled = compiled_for(config, steps_per_epoch, par)
-  method = compiled.method
-  state = par.replicate(method.init_state(jax.random.PRNGKey(config.seed)))
-  shard = par.input_shard(t.batch_size)
-  workers = config.data.get("num_workers", 0)
+
+def _inputs(loop: _Loop) -> tuple[Any, Any]:
+  """The training and meta batch iterators (the meta one None for a method without meta
+  batches), each reading this process's rows of every global batch."""
+  config, t = loop.config, loop.config.train
+  shard = loop.par.input_shard(t.batch_size)
   train_it = iter(
     pipeline.train_dataset(
-      splits.train,
+      loop.run.splits.train,
       batch_size=t.batch_size,
       seed=config.seed,
       augment=config.data.augment,
-      transform=method.example_transform,
-      num_workers=workers,
+      transform=loop.method.example_transform,
+      num_workers=config.data.get("num_workers", 0),
       **shard,
     )
   )
-  meta_it = (
-    iter(
-      pipeline.train_dataset(
-        splits.meta,
-        batch_size=t.meta_batch_size,
-        seed=config.seed + 7,
-        augment=config.data.augment,
-        **shard,
-      )
+  if not loop.method.uses_meta_batch:
+    return train_it, None
+  meta_it = iter(
+    pipeline.train_dataset(
+      loop.run.splits.meta,
+      batch_size=t.meta_batch_size,
+      seed=config.seed + 7,
+      augment=config.data.augment,
+      **shard,
     )
-    if method.uses_meta_batch
-    else None
   )
+  return train_it, meta_it
 
-  ckpt = checkpoint.Checkpointer(
-    wd.checkpoints,
-    keep=t.keep_checkpoints,
-    config=config,
-    steps_per_epoch=steps_per_epoch,
-    writer=True,
+
+def _start(loop: _Loop) -> None:
+  """The initial state and inputs, then the newest checkpoint that restores (epoch or step:
+  state, iterator states, the epoch's progress); sets `loop`'s remaining fields."""
+  t, par, wd = loop.config.train, loop.par, loop.run.workdir
+  state = par.replicate(loop.method.init_state(jax.random.PRNGKey(loop.config.seed)))
+  train_it, meta_it = _inputs(loop)
+  loop.ckpt = loop.run.checkpointer(writer=True)
+  restored = loop.ckpt.restore_resume_point(
+    par.abstract(state), fallback_settings=wd.first_config()
   )
-  start_epoch, partial = 0, None
-  restored = ckpt.restore_resume_point(par.abstract(state), fallback_settings=wd.first_config())
   if restored is not None:
-    start_epoch, state, data_state = restored.epoch, restored.state, restored.data
-    partial = restored.partial
-    train_it.set_state(data_state["train"])
-    if meta_it is not None and "meta" in data_state:
-      meta_it.set_state(data_state["meta"])
+    loop.start_epoch, state, loop.partial = restored.epoch, restored.state, restored.partial
+    train_it.set_state(restored.data["train"])
+    if meta_it is not None and "meta" in restored.data:
+      meta_it.set_state(restored.data["meta"])
     logging.info("resumed from %s at %s", wd.checkpoints, restored.name)
-  if main:
+  loop.state = state
+  if loop.main:
     wd.metrics.truncate_after(
-      start_epoch, diagnostics_before=partial["step"] if partial is not None else None
+      loop.start_epoch,
+      diagnostics_before=loop.partial["step"] if loop.partial is not None else None,
     )
-  progress = Progress(
-    total_steps=t.num_epochs * steps_per_epoch,
-    steps_per_epoch=steps_per_epoch,
+  loop.progress = Progress(
+    total_steps=t.num_epochs * loop.run.steps_per_epoch,
+    steps_per_epoch=loop.run.steps_per_epoch,
     batch_size=t.batch_size,
     every=t.log_every_steps,
     num_epochs=t.num_epochs,
   )
-  feeder = _Feeder(train_it, meta_it, par)
-  audit_settings = config.get("audit", {})  # absent from configs older than the audit
-  stop = preemption.StopSignals()
-  schedule = preemption.Schedule(
-    t.get("checkpoint_every_steps", 0), t.get("checkpoint_every_minutes", 0.0), stop
+  loop.feeder = _Feeder(train_it, meta_it, par)
+  loop.stop = preemption.StopSignals()
+  loop.schedule = preemption.Schedule(
+    t.get("checkpoint_every_steps", 0), t.get("checkpoint_every_minutes", 0.0), loop.stop
   )
-  try:
-    stop.__enter__()
-    for epoch in range(start_epoch, t.num_epochs):
-      phase = method.phase(epoch)
-      step_fn = compiled.step(phase)
-      first_step = int(par.fetch(state.step))
-      begin, done_metrics = 0, None
-      if partial is not None:  # resumed from a step checkpoint inside this epoch
-        begin, done_metrics = partial["offset"], preemption.metrics_from_json(partial["metrics"])
-        first_step -= begin
-        partial = None
-      epoch_checkpoint = (epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs
-      t0 = time.perf_counter()
-      step_metrics = []
-      for i in range(begin, steps_per_epoch):
-        feed = feeder.next()
-        if t.diagnostics_every_steps and (first_step + i) % t.diagnostics_every_steps == 0:
-          # On the batch the step is about to train on, by a separately compiled function: the
-          # step itself stays as lean as without diagnostics.
-          diag = par.fetch(compiled.diagnostics(state, feed))
-          if diag:
-            log(
-              {
-                "epoch": epoch + 1,
-                "step": first_step + i,
-                "split": "diagnostics",
-                **{k: float(v) for k, v in diag.items()},
-              }
-            )
-        state, m = step_fn(state, feed, jax.random.fold_in(state.rng, first_step + i))
-        step_metrics.append(m)
-        if progress.due(first_step + i + 1):
-          loss = float(par.fetch(m["loss"]))  # the only host sync inside an epoch
-          progress.update(first_step + i + 1, loss)
-          if not np.isfinite(loss):
-            break  # the scan below names the first bad step
-        save, stopping = schedule.check(first_step + i + 1)
-        # The epoch's own checkpoint follows its last step (unless stopping there).
-        if save and (stopping or i + 1 < steps_per_epoch or not epoch_checkpoint):
-          stacked = _epoch_metrics(par, done_metrics, step_metrics)
-          _raise_if_not_finite(stacked, first_step, epoch, ckpt, wd)
-          partial = {
-            "epoch": epoch,
-            "offset": i + 1,
-            "step": first_step + i + 1,
-            "metrics": preemption.metrics_to_json(stacked),
-          }
-          path = ckpt.save_step(
-            first_step + i + 1, state, feeder.data_state, partial, wait=stopping
-          )
-          partial = None
-          schedule.reset()
-          if stopping:
-            raise Preempted(
-              f"stopped by {stop.name} after step {first_step + i + 1} (epoch {epoch + 1}, "
-              f"step {i + 1}/{steps_per_epoch}), checkpoint {path}: rerun the same command to "
-              "resume"
-            )
-      stacked = _epoch_metrics(par, done_metrics, step_metrics)
-      _raise_if_not_finite(stacked, first_step, epoch, ckpt, wd)
-      dt = time.perf_counter() - t0
-      step_now = first_step + steps_per_epoch  # a NaN break has raised above
-      record = {
+
+
+def _one_epoch(loop: _Loop, epoch: int) -> _Epoch:
+  """The steps of epoch `epoch` (0-based; a resumed epoch from its restored offset), with the
+  diagnostics, the progress lines and the step checkpoints between them. A non-finite loss in
+  a progress line ends the epoch early (`_end_epoch` names its first step)."""
+  t, par, steps = loop.config.train, loop.par, loop.run.steps_per_epoch
+  phase = loop.method.phase(epoch)
+  step_fn = loop.compiled.step(phase)
+  first_step = int(par.fetch(loop.state.step))
+  begin, done_metrics = 0, None
+  if loop.partial is not None:  # resumed from a step checkpoint inside this epoch
+    begin = loop.partial["offset"]
+    done_metrics = preemption.metrics_from_json(loop.partial["metrics"])
+    first_step -= begin
+    loop.partial = None
+  ep = _Epoch(
+    index=epoch,
+    phase=phase,
+    first_step=first_step,
+    begin=begin,
+    done_metrics=done_metrics,
+    checkpoint=(epoch + 1) % t.checkpoint_every_epochs == 0 or epoch + 1 == t.num_epochs,
+    started=time.perf_counter(),
+  )
+  for i in range(begin, steps):
+    feed = loop.feeder.next()
+    step = first_step + i  # global steps before this one
+    if t.diagnostics_every_steps and step % t.diagnostics_every_steps == 0:
+      _diagnostics(loop, feed, epoch, step)
+    loop.state, m = step_fn(loop.state, feed, jax.random.fold_in(loop.state.rng, step))
+    ep.step_metrics.append(m)
+    if loop.progress.due(step + 1):
+      loss = float(par.fetch(m["loss"]))  # the only host sync inside an epoch
+      loop.progress.update(step + 1, loss)
+      if not np.isfinite(loss):
+        break  # the scan at the end of the epoch names the first bad step
+    save, stopping = loop.schedule.check(step + 1)
+    # The epoch's own checkpoint follows its last step (unless stopping there).
+    if save and (stopping or i + 1 < steps or not ep.checkpoint):
+      _step_checkpoint(loop, ep, i + 1, stopping)
+  return ep
+
+
+def _diagnostics(loop: _Loop, feed, epoch: int, step: int) -> None:
+  """Logs the diagnostics of the batch step `step + 1` is about to train on, computed by a
+  separately compiled function: the step itself stays as lean as without diagnostics."""
+  diag = loop.par.fetch(loop.compiled.diagnostics(loop.state, feed))
+  if diag:
+    loop.log(
+      {
         "epoch": epoch + 1,
-        "step": step_now,
-        "split": "train",
-        "phase": phase,
-        "lr": method.learning_rate(first_step),
-        "images_per_s": (steps_per_epoch - begin) * t.batch_size / max(dt, 1e-9),
-        **{k: float(np.mean(v)) for k, v in stacked.items()},
+        "step": step,
+        "split": "diagnostics",
+        **{k: float(v) for k, v in diag.items()},
       }
-      logging.info(
-        "epoch %d/%d  loss %.4f  %.1f img/s  (%s, %s)",
-        epoch + 1,
-        t.num_epochs,
-        record["loss"],
-        record["images_per_s"],
-        phase,
-        _duration(dt),
-      )
-      log(record)
-      if main and ((epoch + 1) % t.eval_every_epochs == 0 or epoch + 1 == t.num_epochs):
-        # Validation only: the test split is read once, after training. Process 0 evaluates a
-        # local copy of the (replicated) state: no other process waits on it.
-        ev = _evaluate(compiled, par.local(state), splits.val, splits, config)
-        for variant, summary in ev.items():
-          log({"epoch": epoch + 1, "step": step_now, "split": "val", "params": variant, **summary})
-        logging.info(
-          "epoch %d val dice raw %.4f ema %.4f", epoch + 1, ev["raw"]["dice"], ev["ema"]["dice"]
-        )
-      if main and method.audits and epoch + 1 > t.num_epochs - audit_settings.get("epochs", 0):
-        # Before the checkpoint: a run killed in between redoes this epoch and rewrites it.
-        result = audit_lib.audit_pass(
-          method,
-          par.local(state),
-          splits.train,
-          splits.meta,
-          batch_size=t.batch_size,
-          meta_batch_size=t.meta_batch_size,
-          meta_images=audit_settings.get("meta_images", 0),
-          audit_fn=compiled.audit,
-        )
-        with files.full_disk_stops(wd.path / audit_lib.AUDIT_DIR):
-          audit_lib.save_pass(wd.path, epoch + 1, result)
-      if epoch_checkpoint:
-        ckpt.save(epoch + 1, state, feeder.data_state)
-        schedule.reset()
-  except BaseException:
-    stop.__exit__()
-    feeder.close()
-    ckpt.abandon()  # the run's error is the one to report
-    raise
-  stop.__exit__()
-  feeder.close()
-  ckpt.close()
-  if parallel.any_process([stop.received is not None])[0]:
-    # Came after the last step (during its evaluation or checkpoint): training is saved.
-    raise Preempted(
-      f"stopped by {stop.name} after the last training step, before the final evaluation: "
-      "rerun the same command to evaluate"
     )
 
-  if not main:
-    return {"process_index": jax.process_index(), "workdir": str(wd.path)}
-  local_state = par.local(state)
-  scores, cases = _final_evaluation(compiled, local_state, splits, config)
-  results = {"epoch": int(local_state.step) // steps_per_epoch, **scores}
+
+def _step_checkpoint(loop: _Loop, ep: _Epoch, done: int, stopping: bool) -> None:
+  """A step checkpoint after `done` steps of epoch `ep` (with the epoch's metrics so far, so
+  that a resumed epoch logs the mean over all its steps).
+
+  Raises:
+    NonFiniteLossError: a loss so far is not finite (nothing is saved).
+    Preempted: `stopping` (a stop signal came): after the checkpoint is on disk.
+  """
+  stacked = _epoch_metrics(loop.par, ep.done_metrics, ep.step_metrics)
+  check_finite(stacked["loss"], ep.first_step, ep.index, loop.ckpt)
+  step = ep.first_step + done
+  partial = {
+    "epoch": ep.index,
+    "offset": done,
+    "step": step,
+    "metrics": preemption.metrics_to_json(stacked),
+  }
+  path = loop.ckpt.save_step(step, loop.state, loop.feeder.data_state, partial, wait=stopping)
+  loop.schedule.reset()
+  if stopping:
+    raise Preempted(
+      f"stopped by {loop.stop.name} after step {step} (epoch {ep.index + 1}, "
+      f"step {done}/{loop.run.steps_per_epoch}), checkpoint {path}: rerun the same command to "
+      "resume"
+    )
+
+
+def _end_epoch(loop: _Loop, ep: _Epoch) -> None:
+  """After an epoch's steps: the NaN policy (`check_finite`), its line in metrics.jsonl, the
+  validation when due, the audit hook (`audit_hook`), then the epoch checkpoint."""
+  t, epoch = loop.config.train, ep.index + 1
+  stacked = _epoch_metrics(loop.par, ep.done_metrics, ep.step_metrics)
+  check_finite(stacked["loss"], ep.first_step, ep.index, loop.ckpt)
+  dt = time.perf_counter() - ep.started  # with the wait for the last step (the fetch above)
+  step_now = ep.first_step + loop.run.steps_per_epoch  # a NaN break has raised above
+  record = {
+    "epoch": epoch,
+    "step": step_now,
+    "split": "train",
+    "phase": ep.phase,
+    "lr": loop.method.learning_rate(ep.first_step),
+    "images_per_s": (loop.run.steps_per_epoch - ep.begin) * t.batch_size / max(dt, 1e-9),
+    **{k: float(np.mean(v)) for k, v in stacked.items()},
+  }
+  logging.info(
+    "epoch %d/%d  loss %.4f  %.1f img/s  (%s, %s)",
+    epoch,
+    t.num_epochs,
+    record["loss"],
+    record["images_per_s"],
+    ep.phase,
+    _duration(dt),
+  )
+  loop.log(record)
+  if loop.main and (epoch % t.eval_every_epochs == 0 or epoch == t.num_epochs):
+    _validate(loop, epoch, step_now)
+  if loop.main:
+    # Before the checkpoint: a run killed in between redoes this epoch and rewrites it.
+    audit_hook(loop.compiled, loop.par.local(loop.state), loop.run, epoch)
+  if ep.checkpoint:
+    loop.ckpt.save(epoch, loop.state, loop.feeder.data_state)
+    loop.schedule.reset()
+
+
+def _validate(loop: _Loop, epoch: int, step: int) -> None:
+  """Validation scores of the raw and EMA parameters into metrics.jsonl. Validation only: the
+  test split is read once, after training. Process 0 evaluates a local copy of the
+  (replicated) state: no other process waits on it."""
+  state = loop.par.local(loop.state)
+  ev = _evaluate(loop.compiled, state, loop.run.splits.val, loop.run.splits, loop.config)
+  for variant, summary in ev.items():
+    loop.log({"epoch": epoch, "step": step, "split": "val", "params": variant, **summary})
+  logging.info("epoch %d val dice raw %.4f ema %.4f", epoch, ev["raw"]["dice"], ev["ema"]["dice"])
+
+
+def audit_hook(compiled: Compiled, state, run: runs.Run, epoch: int) -> pathlib.Path | None:
+  """The trainer's audit pass after epoch `epoch` (1-based), when due (`audit.is_due`: a meta
+  method in its last `config.audit.epochs` epochs), into `<workdir>/audit/epoch_<epoch>.npz`.
+
+  Args:
+    compiled: the run's method and its jitted `audit` function.
+    state: the training state, on one device.
+    run: the run (its workdir, settings and training and meta splits).
+    epoch: the epoch just trained (1-based).
+
+  Returns:
+    The file written, or None when no pass is due.
+
+  Raises:
+    DiskFullError: the disk filled while writing it.
+  """
+  if not audit_lib.is_due(compiled.method, run.config, epoch):
+    return None
+  result = audit_lib.run_pass(
+    compiled.method, state, run.splits, run.config, audit_fn=compiled.audit
+  )
+  with files.full_disk_stops(run.workdir.path / audit_lib.AUDIT_DIR):
+    return audit_lib.save_pass(run.workdir.path, epoch, result)
+
+
+def _finish(loop: _Loop) -> dict[str, Any]:
+  """After the last epoch: the inputs and checkpoints closed, then on process 0 the final
+  evaluation on val and test, results.json, cases.json and the figures.
+
+  Raises:
+    Preempted: a stop signal came after the last step (training is saved; a rerun evaluates).
+  """
+  loop.stop.__exit__()
+  loop.feeder.close()
+  loop.ckpt.close()
+  if parallel.any_process([loop.stop.received is not None])[0]:
+    # Came after the last step (during its evaluation or checkpoint): training is saved.
+    raise Preempted(
+      f"stopped by {loop.stop.name} after the last training step, before the final evaluation: "
+      "rerun the same command to evaluate"
+    )
+  run, config = loop.run, loop.config
+  if not loop.main:
+    return {"process_index": jax.process_index(), "workdir": str(run.workdir.path)}
+  local_state = loop.par.local(loop.state)
+  scores, cases = _final_evaluation(loop.compiled, local_state, run.splits, config)
+  results = {"epoch": int(local_state.step) // run.steps_per_epoch, **scores}
   results.update(
     {
       "method": config.method,
-      "dataset": splits.info["dataset_key"],
-      "noise": splits.info["noise"],
-      "workdir": str(wd.path),
-      "settings_from_data": data_settings,
+      "dataset": run.splits.info["dataset_key"],
+      "noise": run.splits.info["noise"],
+      "workdir": str(run.workdir.path),
+      "settings_from_data": run.data_settings,
     }
   )
-  files.write_atomic(wd.path / CASES_FILE, json.dumps(cases))
-  files.write_atomic(wd.path / "results.json", json.dumps(results, indent=1))
-  _write_figures(compiled, local_state, splits, config, wd)
+  files.write_atomic(run.workdir.path / CASES_FILE, json.dumps(cases))
+  files.write_atomic(run.workdir.path / "results.json", json.dumps(results, indent=1))
+  _write_figures(loop.compiled, local_state, run.splits, config, run.workdir)
   return results
 
 

@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from experiments import audit as audit_cli
 from experiments.configs import tiny
 from metadcseg_jax import audit
+from metadcseg_jax import audit_report
 from metadcseg_jax import meta
 from metadcseg_jax import optim
 from metadcseg_jax import workdir as workdir_lib
@@ -189,7 +189,7 @@ def test_report_on_a_users_folder_without_injected_noise(tmp_path):
   run.mkdir()
   workdir_lib.Workdir(run).record_config(config)
   with pytest.raises(audit.AuditError, match="no meta scores"):
-    audit_cli.report(run)
+    audit_report.report(run)
   train = pipeline.prepare_data(config.data, meta_batch_size=config.train.meta_batch_size).train
   given = np.stack([train[k]["noisy_label"] for k in range(len(train))])
   pseudo = given.copy()
@@ -203,7 +203,7 @@ def test_report_on_a_users_folder_without_injected_noise(tmp_path):
     "meta_images": np.asarray(0),
   }
   audit.save_pass(run, 7, passes)
-  r = audit_cli.report(run, top=2)
+  r = audit_report.report(run, top=2)
   rows = list(csv.DictReader((run / "audit" / "audit.csv").open()))
   assert r["measured"] == {} and "corruption" not in rows[0]
   assert rows[0]["case_id"] == train.case_id(2) and rows[0]["case_id"].startswith("patient")

@@ -18,6 +18,7 @@ from metadcseg_jax import check_settings
 from metadcseg_jax import figures
 from metadcseg_jax import methods
 from metadcseg_jax import noise
+from metadcseg_jax import throughput
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
@@ -254,19 +255,17 @@ def test_table_matches_the_cache_training_reads(tmp_path):
 
 
 def test_largest_batch_search_doubles_then_bisects(monkeypatch):
-  from experiments import bench_throughput  # pylint: disable=g-import-not-at-top
-
   tried = []
 
   def fits(config):
     tried.append(config.train.batch_size)
     return config.train.batch_size <= 100
 
-  monkeypatch.setattr(bench_throughput, "fits", fits)
-  assert bench_throughput.max_batch("ce", 32, 4, 1, "float32") == 100
+  monkeypatch.setattr(throughput, "fits", fits)
+  assert throughput.max_batch("ce", 32, 4, 1, "float32") == 100
   assert tried[:5] == [8, 16, 32, 64, 128] and len(tried) <= 12
-  monkeypatch.setattr(bench_throughput, "fits", lambda config: False)
-  assert bench_throughput.max_batch("ce", 32, 4, 1, "float32") == 0
+  monkeypatch.setattr(throughput, "fits", lambda config: False)
+  assert throughput.max_batch("ce", 32, 4, 1, "float32") == 0
 
 
 def test_per_seed_labels_draw_noise_and_meta_split_with_the_seed(tmp_path):

@@ -59,5 +59,6 @@ def test_a_config_file_builds_on_another():
     configs.from_file(folder / "benchmark.py"),
     configs.from_file(folder / "synthetic.py"),
   )
-  assert bench.model.width == synthetic.model.width == 8  # synthetic.py's, kept
-  assert bench.data.n_train == 320 and synthetic.data.n_train == 400  # benchmark.py's own
+  # synthetic.py's settings, with benchmark.py's own on top.
+  assert bench.model.width == synthetic.model.width != configs.default_config().model.width
+  assert bench.data.n_test == 500 != synthetic.data.n_test

@@ -47,8 +47,8 @@ _IMPORT_ALL = textwrap.dedent("""
 
 # Modules whose imports belong to an optional extra: {module: (extra, top-level import)}.
 OPTIONAL_MODULES = {
-  "experiments.torch_ref": ("bench", "torch"),
-  "experiments.cleanlab_ref": ("audit", "cleanlab"),
+  "metadcseg_jax.torch_ref": ("bench", "torch"),
+  "metadcseg_jax.cleanlab_ref": ("audit", "cleanlab"),
 }
 
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 
 from absl import flags
 import jax
@@ -19,17 +20,20 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import audit as audit_cli
 from experiments import audit_select
 from experiments.configs import tiny
 from metadcseg_jax import audit
+from metadcseg_jax import audit_report
 from metadcseg_jax import check_settings
 from metadcseg_jax import checkpoint
+from metadcseg_jax import evaluate
+from metadcseg_jax import runs
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
+from metadcseg_jax.errors import WorkdirError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
@@ -54,7 +58,7 @@ def test_audit_ranks_the_runs_training_masks(full_run, tiny_config, tmp_path):
     "epoch_0001.npz",
     "epoch_0002.npz",
   ]
-  r = audit_cli.report(workdir, out=tmp_path, top=3)
+  r = audit_report.report(workdir, out=tmp_path, top=3)
   rows = list(csv.DictReader((tmp_path / "audit.csv").open()))
   n_train = tiny_config.data.n_train - 2  # the meta split holds 2
   assert r["epochs"] == [1, 2] and len(rows) == n_train
@@ -85,7 +89,7 @@ def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_pa
   run = tmp_path / "run"
   shutil.copytree(full_run[0], run)
   trained = {e: dict(np.load(run / "audit" / f"epoch_{e:04d}.npz")) for e in (1, 2)}
-  assert audit_cli.recompute(run, meta_images=0) == [1, 2]  # the kept checkpoints
+  assert audit_report.recompute(run, meta_images=0) == [1, 2]  # the kept checkpoints
   for e, before in trained.items():
     after = dict(np.load(run / "audit" / f"epoch_{e:04d}.npz"))
     np.testing.assert_array_equal(after["index"], before["index"])
@@ -96,6 +100,97 @@ def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_pa
   # Nothing written before is lost: the trainer's passes are kept aside.
   (aside,) = (run / "audit").glob("replaced-*")
   assert sorted(p.name for p in aside.iterdir()) == ["epoch_0001.npz", "epoch_0002.npz"]
+
+
+def test_open_run_restores_the_trainers_final_state(full_run, tiny_config):
+  workdir, results = full_run
+  run = runs.open_run(workdir)  # from config.json, as the audit and the checks open it
+  assert run.steps_per_epoch == (tiny_config.data.n_train - 2) // tiny_config.train.batch_size
+  assert run.data_settings == results["settings_from_data"]
+  assert len(run.splits.test) == tiny_config.data.n_test
+  ckpt = run.checkpointer()
+  try:
+    state = run.restore(ckpt)  # the newest epoch checkpoint
+  finally:
+    ckpt.close()
+  assert int(state.step) // run.steps_per_epoch == results["epoch"] == 2
+  # The final evaluation's scores come back from the restored parameters.
+  predictor = train.compiled_for(run.config, run.steps_per_epoch).predictor
+  scores = evaluate.evaluate(
+    predictor,
+    state,
+    run.splits.test,
+    batch_size=tiny_config.train.eval_batch_size,
+    num_classes=tiny_config.data.num_classes,
+  )
+  for variant in ("raw", "ema"):
+    assert scores[variant]["dice"] == pytest.approx(results["test"][variant]["dice"], abs=1e-6)
+
+
+def test_open_run_refuses_a_folder_that_is_no_run(tmp_path):
+  with pytest.raises(WorkdirError, match="not a metadcseg-train run folder"):
+    runs.open_run(tmp_path)
+
+
+class _Checkpoints:
+  """What the NaN policy reads of a `checkpoint.Checkpointer`."""
+
+  def __init__(self, epoch, step):
+    self.directory = pathlib.Path("/runs/r/checkpoints")
+    self.steps_dir = self.directory / "steps"
+    self.steps_per_epoch = 5
+    self.epoch, self.step = epoch, step
+
+  def latest_epoch(self):
+    return self.epoch
+
+  def latest_step_checkpoint(self):
+    return self.step
+
+
+def test_nan_policy_names_the_first_bad_step_and_the_last_good_checkpoint():
+  losses = np.array([0.9, 0.8, np.nan, np.inf])
+  train.check_finite(losses[:2], 10, 2, _Checkpoints(2, None))  # finite: nothing happens
+  with pytest.raises(NonFiniteLossError, match=r"at step 12 \(epoch 3\).*\(epoch 2\) is kept in "):
+    train.check_finite(losses, 10, 2, _Checkpoints(2, None))
+  # A step checkpoint newer than the last epoch checkpoint is the one named.
+  with pytest.raises(NonFiniteLossError, match=r"\(step 12\) is kept in /runs/r/checkpoints/steps"):
+    train.check_finite(losses, 10, 2, _Checkpoints(2, 12))
+  with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
+    train.check_finite(losses, 0, 0, _Checkpoints(None, None))
+
+
+class _Audited:
+  """A method with meta-weights, as the audit hook sees it: its jitted `audit` function here
+  marks every pixel where the given label is foreground as half suspicious."""
+
+  audits = True
+  example_transform = None
+
+  @staticmethod
+  def audit(state, feed):
+    del state
+    y = feed["noisy_label"]
+    return {"suspicion": np.where(y > 0, 0.5, 0.0), "pseudo": np.zeros_like(y)}
+
+
+def test_audit_hook_writes_a_pass_in_the_last_epochs_only(tiny_config, tmp_path):
+  config = ml_collections.ConfigDict(tiny_config.to_dict())
+  config.audit.epochs = 1
+  run = runs.prepare(config, tmp_path)
+  compiled = types.SimpleNamespace(method=_Audited, audit=_Audited.audit)
+  assert train.audit_hook(compiled, None, run, 1) is None  # before the last epoch
+  assert not (tmp_path / "audit").exists()
+  path = train.audit_hook(compiled, None, run, 2)
+  assert path == tmp_path / "audit" / "epoch_0002.npz"
+  scores = audit.load(tmp_path)
+  assert sorted(scores["index"]) == sorted(int(i) for i in run.splits.train.indices)
+  assert scores["epochs"] == [2] and np.all(scores["score"] >= 0.0)
+  # A method without meta-weights, or a config older than the audit: no pass.
+  plain = types.SimpleNamespace(method=types.SimpleNamespace(audits=False), audit=None)
+  assert train.audit_hook(plain, None, run, 2) is None
+  del config.audit
+  assert not audit.is_due(_Audited, config, 2)
 
 
 def _lines(path):
@@ -330,9 +425,9 @@ def test_other_methods_train_write_outputs_and_resume(method, tiny_config, tmp_p
   assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["1", "2"]
   if method == "coteaching":  # no meta-weights: the audit says so in one line
     with pytest.raises(audit.AuditError, match=r"no meta scores \(its method is 'coteaching'"):
-      audit_cli.report(tmp_path / "whole")
+      audit_report.report(tmp_path / "whole")
     with pytest.raises(audit.AuditError, match=r"'coteaching', which has no meta-weights"):
-      audit_cli.recompute(tmp_path / "whole")
+      audit_report.recompute(tmp_path / "whole")
   if method in ("coteaching", "jocor", "gsdnet"):
     # τ is the measured share of flipped training pixels (auto_forget_rate).
     info = json.loads((tmp_path / "whole" / "data_info.json").read_text())

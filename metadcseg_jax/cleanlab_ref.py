@@ -1,7 +1,7 @@
 """cleanlab's segmentation label-issue scores, for comparing the label audit (optional extra
 `audit`: `pip install -e '.[audit]'`; not a dependency).
 
-cleanlab only looks at a model's predicted probabilities; `experiments/audit.py` feeds it the
+cleanlab only looks at a model's predicted probabilities; `audit_report.measure` feeds it the
 same probabilities the meta method's audit pass stored, so the two are compared on one model.
 """
 

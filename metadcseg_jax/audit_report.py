@@ -1,0 +1,266 @@
+"""The label audit's report on a run (`metadcseg-audit`): rank its training masks by quality.
+
+    audit_report.recompute("runs/meta")           # passes from the kept checkpoints (optional)
+    r = audit_report.report("runs/meta", top=16)  # audit.csv, suspicion.npy, gallery.png
+
+Reads the audit passes a meta method (l2b, metadcseg) wrote in its last epochs (`audit.py`) and
+writes, into `out` (default `<workdir>/audit`): `audit.csv` (every training image, most
+suspicious first: rank, index in the training split, case id, score, 1 − Dice between the mask
+and the model's, and where the clean masks are known because the noise was injected, 1 − Dice
+to the clean mask), `suspicion.npy` ((N,H,W) float16, rows in the CSV's order) and
+`gallery.png` (image, given mask, model's mask, suspicion map of the `top` most suspicious).
+With injected noise it also measures how well the score finds the corrupted masks (image AUROC
+and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels; `measured.json`, ROC curves
+in `roc.png`), beside two scores without meta-weights (the hard and the soft disagreement
+between the mask and the model's) and, with cleanlab installed (the extra `audit`), cleanlab's
+scores on the same probabilities.
+"""
+
+import csv
+import datetime
+import io
+import json
+import pathlib
+import shutil
+
+from absl import logging
+import ml_collections
+import numpy as np
+from scipy import stats
+
+from metadcseg_jax import audit
+from metadcseg_jax import figures
+from metadcseg_jax import files
+from metadcseg_jax import methods
+from metadcseg_jax import runs
+from metadcseg_jax import train
+from metadcseg_jax.data import pipeline
+from metadcseg_jax.errors import WorkdirError
+
+try:  # the extra `audit`
+  from metadcseg_jax import cleanlab_ref
+except ImportError:
+  cleanlab_ref = None
+
+CORRUPTED_ABOVE = (0.1, 0.3, 0.5)
+
+
+def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
+  """Writes an audit pass for each checkpoint the run kept, with the trainer's own jitted
+  function (its passes and these agree); earlier passes are moved to `audit/replaced-<time>/`.
+  `meta_images` None: the run's `config.audit.meta_images`. Returns the epochs.
+
+  Raises:
+    AuditError: the run's method has no meta-weights, or it kept no checkpoint.
+  """
+  workdir = pathlib.Path(workdir)
+  config = runs.run_config(workdir)
+  if not methods.REGISTRY[config.method].audits:
+    raise audit.AuditError(
+      f"{workdir}: its method is {config.method!r}, which has no meta-weights to audit with "
+      f"(the meta methods are l2b and metadcseg)"
+    )
+  run = runs.prepare(config, workdir)
+  compiled = train.compiled_for(run.config, run.steps_per_epoch)
+  ckpt = run.checkpointer()
+  try:
+    epochs = ckpt.epochs()
+    if not epochs:
+      raise audit.AuditError(f"{ckpt.directory}: no checkpoint to audit from")
+    _move_passes_aside(workdir)
+    for epoch in epochs:
+      result = audit.run_pass(
+        compiled.method,
+        run.restore(ckpt, epoch),
+        run.splits,
+        run.config,
+        meta_images=meta_images,
+        audit_fn=compiled.audit,
+      )
+      logging.info("audit pass of epoch %d: %s", epoch, audit.save_pass(workdir, epoch, result))
+  finally:
+    ckpt.close()
+  return epochs
+
+
+def _move_passes_aside(workdir: pathlib.Path) -> None:
+  """Moves the run's audit passes to `audit/replaced-<time>/` (nothing written is lost)."""
+  folder = workdir / audit.AUDIT_DIR
+  old = sorted(folder.glob("epoch_*.npz"))
+  if not old:
+    return
+  aside = folder / f"replaced-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+  aside.mkdir(parents=True)
+  for path in old:
+    shutil.move(str(path), aside / path.name)
+  logging.info("moved %d earlier audit passes to %s", len(old), aside)
+
+
+def audited(workdir) -> tuple[ml_collections.ConfigDict, dict, pipeline.Records, list[int]]:
+  """A run's config, its averaged audit scores (`audit.load`), its training split, and the
+  position in that split of each audited image (in the scores' order).
+
+  Raises:
+    AuditError: the run has no audit passes.
+    WorkdirError: not a run folder, or its data no longer holds the audited images.
+  """
+  workdir = pathlib.Path(workdir)
+  config = runs.run_config(workdir)
+  scores = audit.load(workdir, method=config.get("method"))
+  run = runs.prepare(config, workdir)
+  by_source = {int(s): i for i, s in enumerate(run.splits.train.indices)}
+  missing = [int(i) for i in scores["index"] if int(i) not in by_source]
+  if missing:
+    raise WorkdirError(
+      f"{workdir}: the audit scores name training examples the data no longer has "
+      f"(e.g. index {missing[0]}); was the dataset changed?"
+    )
+  return run.config, scores, run.splits.train, [by_source[int(i)] for i in scores["index"]]
+
+
+def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE) -> dict:
+  """Writes audit.csv, suspicion.npy and gallery.png, and with injected noise measured.json and
+  roc.png (module docstring).
+
+  Returns:
+    {"out": the folder, "epochs": the audited epochs, "meta_images" (as in `audit.load`),
+     "n": the training masks ranked, "measured": `measure`'s figures, or {} without injected
+     noise}.
+  """
+  workdir = pathlib.Path(workdir)
+  config, scores, train_split, positions = audited(workdir)
+  out = pathlib.Path(out) if out else workdir / audit.AUDIT_DIR
+  out.mkdir(parents=True, exist_ok=True)
+  examples = [train_split[k] for k in positions]
+  noisy = np.stack([e["noisy_label"] for e in examples])
+  clean = np.stack([e["label"] for e in examples])
+  injected = config.data.noise.kind != "none"
+  corruption = audit.dice_distance(noisy, clean) if injected else None
+  order = np.argsort(-scores["score"], kind="stable")
+  case_ids = [train_split.case_id(k) for k in positions]
+  _write_ranking(out, scores, noisy, corruption, case_ids, order)
+  shown = order[:top]
+  figures.write_audit_gallery(
+    out / "gallery.png",
+    images=np.stack([examples[k]["image"] for k in shown]),
+    given=noisy[shown],
+    model=scores["pseudo"][shown],
+    suspicion=scores["suspicion"][shown],
+    titles=[
+      f"#{r + 1} idx {int(scores['index'][k])} score {scores['score'][k]:.3f}"
+      for r, k in enumerate(shown)
+    ],
+  )
+  measured = {}
+  if injected:
+    thresholds = [float(t) for t in corrupted_above]
+    measured, curves = measure(scores, noisy, clean, thresholds)
+    files.write_atomic(out / "measured.json", json.dumps(measured, indent=1))
+    figures.write_audit_roc(
+      out / "roc.png",
+      curves,
+      title=f"{workdir.name}: {len(order)} training masks, noise {config.data.noise.kind}",
+    )
+  return {
+    "out": str(out),
+    "epochs": scores["epochs"],
+    "meta_images": scores["meta_images"],
+    "n": len(order),
+    "measured": measured,
+  }
+
+
+def _write_ranking(out, scores, noisy, corruption, case_ids, order) -> None:
+  """audit.csv and suspicion.npy, rows in `order` (most suspicious first); the corruption
+  column only where it is known (`corruption` (N,) not None)."""
+  disagreement = audit.dice_distance(noisy, scores["pseudo"])
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  extra = ["corruption"] if corruption is not None else []
+  w.writerow(["rank", "index", "case_id", "score", "disagreement"] + extra)
+  for rank, k in enumerate(order, 1):
+    row = [rank, int(scores["index"][k]), case_ids[k]]
+    row += [f"{scores['score'][k]:.5f}", f"{disagreement[k]:.4f}"]
+    w.writerow(row + ([f"{corruption[k]:.4f}"] if corruption is not None else []))
+  files.write_atomic(out / "audit.csv", buf.getvalue())
+  np.save(out / "suspicion.npy", scores["suspicion"][order].astype(np.float16))
+
+
+def measure(
+  scores: dict, noisy: np.ndarray, clean: np.ndarray, thresholds: list[float]
+) -> tuple[dict, dict]:
+  """How well each score finds the corrupted masks, where the clean masks are known.
+
+  A mask (N,H,W) is corrupted at t when 1 − Dice to its clean mask exceeds t. Scores: the
+  audit's, the hard and the soft disagreement with the model, and cleanlab's if installed.
+
+  Returns:
+    ({score name: {"image_auroc", "image_ap": {t: value}, "spearman", "pixel_ap"},
+      "corrupted_share": {t: share}}, {t: {score name: (fpr, tpr, auroc)}} for `roc.png`).
+  """
+  corruption = audit.dice_distance(noisy, clean)
+  flipped = noisy != clean
+  measured, curves = {}, {t: {} for t in thresholds}
+
+  def add(name, image_score, pixel_score):
+    auroc = {t: audit.auroc(image_score, corruption > t) for t in thresholds}
+    for t in thresholds:
+      curves[t][name] = (*audit.roc_curve(image_score, corruption > t), auroc[t])
+    measured[name] = {
+      "image_auroc": auroc,
+      "image_ap": {t: audit.average_precision(image_score, corruption > t) for t in thresholds},
+      "spearman": float(stats.spearmanr(image_score, corruption).statistic),
+      "pixel_ap": audit.average_precision(pixel_score, flipped),
+    }
+
+  add("meta suspicion", scores["score"], scores["suspicion"])
+  add(
+    "disagreement 1 - Dice(y, model)",
+    audit.dice_distance(noisy, scores["pseudo"]),
+    (noisy != scores["pseudo"]).astype(np.float32),
+  )
+  if "probs" in scores:
+    add(
+      "soft disagreement 1 - soft Dice(y, model)",
+      audit.soft_dice_distance(noisy, scores["probs"]),
+      np.abs((noisy > 0) - (1.0 - scores["probs"][..., 0])),
+    )
+  if cleanlab_ref is not None and "probs" in scores:
+    cl = cleanlab_ref.suspicion(noisy, scores["probs"])
+    name = f"cleanlab {cleanlab_ref.VERSION}"
+    add(f"{name} get_label_quality_scores", cl["image"], cl["pixel"])
+    add(
+      f"{name} find_label_issues (share per image)",
+      cl["issues"].mean(axis=(1, 2)),
+      cl["issues"].astype(np.float32),
+    )
+  measured["corrupted_share"] = {t: float((corruption > t).mean()) for t in thresholds}
+  return measured, curves
+
+
+def summary_lines(r: dict) -> list[str]:
+  """What `metadcseg-audit` prints of `report`'s result: where the files are and, with
+  injected noise, a Markdown table of the measured figures (one row per score)."""
+  lines = [
+    f"audited {r['n']} training masks (passes of epochs {r['epochs']}, meta images "
+    f"{r['meta_images'] or 'as in training'}): "
+    f"{r['out']}/audit.csv, gallery.png" + (", measured.json, roc.png" if r["measured"] else "")
+  ]
+  measured = r["measured"]
+  if not measured:
+    return lines
+  shares = measured["corrupted_share"]
+  lines.append(
+    "| score | "
+    + " | ".join(f"AUROC / AP, 1-Dice > {t:g} ({shares[t]:.0%})" for t in shares)
+    + " | Spearman | pixel AP |"
+  )
+  lines.append("|---|" + "---|" * (len(shares) + 2))
+  for name, m in measured.items():
+    if name == "corrupted_share":
+      continue
+    cells = [f"{m['image_auroc'][t]:.3f} / {m['image_ap'][t]:.3f}" for t in shares]
+    lines.append(
+      f"| {name} | " + " | ".join(cells) + f" | {m['spearman']:.3f} | {m['pixel_ap']:.3f} |"
+    )
+  return lines

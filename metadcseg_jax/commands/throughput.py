@@ -1,0 +1,112 @@
+r"""Images/s, peak device memory and MFU of each method's train step (`metadcseg-throughput`).
+
+For each method and batch size: the trainer's jitted step (state donated) timed after
+compilation (median of --repeats), its images/s, the device's peak memory in use (GPUs; the
+CPU reports none), its FLOPs from XLA's cost analysis of the same step compiled for the CPU
+(a GPU's cost analysis leaves out cuDNN convolutions), and the model FLOPs utilisation
+MFU = FLOPs / time / peak FLOP/s of the device (--peak_tflops, or `throughput.PEAK_TFLOPS`). With
+torch installed, also the PyTorch L2B-style step (`metadcseg_jax.torch_ref`) on the same device.
+--max_batch searches the largest batch whose step fits in device memory (doubling, then
+bisection).
+
+    # the table on a GPU (H100: peak bf16/tf32 dense 989/494 TFLOP/s, fp32 67):
+    metadcseg-throughput --size=256 --width=32 --channels=3 --batches=8,32 \
+        --methods=ce,l2b,metadcseg,coteaching,jocor --max_batch
+    # a quick look on a CPU:
+    metadcseg-throughput --size=64 --width=8 --channels=1 --batches=4 --methods=ce,l2b
+"""
+
+from absl import flags
+import jax
+
+from metadcseg_jax import cli
+from metadcseg_jax import throughput
+
+try:  # the extra `bench`
+  from metadcseg_jax import torch_ref
+except ImportError:
+  torch_ref = None
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags (defined when run, so importing this module defines none)."""
+  flags.DEFINE_list("methods", ["ce", "l2b", "metadcseg"], "Methods to time.")
+  flags.DEFINE_list("batches", ["8", "32"], "Batch sizes (training and meta).")
+  flags.DEFINE_integer("size", 256, "Image size.")
+  flags.DEFINE_integer("width", 32, "U-Net++ base width.")
+  flags.DEFINE_integer("channels", 3, "Input channels.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "config.model.dtype.")
+  flags.DEFINE_integer("repeats", 10, "Timed steps (median reported).")
+  flags.DEFINE_float(
+    "peak_tflops", 0.0, "Peak TFLOP/s for the MFU (0: from the device kind, if known)."
+  )
+  flags.DEFINE_bool("max_batch", False, "Search the largest batch that fits (GPU).")
+  flags.DEFINE_bool("torch", True, "Also time the PyTorch L2B step if torch imports.")
+  flags.DEFINE_integer(
+    "trainer_steps",
+    0,
+    "Also run the trainer (metadcseg-train's loop: input pipeline, prefetch, logging) for 2 "
+    "epochs of this many steps on the synthetic set at the first batch size, and report its "
+    "second epoch's images/s beside the step's (0: skip).",
+  )
+  flags.DEFINE_string("data_dir", "~/metadcseg_data", "Data folder for --trainer_steps.")
+
+
+def main(argv):
+  del argv
+  size, width, ch, dtype = FLAGS.size, FLAGS.width, FLAGS.channels, FLAGS.dtype
+  peak = throughput.peak_tflops(dtype, FLAGS.peak_tflops)
+  device = jax.devices()[0]
+  print(
+    f"device: {device.device_kind} ({jax.default_backend()}), {size}px, width {width}, {ch} ch, "
+    f"{dtype}, peak {peak or '?'} TFLOP/s"
+  )
+  print("| method | batch | ms/step | images/s | peak memory (GiB) | GFLOP/step (CPU XLA) | MFU |")
+  print("|---|---|---|---|---|---|---|")
+  for method in FLAGS.methods:
+    for batch in map(int, FLAGS.batches):
+      config = throughput.config_for(method, size, width, ch, batch, dtype)
+      r = throughput.time_step(config, FLAGS.repeats)
+      flops = throughput.cpu_flops(config)
+      mfu = flops / r["seconds"] / (peak * 1e12) if flops and peak else None
+      mem = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "–"
+      print(
+        f"| {method} | {batch} | {r['seconds'] * 1e3:.1f} | {r['images_per_s']:.1f} | {mem} | "
+        f"{flops / 1e9 if flops else float('nan'):.1f} | {f'{mfu:.1%}' if mfu else '–'} |",
+        flush=True,
+      )
+  if FLAGS.torch and torch_ref is not None:
+    for batch in map(int, FLAGS.batches):
+      t = torch_ref.time_steps(size, width, ch, batch, FLAGS.repeats)
+      print(
+        f"| torch plain | {batch} | {t['plain'] * 1e3:.1f} | {batch / t['plain']:.1f} | | | |\n"
+        f"| torch L2B | {batch} | {t['l2b'] * 1e3:.1f} | {batch / t['l2b']:.1f} | | | |",
+        flush=True,
+      )
+  if FLAGS.trainer_steps:
+    batch = int(FLAGS.batches[0])
+    for method in FLAGS.methods:
+      config = throughput.config_for(method, size, width, ch, batch, dtype)
+      step_rate = throughput.time_step(config, FLAGS.repeats)["images_per_s"]
+      loop_rate = throughput.trainer_images_per_s(config, FLAGS.trainer_steps, FLAGS.data_dir)
+      print(
+        f"trainer vs step, {method}, batch {batch}: {loop_rate:.1f} vs {step_rate:.1f} images/s "
+        f"({loop_rate / step_rate:.0%})",
+        flush=True,
+      )
+  if FLAGS.max_batch:
+    for method in FLAGS.methods:
+      largest = throughput.max_batch(method, size, width, ch, dtype)
+      print(f"largest batch at {size}px: {method} {largest}")
+
+
+def run():
+  """Console-script entry (pyproject `metadcseg-throughput`)."""
+  define_flags()
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,162 @@
+"""A train step's speed, memory and FLOPs, measured as the trainer runs it.
+
+    config = throughput.config_for("metadcseg", size=256, width=32, channels=3, batch=8)
+    r = throughput.time_step(config, repeats=10)   # seconds, images/s, peak device memory
+    flops = throughput.cpu_flops(config)           # XLA's cost analysis (nothing runs)
+
+The step is the method's `train_step` of the phase a long run spends its time in, jitted with
+the state donated, on `methods.example_feed`'s synthetic batch. The model FLOPs utilisation is
+MFU = FLOPs / time / peak FLOP/s of the device (`peak_tflops`). `metadcseg-throughput` and
+`metadcseg-bench` print these as tables.
+"""
+
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from metadcseg_jax import configs
+from metadcseg_jax import methods
+from metadcseg_jax import train
+
+# Dense peak TFLOP/s by device kind and the precision the step's convolutions run at (XLA's
+# GPU default for float32 is TF32; config.meta.precision="highest" makes the meta path FP32).
+PEAK_TFLOPS = {
+  "NVIDIA H100 80GB HBM3": {"tf32": 494.0, "bf16": 989.0, "fp32": 67.0},
+  "NVIDIA H100": {"tf32": 494.0, "bf16": 989.0, "fp32": 67.0},
+  "NVIDIA H200": {"tf32": 494.0, "bf16": 989.0, "fp32": 67.0},
+  "NVIDIA A100-SXM4-80GB": {"tf32": 156.0, "bf16": 312.0, "fp32": 19.5},
+}
+
+
+def config_for(
+  method: str,
+  size: int,
+  width: int,
+  channels: int,
+  batch: int,
+  dtype: str = "float32",
+  *,
+  route: str = "jvp",
+) -> ml_collections.ConfigDict:
+  """The default config with `method` at this image size, network width, channels, batch (the
+  training and the meta batch), network dtype and meta route."""
+  config = configs.default_config()
+  config.method = method
+  config.meta.route = route
+  config.data.size, config.data.channels = size, channels
+  config.model.width, config.model.dtype = width, dtype
+  config.train.batch_size = config.train.meta_batch_size = batch
+  return config
+
+
+def step_and_inputs(config: ml_collections.ConfigDict):
+  """(method, its unjitted train step of the last epoch's phase, a synthetic batch)."""
+  m = methods.create(config, steps_per_epoch=100)
+  phase = m.phase(config.train.num_epochs - 1)  # the step a long run spends its time in
+  feed = methods.example_feed(
+    m, size=config.data.size, channels=config.data.channels, batch=config.train.batch_size
+  )
+  return m, m.train_step(phase), feed
+
+
+def cpu_flops(config: ml_collections.ConfigDict) -> float | None:
+  """FLOPs of one step from XLA's cost analysis of its CPU compilation (nothing runs; a GPU's
+  cost analysis leaves out cuDNN convolutions)."""
+  m, step, feed = step_and_inputs(config)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  state = jax.eval_shape(lambda: m.init_state(jax.random.PRNGKey(0)))
+  abstract = lambda t: jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), t
+  )
+  rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=cpu)
+  compiled = jax.jit(step).lower(abstract(state), abstract(feed), rng).compile()
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops else None
+
+
+def time_step(config: ml_collections.ConfigDict, repeats: int) -> dict[str, float | None]:
+  """Median seconds per step (state donated, as in training) after the first call (compile
+  and warm-up, `compile_s`), images/s and the device's peak memory (bytes, or None)."""
+  m, step, feed = step_and_inputs(config)
+  step = jax.jit(step, donate_argnums=(0,))
+  state = m.init_state(jax.random.PRNGKey(0))
+  feed = jax.device_put(feed)
+  t0 = time.perf_counter()
+  state, out = step(state, feed, jax.random.PRNGKey(0))
+  jax.block_until_ready((state, out))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    state, out = step(state, feed, jax.random.PRNGKey(i))
+    jax.block_until_ready((state, out))
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {
+    "seconds": seconds,
+    "compile_s": compile_s,
+    "images_per_s": config.train.batch_size / seconds,
+    "peak_bytes": stats.get("peak_bytes_in_use"),
+  }
+
+
+def fits(config: ml_collections.ConfigDict) -> bool:
+  """Whether one step of `config` runs in the device's memory."""
+  try:
+    time_step(config, repeats=1)
+    return True
+  except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError RESOURCE_EXHAUSTED)
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      return False
+    raise
+
+
+def max_batch(method: str, size, width, channels, dtype, start: int = 8, limit: int = 4096) -> int:
+  """The largest batch whose step runs (doubling from `start`, then bisection)."""
+  ok, batch = 0, start
+  while batch <= limit and fits(config_for(method, size, width, channels, batch, dtype)):
+    ok, batch = batch, batch * 2
+  lo, hi = ok, min(batch, limit + 1)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if fits(config_for(method, size, width, channels, mid, dtype)):
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def trainer_images_per_s(config: ml_collections.ConfigDict, steps: int, data_dir: str) -> float:
+  """The second epoch's images/s of `train_and_evaluate` (the first includes compilation), on
+  the synthetic set with `steps` steps per epoch."""
+  config.data.name = "synthetic"
+  config.data.data_dir = data_dir
+  config.data.n_train = (steps + 1) * config.train.batch_size  # + the meta split
+  config.data.n_val, config.data.n_test = 8, 8
+  config.train.num_epochs, config.train.warmup_epochs = 2, 0
+  config.train.eval_every_epochs = 100
+  config.train.log_every_steps = max(steps // 4, 1)
+  with tempfile.TemporaryDirectory() as workdir:
+    train.train_and_evaluate(config, workdir)
+    lines = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
+  return [r for r in lines if r["split"] == "train"][-1]["images_per_s"]
+
+
+def peak_tflops(dtype: str, given: float = 0.0) -> float | None:
+  """The device's dense peak TFLOP/s at the precision of `dtype` (`given` if not 0; None for a
+  device not in `PEAK_TFLOPS`)."""
+  if given:
+    return given
+  table = PEAK_TFLOPS.get(jax.devices()[0].device_kind)
+  if not table:
+    return None
+  return table["bf16" if dtype == "bfloat16" else "tf32"]
