@@ -11,12 +11,12 @@ masks); then the criterion's mean over the runs. The runs used and the choice ma
 BUILD_NOTES.md, "Label audit: the score chosen on validation".
 
 Candidates, with d = [y ≠ ŷ] and the meta share πb of `metadcseg_jax/audit.py`:
-  * meta suspicion: Σ d·πb / (|y| + |ŷ|) (the audit's score);
+  * meta suspicion: Σ d·πb / (|y| + |ŷ|);
   * signed meta: Σ d·(2πb − 1) / (|y| + |ŷ|), where the meta set siding with the given label
     counts against suspicion;
   * meta share: Σ d·πb / Σ d, the meta set's verdict without the size of the disagreement;
-  * disagreement 1 − Dice(y, ŷ) and soft disagreement (`audit.soft_dice_distance`), which read
-    no meta-weights;
+  * disagreement 1 − Dice(y, ŷ) and soft disagreement (`audit.soft_dice_distance`, the score
+    audit.csv is sorted by: `audit_report.ranking_score`), which read no meta-weights;
   * the rank mean of the meta suspicion and the soft disagreement, added after the others had
     been read on the validation runs, so shown but not eligible.
 """

@@ -5,9 +5,10 @@
 
 Reads the audit passes a meta method (l2b, metadcseg) wrote in its last epochs (`audit.py`) and
 writes, into `out` (default `<workdir>/audit`): `audit.csv` (every training image, most
-suspicious first: rank, index in the training split, case id, score, 1 − Dice between the mask
-and the model's, and where the clean masks are known because the noise was injected, 1 − Dice
-to the clean mask), `suspicion.npy` ((N,H,W) float16, rows in the CSV's order) and
+suspicious first: rank, index in the training split, case id, score (the soft disagreement
+1 − soft Dice between the mask and the model's foreground probability, chosen on validation
+runs; `ranking_score`), the meta suspicion, the soft and the hard disagreement, and where the
+clean masks are known because the noise was injected, 1 − Dice to the clean mask), `suspicion.npy` ((N,H,W) float16, rows in the CSV's order) and
 `gallery.png` (image, given mask, model's mask, suspicion map of the `top` most suspicious).
 With injected noise it also measures how well the score finds the corrupted masks (image AUROC
 and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels; `measured.json`, ROC curves
@@ -136,9 +137,10 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE)
   clean = np.stack([e["label"] for e in examples])
   injected = config.data.noise.kind != "none"
   corruption = audit.dice_distance(noisy, clean) if injected else None
-  order = np.argsort(-scores["score"], kind="stable")
+  ranking, ranked_by = ranking_score(scores, noisy)
+  order = np.argsort(-ranking, kind="stable")
   case_ids = [train_split.case_id(k) for k in positions]
-  _write_ranking(out, scores, noisy, corruption, case_ids, order)
+  _write_ranking(out, scores, ranking, noisy, corruption, case_ids, order)
   shown = order[:top]
   figures.write_audit_gallery(
     out / "gallery.png",
@@ -147,7 +149,7 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE)
     model=scores["pseudo"][shown],
     suspicion=scores["suspicion"][shown],
     titles=[
-      f"#{r + 1} idx {int(scores['index'][k])} score {scores['score'][k]:.3f}"
+      f"#{r + 1} idx {int(scores['index'][k])} score {ranking[k]:.3f}"
       for r, k in enumerate(shown)
     ],
   )
@@ -166,22 +168,41 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE)
     "epochs": scores["epochs"],
     "meta_images": scores["meta_images"],
     "n": len(order),
+    "ranked_by": ranked_by,
     "measured": measured,
   }
 
 
-def _write_ranking(out, scores, noisy, corruption, case_ids, order) -> None:
-  """audit.csv and suspicion.npy, rows in `order` (most suspicious first); the corruption
-  column only where it is known (`corruption` (N,) not None)."""
-  disagreement = audit.dice_distance(noisy, scores["pseudo"])
+def ranking_score(scores: dict, noisy: np.ndarray) -> tuple[np.ndarray, str]:
+  """(N,) the score audit.csv is sorted by, and its name.
+
+  The soft disagreement 1 − soft Dice(y, p) between the given mask y (N,H,W) and the model's
+  foreground probability, where the passes stored the probabilities; the meta suspicion
+  otherwise. Chosen on the runs and with the criterion of `experiments/audit_select.py`
+  (BUILD_NOTES.md, "Label audit: the score chosen on validation, the test runs").
+  """
+  if "probs" in scores:
+    return audit.soft_dice_distance(noisy, scores["probs"]), "soft disagreement"
+  return np.asarray(scores["score"]), "meta suspicion"
+
+
+def _write_ranking(out, scores, ranking, noisy, corruption, case_ids, order) -> None:
+  """audit.csv and suspicion.npy, rows in `order` (most suspicious first): the ranking score,
+  then the meta suspicion, the soft (where the probabilities were stored) and the hard
+  disagreement as columns; the corruption column only where it is known (`corruption` (N,)
+  not None)."""
+  columns = {"meta_suspicion": np.asarray(scores["score"])}
+  if "probs" in scores:
+    columns["soft_disagreement"] = audit.soft_dice_distance(noisy, scores["probs"])
+  columns["disagreement"] = audit.dice_distance(noisy, scores["pseudo"])
+  if corruption is not None:
+    columns["corruption"] = corruption
   buf = io.StringIO()
   w = csv.writer(buf)
-  extra = ["corruption"] if corruption is not None else []
-  w.writerow(["rank", "index", "case_id", "score", "disagreement"] + extra)
+  w.writerow(["rank", "index", "case_id", "score", *columns])
   for rank, k in enumerate(order, 1):
-    row = [rank, int(scores["index"][k]), case_ids[k]]
-    row += [f"{scores['score'][k]:.5f}", f"{disagreement[k]:.4f}"]
-    w.writerow(row + ([f"{corruption[k]:.4f}"] if corruption is not None else []))
+    row = [rank, int(scores["index"][k]), case_ids[k], f"{ranking[k]:.5f}"]
+    w.writerow(row + [f"{v[k]:.5f}" for v in columns.values()])
   files.write_atomic(out / "audit.csv", buf.getvalue())
   np.save(out / "suspicion.npy", scores["suspicion"][order].astype(np.float16))
 

@@ -211,3 +211,18 @@ def test_report_on_a_users_folder_without_injected_noise(tmp_path):
     train.case_id(k) for k in range(len(train))
   )
   assert (run / "audit" / "gallery.png").is_file() and not (run / "audit" / "roc.png").exists()
+
+
+def test_audit_csv_is_ranked_by_the_soft_disagreement_where_probabilities_were_kept():
+  given = np.zeros((3, 4, 4), np.int32)
+  given[:, :2] = 1  # 8 foreground pixels each
+  fg = np.array([0.9, 0.2, 0.6])[:, None, None] * np.ones((3, 4, 4))  # model's p(foreground)
+  probs = np.stack([1 - fg, fg], -1).astype(np.float32)
+  scores = {"score": np.array([0.9, 0.1, 0.5]), "probs": probs}
+  ranking, name = audit_report.ranking_score(scores, given)
+  # Σ|y − p| / (|y| + Σp) by hand: 8(1 − f) + 8f over 8 + 16f.
+  want = [(8 * (1 - f) + 8 * f) / (8 + 16 * f) for f in (0.9, 0.2, 0.6)]
+  assert name == "soft disagreement"
+  np.testing.assert_allclose(ranking, want, rtol=1e-6)
+  ranking, name = audit_report.ranking_score({"score": scores["score"]}, given)
+  assert name == "meta suspicion" and list(ranking) == [0.9, 0.1, 0.5]
