@@ -84,7 +84,9 @@ def cpu_flops(config: ml_collections.ConfigDict) -> float | None:
 
 def time_step(config: ml_collections.ConfigDict, repeats: int) -> dict[str, float | None]:
   """Median seconds per step (state donated, as in training) after the first call (compile
-  and warm-up, `compile_s`), images/s and the device's peak memory (bytes, or None)."""
+  and warm-up, `compile_s`), images/s, the device's peak memory (bytes, or None) and the
+  median CPU seconds of this process per step (`cpu_seconds`: on a CPU shared with other work
+  it moves far less than the wall time, so two revisions can be compared on a busy machine)."""
   m, step, feed = step_and_inputs(config)
   step = jax.jit(step, donate_argnums=(0,))
   state = m.init_state(jax.random.PRNGKey(0))
@@ -93,12 +95,13 @@ def time_step(config: ml_collections.ConfigDict, repeats: int) -> dict[str, floa
   state, out = step(state, feed, jax.random.PRNGKey(0))
   jax.block_until_ready((state, out))
   compile_s = time.perf_counter() - t0
-  times = []
+  times, cpu = [], []
   for i in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, out = step(state, feed, jax.random.PRNGKey(i))
     jax.block_until_ready((state, out))
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   seconds = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
   return {
@@ -106,6 +109,7 @@ def time_step(config: ml_collections.ConfigDict, repeats: int) -> dict[str, floa
     "compile_s": compile_s,
     "images_per_s": config.train.batch_size / seconds,
     "peak_bytes": stats.get("peak_bytes_in_use"),
+    "cpu_seconds": statistics.median(cpu),
   }
 
 
