@@ -678,6 +678,15 @@ def _finish(loop: _Loop) -> dict[str, Any]:
   )
   files.write_atomic(run.workdir.path / CASES_FILE, json.dumps(cases))
   files.write_atomic(run.workdir.path / "results.json", json.dumps(results, indent=1))
+  if run.workdir.summaries is not None:
+    # The test split is scored once, here; TensorBoard gets it at the last step so that the
+    # runs of a benchmark can be compared on one chart (not in metrics.jsonl: the training
+    # curves there stay free of test data).
+    for params in ("raw", "ema"):
+      test = {k: v for k, v in scores["test"][params].items() if k in ("dice", "iou", "hd95")}
+      run.workdir.summaries.write_record(
+        {"step": int(local_state.step), "split": "test", "params": params, **test}
+      )
   _write_figures(loop.compiled, local_state, run.splits, config, run.workdir)
   return results
 

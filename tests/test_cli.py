@@ -101,6 +101,12 @@ def test_quick_start_writes_tensorboard_events_and_says_how_to_see_them(quick_st
     for metric in ("dice", "iou", "hd95"):
       assert [s for s, _ in series[f"val/{params}/{metric}"]] == steps, (params, metric)
   assert {"diagnostics/grad_norm_total", "diagnostics/alpha_share"} <= set(series)
+  results = json.loads((workdir / "results.json").read_text())
+  for params in ("raw", "ema"):  # the test split, scored once at the end
+    for metric in ("dice", "iou", "hd95"):
+      ((step, value),) = series[f"test/{params}/{metric}"]
+      assert step == steps[-1]
+      assert value == pytest.approx(results["test"][params][metric], rel=1e-6, nan_ok=True)
   images = {e["tag"]: e for e in summaries.read(workdir) if "image" in e}
   assert sorted(images) == ["figures/dcd", "figures/panel"]
   assert images["figures/panel"]["image"] == (workdir / "panel.png").read_bytes()
