@@ -370,7 +370,7 @@ def test_one_step_of_each_meta_method_is_finite_and_moves_params(tiny_config):
 
 
 def _parse(argv):
-  """Parses argv the way `experiments/main.py` does (locked config, overrides)."""
+  """Parses argv the way `metadcseg-train` does (locked config, overrides)."""
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file(
     "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
