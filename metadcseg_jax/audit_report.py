@@ -149,8 +149,7 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE)
     model=scores["pseudo"][shown],
     suspicion=scores["suspicion"][shown],
     titles=[
-      f"#{r + 1} idx {int(scores['index'][k])} score {ranking[k]:.3f}"
-      for r, k in enumerate(shown)
+      f"#{r + 1} idx {int(scores['index'][k])} score {ranking[k]:.3f}" for r, k in enumerate(shown)
     ],
   )
   measured = {}
