@@ -8,7 +8,8 @@ writes, into `out` (default `<workdir>/audit`): `audit.csv` (every training imag
 suspicious first: rank, index in the training split, case id, score (the soft disagreement
 1 − soft Dice between the mask and the model's foreground probability, chosen on validation
 runs; `ranking_score`), the meta suspicion, the soft and the hard disagreement, and where the
-clean masks are known because the noise was injected, 1 − Dice to the clean mask), `suspicion.npy` ((N,H,W) float16, rows in the CSV's order) and
+clean masks are known because the noise was injected, 1 − Dice to the clean mask),
+`suspicion.npy` ((N,H,W) float16, rows in the CSV's order) and
 `gallery.png` (image, given mask, model's mask, suspicion map of the `top` most suspicious).
 With injected noise it also measures how well the score finds the corrupted masks (image AUROC
 and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels; `measured.json`, ROC curves
