@@ -192,8 +192,8 @@ def _write_ranking(out, scores, ranking, noisy, corruption, case_ids, order) -> 
   disagreement as columns; the corruption column only where it is known (`corruption` (N,)
   not None)."""
   columns = {"meta_suspicion": np.asarray(scores["score"])}
-  if "probs" in scores:
-    columns["soft_disagreement"] = audit.soft_dice_distance(noisy, scores["probs"])
+  if "probs" in scores:  # then `ranking` is the soft disagreement (`ranking_score`)
+    columns["soft_disagreement"] = ranking
   columns["disagreement"] = audit.dice_distance(noisy, scores["pseudo"])
   if corruption is not None:
     columns["corruption"] = corruption
