@@ -34,28 +34,35 @@ test case's scores (cases.json), from which the paired comparisons are computed:
 seed and test-set parts, a verdict).
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import re
 import shlex
+import signal
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 
+from metadcseg_jax import cli
 from metadcseg_jax import figures
 from metadcseg_jax import methods
 from metadcseg_jax import noise
+from metadcseg_jax import preemption
 from metadcseg_jax import stats
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
+from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
 from metadcseg_jax.errors import UserError
 from metadcseg_jax.metrics import METRIC_KEYS
@@ -214,6 +221,114 @@ def _short(results: Mapping[str, Any]) -> str:
   )
 
 
+def default_processes(cpus: int | None = None, backend: str | None = None) -> int:
+  """How many runs train at once when the command is not told: 2 on a CPU backend with
+  2 cores, where two processes trained 1.06x (MetaDCSeg) to 1.10x (CE) the images per second
+  of one (BUILD_NOTES.md,
+  "XLA threads and processes on a 2-core CPU"); otherwise 1 (one accelerator trains one run
+  at a time; on more cores one process's XLA threads spread over them, and several processes
+  were not measured)."""
+  cpus = cli.visible_cpus() if cpus is None else cpus
+  backend = jax.default_backend() if backend is None else backend
+  return 2 if backend == "cpu" and cpus == 2 else 1
+
+
+_STOP_BEFORE_START = False  # in a worker process: a stop signal arrived between runs
+
+
+def _record_stop(signum, frame) -> None:
+  del signum, frame
+  global _STOP_BEFORE_START
+  _STOP_BEFORE_START = True
+
+
+def _worker_init() -> None:
+  """A benchmark worker process: a stop signal between runs is recorded instead of ending the
+  process (a dead worker breaks the whole pool). During a run the trainer's own handlers take
+  it (`preemption.StopSignals`): the run checkpoints and raises `Preempted`."""
+  for s in preemption.STOP_SIGNALS:
+    signal.signal(s, _record_stop)
+
+
+def _train_in_worker(trainer: Callable, cfg, rdir: str) -> tuple[dict[str, Any], float]:
+  """One run in a worker process: (its results, its wall seconds)."""
+  if _STOP_BEFORE_START:
+    raise Preempted(f"{rdir}: not started, a stop signal came first")
+  t0 = time.perf_counter()
+  try:
+    results = trainer(cfg, rdir)
+  except RunStopped:
+    _record_stop(None, None)  # the trainer took the signal: start no queued run after it
+    raise
+  return results, time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class _Outcomes:
+  """What the runs of one benchmark invocation came to, and the progress lines about them."""
+
+  echo: Callable[[str], None]
+  write: Callable[[], Any]
+  failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  diverged: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  stopped: RunStopped | None = None
+
+  def add(self, job, results=None, seconds: float = 0.0, error: Exception | None = None) -> None:
+    tag, noise_kind, row, seed = job
+    if isinstance(error, RunStopped):
+      # A stop signal (the run checkpointed) or a full disk: the other runs would stop alike.
+      self.echo(f"{tag}: {error}")
+      self.stopped = self.stopped or error
+    elif error is not None:
+      # One failing run (diverged, out of memory, a bug) must not cost the rest of the
+      # benchmark; it is listed with its reason and a rerun retries it.
+      reason = _reason(error)
+      self.echo(f"{tag}: FAILED: {reason}")
+      self.failed.append({"noise": noise_kind, "row": row.label, "seed": seed, "error": reason})
+      if isinstance(error, NonFiniteLossError):
+        self.diverged.append(self.failed[-1])
+    else:
+      self.echo(f"{tag}: {_short(results)}  [{seconds:.0f} s]")
+    self.write()
+
+
+def _run_in_processes(jobs, processes: int, outcomes: _Outcomes, trainer: Callable) -> None:
+  """Trains `jobs` ((tag, noise, row, seed), config, run folder) in `processes` worker
+  processes (spawned: a forked JAX is not safe), in order. A stop signal to this process, or
+  a run that stopped, stops the rest: queued runs are cancelled and the signal is passed to
+  the workers, whose runs checkpoint and stop as a run in this process would."""
+  context = multiprocessing.get_context("spawn")
+  with preemption.StopSignals() as signals, concurrent.futures.ProcessPoolExecutor(
+    processes, mp_context=context, initializer=_worker_init
+  ) as pool:
+    pending = {}
+    for job, cfg, rdir in jobs:
+      outcomes.echo(f"{job[0]}: queued, trains in {rdir}")
+      pending[pool.submit(_train_in_worker, trainer, cfg, str(rdir))] = job
+    passed_on = False
+    while pending:
+      done, _ = concurrent.futures.wait(
+        pending, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED
+      )
+      for future in done:
+        job = pending.pop(future)
+        if future.cancelled():
+          continue
+        error = future.exception()
+        if error is None:
+          outcomes.add(job, *future.result())
+        else:
+          outcomes.add(job, error=error)
+      if (signals.received or outcomes.stopped) and not passed_on:
+        passed_on = True
+        for future in pending:
+          future.cancel()
+        for child in multiprocessing.active_children():
+          os.kill(child.pid, signals.received or signal.SIGTERM)
+    if signals.received and outcomes.stopped is None:
+      outcomes.stopped = Preempted(f"stopped by signal {signals.received}; no run was training")
+
+
 def run_benchmark(
   config: ml_collections.ConfigDict,
   workdir,
@@ -224,6 +339,8 @@ def run_benchmark(
   labels: str = "fixed",
   command: str = "",
   echo: Callable[[str], None] = print,
+  processes: int = 1,
+  trainer: Callable[[ml_collections.ConfigDict, str], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
   """Trains every (noise, row, seed) not finished yet (seeds outermost, so a complete table
   for seed 0 comes first), then writes the benchmark's outputs.
@@ -237,6 +354,11 @@ def run_benchmark(
     labels: "per_seed" (the seed draws the noise and the meta split too) or "fixed".
     command: the command line, recorded in benchmark.md and benchmark.json.
     echo: where progress lines go.
+    processes: runs trained at once, each in its own worker process (1: one after another in
+      this process; `default_processes` is the measured best). A run's numbers do not depend
+      on it.
+    trainer: `(config, run folder) -> results`, `train.train_and_evaluate` unless given (a
+      module-level function: worker processes import it by name).
 
   Returns:
     The cells (`collect`) of the requested combinations.
@@ -253,21 +375,23 @@ def run_benchmark(
   seeds = parse_seeds(seeds)
   rows = list(rows)
   check_grid(rows, noises, seeds)
+  if processes < 1:
+    raise ConfigError(f"processes must be >= 1, got {processes}")
   root = pathlib.Path(workdir).expanduser().resolve()
   root.mkdir(parents=True, exist_ok=True)
   combos = [(n, r, s) for s in seeds for n in noises for r in rows]
-  failed: list[dict[str, Any]] = []
-  diverged: list[dict[str, Any]] = []
   ema_choice = train.ema_batch_stats(config)
-  write = lambda: write_outputs(
+  outcomes = _Outcomes(echo=echo, write=lambda: None)
+  outcomes.write = lambda: write_outputs(
     root,
     rows=rows,
     noises=noises,
     seeds=seeds,
     command=command,
-    failed=failed,
+    failed=outcomes.failed,
     ema_choice=ema_choice,
   )
+  jobs = []
   for i, (noise_kind, row, seed) in enumerate(combos, start=1):
     rdir = run_dir(root, noise_kind, row, seed)
     tag = f"[{i}/{len(combos)}] {noise_kind}/{row.label}/seed{seed}"
@@ -284,28 +408,26 @@ def run_benchmark(
         )
       echo(f"{tag}: done already, {_short(results)}{note}")
       continue
-    echo(f"{tag}: training in {rdir}")
-    t0 = time.perf_counter()
-    try:
-      results = train.train_and_evaluate(cfg, str(rdir))
-    except RunStopped as e:
-      # A stop signal (the run checkpointed) or a full disk: the other runs would stop alike.
-      echo(f"{tag}: {e}")
-      write()
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      # One failing run (diverged, out of memory, a bug) must not cost the rest of the
-      # benchmark; it is listed with its reason and a rerun retries it.
-      reason = _reason(e)
-      echo(f"{tag}: FAILED: {reason}")
-      failed.append({"noise": noise_kind, "row": row.label, "seed": seed, "error": reason})
-      if isinstance(e, NonFiniteLossError):
-        diverged.append(failed[-1])
-      write()
-      continue
-    echo(f"{tag}: {_short(results)}  [{time.perf_counter() - t0:.0f} s]")
-    write()
-  cells = write()
+    jobs.append(((tag, noise_kind, row, seed), cfg, rdir))
+  trainer = trainer or train.train_and_evaluate
+  if processes > 1 and len(jobs) > 1:
+    _run_in_processes(jobs, min(processes, len(jobs)), outcomes, trainer)
+  else:
+    for job, cfg, rdir in jobs:
+      echo(f"{job[0]}: training in {rdir}")
+      t0 = time.perf_counter()
+      try:
+        results = trainer(cfg, str(rdir))
+      except Exception as e:  # pylint: disable=broad-except  (sorted out by `_Outcomes.add`)
+        outcomes.add(job, error=e)
+        if outcomes.stopped:
+          break
+        continue
+      outcomes.add(job, results, time.perf_counter() - t0)
+  if outcomes.stopped is not None:
+    outcomes.write()
+    raise outcomes.stopped
+  cells = outcomes.write()
   paired = comparisons(root, cells, ema_choice=ema_choice)
   if paired:
     echo("paired differences, test Dice (points):\n" + comparison_table(paired))
@@ -313,6 +435,7 @@ def run_benchmark(
     f"tables: {root / 'benchmark.md'}  numbers: {root / 'benchmark.json'}  "
     f"plot: {root / 'dice_vs_noise.png'}"
   )
+  failed, diverged = outcomes.failed, outcomes.diverged
   if failed:
     names = ", ".join(f"{f['noise']}/{f['row']}/seed{f['seed']}" for f in failed)
     if len(diverged) == len(failed):

@@ -122,7 +122,11 @@ def _train_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 16
   c.log_every_steps = 50
   # Gradient norm per loss term, meta-weight and DCD statistics into metrics.jsonl (0: off).
-  c.diagnostics_every_steps = 50
+  # Each point costs one to two steps (a meta step's weights and a backward pass per loss
+  # term): against none, every 50 steps cost 6-13% of the trainer's images/s in epochs of 40
+  # steps on the 2-core CPU, every 200 2-8% (BUILD_NOTES.md, "Throughput, and the trainer
+  # against its step").
+  c.diagnostics_every_steps = 100
   c.checkpoint_every_epochs = 1
   # Step checkpoints inside an epoch (0: off), so a large epoch is never lost whole; a stop
   # signal writes one too. Resuming from one gives the results of an uninterrupted run.

@@ -5,8 +5,14 @@ No training: runs are hand-written results.json files, and the trainer is monkey
 
 import json
 import math
+import os
 import pathlib
+import re
+import signal
+import threading
+import time
 
+import benchmark_workers
 import numpy as np
 import pytest
 
@@ -22,6 +28,7 @@ from metadcseg_jax import throughput
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.errors import RunStopped
 
 CE, META = benchmark.Row("ce", "ce"), benchmark.Row("metadcseg", "metadcseg")
 ROWS = [CE, META]
@@ -378,3 +385,82 @@ def test_kvasir_presets_load(tmp_path):
   for config in (cpu, gpu):
     config.data.manual_dir = str(tmp_path)
     check_settings.check_config(config)
+
+
+def test_runs_in_worker_processes_give_the_same_tables(tmp_path):
+  config = tiny.get_config()
+  config.lock()
+  kwargs = dict(rows=ROWS, noises=["none", "l2b40"], seeds=[0, 1], command="cmd")
+  one = benchmark.run_benchmark(
+    config, tmp_path / "one", **kwargs, echo=lambda _: None, trainer=benchmark_workers.record_pid
+  )
+  lines = []
+  two = benchmark.run_benchmark(
+    config, tmp_path / "two", **kwargs, echo=lines.append, processes=2,
+    trainer=benchmark_workers.record_pid,
+  )
+  pids = {p.read_text() for p in (tmp_path / "two").glob("*/*/seed*/pid.txt")}
+  assert len(pids) == 2 and str(os.getpid()) not in pids  # two workers shared the 8 runs
+  assert {p.read_text() for p in (tmp_path / "one").glob("*/*/seed*/pid.txt")} == {
+    str(os.getpid())
+  }
+  assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
+  assert sum("queued" in l for l in lines) == 8
+  assert sum(bool(re.search(r"seed\d: .* \[\d+ s\]$", l)) for l in lines) == 8
+  strip = lambda p: p.read_text().replace(str(tmp_path / "one"), "").replace(
+    str(tmp_path / "two"), ""
+  )
+  assert strip(tmp_path / "one" / "benchmark.md") == strip(tmp_path / "two" / "benchmark.md")
+
+
+def test_a_stop_signal_reaches_the_worker_processes(tmp_path):
+  config = tiny.get_config()
+  config.lock()
+  runs = [benchmark.run_dir(tmp_path, "none", row, s) for s in (0, 1) for row in ROWS]
+
+  def signal_when_both_run():
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum((r / "started").exists() for r in runs) < 2:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)  # to this process only: it passes it on
+
+  before = signal.getsignal(signal.SIGTERM)
+  threading.Thread(target=signal_when_both_run, daemon=True).start()
+  lines = []
+  with pytest.raises(RunStopped, match="stopped by signal"):
+    benchmark.run_benchmark(
+      config, tmp_path, rows=ROWS, noises=["none"], seeds=[0, 1], echo=lines.append,
+      processes=2, trainer=benchmark_workers.wait_for_stop,
+    )
+  assert signal.getsignal(signal.SIGTERM) is before
+  # The two running runs stopped on the passed-on signal; no queued run trained after it.
+  assert [(r / "stopped").exists() for r in runs] == [True, True, False, False]
+  assert not any((r / "started").exists() for r in runs[2:])
+  assert (tmp_path / "benchmark.md").is_file()
+
+
+def test_default_processes_follow_the_measurements():
+  assert benchmark.default_processes(cpus=2, backend="cpu") == 2
+  assert benchmark.default_processes(cpus=1, backend="cpu") == 1
+  assert benchmark.default_processes(cpus=16, backend="cpu") == 1
+  assert benchmark.default_processes(cpus=2, backend="gpu") == 1
+  with pytest.raises(ConfigError, match="processes must be >= 1"):
+    benchmark.run_benchmark(tiny.get_config(), "x", rows=[CE], noises=["none"], seeds=[0],
+                            processes=0)
+
+
+def test_trainer_rate_is_the_median_epoch_after_the_first(tmp_path, monkeypatch):
+  config = throughput.trainer_config(
+    throughput.config_for("l2b", 16, 2, 1, 4), steps=10, data_dir=str(tmp_path)
+  )
+  assert (config.data.name, config.data.n_train, config.train.num_epochs) == ("synthetic", 44, 4)
+  assert config.train.warmup_epochs == 0 and config.train.eval_every_epochs > 4
+
+  def fake_train(cfg, workdir):
+    with open(f"{workdir}/metrics.jsonl", "w") as f:
+      for epoch, rate in enumerate([1.0, 30.0, 10.0, 20.0], start=1):  # the first compiles
+        f.write(json.dumps({"epoch": epoch, "split": "train", "images_per_s": rate}) + "\n")
+        f.write(json.dumps({"epoch": epoch, "split": "diagnostics", "images_per_s": 99.0}) + "\n")
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  assert throughput.trainer_images_per_s(config) == 20.0

@@ -166,8 +166,8 @@ def test_corrupt_command(data_dir):
 
 
 def test_benchmark_command(data_dir, tmp_path):
-  """`metadcseg-benchmark` on its smallest grid: one method, clean labels, one seed; a rerun
-  finds the run finished and trains nothing."""
+  """`metadcseg-benchmark` on a small grid: one method, clean labels, two seeds trained at once
+  in two worker processes; a rerun finds the runs finished and trains nothing."""
   args = [
     _script("metadcseg-benchmark"),
     f"--config={TINY}",
@@ -175,7 +175,8 @@ def test_benchmark_command(data_dir, tmp_path):
     f"--config.data.data_dir={data_dir}",
     "--methods=ce",
     "--noise=none",
-    "--seeds=0",
+    "--seeds=0,1",
+    "--processes=2",
   ]
   out = _run(args)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -187,7 +188,8 @@ def test_benchmark_command(data_dir, tmp_path):
   table = (tmp_path / "benchmark.md").read_text()
   assert "| ce | " in table and "--methods=ce" in table
   cells = json.loads((tmp_path / "benchmark.json").read_text())["cells"]
-  assert [(c["noise"], c["label"], c["seeds"]) for c in cells] == [("none", "ce", [0])]
+  assert [(c["noise"], c["label"], c["seeds"]) for c in cells] == [("none", "ce", [0, 1])]
+  assert out.stdout.count(": queued, trains in") == 2
   mtime = (tmp_path / "none" / "ce" / "seed0" / "results.json").stat().st_mtime_ns
   again = _run(args)
   assert again.returncode == 0, again.stderr[-3000:]

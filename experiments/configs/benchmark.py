@@ -30,4 +30,5 @@ def get_config():
   config.train.log_every_steps = 0
   config.train.diagnostics_every_steps = 98
   config.train.num_panel_images = 4
+  config.audit.epochs = 2  # the audit score is chosen over these runs' passes (the demo keeps 1)
   return config

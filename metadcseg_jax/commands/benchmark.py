@@ -39,6 +39,13 @@ _LABELS = flags.DEFINE_enum(
   "per_seed: each seed also draws the noise realisation and the meta split; fixed: the "
   "config's. Default: the preset's (per_seed).",
 )
+_PROCESSES = flags.DEFINE_integer(
+  "processes",
+  0,
+  "Runs trained at once, each in its own process; 0: the measured best for this machine "
+  "(2 on a 2-core CPU, else 1).",
+  lower_bound=0,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,6 +63,7 @@ def main(argv):
     labels=_LABELS.value or preset["labels"],
     command=benchmark.command_line(sys.argv),
     echo=lambda line: print(line, flush=True),
+    processes=_PROCESSES.value or benchmark.default_processes(),
   )
   print(f"every run's curves, side by side: {summaries.command(root)}", flush=True)
 
