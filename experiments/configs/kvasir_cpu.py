@@ -5,9 +5,9 @@ r"""Kvasir-SEG for a 2-core CPU: the benchmark's comparison table on the paper's
 
 ce, l2b and metadcseg at calibrated L2B 40% and 60% noise, 3 seeds, each seed with its own
 noise realisation and clean meta split (18 runs), sized to finish within 2.5 hours on a 2-core
-CPU (two benchmark processes, one per noise level, `--noise=l2b40` and `--noise=l2b60` in one
-workdir; cost and results: BUILD_NOTES.md, "Kvasir-SEG"). The paper's setting at 256 px
-(Table 8) is `kvasir_seg.py`, for a GPU.
+CPU (measured with two benchmark processes, one per noise level; the command now trains two
+runs at once on a 2-core CPU by itself; cost and results: BUILD_NOTES.md, "Kvasir-SEG"). The
+paper's setting at 256 px (Table 8) is `kvasir_seg.py`, for a GPU.
 
 Kvasir-SEG's 1000 (or the 998 of a resized copy) image/mask pairs split 80/10/10 by the
 `kvasir_seg` builder, resized to 64x64 RGB; 2% of the training images (16) are the clean meta
