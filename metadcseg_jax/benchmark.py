@@ -381,16 +381,17 @@ def run_benchmark(
   root.mkdir(parents=True, exist_ok=True)
   combos = [(n, r, s) for s in seeds for n in noises for r in rows]
   ema_choice = train.ema_batch_stats(config)
-  outcomes = _Outcomes(echo=echo, write=lambda: None)
-  outcomes.write = lambda: write_outputs(
+  failed: list[dict[str, Any]] = []
+  write = lambda: write_outputs(
     root,
     rows=rows,
     noises=noises,
     seeds=seeds,
     command=command,
-    failed=outcomes.failed,
+    failed=failed,
     ema_choice=ema_choice,
   )
+  outcomes = _Outcomes(echo=echo, write=write, failed=failed)
   jobs = []
   for i, (noise_kind, row, seed) in enumerate(combos, start=1):
     rdir = run_dir(root, noise_kind, row, seed)
@@ -435,7 +436,7 @@ def run_benchmark(
     f"tables: {root / 'benchmark.md'}  numbers: {root / 'benchmark.json'}  "
     f"plot: {root / 'dice_vs_noise.png'}"
   )
-  failed, diverged = outcomes.failed, outcomes.diverged
+  diverged = outcomes.diverged
   if failed:
     names = ", ".join(f"{f['noise']}/{f['row']}/seed{f['seed']}" for f in failed)
     if len(diverged) == len(failed):

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 
-import benchmark_workers
 import numpy as np
 import pytest
 
@@ -24,10 +23,12 @@ from metadcseg_jax import check_settings
 from metadcseg_jax import figures
 from metadcseg_jax import methods
 from metadcseg_jax import noise
+from metadcseg_jax import preemption
 from metadcseg_jax import throughput
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
 
 CE, META = benchmark.Row("ce", "ce"), benchmark.Row("metadcseg", "metadcseg")
@@ -387,17 +388,64 @@ def test_kvasir_presets_load(tmp_path):
     check_settings.check_config(config)
 
 
+# Stand-in trainers for the worker processes: module-level, so that the workers import them by
+# name.
+
+
+def _results_for(config) -> dict:
+  dice = {"ce": 0.5, "metadcseg": 0.6}[config.method] + 0.01 * config.seed
+  summary = {
+    "dice": dice, "iou": dice - 0.1, "miou": dice, "hd": 6.0, "hd95": 5.0, "asd": 2.0,
+    "n_cases": 8, "n_both_empty": 0, "n_one_empty": 0,
+  }
+  return {
+    "epoch": config.train.num_epochs,
+    "test": {"raw": summary, "ema": summary},
+    "val": {"raw": summary, "ema": summary},
+    "method": config.method,
+    "noise": {"kind": config.data.noise.kind},
+  }
+
+
+def _train_recording_pid(config, workdir: str) -> dict:
+  """Writes the run's results and `pid.txt`, the process that trained it; takes long enough
+  (0.5 s) that the runs overlap."""
+  results = _results_for(config)
+  path = pathlib.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "pid.txt").write_text(str(os.getpid()))
+  time.sleep(0.5)
+  (path / "results.json").write_text(json.dumps(results))
+  return results
+
+
+def _train_until_stopped(config, workdir: str) -> dict:
+  """A run that trains until a stop signal, then stops as the trainer does (`Preempted`);
+  `started` marks that its signal handlers are in place."""
+  path = pathlib.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  with preemption.StopSignals() as signals:
+    (path / "started").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while signals.received is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+  if signals.received is None:
+    raise TimeoutError(f"{workdir}: no stop signal within 60 s")
+  (path / "stopped").write_text(str(signals.received))
+  raise Preempted(f"{workdir}: stopped by signal {signals.received}")
+
+
 def test_runs_in_worker_processes_give_the_same_tables(tmp_path):
   config = tiny.get_config()
   config.lock()
   kwargs = dict(rows=ROWS, noises=["none", "l2b40"], seeds=[0, 1], command="cmd")
   one = benchmark.run_benchmark(
-    config, tmp_path / "one", **kwargs, echo=lambda _: None, trainer=benchmark_workers.record_pid
+    config, tmp_path / "one", **kwargs, echo=lambda _: None, trainer=_train_recording_pid
   )
   lines = []
   two = benchmark.run_benchmark(
     config, tmp_path / "two", **kwargs, echo=lines.append, processes=2,
-    trainer=benchmark_workers.record_pid,
+    trainer=_train_recording_pid,
   )
   pids = {p.read_text() for p in (tmp_path / "two").glob("*/*/seed*/pid.txt")}
   assert len(pids) == 2 and str(os.getpid()) not in pids  # two workers shared the 8 runs
@@ -430,7 +478,7 @@ def test_a_stop_signal_reaches_the_worker_processes(tmp_path):
   with pytest.raises(RunStopped, match="stopped by signal"):
     benchmark.run_benchmark(
       config, tmp_path, rows=ROWS, noises=["none"], seeds=[0, 1], echo=lines.append,
-      processes=2, trainer=benchmark_workers.wait_for_stop,
+      processes=2, trainer=_train_until_stopped,
     )
   assert signal.getsignal(signal.SIGTERM) is before
   # The two running runs stopped on the passed-on signal; no queued run trained after it.
