@@ -34,7 +34,8 @@ def main(argv):
   roof = profiling.roofline()
   print(
     f"This device: {roof['peak_gflops']:.1f} GFLOP/s (float32 matrix product), "
-    f"{roof['copy_gbps']:.1f} GB/s (copy)\n", flush=True,
+    f"{roof['copy_gbps']:.1f} GB/s (copy)\n",
+    flush=True,
   )
   for method in _METHODS.value:
     config = throughput.config_for(

@@ -298,9 +298,12 @@ def _run_in_processes(jobs, processes: int, outcomes: _Outcomes, trainer: Callab
   a run that stopped, stops the rest: queued runs are cancelled and the signal is passed to
   the workers, whose runs checkpoint and stop as a run in this process would."""
   context = multiprocessing.get_context("spawn")
-  with preemption.StopSignals() as signals, concurrent.futures.ProcessPoolExecutor(
-    processes, mp_context=context, initializer=_worker_init
-  ) as pool:
+  with (
+    preemption.StopSignals() as signals,
+    concurrent.futures.ProcessPoolExecutor(
+      processes, mp_context=context, initializer=_worker_init
+    ) as pool,
+  ):
     pending = {}
     for job, cfg, rdir in jobs:
       outcomes.echo(f"{job[0]}: queued, trains in {rdir}")

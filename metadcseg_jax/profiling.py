@@ -35,8 +35,21 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _SHAPE = re.compile(r"[a-z]\w*\[([\d,]*)\]")
 _TYPED_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _BYTES_PER_ELEMENT = {
-  "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-  "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
 }
 _DIM_LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
@@ -79,10 +92,12 @@ def _result_bytes(rest: str, opcode: str) -> float:
   """Bytes of an instruction's result: every typed shape before its opcode (a tuple has
   several)."""
   head = rest.split(f" {opcode}(", 1)[0] if opcode else rest
-  return float(sum(
-    _BYTES_PER_ELEMENT.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-    for dtype, dims in _TYPED_SHAPE.findall(head)
-  ))
+  return float(
+    sum(
+      _BYTES_PER_ELEMENT.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+      for dtype, dims in _TYPED_SHAPE.findall(head)
+    )
+  )
 
 
 def _operand_names(rest: str, opcode: str) -> list[str]:
@@ -114,7 +129,10 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
     flops = _conv_flops(rest, shapes) if opcode == "convolution" else 0.0
     result_bytes[name] = _result_bytes(rest, opcode)
     own[name] = (
-      opcode, op_name.group(1) if op_name else "", flops, _CALLS.findall(rest),
+      opcode,
+      op_name.group(1) if op_name else "",
+      flops,
+      _CALLS.findall(rest),
       _operand_names(rest, opcode),
     )
   out = {}
@@ -232,6 +250,7 @@ def roofline(
   `copy_mib` MiB float32 array (bytes read + written per second), the bandwidth of memory
   traffic at the size of the step's activations. Medians over `repeats` runs.
   """
+
   def rate(fn, x, work):
     fn = jax.jit(fn)
     jax.block_until_ready(fn(x))

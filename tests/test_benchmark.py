@@ -395,8 +395,15 @@ def test_kvasir_presets_load(tmp_path):
 def _results_for(config) -> dict:
   dice = {"ce": 0.5, "metadcseg": 0.6}[config.method] + 0.01 * config.seed
   summary = {
-    "dice": dice, "iou": dice - 0.1, "miou": dice, "hd": 6.0, "hd95": 5.0, "asd": 2.0,
-    "n_cases": 8, "n_both_empty": 0, "n_one_empty": 0,
+    "dice": dice,
+    "iou": dice - 0.1,
+    "miou": dice,
+    "hd": 6.0,
+    "hd95": 5.0,
+    "asd": 2.0,
+    "n_cases": 8,
+    "n_both_empty": 0,
+    "n_one_empty": 0,
   }
   return {
     "epoch": config.train.num_epochs,
@@ -444,19 +451,21 @@ def test_runs_in_worker_processes_give_the_same_tables(tmp_path):
   )
   lines = []
   two = benchmark.run_benchmark(
-    config, tmp_path / "two", **kwargs, echo=lines.append, processes=2,
+    config,
+    tmp_path / "two",
+    **kwargs,
+    echo=lines.append,
+    processes=2,
     trainer=_train_recording_pid,
   )
   pids = {p.read_text() for p in (tmp_path / "two").glob("*/*/seed*/pid.txt")}
   assert len(pids) == 2 and str(os.getpid()) not in pids  # two workers shared the 8 runs
-  assert {p.read_text() for p in (tmp_path / "one").glob("*/*/seed*/pid.txt")} == {
-    str(os.getpid())
-  }
+  assert {p.read_text() for p in (tmp_path / "one").glob("*/*/seed*/pid.txt")} == {str(os.getpid())}
   assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
   assert sum("queued" in l for l in lines) == 8
   assert sum(bool(re.search(r"seed\d: .* \[\d+ s\]$", l)) for l in lines) == 8
-  strip = lambda p: p.read_text().replace(str(tmp_path / "one"), "").replace(
-    str(tmp_path / "two"), ""
+  strip = lambda p: (
+    p.read_text().replace(str(tmp_path / "one"), "").replace(str(tmp_path / "two"), "")
   )
   assert strip(tmp_path / "one" / "benchmark.md") == strip(tmp_path / "two" / "benchmark.md")
 
@@ -477,8 +486,14 @@ def test_a_stop_signal_reaches_the_worker_processes(tmp_path):
   lines = []
   with pytest.raises(RunStopped, match="stopped by signal"):
     benchmark.run_benchmark(
-      config, tmp_path, rows=ROWS, noises=["none"], seeds=[0, 1], echo=lines.append,
-      processes=2, trainer=_train_until_stopped,
+      config,
+      tmp_path,
+      rows=ROWS,
+      noises=["none"],
+      seeds=[0, 1],
+      echo=lines.append,
+      processes=2,
+      trainer=_train_until_stopped,
     )
   assert signal.getsignal(signal.SIGTERM) is before
   # The two running runs stopped on the passed-on signal; no queued run trained after it.
@@ -493,8 +508,9 @@ def test_default_processes_follow_the_measurements():
   assert benchmark.default_processes(cpus=16, backend="cpu") == 1
   assert benchmark.default_processes(cpus=2, backend="gpu") == 1
   with pytest.raises(ConfigError, match="processes must be >= 1"):
-    benchmark.run_benchmark(tiny.get_config(), "x", rows=[CE], noises=["none"], seeds=[0],
-                            processes=0)
+    benchmark.run_benchmark(
+      tiny.get_config(), "x", rows=[CE], noises=["none"], seeds=[0], processes=0
+    )
 
 
 def test_trainer_rate_is_the_median_epoch_after_the_first(tmp_path, monkeypatch):
