@@ -492,11 +492,15 @@ def _load_results(path: pathlib.Path) -> dict[str, Any]:
 
 
 def _with_ema_choice(results: dict[str, Any], ema_choice: str | None) -> dict[str, Any]:
-  """`results` with "ema" the EMA weights under the BatchNorm statistics `ema_choice` where the
-  run recorded both choices: a table reads one choice, whatever each run was configured with."""
+  """`results` with "ema" the EMA weights under the BatchNorm statistics `ema_choice` (for
+  "best_val", the run's own choice on its validation Dice: `train.chosen_ema_stats`) where the
+  run recorded both: a table reads one rule, whatever each run was configured with."""
+  if ema_choice is None:
+    return results
+  chosen = train.chosen_ema_stats(results["val"].get("ema_bn"), ema_choice)
   for split in ("val", "test"):
-    if ema_choice is not None and ema_choice in results[split].get("ema_bn", {}):
-      results[split]["ema"] = results[split]["ema_bn"][ema_choice]
+    if chosen in results[split].get("ema_bn", {}):
+      results[split]["ema"] = results[split]["ema_bn"][chosen]
   return results
 
 
@@ -605,8 +609,12 @@ def _case_scores(run: pathlib.Path, split: str, params: str, metric: str, ema_ch
   statistics); "ema" reads the `ema_choice` statistics where the run recorded both."""
   try:
     entry = json.loads((run / train.CASES_FILE).read_text())[split]
-    if params == "ema" and ema_choice is not None and ema_choice in entry.get("ema_bn", {}):
-      params = f"ema_bn_{ema_choice}"
+    if params == "ema" and ema_choice is not None:
+      if ema_choice == train.BEST_ON_VAL:
+        val = json.loads((run / "results.json").read_text())["val"].get("ema_bn")
+        ema_choice = train.chosen_ema_stats(val, ema_choice)
+      if ema_choice in entry.get("ema_bn", {}):
+        params = f"ema_bn_{ema_choice}"
     entry = (
       entry["ema_bn"][params[len("ema_bn_") :]] if params.startswith("ema_bn_") else entry[params]
     )

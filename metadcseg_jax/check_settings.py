@@ -71,7 +71,7 @@ RULES: settings.Rules = (
   ("train.weight_decay", settings.number(0.0)),
   ("train.grad_clip", settings.number(0.0)),
   ("train.ema_decay", settings.number(0.0, 1.0, high_open=True)),
-  ("train.ema_batch_stats", settings.one_of(("recompute", "ema"))),
+  ("train.ema_batch_stats", settings.one_of(("best_val", "recompute", "ema"))),
   ("train.eval_every_epochs", settings.integer(1)),
   ("train.eval_batch_size", settings.integer(1)),
   ("train.log_every_steps", settings.integer(0)),

@@ -54,10 +54,12 @@ def config_for(
   return config
 
 
-def step_and_inputs(config: ml_collections.ConfigDict):
-  """(method, its unjitted train step of the last epoch's phase, a synthetic batch)."""
+def step_and_inputs(config: ml_collections.ConfigDict, phase: str | None = None):
+  """(method, its unjitted train step of `phase` (default: the last epoch's), a synthetic
+  batch)."""
   m = methods.create(config, steps_per_epoch=100)
-  phase = m.phase(config.train.num_epochs - 1)  # the step a long run spends its time in
+  if phase is None:
+    phase = m.phase(config.train.num_epochs - 1)  # the step a long run spends its time in
   feed = methods.example_feed(
     m, size=config.data.size, channels=config.data.channels, batch=config.train.batch_size
   )
@@ -82,12 +84,15 @@ def cpu_flops(config: ml_collections.ConfigDict) -> float | None:
   return float(flops) if flops else None
 
 
-def time_step(config: ml_collections.ConfigDict, repeats: int) -> dict[str, float | None]:
-  """Median seconds per step (state donated, as in training) after the first call (compile
-  and warm-up, `compile_s`), images/s, the device's peak memory (bytes, or None) and the
-  median CPU seconds of this process per step (`cpu_seconds`: on a CPU shared with other work
-  it moves far less than the wall time, so two revisions can be compared on a busy machine)."""
-  m, step, feed = step_and_inputs(config)
+def time_step(
+  config: ml_collections.ConfigDict, repeats: int, phase: str | None = None
+) -> dict[str, float | None]:
+  """Median seconds per step of `phase` (`step_and_inputs`; state donated, as in training)
+  after the first call (compile and warm-up, `compile_s`), images/s, the device's peak memory
+  (bytes, or None) and the median CPU seconds of this process per step (`cpu_seconds`: on a
+  CPU shared with other work it moves far less than the wall time, so two revisions can be
+  compared on a busy machine)."""
+  m, step, feed = step_and_inputs(config, phase)
   step = jax.jit(step, donate_argnums=(0,))
   state = m.init_state(jax.random.PRNGKey(0))
   feed = jax.device_put(feed)
@@ -142,9 +147,9 @@ def max_batch(method: str, size, width, channels, dtype, start: int = 8, limit: 
 def trainer_config(
   config: ml_collections.ConfigDict, steps: int, data_dir: str, epochs: int = 4
 ) -> ml_collections.ConfigDict:
-  """A copy of `config` for `trainer_images_per_s`: the synthetic set with `steps` steps per
-  epoch, `epochs` epochs, no warm-up, no evaluation before the end. Time the bare step with
-  the same copy, so that both run the same phase of a method whose phases follow the epochs."""
+  """A copy of `config` for `trainer_rates`: the synthetic set with `steps` steps per
+  epoch, `epochs` epochs, no warm-up, no evaluation before the end: the steps and what runs
+  beside them, without a preset's validations and audit passes."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.name = "synthetic"
   config.data.data_dir = data_dir
@@ -156,14 +161,51 @@ def trainer_config(
   return config
 
 
-def trainer_images_per_s(config: ml_collections.ConfigDict) -> float:
-  """The median images/s of `train_and_evaluate`'s epochs after the first (which compiles),
-  on a `trainer_config` (the feeder, the diagnostics and the progress lines included)."""
-  with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir)
-    lines = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
-  rates = [r["images_per_s"] for r in lines if r["split"] == "train"][1:]
-  return statistics.median(rates)
+def trainer_rates(
+  config: ml_collections.ConfigDict, repeats: int, runs: int = 1
+) -> dict[str, float]:
+  """The trainer against its bare step on `config`: a `trainer_config`, or a preset as it is
+  (its data, epochs, validations and audit passes). Needs two epochs or more.
+
+  With `runs` > 1 the trainer runs that many times in this process and the last run is
+  measured: it finds every function compiled, as each run of a benchmark after the first finds
+  them in the compilation cache (the first run's "run" rate includes compiling the phases and
+  passes that begin after its first epoch).
+
+  Returns:
+    {"epochs": the median images/s of the epochs after the first (which compiles): their
+       steps, the feeder, the diagnostics and the progress lines, overlapping the previous
+       epoch's checkpoint as they do in training;
+     "run": images/s from the end of epoch 1 to the end of the last epoch, everything between
+       included (validations, audit passes, checkpoints, and the compiles of what is first
+       called there); not the final evaluation;
+     "step": the bare step's images/s in the last epoch's phase (`time_step`);
+     "run_share": the share of that stretch of the run its steps would take at the bare
+       steps' rates, each epoch at its own phase's step.}
+  """
+  ends: dict[int, float] = {}
+  mark = lambda epoch: ends.__setitem__(epoch, time.perf_counter())
+  for _ in range(runs):
+    with tempfile.TemporaryDirectory() as workdir:
+      train.train_and_evaluate(config, workdir, after_epoch=mark)
+      lines = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
+  epochs = [r for r in lines if r["split"] == "train"]
+  if len(epochs) < 2:
+    raise ValueError(f"trainer_rates needs 2 epochs or more, got {len(epochs)}")
+  step_s = {
+    phase: time_step(config, repeats, phase=phase)["seconds"]
+    for phase in sorted({r["phase"] for r in epochs})
+  }
+  run_s = ends[epochs[-1]["epoch"]] - ends[epochs[0]["epoch"]]
+  pairs = list(zip(epochs, epochs[1:]))
+  steps = sum(b["step"] - a["step"] for a, b in pairs)
+  bare_s = sum((b["step"] - a["step"]) * step_s[b["phase"]] for a, b in pairs)
+  return {
+    "epochs": statistics.median(r["images_per_s"] for r in epochs[1:]),
+    "run": steps * config.train.batch_size / run_s,
+    "step": config.train.batch_size / step_s[epochs[-1]["phase"]],
+    "run_share": bare_s / run_s,
+  }
 
 
 def peak_tflops(dtype: str, given: float = 0.0) -> float | None:

@@ -32,7 +32,7 @@ import functools
 import json
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from absl import logging
 import jax
@@ -277,8 +277,16 @@ class _Feeder:
     self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  after_epoch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
   """Trains `config.method` and evaluates it; resumes from `workdir`'s last checkpoint.
+
+  `after_epoch(epoch)` (1-based), when given, is called once each epoch is done: its
+  validation, audit pass and checkpoint included (the throughput measurements time it).
 
   On several processes (`config.distributed`), every process calls this with the same
   config; process 0 holds the workdir's lock and writes its logs, results and figures, all
@@ -300,9 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   wd = workdir_lib.Workdir(workdir)
   try:
     if not parallel.is_main_process():
-      return _train(config, wd)
+      return _train(config, wd, after_epoch)
     with wd.locked():
-      return _train(config, wd)
+      return _train(config, wd, after_epoch)
   except Exception as e:  # pylint: disable=broad-except  (re-raised unless a full disk)
     if isinstance(e, RunStopped) or not files.is_disk_full(e):
       raise
@@ -377,16 +385,23 @@ class _Epoch:
   step_metrics: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
 
 
-def _train(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> dict[str, Any]:
+def _train(
+  config: ml_collections.ConfigDict,
+  wd: workdir_lib.Workdir,
+  after_epoch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
   """The run in `wd` (locked by the caller on process 0): prepare, inputs and restore
-  (`_start`), the epochs (`_one_epoch`, `_end_epoch`), then `_finish`. An error in the epochs
-  leaves the checkpoints as they were before it; the error raised is the run's own."""
+  (`_start`), the epochs (`_one_epoch`, `_end_epoch`, then `after_epoch`), then `_finish`. An
+  error in the epochs leaves the checkpoints as they were before it; the error raised is the
+  run's own."""
   loop = _prepare(config, wd)
   _start(loop)
   try:
     loop.stop.__enter__()
     for epoch in range(loop.start_epoch, loop.config.train.num_epochs):
       _end_epoch(loop, _one_epoch(loop, epoch))
+      if after_epoch is not None:
+        after_epoch(epoch + 1)
   except BaseException:
     loop.stop.__exit__()
     loop.feeder.close()
@@ -705,7 +720,8 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def _evaluate(compiled: Compiled, state, records, splits: pipeline.DataSplits, config):
-  """{"raw", "ema": summary} of a split, the EMA weights with `config.train.ema_batch_stats`."""
+  """{"raw", "ema": summary} of a split, the EMA weights with `config.train.ema_batch_stats`
+  (with "best_val", the EMA of the statistics: the choice is made once, after training)."""
   if ema_batch_stats(config) == "recompute":
     state = _recompute_ema_stats(compiled, state, splits, config)
   return evaluate.evaluate(
@@ -720,13 +736,33 @@ def _evaluate(compiled: Compiled, state, records, splits: pipeline.DataSplits, c
 
 # Per-case scores of the final evaluation, beside results.json.
 CASES_FILE = "cases.json"
+# The EMA weights' two kinds of BatchNorm statistics, and the choice between them per run on
+# its validation Dice (`config.train.ema_batch_stats`, BUILD_NOTES.md, "The EMA weights'
+# BatchNorm statistics").
 EMA_BATCH_STATS = ("ema", "recompute")
+BEST_ON_VAL = "best_val"
 
 
 def ema_batch_stats(config: ml_collections.ConfigDict) -> str:
-  """Which BatchNorm statistics the EMA weights are evaluated with (configs older than the
+  """`config.train.ema_batch_stats`: "ema", "recompute" or "best_val" (configs older than the
   option: the EMA of the running statistics, as they were trained)."""
   return config.train.get("ema_batch_stats", "ema")
+
+
+def chosen_ema_stats(val_ema_bn: Mapping[str, Mapping[str, Any]] | None, choice: str) -> str:
+  """The statistics (one of `EMA_BATCH_STATS`) a run's "ema" scores use under `choice`.
+
+  Args:
+    val_ema_bn: the run's validation summaries {statistics: {"dice": mean Dice, ...}}, or
+      None where the run did not score both (then "best_val" keeps "ema").
+    choice: `ema_batch_stats(config)`; "best_val" picks the statistics with the higher mean
+      validation Dice (a tie, or no Dice, keeps "ema"). The test split never takes part.
+  """
+  if choice != BEST_ON_VAL:
+    return choice
+  if not val_ema_bn or any(bn not in val_ema_bn for bn in EMA_BATCH_STATS):
+    return "ema"
+  return "recompute" if val_ema_bn["recompute"]["dice"] > val_ema_bn["ema"]["dice"] else "ema"
 
 
 def _recompute_ema_stats(compiled: Compiled, state, splits: pipeline.DataSplits, config):
@@ -743,17 +779,16 @@ def _recompute_ema_stats(compiled: Compiled, state, splits: pipeline.DataSplits,
 
 
 def _final_evaluation(compiled: Compiled, state, splits: pipeline.DataSplits, config):
-  """The end-of-run scores on val and test: raw, EMA with the configured BatchNorm statistics,
-  and the EMA weights with each choice of statistics ("ema_bn"), so that the choice can be
-  made on validation without retraining.
+  """The end-of-run scores on val and test: raw, EMA with the configured BatchNorm statistics
+  (`chosen_ema_stats`, "best_val" deciding on the validation scores), and the EMA weights with
+  each choice of statistics ("ema_bn"), so that the choice can be revisited without retraining.
 
   Returns:
-    ({split: {"raw", "ema": summary, "ema_bn": {choice: summary}}},
+    ({split: {"raw", "ema": summary, "ema_bn": {choice: summary}}, "ema_batch_stats": chosen},
      {split: {"raw", "ema": case scores, "ema_bn": {choice: case scores}}}) for the results
     and `CASES_FILE`.
   """
   states = {"ema": state, "recompute": _recompute_ema_stats(compiled, state, splits, config)}
-  chosen = ema_batch_stats(config)
   scores, cases = {}, {}
   for name, records in (("val", splits.val), ("test", splits.test)):
     kw = dict(
@@ -768,16 +803,13 @@ def _final_evaluation(compiled: Compiled, state, splits: pipeline.DataSplits, co
     per.update({bn: evaluate_one(s, "ema") for bn, s in states.items()})
     summaries = {k: metrics_lib.summarize(c) for k, (_, c) in per.items()}
     per_case = {k: evaluate.case_scores(ids, c) for k, (ids, c) in per.items()}
-    scores[name] = {
-      "raw": summaries["raw"],
-      "ema": summaries[chosen],
-      "ema_bn": {bn: summaries[bn] for bn in EMA_BATCH_STATS},
-    }
-    cases[name] = {
-      "raw": per_case["raw"],
-      "ema": per_case[chosen],
-      "ema_bn": {bn: per_case[bn] for bn in EMA_BATCH_STATS},
-    }
+    scores[name] = {"raw": summaries["raw"], "ema_bn": {bn: summaries[bn] for bn in states}}
+    cases[name] = {"raw": per_case["raw"], "ema_bn": {bn: per_case[bn] for bn in states}}
+  chosen = chosen_ema_stats(scores["val"]["ema_bn"], ema_batch_stats(config))
+  for out in (*scores.values(), *cases.values()):  # "ema" between "raw" and "ema_bn"
+    out["ema"] = out["ema_bn"][chosen]
+    out["ema_bn"] = out.pop("ema_bn")
+  scores["ema_batch_stats"] = chosen
   return scores, cases
 
 

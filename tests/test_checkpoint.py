@@ -78,3 +78,68 @@ def test_a_checkpoint_of_other_settings_names_the_setting(tmp_path):
 def test_keep_must_be_positive(tmp_path):
   with pytest.raises(ValueError, match="keep"):
     checkpoint.Checkpointer(tmp_path, keep=0, config=_config())
+
+
+def _mixed_state():
+  return {
+    "a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
+    "b": jnp.float32(7.5),
+    "n": jnp.int32(3),
+    "rng": jax.random.PRNGKey(5),
+    "c": jnp.linspace(-1.0, 1.0, 4, dtype=jnp.float32),
+  }
+
+
+def _assert_same(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_the_state_is_stored_one_array_per_dtype_and_restores_exactly(tmp_path):
+  state = _mixed_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2, config=_config())
+  ckpt.save(1, state, {"train": {"epoch": 1}})
+  ckpt.close()
+  again = checkpoint.Checkpointer(tmp_path, keep=2, config=_config())
+  metadata = again.manager.item_metadata(1)["state"]
+  stored = getattr(metadata, "tree", metadata)
+  assert sorted(stored) == ["float32", "int32", "uint32"]  # 5 arrays, 3 stored
+  assert tuple(stored["float32"].shape) == (6 + 1 + 4,)
+  epoch, got, data = again.restore_latest(jax.eval_shape(_mixed_state))
+  assert (epoch, data) == (1, {"train": {"epoch": 1}})
+  _assert_same(got, state)
+  _assert_same(again.restore_state(1, jax.eval_shape(_mixed_state)), state)
+  # A packed checkpoint of other shapes is refused by the name of an array that differs.
+  other = lambda: {**_mixed_state(), "c": jnp.zeros((5,), jnp.float32)}
+  with pytest.raises(CheckpointError, match=r"1 arrays differ, e.g. c: \(4,\) stored, \(5,\) now"):
+    again.restore_latest(jax.eval_shape(other))
+
+
+def test_a_checkpoint_written_one_array_per_leaf_still_restores(tmp_path, monkeypatch):
+  state = _mixed_state()
+  old_args = lambda self, st, ds: checkpoint.ocp.args.Composite(
+    state=checkpoint.ocp.args.StandardSave(st),
+    data=checkpoint.ocp.args.JsonSave(ds),
+    config=checkpoint.ocp.args.JsonSave(self.settings),
+  )
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.Checkpointer, "_args", old_args)
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=2, config=_config())
+    ckpt.save(1, state, {"train": {"epoch": 1}})
+    ckpt.close()
+  assert not (tmp_path / "1" / "layout").exists()
+  again = checkpoint.Checkpointer(tmp_path, keep=2, config=_config())
+  epoch, got, _ = again.restore_latest(jax.eval_shape(_mixed_state))
+  assert epoch == 1
+  _assert_same(got, state)
+  again.save(2, state, {"train": {"epoch": 2}})  # the next save is packed, beside the old one
+  again.close()
+  assert (tmp_path / "2" / "layout").is_dir()
+  _assert_same(
+    checkpoint.Checkpointer(tmp_path, keep=2, config=_config()).restore_state(
+      1, jax.eval_shape(_mixed_state)
+    ),
+    state,
+  )

@@ -17,7 +17,7 @@ def test_default_config_holds_every_section():
   assert config.method in methods.NAMES
   for section in ("model", "data", "train", "meta", "dcd", "coteach", "gsdnet", "dale", "audit"):
     assert section in config, section
-  assert config.data.noise.kind == "l2b40" and config.train.ema_batch_stats == "ema"
+  assert config.data.noise.kind == "l2b40" and config.train.ema_batch_stats == "best_val"
 
 
 @pytest.mark.parametrize("name", sorted(configs.TABLE8))

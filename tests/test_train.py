@@ -48,11 +48,20 @@ def tiny_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(tiny_config, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
-  return workdir, train.train_and_evaluate(tiny_config, str(workdir))
+  done = []  # what each epoch had left behind when `after_epoch` was called
+  after = lambda epoch: done.append(
+    (
+      epoch,
+      sorted(p.name for p in (workdir / "audit").glob("*.npz")),
+      _lines(workdir / "metrics.jsonl"),
+    )
+  )
+  results = train.train_and_evaluate(tiny_config, str(workdir), after_epoch=after)
+  return workdir, results, done
 
 
 def test_audit_ranks_the_runs_training_masks(full_run, tiny_config, tmp_path):
-  workdir, _ = full_run
+  workdir, *_ = full_run
   # The meta method scored every training mask in its last config.audit.epochs (2) epochs.
   assert sorted(p.name for p in (workdir / "audit").iterdir()) == [
     "epoch_0001.npz",
@@ -103,7 +112,7 @@ def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_pa
 
 
 def test_open_run_restores_the_trainers_final_state(full_run, tiny_config):
-  workdir, results = full_run
+  workdir, results, _ = full_run
   run = runs.open_run(workdir)  # from config.json, as the audit and the checks open it
   assert run.steps_per_epoch == (tiny_config.data.n_train - 2) // tiny_config.train.batch_size
   assert run.data_settings == results["settings_from_data"]
@@ -123,8 +132,9 @@ def test_open_run_restores_the_trainers_final_state(full_run, tiny_config):
     batch_size=tiny_config.train.eval_batch_size,
     num_classes=tiny_config.data.num_classes,
   )
-  for variant in ("raw", "ema"):
-    assert scores[variant]["dice"] == pytest.approx(results["test"][variant]["dice"], abs=1e-6)
+  # (`evaluate` scores the EMA weights with the EMA of the statistics, one of the two kept.)
+  for variant, kept in (("raw", results["test"]["raw"]), ("ema", results["test"]["ema_bn"]["ema"])):
+    assert scores[variant]["dice"] == pytest.approx(kept["dice"], abs=1e-6)
 
 
 def test_open_run_refuses_a_folder_that_is_no_run(tmp_path):
@@ -197,8 +207,19 @@ def _lines(path):
   return [json.loads(l) for l in path.read_text().splitlines()]
 
 
+def test_after_epoch_comes_once_each_epoch_is_done(full_run, tiny_config):
+  _, _, done = full_run
+  assert [epoch for epoch, _, _ in done] == [1, 2]
+  for epoch, audits, lines in done:
+    # That epoch's line, its validation (every epoch here) and its audit pass were written.
+    assert [l["epoch"] for l in lines if l["split"] == "train"][-1] == epoch
+    assert [l["epoch"] for l in lines if l["split"] == "val"][-1] == epoch
+    assert audits[-1] == f"epoch_{epoch:04d}.npz"
+    assert not [l for l in lines if l["split"] == "test"]  # before the final evaluation
+
+
 def test_run_writes_metrics_results_panel_and_checkpoints(full_run, tiny_config):
-  workdir, results = full_run
+  workdir, results, _ = full_run
   assert (workdir / "results.json").exists() and (workdir / "panel.png").stat().st_size > 1000
   assert (workdir / "dcd.png").stat().st_size > 1000  # the paper's Fig. 3 picture
   on_disk = json.loads((workdir / "results.json").read_text())
@@ -233,9 +254,13 @@ def test_run_writes_metrics_results_panel_and_checkpoints(full_run, tiny_config)
   for k in ("dice", "iou", "miou", "hd95", "asd", "n_cases"):
     assert k in results["test"]["ema"]
   assert results["test"]["ema"]["n_cases"] == tiny_config.data.n_test
-  # The EMA weights scored with both choices of BatchNorm statistics, "ema" the configured one;
-  # every case's scores kept for paired statistics.
-  assert results["test"]["ema"] == results["test"]["ema_bn"][tiny_config.train.ema_batch_stats]
+  # The EMA weights scored with both choices of BatchNorm statistics, "ema" the one chosen by
+  # the configured rule (on validation only); every case's scores kept for paired statistics.
+  chosen = results["ema_batch_stats"]
+  rule = tiny_config.train.ema_batch_stats
+  assert chosen == train.chosen_ema_stats(results["val"]["ema_bn"], rule)
+  for split in ("val", "test"):
+    assert results[split]["ema"] == results[split]["ema_bn"][chosen]
   cases = json.loads((workdir / train.CASES_FILE).read_text())
   for split in ("val", "test"):
     for params in ("raw", "ema"):
@@ -271,7 +296,7 @@ def _crash_after_saving(monkeypatch):
 
 
 def test_killed_run_resumes_to_identical_metrics(full_run, tiny_config, tmp_path, monkeypatch):
-  _, want = full_run
+  _, want, _ = full_run
   original = _crash_after_saving(monkeypatch)
   with pytest.raises(_Crash):
     train.train_and_evaluate(tiny_config, str(tmp_path))
@@ -461,7 +486,7 @@ def _at_logged_step(monkeypatch, step, action):
 def test_step_checkpoints_and_a_stop_signal_resume_to_identical_results(
   full_run, tiny_config, tmp_path, monkeypatch
 ):
-  workdir, want = full_run
+  workdir, want, _ = full_run
   config = ml_collections.ConfigDict(tiny_config.to_dict())
   config.train.checkpoint_every_steps = 3  # 5 steps per epoch: inside the epochs
   # A kill between two step checkpoints (step 4, after the one of step 3)...
@@ -524,3 +549,15 @@ def test_sigterm_to_the_command_stops_after_the_step_with_status_75(tiny_config,
   assert 2 <= step < 10  # at most the step in progress when the signal came is redone
   assert (tmp_path / "checkpoints" / "steps" / str(step)).is_dir()
   assert "Traceback" not in rest
+
+
+def test_ema_statistics_chosen_on_validation_dice():
+  val = lambda ema, rec: {"ema": {"dice": ema}, "recompute": {"dice": rec}}
+  assert train.chosen_ema_stats(val(0.50, 0.52), "best_val") == "recompute"
+  assert train.chosen_ema_stats(val(0.52, 0.50), "best_val") == "ema"
+  assert train.chosen_ema_stats(val(0.50, 0.50), "best_val") == "ema"  # a tie keeps the EMA's
+  assert train.chosen_ema_stats(val(0.50, float("nan")), "best_val") == "ema"
+  assert train.chosen_ema_stats(None, "best_val") == "ema"  # a run that scored one kind
+  for fixed in train.EMA_BATCH_STATS:  # a fixed choice whatever validation says
+    assert train.chosen_ema_stats(val(0.1, 0.9), fixed) == fixed
+    assert train.chosen_ema_stats(val(0.9, 0.1), fixed) == fixed

@@ -14,10 +14,14 @@ bisection).
         --methods=ce,l2b,metadcseg,coteaching,jocor --max_batch
     # a quick look on a CPU:
     metadcseg-throughput --size=64 --width=8 --channels=1 --batches=4 --methods=ce,l2b
+    # and the trainer on the benchmark preset as it runs (validations, audit passes included):
+    metadcseg-throughput --size=64 --width=8 --channels=1 --batches=4 --methods=ce,l2b \
+        --notorch --trainer_config=experiments/configs/benchmark.py
 """
 
 from absl import flags
 import jax
+from ml_collections import config_flags
 
 from metadcseg_jax import cli
 from metadcseg_jax import throughput
@@ -48,11 +52,24 @@ def define_flags():
     "trainer_steps",
     0,
     "Also run the trainer (metadcseg-train's loop: input pipeline, prefetch, diagnostics, "
-    "logging) for 4 epochs of this many steps on the synthetic set at the first batch size, "
-    "and report the median images/s of its epochs after the first beside the step's, timed "
-    "on the same settings (0: skip).",
+    "logging, checkpoints) for 4 epochs of this many steps on the synthetic set at the first "
+    "batch size, and report its images/s beside the bare step's on the same settings "
+    "(0: skip).",
   )
   flags.DEFINE_string("data_dir", "~/metadcseg_data", "Data folder for --trainer_steps.")
+  flags.DEFINE_integer(
+    "trainer_runs",
+    2,
+    "Trainer runs per method; the last is measured (a run after the first finds every "
+    "function compiled, as a benchmark's later runs do).",
+  )
+  config_flags.DEFINE_config_file(
+    "trainer_config",
+    None,
+    "Also run the trainer on this config as it is (its data, batch, epochs, validations and "
+    "audit passes; each of --methods in turn) and report its images/s beside the bare "
+    "step's, e.g. experiments/configs/benchmark.py.",
+  )
 
 
 def main(argv):
@@ -90,25 +107,35 @@ def main(argv):
         f"| torch L2B | {batch} | {t['l2b'] * 1e3:.1f} | | {batch / t['l2b']:.1f} | | | |",
         flush=True,
       )
+  trainer_runs = []
   if FLAGS.trainer_steps:
-    batch = int(FLAGS.batches[0])
+    base = lambda m: throughput.config_for(m, size, width, ch, int(FLAGS.batches[0]), dtype)
+    trainer_runs.append(
+      lambda m: throughput.trainer_config(base(m), FLAGS.trainer_steps, FLAGS.data_dir)
+    )
+  if FLAGS.trainer_config is not None:
+    trainer_runs.append(lambda m: _with_method(FLAGS.trainer_config, m))
+  for make in trainer_runs:
     for method in FLAGS.methods:
-      config = throughput.trainer_config(
-        throughput.config_for(method, size, width, ch, batch, dtype),
-        FLAGS.trainer_steps,
-        FLAGS.data_dir,
-      )
-      step_rate = throughput.time_step(config, FLAGS.repeats)["images_per_s"]
-      loop_rate = throughput.trainer_images_per_s(config)
+      config = make(method)
+      r = throughput.trainer_rates(config, FLAGS.repeats, runs=FLAGS.trainer_runs)
       print(
-        f"trainer vs step, {method}, batch {batch}: {loop_rate:.1f} vs {step_rate:.1f} images/s "
-        f"({loop_rate / step_rate:.0%})",
+        f"trainer vs step, {method}, batch {config.train.batch_size}, {config.data.size}px "
+        f"{config.data.name}: epochs {r['epochs']:.1f} images/s ({r['epochs'] / r['step']:.0%} "
+        f"of the step's {r['step']:.1f}); whole run {r['run']:.1f} images/s, validations, "
+        f"audit passes and checkpoints included ({r['run_share']:.0%} of it in bare steps)",
         flush=True,
       )
   if FLAGS.max_batch:
     for method in FLAGS.methods:
       largest = throughput.max_batch(method, size, width, ch, dtype)
       print(f"largest batch at {size}px: {method} {largest}")
+
+
+def _with_method(config, method: str):
+  copy = config.copy_and_resolve_references()
+  copy.method = method
+  return copy
 
 
 def run():
