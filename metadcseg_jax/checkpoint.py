@@ -17,7 +17,7 @@ as they are. On resume the newest of the two kinds is taken (an epoch checkpoint
 The state is stored packed: one flat array per dtype ("state") and, beside it, the name, shape
 and dtype of every array in order ("layout"). Orbax's cost is per array (about 1 ms of CPU
 each), and a training state has hundreds, so packing cuts a save of the 64 px U-Net++'s state
-from about 0.43 s of CPU to 0.03 s (BUILD_NOTES.md, "Throughput, and the trainer against its
+from 0.43-0.66 s of CPU to 0.04 s (BUILD_NOTES.md, "Throughput, and the trainer against its
 step"). Checkpoints written before, one array per leaf without a layout, still restore.
 
 A save that runs out of disk space raises `DiskFullError` (one line: the folder and the free
@@ -29,8 +29,8 @@ import collections
 import dataclasses
 import datetime
 import json
-import math
 import logging as std_logging
+import math
 import pathlib
 import shutil
 import sys
