@@ -376,6 +376,22 @@ def test_paired_comparisons_from_each_runs_case_scores(tmp_path):
     for c in benchmark.comparisons(tmp_path, cells, ema_choice="best_val")
   }["l2b", "ce", "ema"]
   assert c_best["mean"] == pytest.approx(want)
+  # One run whose validation favours the EMA of the statistics while its test split does not:
+  # the rule reads its EMA of the statistics on test too (chosen on validation, never on test).
+  run = benchmark.run_dir(tmp_path, "l2b40", CE, 0)
+  res = json.loads((run / "results.json").read_text())
+  res["val"]["ema_bn"]["ema"]["dice"] = 0.99
+  (run / "results.json").write_text(json.dumps(res))
+  best = benchmark.collect(tmp_path, rows=rows, noises=["l2b40"], ema_choice="best_val")
+  want_ce = np.mean(
+    [scores["ce", 0]["ema"].mean()] + [scores["ce", s]["recompute"].mean() for s in (1, 2)]
+  )
+  assert best[0]["test"]["ema"]["dice"]["mean"] == pytest.approx(want_ce)
+  c_best = {
+    (c["row"], c["reference"], c["params"]): c
+    for c in benchmark.comparisons(tmp_path, cells, ema_choice="best_val")
+  }["l2b", "ce", "ema"]
+  assert c_best["mean"] == pytest.approx(want + 0.02 / 3)  # seed 0's CE 0.02 lower
   ema_bn = benchmark.ema_bn_comparisons(tmp_path, cells)
   assert len(ema_bn) == 4 and all(e["mean"] == pytest.approx(0.02, abs=1e-9) for e in ema_bn)
   benchmark.write_outputs(tmp_path, rows=rows, noises=["l2b40"])
