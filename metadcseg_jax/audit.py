@@ -13,10 +13,15 @@ training split (in order, without augmentation, at the epoch's parameters) and w
 `<workdir>/audit/epoch_<e>.npz` before the epoch's checkpoint: a killed run rewrites the
 epoch it resumes, and a finished run has one file per audited epoch, which
 `metadcseg-audit` averages.
+
+At (a0, b0) = (0, 0) with an update linear in the gradient (the defaults), the meta batch's part
+of the weights does not depend on the training batch (`meta.MetaDirection`): a pass computes it
+once per meta batch and then one training-forward JVP per training batch, about a quarter of a
+meta step's cost (BUILD_NOTES.md, "Label audit").
 """
 
 import pathlib
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
@@ -25,6 +30,7 @@ from scipy import stats
 
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import UserError
+from metadcseg_jax.methods.base import RUN_ONCE_COMPILE
 
 AUDIT_DIR = "audit"
 
@@ -59,6 +65,34 @@ def image_scores(suspicion: np.ndarray, y: np.ndarray, y_pseudo: np.ndarray) -> 
   return np.sum(suspicion, axis=axes) / np.maximum(size, 1)
 
 
+class Functions(NamedTuple):
+  """A method's audit functions, jitted (`functions`).
+
+  Attributes:
+    maps: `(state, feed) -> maps`, `method.audit_maps` (the feed holds its meta batch).
+    direction: `(state, meta_image, meta_label) -> direction`, `method.audit_direction`, or
+      None (`maps` is used).
+    along: `(state, feed, direction) -> maps`, `method.audit_maps_along`, or None.
+  """
+
+  maps: Callable
+  direction: Callable | None = None
+  along: Callable | None = None
+
+
+def functions(method) -> Functions:
+  """`method`'s audit functions, jitted once for all the passes of a run. Where the audit factors
+  (`method.audit_shares_direction`), a pass computes the meta batch's part once per meta batch
+  (compiled for compile speed) and one training-forward JVP per training batch."""
+  if not getattr(method, "audit_shares_direction", False):
+    return Functions(jax.jit(method.audit_maps))
+  return Functions(
+    jax.jit(method.audit_maps),
+    jax.jit(method.audit_direction, compiler_options=RUN_ONCE_COMPILE),
+    jax.jit(method.audit_maps_along),
+  )
+
+
 def audit_pass(
   method,
   state,
@@ -68,7 +102,7 @@ def audit_pass(
   batch_size: int,
   meta_batch_size: int,
   meta_images: int = 0,
-  audit_fn=None,
+  fns: Functions | None = None,
 ) -> dict[str, np.ndarray]:
   """One pass over `train` in order: {"index" (N,), "suspicion" (N,H,W) float16, "pseudo"
   (N,H,W) uint8, "probs" (N,H,W,L) float16 (the model's, for a comparison with cleanlab on the
@@ -76,14 +110,16 @@ def audit_pass(
 
   `meta_images`: 0 cycles meta batches of `meta_batch_size` through `meta`; n > 0 uses the first
   n images of `meta` (all if fewer) as the meta batch of every training batch.
-  `audit_fn`: `method.audit_maps` already jitted (the trainer's, compiled once per run);
-  jitted here if None."""
-  fn = audit_fn or jax.jit(method.audit_maps)
+  `fns`: the method's `functions` (the trainer's, compiled once per run); made here if None."""
+  fns = fns or functions(method)
   if meta_images > 0:
     meta_batches = [next(pipeline.eval_batches(meta, min(meta_images, len(meta))))]
   else:
     meta_batches = list(pipeline.eval_batches(meta, meta_batch_size))
     meta_batches = [b for b in meta_batches if len(b["image"]) == meta_batch_size] or meta_batches
+  directions = None
+  if fns.direction is not None:
+    directions = [fns.direction(state, mb["image"], mb["label"]) for mb in meta_batches]
   out = {"index": [], "suspicion": [], "pseudo": [], "probs": [], "noisy": []}
   for i, batch in enumerate(
     pipeline.eval_batches(train, batch_size, transform=method.example_transform)
@@ -94,9 +130,13 @@ def audit_pass(
       for k, v in batch.items()
       if k not in ("label", "index")
     }
-    mb = meta_batches[i % len(meta_batches)]
-    feed["meta_image"], feed["meta_label"] = mb["image"], mb["label"]
-    maps = jax.device_get(fn(state, feed))
+    if directions is not None:
+      maps = fns.along(state, feed, directions[i % len(directions)])
+    else:
+      mb = meta_batches[i % len(meta_batches)]
+      feed["meta_image"], feed["meta_label"] = mb["image"], mb["label"]
+      maps = fns.maps(state, feed)
+    maps = jax.device_get(maps)
     out["index"].append(batch["index"])
     out["suspicion"].append(np.asarray(maps["suspicion"][:n], np.float16))
     out["pseudo"].append(np.asarray(maps["pseudo"][:n], np.uint8))
@@ -126,7 +166,7 @@ def run_pass(
   config: ml_collections.ConfigDict,
   *,
   meta_images: int | None = None,
-  audit_fn=None,
+  fns: Functions | None = None,
 ) -> dict[str, np.ndarray]:
   """`audit_pass` over a run's training split with its batch sizes; `meta_images` None: the
   run's `config.audit.meta_images`."""
@@ -141,7 +181,7 @@ def run_pass(
     batch_size=t.batch_size,
     meta_batch_size=t.meta_batch_size,
     meta_images=meta_images,
-    audit_fn=audit_fn,
+    fns=fns,
   )
 
 

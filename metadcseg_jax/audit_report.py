@@ -77,7 +77,7 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
         run.splits,
         run.config,
         meta_images=meta_images,
-        audit_fn=compiled.audit,
+        fns=compiled.audit,
       )
       logging.info("audit pass of epoch %d: %s", epoch, audit.save_pass(workdir, epoch, result))
   finally:

@@ -24,6 +24,10 @@ of two routes:
   `L` and `Lᵀ` come from `jax.linearize` / `jax.linear_transpose` of `U`, so momentum and
   weight decay need no special casing.
 
+At (a0, b0) = (0, 0) the virtual step θ̂ = θ + U(0, s) does not depend on the training batch, nor
+does `u`: `meta_direction` computes it from the meta batch alone and `meta_weights_along` gives
+any training batch's weights from it with one JVP (the label audit scores a whole split so).
+
 BatchNorm runs in train mode (batch statistics) in every forward here; none of them changes
 the running statistics: `meta_weights` returns none, and `meta_step_grads` returns only those of
 the real training forward at θ.
@@ -119,6 +123,22 @@ class MetaOutput(NamedTuple):
       "alpha_share": jnp.sum(self.a_hat) / jnp.maximum(total, 1e-12),
       "weight_zero_frac": jnp.mean(self.gamma <= 0),
     }
+
+
+class MetaDirection(NamedTuple):
+  """What the "jvp" route takes from the meta batch: the direction of its training-forward JVP.
+
+  At (a0, b0) = (0, 0) the virtual step is θ̂ = θ + U(0, s) (Eq. 21 with a = b = 0), whatever the
+  training batch, so `u` and `meta_loss` depend on θ, s and the meta batch alone, and one
+  direction serves every training batch (`meta_direction`, `meta_weights_along`).
+
+  Attributes:
+    u: `Lᵀ ∇θ Lval(θ̂)`, a pytree like θ (Eq. 29; for plain SGD `−λ ∇θ Lval(θ̂)`).
+    meta_loss: Lval(θ̂), scalar.
+  """
+
+  u: Params
+  meta_loss: Array
 
 
 LossFromOutputs = Callable[[Array, Array, MetaOutput], Tuple[Array, Any]]
@@ -220,16 +240,19 @@ def _checked(pb: _Problem, options: MetaOptions) -> MetaOptions:
     )
   if isinstance(options.eta, (int, float)) and options.eta <= 0:
     raise ValueError(f"eta must be > 0, got {options.eta}")
-  for name, img, lab in (("x", pb.x, pb.y), ("xv", pb.xv, pb.yv)):
-    label_name = "y" if name == "x" else "yv"
-    if img.ndim != 4:
-      raise ValueError(f"{name} must be (B,H,W,C), got shape {img.shape}")
-    if lab.shape != img.shape[:3]:
-      raise ValueError(f"{label_name} must be (B,H,W) = {img.shape[:3]}, got shape {lab.shape}")
-    if not jnp.issubdtype(lab.dtype, jnp.integer):
-      raise ValueError(f"{label_name} must hold integer class ids, got dtype {lab.dtype}")
+  _check_batch("x", pb.x, "y", pb.y)
+  _check_batch("xv", pb.xv, "yv", pb.yv)
   a0, b0 = _static_float(options.a0, "a0"), _static_float(options.b0, "b0")
   return dataclasses.replace(options, a0=a0, b0=b0)
+
+
+def _check_batch(image_name, img, label_name, lab):
+  if img.ndim != 4:
+    raise ValueError(f"{image_name} must be (B,H,W,C), got shape {img.shape}")
+  if lab.shape != img.shape[:3]:
+    raise ValueError(f"{label_name} must be (B,H,W) = {img.shape[:3]}, got shape {lab.shape}")
+  if not jnp.issubdtype(lab.dtype, jnp.integer):
+    raise ValueError(f"{label_name} must hold integer class ids, got dtype {lab.dtype}")
 
 
 def _static_float(value, name):
@@ -294,29 +317,41 @@ def _reverse_grads(pb: _Problem, y_pseudo, a0, b0, dtype):
   return ga, gb, meta_loss
 
 
+def _direction(pb: _Problem, grads0) -> MetaDirection:
+  """`u = Lᵀ∇θ Lval(θ̂)` at `θ̂ = θ + U(grads0, s)` (the virtual step's gradient `grads0`)."""
+  params = pb.variables["params"]
+  update0, _, update_transpose = linearize_update(pb.optimizer, pb.opt_state, params, grads0)
+  theta_hat = optax.apply_updates(params, update0)
+  meta_loss, v = jax.value_and_grad(_meta_loss, argnums=2)(
+    pb.apply_fn, pb.variables, theta_hat, pb.xv, pb.yv
+  )
+  return MetaDirection(update_transpose(v), meta_loss)
+
+
+def _grads_along(df, dg, dlogits):
+  """Every pixel's `Ga`, `Gb` (B,H,W) from the logit tangents along `u` (Eq. 29): the chain rule
+  through the per-pixel CE, whose logit gradients are `df`, `dg` (B,H,W,L); the virtual loss
+  is Σ (a·f + b·g) / n over the n = B·H·W pixels."""
+  n = df.size // df.shape[-1]
+  return jnp.sum(df * dlogits, axis=-1) / n, jnp.sum(dg * dlogits, axis=-1) / n
+
+
 def _jvp_grads(pb: _Problem, fwd: _TrainForward, a0, b0, df, dg):
   """Forward-over-reverse: `Ga_k = <Lᵀ∇Lval(θ̂), ∇θ f_k>` from one JVP (Eq. 29).
 
   `fwd.jvp` / `fwd.vjp` are the linearised training forward at θ and its transpose.
   """
   params = pb.variables["params"]
-  # The virtual loss is Σ (a·f + b·g) / n over the n = B·H·W pixels (a mean-CE step at (1, 0)).
-  n = df.size // df.shape[-1]
   if a0 == 0.0 and b0 == 0.0:
     # θ̂ = θ + U(0, s): no backward pass on the training batch.
     grads0 = jax.tree.map(jnp.zeros_like, params)
   else:
+    n = df.size // df.shape[-1]
     (grads0,) = fwd.vjp(((a0 * df + b0 * dg) / n, None))
-  update0, _, update_transpose = linearize_update(pb.optimizer, pb.opt_state, params, grads0)
-  theta_hat = optax.apply_updates(params, update0)
-  meta_loss, v = jax.value_and_grad(_meta_loss, argnums=2)(
-    pb.apply_fn, pb.variables, theta_hat, pb.xv, pb.yv
-  )
-  u = update_transpose(v)
-  dlogits, _ = fwd.jvp(u)
-  ga = jnp.sum(df * dlogits, axis=-1) / n
-  gb = jnp.sum(dg * dlogits, axis=-1) / n
-  return ga, gb, meta_loss
+  direction = _direction(pb, grads0)
+  dlogits, _ = fwd.jvp(direction.u)
+  ga, gb = _grads_along(df, dg, dlogits)
+  return ga, gb, direction.meta_loss
 
 
 def _meta_from_forward(pb: _Problem, fwd: _TrainForward, options: MetaOptions) -> MetaOutput:
@@ -332,6 +367,11 @@ def _meta_from_forward(pb: _Problem, fwd: _TrainForward, options: MetaOptions) -
     ga, gb, meta_loss = _reverse_grads(pb, y_pseudo, options.a0, options.b0, logits.dtype)
   else:
     ga, gb, meta_loss = _jvp_grads(pb, fwd, options.a0, options.b0, df, dg)
+  return _output(ga, gb, y_pseudo, logits, features, meta_loss, options)
+
+
+def _output(ga, gb, y_pseudo, logits, features, meta_loss, options) -> MetaOutput:
+  """The rectified, normalised weights (Eq. 23, Eq. 24) of `Ga`, `Gb`, gradient-free."""
   weights = _rectify_normalize(ga, gb, options)
   out = MetaOutput(ga, gb, *weights, y_pseudo, logits, features, meta_loss)
   return jax.tree.map(jax.lax.stop_gradient, out)
@@ -401,6 +441,85 @@ def meta_weights(
     outputs, _ = _forward(apply_fn, pb.variables, pb.variables["params"], x)
     fwd = _TrainForward(outputs, None, None, None)
   return _meta_from_forward(pb, fwd, options)
+
+
+def meta_direction(
+  apply_fn: Callable[..., Any],
+  variables: Variables,
+  opt_state: optax.OptState,
+  optimizer: Optimizer,
+  xv: Array,
+  yv: Array,
+) -> MetaDirection:
+  """The meta batch's part of `meta_weights` at (a0, b0) = (0, 0), route "jvp" (Eq. 29).
+
+  `meta_weights_along(..., meta_direction(...), options)` equals `meta_weights(..., options)`
+  for every training batch (to float32 rounding), at the cost of one training-forward JVP per
+  training batch: a pass over many training batches against one meta batch (the label audit)
+  computes the meta forward and backward once.
+
+  Args:
+    apply_fn, variables, opt_state, optimizer: as in `meta_weights`.
+    xv: clean meta images (Bv,H,W,C).
+    yv: clean meta labels (Bv,H,W) int.
+
+  Raises:
+    ValueError: bad shapes, or an update not linear in the gradient.
+  """
+  if not isinstance(optimizer, Optimizer) or not optimizer.linear_in_grad:
+    name = getattr(optimizer, "name", type(optimizer).__name__)
+    raise ValueError(
+      f"meta_direction needs an update linear in the gradient; optimizer {name!r} is not: "
+      "use meta_weights with route='reverse'"
+    )
+  _check_batch("xv", xv, "yv", yv)
+  pb = _Problem(apply_fn, jax.lax.stop_gradient(variables), opt_state, optimizer, xv, yv, xv, yv)
+  return jax.lax.stop_gradient(_direction(pb, jax.tree.map(jnp.zeros_like, pb.variables["params"])))
+
+
+def meta_weights_along(
+  apply_fn: Callable[..., Any],
+  variables: Variables,
+  x: Array,
+  y: Array,
+  direction: MetaDirection,
+  options: MetaOptions = MetaOptions(),
+) -> MetaOutput:
+  """`meta_weights` at (a0, b0) = (0, 0) from a meta batch's `meta_direction` (Eq. 29, Eq. 23,
+  Eq. 24): the training forward at θ and its JVP along `direction.u`.
+
+  Args:
+    apply_fn, variables: as in `meta_weights` (the same θ as the direction's).
+    x: training images (B,H,W,C).
+    y: noisy labels (B,H,W) int.
+    direction: `meta_direction` at the same θ and optimizer state.
+    options: η and the normaliser; (a0, b0) must be (0, 0) (the route is not used).
+
+  Raises:
+    ValueError: bad shapes, an unknown normalizer, or (a0, b0) ≠ (0, 0) (then θ̂ depends on
+      the training batch).
+  """
+  a0, b0 = _static_float(options.a0, "a0"), _static_float(options.b0, "b0")
+  if (a0, b0) != (0.0, 0.0):
+    raise ValueError(
+      f"meta_weights_along needs (a0, b0) = (0, 0), got ({a0}, {b0}): elsewhere the virtual "
+      "step depends on the training batch; use meta_weights"
+    )
+  if options.normalizer not in NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {options.normalizer!r}")
+  _check_batch("x", x, "y", y)
+  variables = jax.lax.stop_gradient(variables)
+  (logits, features), (dlogits, _) = jax.jvp(
+    lambda p: _forward(apply_fn, variables, p, x)[0], (variables["params"],), (direction.u,)
+  )
+  if logits.shape[:3] != y.shape:
+    raise ValueError(
+      f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = y.shape {y.shape}"
+    )
+  y_pseudo = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  df, dg = _ce_logit_grads(logits, y, y_pseudo)
+  ga, gb = _grads_along(df, dg, dlogits)
+  return _output(ga, gb, y_pseudo, logits, features, direction.meta_loss, options)
 
 
 def meta_step_grads(

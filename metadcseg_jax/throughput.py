@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from metadcseg_jax import audit
 from metadcseg_jax import configs
 from metadcseg_jax import methods
 from metadcseg_jax import train
@@ -118,6 +119,34 @@ def time_step(
   }
 
 
+def time_audit(config: ml_collections.ConfigDict, repeats: int) -> dict[str, float]:
+  """Median seconds per call of the label audit's functions (`audit.functions`) on the step's
+  batch: "maps" (the whole meta step, as a pass makes it for every training batch where the
+  audit does not factor), and where it does, "direction" (once per meta batch of a pass) and
+  "along" (every training batch). A method without the audit gets {}."""
+  m, _, feed = step_and_inputs(config)
+  if not m.audits:
+    return {}
+  state = m.init_state(jax.random.PRNGKey(0))
+  feed = jax.device_put(feed)
+  fns = audit.functions(m)
+  calls = {"maps": (fns.maps, (state, feed))}
+  if fns.direction is not None:
+    direction = fns.direction(state, feed["meta_image"], feed["meta_label"])
+    calls["direction"] = (fns.direction, (state, feed["meta_image"], feed["meta_label"]))
+    calls["along"] = (fns.along, (state, feed, direction))
+  out = {}
+  for name, (fn, args) in calls.items():
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - t0)
+    out[name] = statistics.median(times)
+  return out
+
+
 def fits(config: ml_collections.ConfigDict) -> bool:
   """Whether one step of `config` runs in the device's memory."""
   try:
@@ -179,23 +208,30 @@ def trainer_rates(
      "run": images/s from the end of epoch 1 to the end of the last epoch, everything between
        included (validations, audit passes, checkpoints, and the compiles of what is first
        called there); not the final evaluation;
-     "step": the bare step's images/s in the last epoch's phase (`time_step`);
+     "step": the bare step's images/s in the last epoch's phase (`time_step`, the faster of
+       its times just before and just after the measured run);
      "run_share": the share of that stretch of the run its steps would take at the bare
        steps' rates, each epoch at its own phase's step.}
   """
   ends: dict[int, float] = {}
   mark = lambda epoch: ends.__setitem__(epoch, time.perf_counter())
-  for _ in range(runs):
+  m = methods.create(config, steps_per_epoch=100)
+  phases = sorted({m.phase(epoch) for epoch in range(config.train.num_epochs)})
+  bare = lambda: {phase: time_step(config, repeats, phase=phase)["seconds"] for phase in phases}
+  for i in range(runs):
+    if i == runs - 1:
+      before = bare()
     with tempfile.TemporaryDirectory() as workdir:
       train.train_and_evaluate(config, workdir, after_epoch=mark)
       lines = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
+  # A small (virtual) CPU's speed drifts by 10-15% over minutes: the bare steps are timed just
+  # before and just after the measured run, and the faster of the two is its reference (a slow
+  # reading never flatters the trainer).
+  after = bare()
+  step_s = {phase: min(before[phase], after[phase]) for phase in phases}
   epochs = [r for r in lines if r["split"] == "train"]
   if len(epochs) < 2:
     raise ValueError(f"trainer_rates needs 2 epochs or more, got {len(epochs)}")
-  step_s = {
-    phase: time_step(config, repeats, phase=phase)["seconds"]
-    for phase in sorted({r["phase"] for r in epochs})
-  }
   run_s = ends[epochs[-1]["epoch"]] - ends[epochs[0]["epoch"]]
   pairs = list(zip(epochs, epochs[1:]))
   steps = sum(b["step"] - a["step"] for a, b in pairs)

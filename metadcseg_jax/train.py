@@ -101,9 +101,9 @@ class Compiled:
     )
 
   @functools.cached_property
-  def audit(self) -> Callable:
-    # One process, a local copy of the state; a few calls per run: compiled for compile speed.
-    return jax.jit(self.method.audit_maps, compiler_options=methods.base.RUN_ONCE_COMPILE)
+  def audit(self) -> audit_lib.Functions:
+    # One process, a local copy of the state.
+    return audit_lib.functions(self.method)
 
   def step(self, phase: str) -> Callable:
     if phase not in self._steps:
@@ -653,9 +653,7 @@ def audit_hook(compiled: Compiled, state, run: runs.Run, epoch: int) -> pathlib.
   """
   if not audit_lib.is_due(compiled.method, run.config, epoch):
     return None
-  result = audit_lib.run_pass(
-    compiled.method, state, run.splits, run.config, audit_fn=compiled.audit
-  )
+  result = audit_lib.run_pass(compiled.method, state, run.splits, run.config, fns=compiled.audit)
   with files.full_disk_stops(run.workdir.path / audit_lib.AUDIT_DIR):
     return audit_lib.save_pass(run.workdir.path, epoch, result)
 

@@ -123,7 +123,29 @@ class ToyMethod:
       batch["meta_label"],
       meta.MetaOptions(route="reverse"),
     )
-    y = batch["noisy_label"]
+    return self._maps(batch["noisy_label"], mo)
+
+  # The pass computes each meta batch's part once (route "jvp" at (0, 0)).
+  audit_shares_direction = True
+
+  def audit_direction(self, state, meta_image, meta_label):
+    return meta.meta_direction(
+      self.model.apply,
+      {"params": state["params"]},
+      state["opt_state"],
+      self.optimizer,
+      meta_image,
+      meta_label,
+    )
+
+  def audit_maps_along(self, state, batch, direction):
+    mo = meta.meta_weights_along(
+      self.model.apply, {"params": state["params"]}, batch["image"], batch["noisy_label"], direction
+    )
+    return self._maps(batch["noisy_label"], mo)
+
+  @staticmethod
+  def _maps(y, mo):
     return {
       "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
       "pseudo": mo.y_pseudo,
@@ -138,6 +160,22 @@ def test_flipped_masks_rank_first_and_passes_average(tmp_path):
   meta_source.items = [dict(e, noisy_label=e["label"]) for e in meta_source.items[:4]]
   result = audit.audit_pass(m, m.init(), source, meta_source, batch_size=5, meta_batch_size=2)
   assert result["suspicion"].shape == (12, 8, 8) and result["index"].tolist() == list(range(12))
+  # Each meta batch's direction, reused over the training batches it meets, gives the maps of
+  # the whole meta step (the reverse route) on every batch; the two meta batches differ.
+  whole = audit.audit_pass(
+    m,
+    m.init(),
+    source,
+    meta_source,
+    batch_size=5,
+    meta_batch_size=2,
+    fns=audit.Functions(jax.jit(m.audit_maps)),
+  )
+  for key in ("suspicion", "probs", "score"):
+    np.testing.assert_allclose(
+      result[key].astype(np.float32), whole[key].astype(np.float32), rtol=2e-3, atol=1e-3
+    )
+  np.testing.assert_array_equal(result["pseudo"], whole["pseudo"])
   assert result["probs"].shape == (12, 8, 8, 2)
   np.testing.assert_array_equal(np.argmax(result["probs"], -1), result["pseudo"])
   ranked = result["index"][np.argsort(-result["score"], kind="stable")]

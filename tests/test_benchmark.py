@@ -18,6 +18,7 @@ import pytest
 from experiments.configs import kvasir_cpu
 from experiments.configs import kvasir_seg
 from experiments.configs import tiny
+from metadcseg_jax import audit
 from metadcseg_jax import benchmark
 from metadcseg_jax import check_settings
 from metadcseg_jax import figures
@@ -562,13 +563,34 @@ def test_trainer_rates_against_the_bare_steps(tmp_path, monkeypatch):
 
   monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
   monkeypatch.setattr(train, "train_and_evaluate", fake_train)
-  step_s = {"warmup": 0.1, "main": 0.2}
-  monkeypatch.setattr(throughput, "time_step", lambda c, r, phase: {"seconds": step_s[phase]})
+  # The bare steps, timed just before the measured run and just after it: the faster counts.
+  bare = iter([{"warmup": 0.1, "main": 0.25}, {"warmup": 0.12, "main": 0.2}])
+  timed = {}
+
+  def fake_time_step(c, r, phase):
+    if not timed:
+      timed.update(next(bare))
+    return {"seconds": timed.pop(phase)}
+
+  monkeypatch.setattr(throughput, "time_step", fake_time_step)
+  config.train.warmup_epochs = 2  # the method's phases: warm-up, then the meta step
   r = throughput.trainer_rates(config, repeats=3, runs=2)
+  assert not timed and next(bare, None) is None
   assert r["epochs"] == 20.0  # the median of the epochs after the first
   assert r["run"] == pytest.approx(30 * 4 / 9.0)  # epochs 2-4: 30 steps of 4 images in 9 s
   assert r["step"] == pytest.approx(4 / 0.2)  # the last epoch's phase
   assert r["run_share"] == pytest.approx((10 * 0.1 + 20 * 0.2) / 9.0)  # each at its own phase
+
+
+def test_audit_timed_per_function_where_it_factors():
+  r = throughput.time_audit(throughput.config_for("l2b", 16, 2, 1, 2), repeats=1)
+  assert sorted(r) == ["along", "direction", "maps"] and min(r.values()) > 0
+  assert throughput.time_audit(throughput.config_for("ce", 16, 2, 1, 2), repeats=1) == {}
+  # Away from (a0, b0) = (0, 0) the virtual step needs each training batch: the whole step.
+  config = throughput.config_for("l2b", 16, 2, 1, 2)
+  config.meta.a0 = 1.0
+  m = methods.create(config, steps_per_epoch=10)
+  assert not m.audit_shares_direction and audit.functions(m).direction is None
 
 
 def test_ema_statistics_rules_cross_fitted_on_validation_halves():

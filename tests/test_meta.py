@@ -507,6 +507,51 @@ def test_jvp_route_refused_for_adam(conv32):
     )
 
 
+def test_one_direction_serves_every_training_batch():
+  """At (0, 0) the meta batch's direction (`meta_direction`) with one JVP per training batch
+  gives every weight of the reverse route (an independent derivative) on two training batches,
+  in float64, with momentum and weight decay in the update."""
+  with jax.enable_x64(True):
+    sgd = optim.make_optimizer(learning_rate=LR, weight_decay=5e-4, grad_clip=0.5)
+    pb = _make_problem(TinyNet(), sgd, shape=(2, 8, 8, 2), num_classes=3, dtype=jnp.float64)
+    other = _make_problem(
+      TinyNet(), sgd, shape=(2, 8, 8, 2), num_classes=3, dtype=jnp.float64, seed=1
+    )
+    direction = _jit(lambda v, s, xv, yv: meta.meta_direction(pb.apply_fn, v, s, pb.opt, xv, yv))(
+      pb.variables, pb.opt_state, pb.xv, pb.yv
+    )
+    for normalizer, eta in (("image", 1.0), ("batch", 0.3)):
+      options = meta.MetaOptions(eta=eta, normalizer=normalizer)
+      along = _jit(lambda v, x, y, d: meta.meta_weights_along(pb.apply_fn, v, x, y, d, options))
+      reverse = _meta_fn(pb, route="reverse", normalizer=normalizer)
+      for x, y in ((pb.x, pb.y), (other.x, other.y)):
+        got = jax.tree.map(np.asarray, along(pb.variables, x, y, direction))
+        want = jax.tree.map(
+          np.asarray, reverse(pb.variables, pb.opt_state, x, y, pb.xv, pb.yv, eta)
+        )
+        assert np.max(np.abs(want.ga)) > 0 and np.mean(want.a_tilde > 0) > 0.2
+        for name in meta.MetaOutput._fields:
+          np.testing.assert_allclose(
+            getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-14, err_msg=name
+          )
+
+
+def test_direction_refused_where_the_virtual_step_needs_the_training_batch(conv32):
+  adam = optim.make_optimizer(name="adam", learning_rate=1e-3)
+  state = adam.tx.init(conv32.variables["params"])
+  with pytest.raises(ValueError, match=r"'adam'.*route='reverse'"):
+    meta.meta_direction(conv32.apply_fn, conv32.variables, state, adam, conv32.xv, conv32.yv)
+  direction = meta.MetaDirection(conv32.variables["params"], jnp.zeros(()))
+  with pytest.raises(ValueError, match=r"\(a0, b0\) = \(0, 0\), got \(1.0, 0.0\)"):
+    meta.meta_weights_along(
+      conv32.apply_fn, conv32.variables, conv32.x, conv32.y, direction, meta.MetaOptions(1.0)
+    )
+  with pytest.raises(ValueError, match=r"yv must be \(B,H,W\)"):
+    meta.meta_direction(
+      conv32.apply_fn, conv32.variables, conv32.opt_state, conv32.opt, conv32.xv, conv32.y[:1]
+    )
+
+
 # ----------------------------------------------------------------------------- (h) step grads
 
 

@@ -109,6 +109,26 @@ def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_pa
   # Nothing written before is lost: the trainer's passes are kept aside.
   (aside,) = (run / "audit").glob("replaced-*")
   assert sorted(p.name for p in aside.iterdir()) == ["epoch_0001.npz", "epoch_0002.npz"]
+  # Those passes take the meta batch's part once per meta batch (`audit.Functions.direction`);
+  # the meta step as the training step takes it, whole for every batch, gives the same maps.
+  opened = runs.open_run(run)
+  compiled = train.compiled_for(opened.config, opened.steps_per_epoch)
+  assert compiled.audit.direction is not None
+  ckpt = opened.checkpointer()
+  try:
+    state = opened.restore(ckpt, 2)
+  finally:
+    ckpt.close()
+  whole = audit.run_pass(
+    compiled.method, state, opened.splits, opened.config, fns=audit.Functions(compiled.audit.maps)
+  )
+  shared = dict(np.load(run / "audit" / "epoch_0002.npz"))
+  np.testing.assert_array_equal(whole["pseudo"], shared["pseudo"])
+  assert np.mean(shared["suspicion"] > 0) > 0.01
+  np.testing.assert_allclose(
+    whole["suspicion"].astype(np.float32), shared["suspicion"].astype(np.float32), atol=2e-3
+  )
+  np.testing.assert_allclose(whole["score"], shared["score"], rtol=1e-3, atol=1e-5)
 
 
 def test_open_run_restores_the_trainers_final_state(full_run, tiny_config):
@@ -188,7 +208,7 @@ def test_audit_hook_writes_a_pass_in_the_last_epochs_only(tiny_config, tmp_path)
   config = ml_collections.ConfigDict(tiny_config.to_dict())
   config.audit.epochs = 1
   run = runs.prepare(config, tmp_path)
-  compiled = types.SimpleNamespace(method=_Audited, audit=_Audited.audit)
+  compiled = types.SimpleNamespace(method=_Audited, audit=audit.Functions(_Audited.audit))
   assert train.audit_hook(compiled, None, run, 1) is None  # before the last epoch
   assert not (tmp_path / "audit").exists()
   path = train.audit_hook(compiled, None, run, 2)

@@ -28,7 +28,7 @@ def get_config():
   config.train.lr = 0.05
   config.train.eval_every_epochs = 5
   config.train.log_every_steps = 25
-  # One label-audit pass (after the last epoch) instead of two: a pass costs about an epoch of
-  # meta steps, and the demo is timed as a newcomer waits for it.
+  # One label-audit pass (after the last epoch) instead of two: the demo is timed as a newcomer
+  # waits for it (a pass costs about a quarter of an epoch of meta steps, and its compilation).
   config.audit.epochs = 1
   return config

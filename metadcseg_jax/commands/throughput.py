@@ -48,6 +48,12 @@ def define_flags():
   )
   flags.DEFINE_bool("max_batch", False, "Search the largest batch that fits (GPU).")
   flags.DEFINE_bool("torch", True, "Also time the PyTorch L2B step if torch imports.")
+  flags.DEFINE_bool(
+    "audit",
+    False,
+    "Also time the label audit's functions per batch (methods with meta-weights, first batch "
+    "size): the whole meta step, and the meta batch's direction with the JVP along it.",
+  )
   flags.DEFINE_integer(
     "trainer_steps",
     0,
@@ -107,6 +113,22 @@ def main(argv):
         f"| torch L2B | {batch} | {t['l2b'] * 1e3:.1f} | | {batch / t['l2b']:.1f} | | | |",
         flush=True,
       )
+  if FLAGS.audit:
+    for method in FLAGS.methods:
+      config = throughput.config_for(method, size, width, ch, int(FLAGS.batches[0]), dtype)
+      r = throughput.time_audit(config, FLAGS.repeats)
+      if r:
+        shared = (
+          f"; shared direction {r['direction'] * 1e3:.1f} ms per meta batch, then "
+          f"{r['along'] * 1e3:.1f} ms per batch"
+          if "along" in r
+          else ""
+        )
+        print(
+          f"audit, {method}, batch {config.train.batch_size}: whole meta step "
+          f"{r['maps'] * 1e3:.1f} ms per batch{shared}",
+          flush=True,
+        )
   trainer_runs = []
   if FLAGS.trainer_steps:
     base = lambda m: throughput.config_for(m, size, width, ch, int(FLAGS.batches[0]), dtype)

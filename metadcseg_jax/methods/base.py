@@ -161,6 +161,20 @@ class Method(abc.ABC):
     sees it) at `state`, nothing trained (jittable)."""
     raise NotImplementedError(f"{self.name} computes no label audit")
 
+  # Whether `audit_maps` factors into a part of the meta batch alone (`audit_direction`), shared
+  # by every training batch of a pass, and the rest (`audit_maps_along`).
+  audit_shares_direction: ClassVar[bool] = False
+
+  def audit_direction(self, state: Any, meta_image: Array, meta_label: Array) -> Any:
+    """With `audit_shares_direction`: what `audit_maps` computes from the meta batch
+    (Bv,H,W,C), (Bv,H,W) alone at `state` (jittable)."""
+    raise NotImplementedError(f"{self.name}'s label audit does not factor")
+
+  def audit_maps_along(self, state: Any, batch: dict[str, Array], direction: Any) -> dict:
+    """`audit_maps(state, batch)` of a batch without its meta batch, from that meta batch's
+    `audit_direction` (jittable)."""
+    raise NotImplementedError(f"{self.name}'s label audit does not factor")
+
   def recompute_ema_batch_stats(self, state: Any, batches: Callable[[], Iterable[Array]]) -> Any:
     """`state` with the BatchNorm statistics of its EMA weights recomputed from `batches()`
     (equal-sized (B,H,W,C) batches of training images), SWA's `bn_update`. Unchanged by default

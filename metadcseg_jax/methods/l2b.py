@@ -231,12 +231,34 @@ class L2B(base.SingleNetworkMethod):
     mo = self.weights(
       state, batch["image"], batch["noisy_label"], batch["meta_image"], batch["meta_label"]
     )
-    y = batch["noisy_label"]
-    return {
-      "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
-      "pseudo": mo.y_pseudo,
-      "probs": jax.nn.softmax(mo.logits, axis=-1),
-    }
+    return _audit_maps(batch["noisy_label"], mo)
+
+  @property
+  def audit_shares_direction(self) -> bool:
+    # At (a0, b0) = (0, 0) with an update linear in the gradient, the meta batch's part of the
+    # weights is the same for every training batch (`meta.MetaDirection`).
+    o = self.meta_options
+    return float(o.a0) == 0.0 and float(o.b0) == 0.0 and self.optimizer.linear_in_grad
+
+  def audit_direction(self, state, meta_image, meta_label) -> meta.MetaDirection:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    with self.meta_precision():
+      return meta.meta_direction(
+        self.meta_model.apply, variables, state.opt_state, self.optimizer, meta_image, meta_label
+      )
+
+  def audit_maps_along(self, state, batch, direction):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    with self.meta_precision():
+      mo = meta.meta_weights_along(
+        self.meta_model.apply,
+        variables,
+        batch["image"],
+        batch["noisy_label"],
+        direction,
+        self.meta_options,
+      )
+    return _audit_maps(batch["noisy_label"], mo)
 
   @functools.cached_property
   def _weights_fn(self):
@@ -312,3 +334,12 @@ class L2B(base.SingleNetworkMethod):
       jnp.asarray(batch["meta_image"]),
       jnp.asarray(batch["meta_label"]),
     )
+
+
+def _audit_maps(y, mo: meta.MetaOutput) -> dict[str, Array]:
+  """`audit_maps`' output from the noisy labels y (B,H,W) and the weights."""
+  return {
+    "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
+    "pseudo": mo.y_pseudo,
+    "probs": jax.nn.softmax(mo.logits, axis=-1),
+  }
