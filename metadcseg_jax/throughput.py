@@ -213,6 +213,8 @@ def trainer_rates(
      "run_share": the share of that stretch of the run its steps would take at the bare
        steps' rates, each epoch at its own phase's step.}
   """
+  if runs < 1:
+    raise ValueError(f"trainer_rates needs a run or more, got runs={runs}")
   ends: dict[int, float] = {}
   mark = lambda epoch: ends.__setitem__(epoch, time.perf_counter())
   m = methods.create(config, steps_per_epoch=100)
@@ -224,7 +226,7 @@ def trainer_rates(
     with tempfile.TemporaryDirectory() as workdir:
       train.train_and_evaluate(config, workdir, after_epoch=mark)
       lines = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
-  # A small (virtual) CPU's speed drifts by 10-15% over minutes: the bare steps are timed just
+  # A small (virtual) CPU's speed drifts by 10-20% over minutes: the bare steps are timed just
   # before and just after the measured run, and the faster of the two is its reference (a slow
   # reading never flatters the trainer).
   after = bare()

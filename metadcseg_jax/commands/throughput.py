@@ -14,9 +14,10 @@ bisection).
         --methods=ce,l2b,metadcseg,coteaching,jocor --max_batch
     # a quick look on a CPU:
     metadcseg-throughput --size=64 --width=8 --channels=1 --batches=4 --methods=ce,l2b
-    # and the trainer on the benchmark preset as it runs (validations, audit passes included):
+    # and the trainer on the benchmark preset as it runs (validations, audit passes included),
+    # with the label audit's functions per batch:
     metadcseg-throughput --size=64 --width=8 --channels=1 --batches=4 --methods=ce,l2b \
-        --notorch --trainer_config=experiments/configs/benchmark.py
+        --notorch --audit --trainer_config=experiments/configs/benchmark.py
 """
 
 from absl import flags
