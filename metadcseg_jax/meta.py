@@ -274,6 +274,16 @@ def _ce_logit_grads(logits, y, y_pseudo):
   return df, dg
 
 
+def _pseudo_labels_and_logit_grads(logits, y):
+  """y_pseudo = argmax of the logits (B,H,W,L), and `_ce_logit_grads` of f and g (Eq. 25)."""
+  if logits.shape[:3] != y.shape:
+    raise ValueError(
+      f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = y.shape {y.shape}"
+    )
+  y_pseudo = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return (y_pseudo, *_ce_logit_grads(logits, y, y_pseudo))
+
+
 def _rectify_normalize(ga, gb, options):
   """Meta update a0 − η·Ga (Eq. 22, Eq. 28), rectify (Eq. 23), normalise (Eq. 24), γ (Eq. 9).
 
@@ -357,12 +367,7 @@ def _jvp_grads(pb: _Problem, fwd: _TrainForward, a0, b0, df, dg):
 def _meta_from_forward(pb: _Problem, fwd: _TrainForward, options: MetaOptions) -> MetaOutput:
   """The meta step (Eq. 21, Eq. 22, Eq. 23, Eq. 24) on the training forward `fwd` at θ."""
   logits, features = fwd.outputs
-  if logits.shape[:3] != pb.y.shape:
-    raise ValueError(
-      f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = y.shape {pb.y.shape}"
-    )
-  y_pseudo = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  df, dg = _ce_logit_grads(logits, pb.y, y_pseudo)
+  y_pseudo, df, dg = _pseudo_labels_and_logit_grads(logits, pb.y)
   if options.route == "reverse":
     ga, gb, meta_loss = _reverse_grads(pb, y_pseudo, options.a0, options.b0, logits.dtype)
   else:
@@ -512,12 +517,7 @@ def meta_weights_along(
   (logits, features), (dlogits, _) = jax.jvp(
     lambda p: _forward(apply_fn, variables, p, x)[0], (variables["params"],), (direction.u,)
   )
-  if logits.shape[:3] != y.shape:
-    raise ValueError(
-      f"logits have shape {logits.shape}; expected (B,H,W,L) with (B,H,W) = y.shape {y.shape}"
-    )
-  y_pseudo = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  df, dg = _ce_logit_grads(logits, y, y_pseudo)
+  y_pseudo, df, dg = _pseudo_labels_and_logit_grads(logits, y)
   ga, gb = _grads_along(df, dg, dlogits)
   return _output(ga, gb, y_pseudo, logits, features, direction.meta_loss, options)
 
