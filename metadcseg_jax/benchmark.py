@@ -250,10 +250,14 @@ def _worker_init() -> None:
     signal.signal(s, _record_stop)
 
 
+class _NotStarted(Preempted):
+  """A queued run that a worker took after a stop signal and did not start."""
+
+
 def _train_in_worker(trainer: Callable, cfg, rdir: str) -> tuple[dict[str, Any], float]:
   """One run in a worker process: (its results, its wall seconds)."""
   if _STOP_BEFORE_START:
-    raise Preempted(f"{rdir}: not started, a stop signal came first")
+    raise _NotStarted(f"{rdir}: not started, a stop signal came first")
   t0 = time.perf_counter()
   try:
     results = trainer(cfg, rdir)
@@ -278,7 +282,11 @@ class _Outcomes:
     if isinstance(error, RunStopped):
       # A stop signal (the run checkpointed) or a full disk: the other runs would stop alike.
       self.echo(f"{tag}: {error}")
-      self.stopped = self.stopped or error
+      # The stop reported is a run's that was training: a queued run that a worker took after
+      # the signal (the pool hands a worker its next job before it can be cancelled) may
+      # finish first and says less.
+      if self.stopped is None or isinstance(self.stopped, _NotStarted):
+        self.stopped = error
     elif error is not None:
       # One failing run (diverged, out of memory, a bug) must not cost the rest of the
       # benchmark; it is listed with its reason and a rerun retries it.
@@ -304,16 +312,17 @@ def _run_in_processes(jobs, processes: int, outcomes: _Outcomes, trainer: Callab
       processes, mp_context=context, initializer=_worker_init
     ) as pool,
   ):
-    pending = {}
+    pending, order = {}, {}
     for job, cfg, rdir in jobs:
       outcomes.echo(f"{job[0]}: queued, trains in {rdir}")
-      pending[pool.submit(_train_in_worker, trainer, cfg, str(rdir))] = job
+      future = pool.submit(_train_in_worker, trainer, cfg, str(rdir))
+      pending[future], order[future] = job, len(order)
     passed_on = False
     while pending:
       done, _ = concurrent.futures.wait(
         pending, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED
       )
-      for future in done:
+      for future in sorted(done, key=order.get):
         job = pending.pop(future)
         if future.cancelled():
           continue

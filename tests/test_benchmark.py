@@ -532,6 +532,19 @@ def test_a_stop_signal_reaches_the_worker_processes(tmp_path):
   assert (tmp_path / "benchmark.md").is_file()
 
 
+def test_the_stop_reported_is_a_training_runs_whichever_finishes_first():
+  # A worker can take a queued run after the signal (the pool hands it over before it can be
+  # cancelled); that run says only "not started" and may be collected first.
+  lines = []
+  outcomes = benchmark._Outcomes(echo=lines.append, write=lambda: None)
+  job = lambda seed: ("tag", "none", CE, seed)
+  outcomes.add(job(1), error=benchmark._NotStarted("seed1: not started"))
+  outcomes.add(job(0), error=Preempted("seed0: stopped by signal 15"))
+  outcomes.add(job(2), error=benchmark._NotStarted("seed2: not started"))
+  assert str(outcomes.stopped) == "seed0: stopped by signal 15"
+  assert len(lines) == 3
+
+
 def test_default_processes_follow_the_measurements():
   assert benchmark.default_processes(cpus=2, backend="cpu") == 2
   assert benchmark.default_processes(cpus=1, backend="cpu") == 1
