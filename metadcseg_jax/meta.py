@@ -125,6 +125,18 @@ class MetaOutput(NamedTuple):
     }
 
 
+def effective_fraction(weights: Array) -> Array:
+  """Kish's effective sample size of non-negative `weights` (any shape) as a share of their
+  count: (Σw)² / (n Σw²), 1 when all are equal, 1/n when one carries all; 0 when all are 0.
+
+  >>> float(effective_fraction(jnp.array([1.0, 1.0, 0.0, 0.0])))
+  0.5
+  """
+  w = jnp.ravel(weights)
+  sq = jnp.sum(w**2)
+  return jnp.where(sq > 0, jnp.sum(w) ** 2 / (w.size * jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
 class MetaDirection(NamedTuple):
   """What the "jvp" route takes from the meta batch: the direction of its training-forward JVP.
 

@@ -636,3 +636,14 @@ def test_meta_options_are_read_by_name():
   options = meta.MetaOptions.from_config(markers)
   assert {k: getattr(options, k) for k in names} == {k: markers[k] for k in names}
   hash(meta.MetaOptions.from_config(section))
+
+
+def test_effective_fraction_is_kish_on_a_loop():
+  rng = np.random.default_rng(3)
+  w = np.maximum(rng.normal(size=(2, 5, 4)), 0.0)
+  n, s1, s2 = 0, 0.0, 0.0
+  for v in w.ravel():
+    n, s1, s2 = n + 1, s1 + v, s2 + v * v
+  assert float(meta.effective_fraction(jnp.asarray(w))) == pytest.approx(s1 * s1 / (n * s2))
+  assert float(meta.effective_fraction(jnp.ones((3, 3)))) == pytest.approx(1.0)
+  assert float(meta.effective_fraction(jnp.zeros((3, 3)))) == 0.0

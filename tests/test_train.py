@@ -262,9 +262,11 @@ def test_run_writes_metrics_results_panel_and_checkpoints(full_run, tiny_config)
     "cos_total_ce",
     "alpha_share_disagree",
     "weight_zero_frac",
+    "effective_pixel_frac",
     "feature_norm",
   ):
     assert np.isfinite(diag[-1][key]), key
+  assert 0.0 <= diag[-1]["effective_pixel_frac"] <= 1.0
   assert -1.0 <= diag[-1]["cos_total_ce"] <= 1.0 and diag[-1]["dcd_support"] >= 1.0
   for l in train_lines:
     assert np.isfinite(l["loss"]) and l["images_per_s"] > 0 and l["lr"] > 0

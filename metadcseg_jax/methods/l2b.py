@@ -271,7 +271,8 @@ class L2B(base.SingleNetworkMethod):
   def diagnostics(self, state, batch):
     """Per loss term: its gradient norm before clipping and the cosine of the total gradient
     with the first (CE) term's; the meta weights' zero share and α's share where the noisy
-    label and the pseudo-label disagree (where α and β compete); the mean feature norm; for
+    label and the pseudo-label disagree (where α and β compete); the effective share of pixels
+    (Kish, `meta.effective_fraction` of γ); the mean feature norm; for
     DCD, the boundary weights' effective support 1/Σw² (w normalised to sum 1) and max."""
     mo = self.weights(
       state, batch["image"], batch["noisy_label"], batch["meta_image"], batch["meta_label"]
@@ -301,6 +302,9 @@ class L2B(base.SingleNetworkMethod):
     ab_on = jnp.sum(jnp.where(disagree, mo.a_hat + mo.b_hat, 0.0))
     out.update(
       weight_zero_frac=jnp.mean(mo.gamma <= 0),
+      # The share of the batch's pixels that effectively train (Kish): how far the meta step
+      # concentrates the loss on a few pixels, beyond those it zeroes.
+      effective_pixel_frac=meta.effective_fraction(mo.gamma),
       alpha_share=jnp.sum(mo.a_hat) / jnp.maximum(jnp.sum(mo.a_hat + mo.b_hat), 1e-30),
       alpha_share_disagree=a_on / jnp.maximum(ab_on, 1e-30),
       disagree_frac=jnp.mean(disagree),
