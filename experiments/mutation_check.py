@@ -1,14 +1,17 @@
-r"""Mutation check: does the test suite kill wrong formulas in the method code?
+r"""Mutation check: does the test suite kill wrong formulas in the method code and statistics?
 
 Applies one-line wrong formulas (a swapped pair, a dropped factor, a sign, an axis, a detached
 or undetached term, a wrong normaliser) to `meta.py`, `dcd.py`, `objective.py`, `optim.py`,
-`wasserstein.py` and the methods, one at a time, each in a temporary copy of the repository
-(the working tree is never touched), and runs the tests that should notice. A mutant is killed
-when a test fails; mutants known to be equivalent (no observable change in what the step
-computes) carry the reason, and are still run to confirm that they survive.
+`wasserstein.py` and the methods, and wrong variance formulas (the interaction counted twice,
+a normal quantile, a Satterthwaite denominator or an S − 1 rule that misreads the interaction,
+a normal power approximation) to `stats.py`, one at a time, each in a temporary copy of the
+repository (the working tree is never touched), and runs the tests that should notice. A
+mutant is killed when a test fails; mutants known to be equivalent (no observable change in
+what the step computes) carry the reason, and are still run to confirm that they survive.
 
     python experiments/mutation_check.py               # every mutant, ~15-30 min on 2 cores
     python experiments/mutation_check.py --only=meta_b_tilde_from_ga,dcd_center_drops_gamma
+    python experiments/mutation_check.py --files=metadcseg_jax/stats.py   # ~30 s
     python experiments/mutation_check.py --list
 
 Prints a Markdown table (mutant, file, change, result, the first failing test) and exits 1 if
@@ -42,6 +45,7 @@ METHOD_TESTS = (REFERENCE, "tests/test_methods.py")
 # take minutes more to run).
 GSD_TESTS = ("tests/test_reference_steps.py::test_gsdnet_step_equals_reference",)
 DALE_TESTS = ("tests/test_reference_steps.py::test_dale_step_equals_reference",)
+STATS_TESTS = ("tests/test_stats.py",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +385,42 @@ MUTANTS = [
     equivalent="with meta off b̂ = 0 and πb = 0, so the pseudo-labels' loss g is weighted by 0 "
     "in every term",
   ),
+  # ---------------------------------------------------------------- stats.py
+  Mutant(
+    "stats_var_without_residual",  # the interaction counted twice
+    "metadcseg_jax/stats.py",
+    "var = v_seed + v_test - v_res",
+    "var = v_seed + v_test",
+    STATS_TESTS,
+  ),
+  Mutant(
+    "stats_normal_quantile_unless_capped",  # where the S − 1 rule does not fire
+    "metadcseg_jax/stats.py",
+    "df = var * var / denom if denom > 0 else math.inf",
+    "df = math.inf",
+    STATS_TESTS,
+  ),
+  Mutant(
+    "stats_satterthwaite_without_residual",
+    "metadcseg_jax/stats.py",
+    ' + v_res**2 / parts["df_res"]',
+    "",
+    STATS_TESTS,
+  ),
+  Mutant(
+    "stats_rule_keyed_on_v_seed",  # the seed part with the interaction in it
+    "metadcseg_jax/stats.py",
+    "if max(v_seed - v_res, 0.0) >= 0.5 * var:",
+    "if v_seed >= 0.5 * var:",
+    STATS_TESTS,
+  ),
+  Mutant(
+    "stats_power_normal_approximation",
+    "metadcseg_jax/stats.py",
+    "return float(scipy_stats.nct.sf(crit, df, shift))",
+    "return float(scipy_stats.norm.sf(crit - shift))",
+    STATS_TESTS,
+  ),
 ]
 
 
@@ -432,6 +472,11 @@ def _pytest(copy: pathlib.Path, tests, timeout: int) -> tuple[bool, str, float]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", default="", help="Comma-separated mutant names.")
+  parser.add_argument(
+    "--files",
+    default="",
+    help="Comma-separated files: only their mutants (metadcseg_jax/stats.py).",
+  )
   parser.add_argument("--list", action="store_true", help="List the mutants and exit.")
   parser.add_argument("--timeout", type=int, default=900, help="Seconds per test run.")
   args = parser.parse_args()
@@ -442,6 +487,12 @@ def main():
     if unknown:
       parser.error(f"unknown mutants: {sorted(unknown)}")
     mutants = [m for m in MUTANTS if m.name in wanted]
+  if args.files:
+    paths = set(args.files.split(","))
+    unknown = paths - {m.path for m in MUTANTS}
+    if unknown:
+      parser.error(f"no mutants in {sorted(unknown)}")
+    mutants = [m for m in mutants if m.path in paths]
   if args.list:
     for m in mutants:
       print(f"{m.name}: {m.path}: {m.old!r} -> {m.new!r}")

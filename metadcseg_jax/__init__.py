@@ -1,3 +1,10 @@
-"""metadcseg-jax: MetaDCSeg (pixel-wise meta-learned weights + Dynamic Center Distance) in JAX."""
+"""metadcseg-jax: MetaDCSeg (pixel-wise meta-learned weights + Dynamic Center Distance) in JAX.
 
-__version__ = "0.1.0"
+model = metadcseg_jax.load_model("runs/mine")   # a finished run, or an exported model
+mask = model.predict("new_image.png")           # in the input's own size and geometry
+"""
+
+from metadcseg_jax.inference.model import load_model
+
+__all__ = ["load_model"]
+__version__ = "0.3.0"

@@ -131,6 +131,7 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE)
   """
   workdir = pathlib.Path(workdir)
   config, scores, train_split, positions = audited(workdir)
+  scores, positions, n_trusted = _without_trusted(workdir, scores, train_split, positions)
   out = pathlib.Path(out) if out else workdir / audit.AUDIT_DIR
   out.mkdir(parents=True, exist_ok=True)
   examples = [train_split[k] for k in positions]
@@ -168,9 +169,30 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE)
     "epochs": scores["epochs"],
     "meta_images": scores["meta_images"],
     "n": len(order),
+    "n_trusted_left_out": n_trusted,
+    "injected": injected,
     "ranked_by": ranked_by,
     "measured": measured,
   }
+
+
+def _without_trusted(workdir: pathlib.Path, scores: dict, train_split, positions: list[int]):
+  """The audit without the training images whose masks are trusted (a user's folder): they
+  trained on verified masks, there is nothing to rank. Returns (scores, positions, how many
+  were left out)."""
+  try:
+    info = json.loads((workdir / runs.DATA_INFO).read_text())
+  except (OSError, ValueError):
+    return scores, positions, 0
+  trusted = set((info.get("split") or {}).get("trusted") or ())
+  keep = np.array([train_split.case_id(k) not in trusted for k in positions], bool)
+  if keep.all():
+    return scores, positions, 0
+  n = len(positions)
+  kept = {
+    k: (v[keep] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in scores.items()
+  }
+  return kept, [k for k, m in zip(positions, keep) if m], int((~keep).sum())
 
 
 def ranking_score(scores: dict, noisy: np.ndarray) -> tuple[np.ndarray, str]:
@@ -267,6 +289,13 @@ def summary_lines(r: dict) -> list[str]:
     f"{r['meta_images'] or 'as in training'}): "
     f"{r['out']}/audit.csv, gallery.png" + (", measured.json, roc.png" if r["measured"] else "")
   ]
+  if r.get("n_trusted_left_out"):
+    lines.append(f"{r['n_trusted_left_out']} training masks are trusted: not ranked")
+  if not r.get("injected", True):
+    lines.append(
+      "no noise was injected, so no mask is known to be wrong: the ranking (audit.csv, "
+      "gallery.png) is not measured against anything"
+    )
   measured = r["measured"]
   if not measured:
     return lines

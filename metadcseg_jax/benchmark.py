@@ -15,13 +15,19 @@ benchmark.md and the others go on; the next invocation retries it. A stop signal
 benchmark once the run in progress has checkpointed (`errors.Preempted`, exit status 75).
 After every run the benchmark rewrites, in `<workdir>`:
 
-* `benchmark.md`: the main table in the layout of the paper's Table 2 (rows: methods; for each
-  noise level: mIoU, DSC, HD95 as mean ± std over seeds) on the test split, for the EMA and the
-  raw parameters; the same on the validation split (what settings are chosen on); the
-  ablation table (the paper's Table 5 layout) when variants ran; the measured corruption of
-  each level; the command line.
-* `benchmark.json`: every run's numbers, the per-seed values, the failed runs.
+* `benchmark.md`: first which row to choose at each noise level (`choose`: the best mean test
+  Dice and every other row's paired difference to it); the main table in the layout of the
+  paper's Table 2 (rows: methods; for each noise level: mIoU, DSC, HD95 as mean ± std over
+  seeds, and how many seeds a cell lost to failed runs) on the test split, for the EMA and the
+  raw parameters; the same on the validation split (what settings are chosen on); the paired
+  comparisons; the ablation table (the paper's Table 5 layout) when variants ran; the measured
+  corruption of each level; the failed runs; the command line.
+* `benchmark.json`: every run's numbers, the per-seed values, the comparisons, the choice, the
+  failed runs.
 * `dice_vs_noise.png`: test Dice against noise level with error bars, one line per row.
+
+Noise levels are ordered by value in the tables and the plot (`sort_noises`), whatever the
+order of `--noise`.
 
 Two label modes. `labels="per_seed"` (the presets' default): seed k also draws the noise
 realisation (config.data.noise.seed = k) and the clean meta split (config.data.meta_seed = k),
@@ -31,7 +37,8 @@ the initialisation and the data order only (config.seed), the noisy labels and t
 those of the base config. Each run reads its test split once, after training, and keeps every
 test case's scores (cases.json), from which the paired comparisons are computed:
 `metadcseg_jax.stats` (mean paired difference, a 95% interval over seeds and test cases, its
-seed and test-set parts, a verdict).
+seed and test-set parts, a verdict, the seeds for a ±2-point interval and for 80% power at a
+2-point gap). A run that failed stays in its comparisons as a failure (`count_failures`).
 """
 
 import concurrent.futures
@@ -292,7 +299,9 @@ class _Outcomes:
       # benchmark; it is listed with its reason and a rerun retries it.
       reason = _reason(error)
       self.echo(f"{tag}: FAILED: {reason}")
-      self.failed.append({"noise": noise_kind, "row": row.label, "seed": seed, "error": reason})
+      self.failed.append(
+        {"noise": noise_kind, "row": row.label, "method": row.method, "seed": seed, "error": reason}
+      )
       if isinstance(error, NonFiniteLossError):
         self.diverged.append(self.failed[-1])
     else:
@@ -441,9 +450,14 @@ def run_benchmark(
     outcomes.write()
     raise outcomes.stopped
   cells = outcomes.write()
-  paired = comparisons(root, cells, ema_choice=ema_choice)
+  paired = comparisons(root, cells, ema_choice=ema_choice, failed=failed)
   if paired:
-    echo("paired differences, test Dice (points):\n" + comparison_table(paired))
+    echo(
+      "paired differences, test Dice (points):\n" + comparison_table(paired) + "\n" + _PLANNING_NOTE
+    )
+  choice = choose(root, cells, ema_choice=ema_choice, failed=failed)
+  if choice:
+    echo("\n".join(choice_lines(choice)))
   echo(
     f"tables: {root / 'benchmark.md'}  numbers: {root / 'benchmark.json'}  "
     f"plot: {root / 'dice_vs_noise.png'}"
@@ -538,7 +552,8 @@ def collect(
   """The table cells from the finished runs under `workdir`.
 
   Returns:
-    One cell per (noise, row) with at least one finished seed, noise-major:
+    One cell per (noise, row) with at least one finished seed, noise-major (levels by value,
+    `sort_noises`):
     `{"noise", "label", "method", "overrides": [[key, value], ...], "seeds": [...], "epochs":
     [...], "corruption": mean 1 - Dice of the training labels or None, "test"/"val":
     {"ema"/"raw": {metric: {"mean", "std", "values"}}}}` over `METRIC_KEYS`; std is the sample
@@ -551,7 +566,7 @@ def collect(
   if not root.is_dir():
     raise ValueError(f"workdir={str(workdir)!r}: not a directory")
   cells = []
-  for noise_kind in noises:
+  for noise_kind in sort_noises(noises):
     for row in rows:
       found = []
       for seed_dir in sorted((root / noise_kind / row.dirname).glob("seed*")):
@@ -668,6 +683,81 @@ def paired_scores(
   return seeds, np.stack(rows_a), np.stack(rows_b)
 
 
+def lost_seeds(
+  failed: Sequence[Mapping[str, Any]], cells: Sequence[Mapping[str, Any]]
+) -> dict[tuple[str, str], list[int]]:
+  """The seeds each (noise, row) lost to failed runs.
+
+  Args:
+    failed: `run_benchmark`'s failed runs, {"noise", "row" (label), "seed", ...} each.
+    cells: `collect`'s cells; a failed seed that has since finished is not lost.
+
+  Returns:
+    {(noise, row label): sorted lost seeds}, only for those that lost any.
+  """
+  finished = {(c["noise"], c["label"]): set(c["seeds"]) for c in cells}
+  out: dict[tuple[str, str], set[int]] = {}
+  for f in failed:
+    key, seed = (f["noise"], f["row"]), int(f["seed"])
+    if seed not in finished.get(key, ()):
+      out.setdefault(key, set()).add(seed)
+  return {k: sorted(v) for k, v in out.items()}
+
+
+# A comparison with no seed that both rows finished: `stats.paired_difference`'s fields, empty.
+_NO_PAIR = {
+  "mean": None,
+  "seeds": 0,
+  "cases": 0,
+  "se_seed": None,
+  "se_test": None,
+  "seeds_for_half_width": None,
+  "seeds_for_power": None,
+  "low": None,
+  "high": None,
+  "df": None,
+  "verdict": "no paired seeds",
+}
+
+
+def count_failures(
+  comparison: Mapping[str, Any], lost_row: Sequence[int], lost_reference: Sequence[int]
+) -> dict[str, Any]:
+  """A comparison with the seeds each side lost to failed runs counted against it.
+
+  A failed run (diverged, out of memory, raised) stays in the comparison as a failure, in the
+  claim: the interval is computed on the seeds both rows finished, and a verdict that favours a
+  row that lost seeds is withheld ("ahead" when the row lost any, "behind" when the reference
+  did: the verdict becomes "not resolved", `withheld` says which was withheld). The failures
+  are reported as "k of S seeds" beside it.
+
+  Why not score the failed run's cases as its output would be (empty masks after a
+  divergence): a run that ran out of memory or raised has no output, a diverged run's NaN
+  weights give whatever argmax makes of NaN, and scoring empty masks needs each test case's
+  reference emptiness, which cases.json does not keep (Dice 0 with the image diagonal as HD95
+  is what both a missed mask and a false one on an empty reference score). Any stand-in would
+  put a guess inside the interval. The claim form needs no guess and cannot favour the
+  unstable row: with its failed seeds dropped it is shown at its best, so only the verdicts in
+  its favour are at stake, and those are withheld; a verdict against it stands.
+
+  Args:
+    comparison: `stats.paired_difference`'s fields and "seed_list", the seeds paired.
+    lost_row, lost_reference: the seeds the row and the reference lost (`lost_seeds`).
+
+  Returns:
+    The comparison with "verdict" as above and "withheld" (the interval's own verdict where it
+    was withheld, else None), "seeds_lost_row", "seeds_lost_reference" (lists) and
+    "seeds_attempted" (S: the seeds paired or lost by either side).
+  """
+  out = dict(comparison)
+  out["seeds_lost_row"], out["seeds_lost_reference"] = list(lost_row), list(lost_reference)
+  out["seeds_attempted"] = len(set(out["seed_list"]) | set(lost_row) | set(lost_reference))
+  out["withheld"] = None
+  if (out["verdict"] == "ahead" and lost_row) or (out["verdict"] == "behind" and lost_reference):
+    out["withheld"], out["verdict"] = out["verdict"], "not resolved"
+  return out
+
+
 def comparisons(
   workdir,
   cells: Sequence[Mapping[str, Any]],
@@ -675,45 +765,121 @@ def comparisons(
   split: str = "test",
   metric: str = "dice",
   ema_choice: str | None = None,
+  failed: Sequence[Mapping[str, Any]] = (),
+  pairs: Sequence[tuple[str, str]] | None = None,
+  params: Sequence[str] = ("ema", "raw"),
 ) -> list[dict[str, Any]]:
-  """The paired differences of every `claim_pairs` pair at every noise level, EMA and raw.
+  """The paired differences of every pair at every noise level, failed runs counted.
+
+  Args:
+    workdir: the benchmark's root directory.
+    cells: `collect`'s cells.
+    split, metric: the scores compared ("test", "dice").
+    ema_choice: the EMA weights' BatchNorm statistics (`_case_scores`).
+    failed: `run_benchmark`'s failed runs; their seeds count against their row
+      (`count_failures`), and a row that lost every seed at a level still gets its line.
+    pairs: (row, reference) labels; default `claim_pairs` of the rows that finished or failed.
+    params: the parameters compared, "ema" and "raw" by default.
 
   Returns:
     Dicts {"noise", "row", "reference", "params", "split", "metric", "seed_list"} plus
-    `stats.paired_difference`'s fields (in units of the metric: Dice in [0, 1]).
+    `stats.paired_difference`'s fields (in units of the metric: Dice in [0, 1]; those of
+    `_NO_PAIR` where no seed paired) and `count_failures`'s, noise levels by value.
   """
   root = pathlib.Path(workdir)
   by = {(c["noise"], c["label"]): c for c in cells}
+  lost = lost_seeds(failed, cells)
+  if pairs is None:
+    known = [{"label": c["label"], "method": c["method"]} for c in cells]
+    known += [{"label": f["row"], "method": f.get("method", f["row"])} for f in failed]
+    pairs = claim_pairs(known)
   out = []
-  for noise_kind in dict.fromkeys(c["noise"] for c in cells):
-    for a, b in claim_pairs(cells):
-      if (noise_kind, a) not in by or (noise_kind, b) not in by:
-        continue
-      for params in ("ema", "raw"):
-        seeds, sa, sb = paired_scores(
-          root,
-          by[noise_kind, a],
-          by[noise_kind, b],
-          split=split,
-          params_a=params,
-          params_b=params,
-          metric=metric,
-          ema_choice=ema_choice,
-        )
-        if not seeds:
+  for noise_kind in sort_noises([c["noise"] for c in cells] + [n for n, _ in lost]):
+    for a, b in pairs:
+      lost_a, lost_b = lost.get((noise_kind, a), []), lost.get((noise_kind, b), [])
+      if ((noise_kind, a) not in by and not lost_a) or ((noise_kind, b) not in by and not lost_b):
+        continue  # a row neither finished nor failed at this level: nothing to say yet
+      for p in params:
+        seeds, sa, sb = [], None, None
+        if (noise_kind, a) in by and (noise_kind, b) in by:
+          seeds, sa, sb = paired_scores(
+            root,
+            by[noise_kind, a],
+            by[noise_kind, b],
+            split=split,
+            params_a=p,
+            params_b=p,
+            metric=metric,
+            ema_choice=ema_choice,
+          )
+        if not seeds and not (lost_a or lost_b):
           continue
-        out.append(
-          {
-            "noise": noise_kind,
-            "row": a,
-            "reference": b,
-            "params": params,
-            "split": split,
-            "metric": metric,
-            "seed_list": seeds,
-            **stats.paired_difference(sa, sb),
-          }
-        )
+        found = {
+          "noise": noise_kind,
+          "row": a,
+          "reference": b,
+          "params": p,
+          "split": split,
+          "metric": metric,
+          "seed_list": seeds,
+          **(stats.paired_difference(sa, sb) if seeds else _NO_PAIR),
+        }
+        out.append(count_failures(found, lost_a, lost_b))
+  return out
+
+
+def choose(
+  workdir,
+  cells: Sequence[Mapping[str, Any]],
+  *,
+  ema_choice: str | None = None,
+  failed: Sequence[Mapping[str, Any]] = (),
+) -> list[dict[str, Any]]:
+  """Which row to choose at each noise level: the best mean test Dice of the EMA weights (the
+  tables' numbers) and every other row's paired difference to it (`comparisons`, failed runs
+  counted).
+
+  Args:
+    workdir: the benchmark's root directory.
+    cells: `collect`'s cells.
+    ema_choice: the EMA weights' BatchNorm statistics, as the tables read them.
+    failed: `run_benchmark`'s failed runs (`count_failures`); a row that lost every seed at a
+      level is listed there with no paired seeds.
+
+  Returns:
+    Per noise level (by value): {"noise", "best" (label), "best_mean" (Dice in [0, 1]),
+    "best_seeds" (finished), "best_lost" (seeds lost), "others": `comparisons` dicts of (other
+    row, best row), "ahead_of": the rows the best is resolved ahead of (their verdict
+    "behind")}.
+  """
+  lost = lost_seeds(failed, cells)
+  out = []
+  for noise_kind in sort_noises(c["noise"] for c in cells):
+    level = [c for c in cells if c["noise"] == noise_kind and "dice" in c["test"]["ema"]]
+    if not level:
+      continue
+    best = max(level, key=lambda c: c["test"]["ema"]["dice"]["mean"])
+    others = [c["label"] for c in level if c is not best]
+    others += [row for n, row in lost if n == noise_kind and row not in others + [best["label"]]]
+    found = comparisons(
+      workdir,
+      level,
+      ema_choice=ema_choice,
+      failed=[f for f in failed if f["noise"] == noise_kind],
+      pairs=[(row, best["label"]) for row in others],
+      params=("ema",),
+    )
+    out.append(
+      {
+        "noise": noise_kind,
+        "best": best["label"],
+        "best_mean": best["test"]["ema"]["dice"]["mean"],
+        "best_seeds": list(best["seeds"]),
+        "best_lost": lost.get((noise_kind, best["label"]), []),
+        "others": found,
+        "ahead_of": [c["row"] for c in found if c["verdict"] == "behind"],
+      }
+    )
   return out
 
 
@@ -741,7 +907,7 @@ def ema_bn_comparisons(workdir, cells: Sequence[Mapping[str, Any]]) -> list[dict
           "seed_list": seeds,
           "recompute": float(np.mean(rec)),
           "ema": float(np.mean(ema)),
-          **stats.paired_difference(rec, ema),
+          **stats.paired_difference(rec, ema, resolve=None),
         }
       )
   return out
@@ -759,22 +925,92 @@ def _interval(c: Mapping[str, Any]) -> str:
   return f"[{c['low'] * 100:+.2f}, {c['high'] * 100:+.2f}]"
 
 
+def _lost(c: Mapping[str, Any], row: str = "row", reference: str = "reference") -> str:
+  """The seeds each side of a comparison lost, "row 1 of 3" or "row 1, reference 2 of 3" (the
+  sides named `row` and `reference`); "-" when neither lost any."""
+  parts = [
+    f"{name} {len(c[key])}"
+    for name, key in ((row, "seeds_lost_row"), (reference, "seeds_lost_reference"))
+    if c.get(key)
+  ]
+  return f"{', '.join(parts)} of {c['seeds_attempted']}" if parts else "-"
+
+
+def _verdict(c: Mapping[str, Any]) -> str:
+  if c.get("withheld"):
+    return f"{c['verdict']} ({c['withheld']} on the finished seeds)"
+  return c["verdict"]
+
+
+def _seeds_needed(c: Mapping[str, Any], key: str) -> str:
+  if c[key] is not None:
+    return str(c[key])
+  return f"> {stats.MAX_SEEDS}" if c["low"] is not None else "-"
+
+
+# What the planning columns of the comparison table mean, wherever the table is shown.
+_PLANNING_NOTE = (
+  "Seeds for a ±2-point interval: the seeds at which the interval's half-width would be 2 "
+  "points at the measured variance (a precision estimate, itself noisy from 3 seeds). Seeds "
+  "for 80% power: the seeds at which a true 2-point difference would be called ahead 80% of "
+  "the time, from the measured seed, test-set and interaction components (`metadcseg_jax.stats`)."
+)
+
+
 def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Markdown: one line per paired comparison (differences in points of the metric)."""
+  """Markdown: one line per paired comparison (differences in points of the metric), with the
+  seeds each side lost to failed runs and the two planning figures."""
   out = [
-    "| noise | row − reference | params | seeds | difference | 95% interval | seed part (se) "
-    "| test part (se) | verdict | seeds for ±2 points |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| noise | row − reference | params | seeds | seeds lost | difference | 95% interval "
+    "| seed part (se) | test part (se) | verdict | seeds for a ±2-point interval "
+    "| seeds for 80% power at 2 points |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for c in rows:
-    need = c["seeds_to_resolve"]
     out.append(
       f"| {noise_label(c['noise'])} | {c['row']} − {c['reference']} | {c['params']} "
-      f"| {len(c['seed_list'])} | {_points(c['mean'])} | {_interval(c)} "
-      f"| {_points(c['se_seed'], False)} | {_points(c['se_test'], False)} | {c['verdict']} "
-      f"| {need if need is not None else ('> 1000' if c['low'] is not None else '-')} |"
+      f"| {len(c['seed_list'])} | {_lost(c)} | {_points(c['mean'])} | {_interval(c)} "
+      f"| {_points(c['se_seed'], False)} | {_points(c['se_test'], False)} | {_verdict(c)} "
+      f"| {_seeds_needed(c, 'seeds_for_half_width')} | {_seeds_needed(c, 'seeds_for_power')} |"
     )
   return "\n".join(out)
+
+
+def choice_lines(choice: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Markdown: `choose`'s verdicts, a line per noise level (differences in points)."""
+  out = [
+    "## Which method to choose",
+    "",
+    "Test Dice of the EMA weights, as in the tables: at each noise level the row with the best "
+    "mean, and each other row's paired difference to it in points with its 95% interval and "
+    "verdict (behind: the best row is resolved ahead of it).",
+    "",
+  ]
+  for ch in choice:
+    head = f"- {noise_label(ch['noise'])}: **{ch['best']}** (mean {ch['best_mean'] * 100:.2f}"
+    head += f", {len(ch['best_seeds'])} seeds"
+    if ch["best_lost"]:
+      head += f"; {len(ch['best_lost'])} more failed"
+    head += ")."
+    items = []
+    for c in ch["others"]:
+      lost = _lost(c, row=f"{c['row']} lost", reference=f"{c['reference']} lost")
+      items.append(
+        f"{c['row']} {_points(c['mean'])} {_interval(c)} {_verdict(c)}"
+        + (f", {lost} seeds" if lost != "-" else "")
+      )
+    if not items:
+      out.append(f"{head} No other row to compare.")
+      continue
+    if ch["ahead_of"]:
+      end = f"{ch['best']} resolved ahead of {', '.join(ch['ahead_of'])}."
+    else:
+      end = "No method resolved ahead."
+    ahead = [c["row"] for c in ch["others"] if c["verdict"] == "ahead"]
+    if ahead:  # possible where the paired seeds are not all the seeds of the means
+      end += f" Resolved ahead of {ch['best']}: {', '.join(ahead)}."
+    out.append(f"{head} {'; '.join(items)}. {end}")
+  return out
 
 
 def ema_bn_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -806,6 +1042,27 @@ def ema_bn_table(rows: Sequence[Mapping[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- the tables
 
 
+def noise_level(kind: str) -> int | None:
+  """The nominal noise level in % of a kind: 0 for none, 20/40/60 for the L2B levels; None for
+  the kinds without one (the Markov and distance kinds)."""
+  if kind == "none":
+    return 0
+  return int(kind[len("l2b") :]) if kind in noise.l2b.L2B_LEVELS else None
+
+
+def sort_noises(kinds: Iterable[str]) -> list[str]:
+  """Noise kinds (repeats dropped) by value: none, the L2B levels by `noise_level`, then the
+  other kinds in `noise.KINDS` order (unknown kinds last, in the order given)."""
+
+  def key(kind):
+    level = noise_level(kind)
+    if level is not None:
+      return (0, level)
+    return (1, NOISE_ORDER.index(kind) if kind in NOISE_ORDER else len(NOISE_ORDER))
+
+  return sorted(dict.fromkeys(kinds), key=key)
+
+
 def noise_label(kind: str) -> str:
   """The column header of a noise kind: "0%" for none, "40%" for l2b40, else the kind."""
   if kind == "none":
@@ -823,23 +1080,40 @@ def _fmt(stat: Mapping[str, Any] | None, digits: int, scale: float) -> str:
 
 
 def main_table(
-  cells: Sequence[Mapping[str, Any]], *, split: str = "test", params: str = "ema"
+  cells: Sequence[Mapping[str, Any]],
+  *,
+  split: str = "test",
+  params: str = "ema",
+  lost: Mapping[tuple[str, str], Sequence[int]] | None = None,
 ) -> str:
-  """The paper's Table 2 layout: rows; per noise level mIoU, DSC (in %), HD95 (mean ± std)."""
-  noises = list(dict.fromkeys(c["noise"] for c in cells))
-  labels = list(dict.fromkeys(c["label"] for c in cells))
+  """The paper's Table 2 layout: rows; per noise level mIoU, DSC (in %), HD95 (mean ± std).
+
+  Args:
+    cells: `collect`'s cells.
+    split, params: which numbers ("test", "ema").
+    lost: `lost_seeds`; a noise level where some row lost seeds gets a "seeds lost" column
+      ("1 of 3": lost of finished and lost), and a row that lost every seed a line of "-".
+  """
+  lost = lost or {}
+  noises = sort_noises([c["noise"] for c in cells] + [n for n, _ in lost])
+  labels = list(dict.fromkeys([c["label"] for c in cells] + [r for _, r in lost]))
   by = {(c["noise"], c["label"]): c for c in cells}
-  head = (
-    "| method | "
-    + " | ".join(f"{noise_label(n)} {name}" for n in noises for _, name, _, _ in TABLE_METRICS)
-    + " |"
-  )
-  out = [head, "|---|" + "---|" * (len(noises) * len(TABLE_METRICS))]
+  lossy = {n for n, _ in lost}
+  head = []
+  for n in noises:
+    head += [f"{noise_label(n)} {name}" for _, name, _, _ in TABLE_METRICS]
+    head += [f"{noise_label(n)} seeds lost"] if n in lossy else []
+  out = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
   for label in labels:
     vals = []
     for n in noises:
-      stats = by[n, label][split][params] if (n, label) in by else {}
-      vals += [_fmt(stats.get(k), d, sc) for k, _, d, sc in TABLE_METRICS]
+      cell = by.get((n, label))
+      summary = cell[split][params] if cell else {}
+      vals += [_fmt(summary.get(k), d, sc) for k, _, d, sc in TABLE_METRICS]
+      if n in lossy:
+        k = len(lost.get((n, label), ()))
+        total = k + (len(cell["seeds"]) if cell else 0)
+        vals.append(f"{k} of {total}" if k else ("0" if cell else "-"))
     out.append(f"| {label} | " + " | ".join(vals) + " |")
   return "\n".join(out)
 
@@ -855,7 +1129,7 @@ def ablation_table(cells: Sequence[Mapping[str, Any]]) -> str:
   cells = [c for c in cells if c["method"] == "metadcseg"]
   if not any(c.get("overrides") for c in cells):
     return ""
-  noises = list(dict.fromkeys(c["noise"] for c in cells))
+  noises = sort_noises(c["noise"] for c in cells)
   labels = list(dict.fromkeys(c["label"] for c in cells))
   by = {(c["noise"], c["label"]): c for c in cells}
   columns = [("test", "ema"), ("test", "raw"), ("val", "ema"), ("val", "raw")]
@@ -882,8 +1156,8 @@ def corruption_lines(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     if c["noise"] != "none" and c["corruption"] is not None:
       seen.setdefault(c["noise"], c["corruption"])
   return [
-    f"- {noise_label(n)} ({n}): measured corruption 1 - Dice of the training labels {v:.3f}"
-    for n, v in seen.items()
+    f"- {noise_label(n)} ({n}): measured corruption 1 - Dice of the training labels {seen[n]:.3f}"
+    for n in sort_noises(seen)
   ]
 
 
@@ -894,20 +1168,26 @@ def to_markdown(
   failed: Sequence[Mapping[str, Any]] = (),
   paired: Sequence[Mapping[str, Any]] = (),
   ema_bn: Sequence[Mapping[str, Any]] = (),
+  choice: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-  """benchmark.md: the command, the tables on test (EMA, raw) and validation, the paired
-  comparisons with their intervals and verdicts, the EMA statistics' choice, corruption."""
+  """benchmark.md: the command, which row to choose (`choose`), the tables on test (EMA, raw)
+  and validation with the seeds each cell lost to failed runs, the paired comparisons with
+  their intervals and verdicts, the EMA statistics' choice, corruption, the failed runs."""
   out = ["# Benchmark", ""]
   if command:
     out += ["```bash", command, "```", ""]
+  if choice:
+    out += choice_lines(choice) + [""]
   if not cells:
     out += ["No finished runs yet.", ""]
   else:
+    lost = lost_seeds(failed, cells)
     seeds = sorted({s for c in cells for s in c["seeds"]})
     out += [
-      f"Mean ± sample std over seeds {seeds} (a cell with fewer seeds shows fewer). mIoU "
-      "and DSC in %, HD95 in pixels unless the dataset has a spacing. The test split is "
-      "read once per run, after training; choose settings on the validation tables.",
+      f"Mean ± sample std over seeds {seeds} (a cell with fewer seeds shows fewer; a level "
+      "where runs failed has a column of the seeds each cell lost). mIoU and DSC in %, HD95 "
+      "in pixels unless the dataset has a spacing. The test split is read once per run, after "
+      "training; choose settings on the validation tables.",
       "",
     ]
     for title, split, params in (
@@ -916,16 +1196,17 @@ def to_markdown(
       ("Validation, EMA parameters", "val", "ema"),
       ("Validation, raw parameters", "val", "raw"),
     ):
-      out += [f"## {title}", "", main_table(cells, split=split, params=params), ""]
+      out += [f"## {title}", "", main_table(cells, split=split, params=params, lost=lost), ""]
     if paired:
       out += [
         "## Paired differences: test Dice, points",
         "",
         "Mean over seeds and test cases of the per-case difference; the 95% interval covers "
         "both the seeds and the finite test set (`metadcseg_jax.stats`), the two parts given "
-        "as standard errors. Verdict: ahead / behind when the interval excludes zero. Seeds "
-        "for ±2 points: seeds needed for an interval half-width under 2 points at the measured "
-        "variance.",
+        "as standard errors. Verdict: ahead / behind when the interval excludes zero. A failed "
+        "run counts against its row: the interval is over the seeds both rows finished, the "
+        "seeds lost are listed, and a verdict in favour of a row that lost seeds is withheld. "
+        + _PLANNING_NOTE,
         "",
         comparison_table(paired),
         "",
@@ -972,17 +1253,20 @@ def write_outputs(
   ema_choice: str | None = None,
 ) -> list[dict[str, Any]]:
   """Writes benchmark.md, benchmark.json and (when there are cells) dice_vs_noise.png; "ema"
-  reads the EMA weights with the BatchNorm statistics `ema_choice` where runs recorded both."""
+  reads the EMA weights with the BatchNorm statistics `ema_choice` where runs recorded both;
+  the `failed` runs count against their rows (`count_failures`)."""
   root = pathlib.Path(workdir)
   cells = collect(root, rows=rows, noises=noises, seeds=seeds, ema_choice=ema_choice)
-  paired = comparisons(root, cells, ema_choice=ema_choice)
+  paired = comparisons(root, cells, ema_choice=ema_choice, failed=failed)
+  choice = choose(root, cells, ema_choice=ema_choice, failed=failed)
   ema_bn = ema_bn_comparisons(root, cells)
   (root / "benchmark.md").write_text(
-    to_markdown(cells, command=command, failed=failed, paired=paired, ema_bn=ema_bn)
+    to_markdown(cells, command=command, failed=failed, paired=paired, ema_bn=ema_bn, choice=choice)
   )
   record = {
     "command": command,
     "cells": cells,
+    "choice": choice,
     "comparisons": paired,
     "ema_batch_stats": ema_bn,
     "failed": list(failed),

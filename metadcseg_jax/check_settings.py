@@ -16,7 +16,9 @@ from metadcseg_jax import models
 from metadcseg_jax import noise
 from metadcseg_jax import optim
 from metadcseg_jax import settings
+from metadcseg_jax.data import pipeline
 from metadcseg_jax.data import real
+from metadcseg_jax.data import splits
 from metadcseg_jax.errors import ConfigError
 
 # Every dataset `config.data.name` accepts.
@@ -47,6 +49,9 @@ RULES: settings.Rules = (
   ("data.seed", settings.integer(0)),
   ("data.meta_seed", settings.optional(settings.integer(0))),
   ("data.meta_fraction", settings.number(0.0, 1.0, low_open=True, high_open=True)),
+  ("data.trusted_split.meta", settings.number(0.0, 1.0, low_open=True)),
+  ("data.trusted_split.val", settings.number(0.0, 1.0, low_open=True)),
+  ("data.trusted_split.test", settings.number(0.0, 1.0, low_open=True)),
   ("data.augment", settings.boolean),
   ("data.num_workers", settings.integer(0)),
   ("audit.epochs", settings.integer(0)),
@@ -119,11 +124,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         f"config.data.mask_threshold={threshold!r} must be an integer in [0, 255] "
         f"with config.data.num_classes=2"
       )
-  if data.name != "synthetic" and data.num_classes != 2 and data.name != "folder":
+  if data.name not in ("synthetic", "folder", "decathlon") and data.num_classes != 2:
     found.append(
       f"config.data.num_classes={data.num_classes}: {data.name} has 2 classes "
       f"(background, foreground)"
     )
+  found += _own_data_problems(config)
   if train.warmup_epochs > train.num_epochs:
     found.append(
       f"config.train.warmup_epochs={train.warmup_epochs} exceeds "
@@ -136,6 +142,33 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       f"config.data.n_train={data.n_train} is smaller than one training batch "
       f"({train.batch_size}) plus one meta batch ({train.meta_batch_size})"
     )
+  return found
+
+
+def _own_data_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """A user's folder: the trusted shares, the named files, and a clean meta source for a method
+  that learns from one."""
+  data, found = config.data, []
+  shares = dict(data.trusted_split)
+  if sum(shares.values()) > 1 + 1e-9:
+    found.append(f"config.data.trusted_split={shares}: the shares sum to more than 1")
+  own = data.name in real.BUILDERS and real.BUILDERS[data.name].TAKES_PLAN
+  for key in ("trusted_list", "split_file"):
+    value = str(data.get(key) or "")
+    if value and not own:
+      found.append(f"config.data.{key} applies to your own data (folder, decathlon) only")
+    elif value and value != splits.ALL and key == "trusted_list":
+      if not pathlib.Path(value).expanduser().is_file():
+        found.append(f"config.data.trusted_list={value!r} is not a file (one stem per line)")
+  cls = methods.REGISTRY.get(config.method)
+  if own and cls is not None and cls.uses_meta_batch and not found:
+    if pathlib.Path(data.manual_dir).expanduser().is_dir() and not pipeline.clean_meta_source(data):
+      found.append(
+        f"config.method={config.method!r} learns from a clean meta set and no mask of "
+        f"{data.manual_dir} is verified: put verified masks of some images in "
+        f"{pathlib.Path(data.manual_dir) / splits.TRUSTED_DIR}/ (same stems) or list their stems "
+        "in a file and pass --config.data.trusted_list=FILE (or train --config.method=ce)"
+      )
   return found
 
 

@@ -21,7 +21,7 @@ from metadcseg_jax import parallel
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """MetaDCSeg (L2B meta step + DCD) on the synthetic set with L2B 40% noise, U-Net++ width 32."""
+  """MetaDCSeg (L2B meta step + DCD) on the synthetic set, U-Net++ width 32, no injected noise."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   # metadcseg_jax.methods.NAMES: plain losses (ce, gce, sce), two networks (coteaching,
@@ -59,7 +59,9 @@ def _model_config() -> ml_collections.ConfigDict:
 def _data_config() -> ml_collections.ConfigDict:
   """`config.data`: the dataset, its splits, augmentation and the label noise."""
   c = ml_collections.ConfigDict()
-  c.name = "synthetic"  # synthetic | kvasir_seg | promise12 | msd_brain | msd_heart | folder
+  # synthetic | kvasir_seg | promise12 | msd_brain | msd_heart, or your own data: folder (2D
+  # images/ and masks/) | decathlon (volumes in the Decathlon / nnU-Net raw layout)
+  c.name = "synthetic"
   c.data_dir = "~/metadcseg_data"  # TFDS builds and noisy-label caches live here
   c.manual_dir = ""  # raw data folder for real datasets
   # Reading a folder of your own (name "folder"): channels and num_classes below, and
@@ -68,10 +70,25 @@ def _data_config() -> ml_collections.ConfigDict:
   c.mask_threshold = config_dict.placeholder(int)
   c.options = ml_collections.ConfigDict()
   c.options.mask_suffix = ""
-  # Volumes (promise12, msd_*): which training slices to keep ("all", "foreground",
-  # "nonzero"); MSD Brain: the modality (name or index in dataset.json, default FLAIR).
+  # Volumes (promise12, msd_*, decathlon): which training slices to keep ("all", "foreground",
+  # "nonzero"); the modality (name or index in dataset.json; MSD Brain: default FLAIR;
+  # decathlon: default "all", config.data.channels of them).
   c.options.train_slices = config_dict.placeholder(str)
   c.options.modality = config_dict.placeholder(str)
+  # Your own data (folder, decathlon): the masks an expert verified, either as a folder
+  # `trusted/` beside masks/ (or labelsTr/; same stems, replacing those masks) or as a file
+  # listing the stems (case ids) whose masks are verified ("all": every mask). The clean meta
+  # split, validation and test are drawn from them (these shares of the trusted cases; the
+  # rest train with their verified masks), everything else trains on the masks as given
+  # (metadcseg_jax.data.splits).
+  c.trusted_list = ""
+  c.trusted_split = ml_collections.ConfigDict({"meta": 0.3, "val": 0.2, "test": 0.5})
+  # The train/meta/val/test lists of stems, as nnU-Net's splits_final.json: used as written
+  # when the file exists, else the split made is written there. "": <manual_dir>/
+  # splits_final.json when it exists, else <workdir>/splits_final.json.
+  c.split_file = ""
+  # Class names, background first, comma-separated ("": from dataset.json, else class<k>).
+  c.class_names = ""
   c.size = 64
   c.channels = 1
   c.num_classes = 2
@@ -86,8 +103,10 @@ def _data_config() -> ml_collections.ConfigDict:
   c.augment = True
   c.num_workers = 0  # grain worker processes for reading and augmenting (0: threads)
   c.noise = ml_collections.ConfigDict()
-  # none | l2b20 | l2b40 | l2b60 | markov_sr | markov_se | dist (MetaDCSeg App. A.2)
-  c.noise.kind = "l2b40"
+  # Synthetic label noise injected into the training masks (never into the meta split or
+  # trusted masks), for benchmarks where the given masks are clean: none | l2b20 | l2b40 |
+  # l2b60 | markov_sr | markov_se | dist (MetaDCSeg App. A.2).
+  c.noise.kind = "none"
   c.noise.seed = 0
   # L2B kinds only. calibrate: scale the level's kernels so that its measured corruption
   # 1 - Dice of the training masks is its nominal share (20/40/60%, within 3 points; the

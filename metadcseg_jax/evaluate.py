@@ -65,16 +65,25 @@ def evaluate_cases(
   num_classes: int,
   spacing=None,
   variants: Sequence[str] = base.VARIANTS,
+  class_names: Sequence[str] | None = None,
 ) -> dict[str, tuple[list[str], list[dict[str, Any]]]]:
   """MetaDCSeg §4.1 metrics of every case of a split for each parameter variant.
 
   3D datasets (several slices per case id) are scored per volume, 2D ones per image, in pixels
-  unless `spacing` ({case id: (slice, row, col) mm}) is given for the volumes.
+  unless `spacing` ({case id: (slice, row, col) mm}) is given for the volumes. With more than
+  two classes every foreground class is scored on its own (`metrics.case_metrics`).
+
+  Args:
+    class_names: names of the foreground classes 1..L-1, checked here against `num_classes`
+      before anything is predicted; the case dicts key their classes by label, and
+      `metrics.summarize` and `case_scores` name them.
 
   Returns:
     {variant: (case ids, per-case `metrics.case_metrics` dicts)}, the cases in the order of
     their first slice in `records` (2D: the records' order).
   """
+  if class_names is not None:
+    metrics_lib.foreground_names(num_classes, class_names)
   case_ids = [records.case_id(i) for i in range(len(records))]
   per_volume = len(set(case_ids)) < len(case_ids)
   results = {}
@@ -106,25 +115,68 @@ def evaluate(
   batch_size: int,
   num_classes: int,
   spacing=None,
-) -> dict[str, dict[str, float]]:
+  class_names: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
   """MetaDCSeg §4.1 metrics of a split for each parameter variant (`evaluate_cases`, averaged).
+
+  Args:
+    class_names: names of the foreground classes 1..L-1 (default "class1", ...), the keys of
+      "per_class" when there are more than two classes.
 
   Returns:
     {variant: `metrics.summarize` dict} for "raw" and "ema".
   """
   per_case = evaluate_cases(
-    predictor, state, records, batch_size=batch_size, num_classes=num_classes, spacing=spacing
+    predictor,
+    state,
+    records,
+    batch_size=batch_size,
+    num_classes=num_classes,
+    spacing=spacing,
+    class_names=class_names,
   )
-  return {variant: metrics_lib.summarize(cases) for variant, (_, cases) in per_case.items()}
+  return {
+    variant: metrics_lib.summarize(cases, class_names=class_names)
+    for variant, (_, cases) in per_case.items()
+  }
 
 
 # The per-case scores a run keeps (cases.json), for paired statistics without retraining.
 CASE_KEYS = ("dice", "iou", "hd95")
 
 
-def case_scores(case_ids: Sequence[str], cases: Sequence[dict[str, Any]]) -> dict[str, list]:
-  """{"case_ids": [...], metric: [value per case]} over `CASE_KEYS` (inf/NaN as None)."""
-  out: dict[str, list] = {"case_ids": [str(c) for c in case_ids]}
+def _finite(value: Any) -> float | None:
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def case_scores(
+  case_ids: Sequence[str],
+  cases: Sequence[dict[str, Any]],
+  *,
+  class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+  """One run's per-case scores, as cases.json keeps them (inf/NaN as None).
+
+  Args:
+    case_ids: the N case ids.
+    cases: the N `metrics.case_metrics` dicts, in the same order.
+    class_names: names of the foreground classes 1..L-1 (default "class1", ...).
+
+  Returns:
+    {"case_ids": [...], metric: [value per case]} over `CASE_KEYS`; cases of more than two
+    classes add "per_class": {name: {metric: [value per case]}} over `CASE_KEYS`.
+  """
+  out: dict[str, Any] = {"case_ids": [str(c) for c in case_ids]}
   for k in CASE_KEYS:
-    out[k] = [float(c[k]) if math.isfinite(float(c[k])) else None for c in cases]
+    out[k] = [_finite(c[k]) for c in cases]
+  if cases and "per_class" in cases[0]:
+    labels = sorted(cases[0]["per_class"])
+    names = metrics_lib.foreground_names(len(labels) + 1, class_names)
+    out["per_class"] = {
+      name: {k: [_finite(c["per_class"][label][k]) for c in cases] for k in CASE_KEYS}
+      for label, name in zip(labels, names)
+    }
+  elif class_names is not None:
+    metrics_lib.foreground_names(2, class_names)
   return out

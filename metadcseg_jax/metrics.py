@@ -1,4 +1,4 @@
-"""Evaluation metrics (MetaDCSeg §4.1): Dice, IoU, mIoU, HD, HD95 and ASD per case.
+"""Evaluation metrics (MetaDCSeg §4.1): Dice, IoU, mIoU, HD, HD95 and ASD per case and per class.
 
 Host-side numpy/scipy code, run at evaluation time and never inside `jit`. A
 *case* is one 2D image (2D data) or one 3D volume (3D data, see
@@ -8,10 +8,15 @@ cases by `summarize`.
 Conventions (this project's, see BUILD_NOTES.md, "Metrics"; the paper, MetaDCSeg §4.1, names mIoU,
 DSC and HD without defining them):
 
-* Foreground is `label > 0` (all non-background classes merged). Dice and IoU
-  are foreground scores; mIoU averages the IoU of every class, background
-  included, over the classes present in the prediction or the target of that
-  case (a class absent from both has IoU 0/0 and is left out of the mean).
+* Classes. With two classes (L = 2) the foreground is `label > 0` and Dice, IoU,
+  HD, HD95 and ASD are its scores. With more (L > 2) each foreground class
+  c = 1..L-1 is scored on its own (`pred == c` against `target == c`, the same
+  binary scores, `class_metrics`) and the case's `dice`, `iou`, `hd`, `hd95`
+  and `asd` are the means over the L-1 foreground classes (nnU-Net's
+  "foreground mean"); the per-class values are kept under `per_class`. mIoU
+  averages the IoU of every class, background included, over the classes
+  present in the prediction or the target of that case (a class absent from
+  both has IoU 0/0 and is left out of that mean).
 * Boundary of a mask `m`: `m & ~binary_erosion(m, cross)` with the cross-shaped
   footprint `generate_binary_structure(ndim, 1)` and scipy's default
   `border_value=0`, so foreground touching the image edge has boundary there.
@@ -29,19 +34,32 @@ DSC and HD without defining them):
   .assd` from medpy 0.5 on and Heimann et al. (2009). medpy <= 0.4 averaged
   the two directed means instead; the two agree when both boundaries have the
   same number of pixels.
-* Empty masks: both empty -> Dice 1, IoU 1, HD = HD95 = ASD = 0; exactly one
-  empty -> Dice 0, IoU 0, HD = HD95 = ASD = the image diagonal
-  `sqrt(sum((shape * spacing)**2))`. `summarize` reports how many cases fell
-  into each branch next to the means.
+* Empty masks, per class (per foreground for L = 2): both empty -> Dice 1,
+  IoU 1, HD = HD95 = ASD = 0; exactly one empty -> Dice 0, IoU 0,
+  HD = HD95 = ASD = the image diagonal `sqrt(sum((shape * spacing)**2))`.
+  Dice and IoU are then those of MONAI's `DiceMetric(ignore_empty=False)` and
+  `MeanIoU(ignore_empty=False)` (`DiceHelper.compute_channel`: 1 when the
+  reference and the prediction are both empty, else 2|P∩T| / (|P| + |T|),
+  which is 0 when exactly one is empty). MONAI's surface distances have no
+  finite value there (inf or NaN with a warning), so the distances follow
+  BraTS instead: 0 when both are empty and a fixed worst value when exactly
+  one is, as nnU-Net's BraTS 2020 evaluation returns (`compute_BraTS_HD95` in
+  nnU-Net v1's `dataset_conversion/Task082_BraTS_2020.py`: 373.13 mm, the
+  diagonal of BraTS's 240 x 240 x 155 1-mm volume); here the worst value is
+  the diagonal of the case's own image, so a BraTS volume gets BraTS's value.
+  `summarize` reports how many cases fell into each branch next to the means.
 
-Example:
-  >>> cases = batch_case_metrics(pred_labels, true_labels, num_classes=2)
-  >>> summarize(cases)["dice"]
+Example (labels (B, H, W) with classes 0, 1, 2):
+
+    cases = batch_case_metrics(pred_labels, true_labels, num_classes=3)
+    summary = summarize(cases, class_names=["liver", "tumour"])
+    summary["dice"], summary["per_class"]["tumour"]["hd95"]
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+import types
 from typing import Any
 
 import numpy as np
@@ -49,7 +67,22 @@ from scipy import ndimage
 
 # Keys whose per-case values are averaged by `summarize`.
 METRIC_KEYS = ("dice", "iou", "miou", "hd", "hd95", "asd")
+# The scores of one class (one binary mask pair); with L > 2 classes a case's headline values
+# of these keys are their means over the foreground classes.
+CLASS_KEYS = ("dice", "iou", "hd", "hd95", "asd")
 HD_PERCENTILE = 95.0
+# A class absent from both masks (see the module docstring, "Empty masks").
+BOTH_EMPTY = types.MappingProxyType(
+  {
+    "dice": 1.0,
+    "iou": 1.0,
+    "hd": 0.0,
+    "hd95": 0.0,
+    "asd": 0.0,
+    "pred_empty": True,
+    "target_empty": True,
+  }
+)
 
 Spacing = float | Sequence[float] | None
 
@@ -178,37 +211,29 @@ def mean_iou(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
   return float(np.mean(inter[present] / union[present]))
 
 
-def case_metrics(
-  pred: Any, target: Any, *, num_classes: int = 2, spacing: Spacing = None
-) -> dict[str, float | bool]:
-  """All MetaDCSeg §4.1 metrics for one case (a 2D image or a 3D volume).
+def class_metrics(pred: Any, target: Any, *, spacing: Spacing = None) -> dict[str, float | bool]:
+  """Dice, IoU, HD, HD95 and ASD of one binary mask pair (one class of a case).
 
   Args:
-    pred: (H, W) or (D, H, W) predicted integer labels in [0, num_classes).
-    target: same shape, reference labels.
-    num_classes: L, classes including background (for mIoU and range checks).
+    pred: (H, W) or (D, H, W) bool (or 0/1), the predicted mask of the class.
+    target: same shape, the reference mask.
     spacing: voxel size per axis (scalar or a tuple of len ndim, e.g. mm);
       None measures distances in pixels.
 
   Returns:
-    Dict of Python floats `dice`, `iou` (foreground, label > 0), `miou`,
-    `hd`, `hd95` (pooled, medpy convention), `asd` (pooled symmetric mean,
-    medpy >= 0.5 `assd`), plus bools `pred_empty`, `target_empty`.
-
-  Raises:
-    ValueError: shapes differ, ndim not 2 or 3, non-integer labels, labels
-      outside [0, num_classes), or a bad spacing.
+    Dict of Python floats `dice`, `iou`, `hd`, `hd95` (pooled, medpy
+    convention), `asd` (pooled symmetric mean, medpy >= 0.5 `assd`) and bools
+    `pred_empty`, `target_empty`; the empty-mask values of the module docstring
+    where a mask is empty (`BOTH_EMPTY` when both are).
   """
-  pred, target = _check_pair(pred, target, num_classes, (2, 3))
-  sp = _check_spacing(spacing, pred.ndim)
-  p, t = pred > 0, target > 0
+  p, t = np.asarray(pred, bool), np.asarray(target, bool)
+  sp = _check_spacing(spacing, p.ndim)
   n_p, n_t = int(p.sum()), int(t.sum())
   if n_p == 0 and n_t == 0:
-    dice = iou = 1.0
-    hd = hd95 = asd = 0.0
-  elif n_p == 0 or n_t == 0:
+    return dict(BOTH_EMPTY)
+  if n_p == 0 or n_t == 0:
     dice = iou = 0.0
-    hd = hd95 = asd = image_diagonal(pred.shape, sp)
+    hd = hd95 = asd = image_diagonal(p.shape, sp)
   else:
     inter = int(np.sum(p & t))
     dice = 2.0 * inter / (n_p + n_t)
@@ -221,7 +246,6 @@ def case_metrics(
   return {
     "dice": dice,
     "iou": iou,
-    "miou": mean_iou(pred, target, num_classes),
     "hd": hd,
     "hd95": hd95,
     "asd": asd,
@@ -230,13 +254,76 @@ def case_metrics(
   }
 
 
+def foreground_mean(per_class: Mapping[Hashable, Mapping[str, Any]]) -> dict[str, float]:
+  """The mean of each of `CLASS_KEYS` over the classes of `per_class` (nnU-Net's foreground mean).
+
+  Args:
+    per_class: {class: `class_metrics` dict} of one case's foreground classes (at least one).
+
+  Returns:
+    {key: mean over the classes} for each key of `CLASS_KEYS`.
+  """
+  if not per_class:
+    raise ValueError("foreground_mean needs at least one class.")
+  return {k: float(np.mean([c[k] for c in per_class.values()])) for k in CLASS_KEYS}
+
+
+def case_metrics(
+  pred: Any, target: Any, *, num_classes: int = 2, spacing: Spacing = None
+) -> dict[str, Any]:
+  """All MetaDCSeg §4.1 metrics for one case (a 2D image or a 3D volume).
+
+  Args:
+    pred: (H, W) or (D, H, W) predicted integer labels in [0, num_classes).
+    target: same shape, reference labels.
+    num_classes: L, classes including background.
+    spacing: voxel size per axis (scalar or a tuple of len ndim, e.g. mm);
+      None measures distances in pixels.
+
+  Returns:
+    Dict of Python floats `dice`, `iou`, `hd`, `hd95` (pooled, medpy
+    convention), `asd` (pooled symmetric mean, medpy >= 0.5 `assd`), `miou`,
+    plus bools `pred_empty`, `target_empty` (no foreground, label > 0, at all).
+    L = 2: the first five score the foreground `label > 0`. L > 2: they are
+    the means over the foreground classes of `per_class`, a dict
+    `{c: class_metrics dict}` for c = 1..L-1 (int keys) that only L > 2 adds.
+
+  Raises:
+    ValueError: shapes differ, ndim not 2 or 3, non-integer labels, labels
+      outside [0, num_classes), or a bad spacing.
+  """
+  pred, target = _check_pair(pred, target, num_classes, (2, 3))
+  sp = _check_spacing(spacing, pred.ndim)
+  if num_classes == 2:
+    fg = class_metrics(pred > 0, target > 0, spacing=sp)
+    per_class = None
+  else:
+    per_class = {
+      c: class_metrics(pred == c, target == c, spacing=sp) for c in range(1, num_classes)
+    }
+    fg = foreground_mean(per_class)
+  out = {
+    "dice": fg["dice"],
+    "iou": fg["iou"],
+    "miou": mean_iou(pred, target, num_classes),
+    "hd": fg["hd"],
+    "hd95": fg["hd95"],
+    "asd": fg["asd"],
+    "pred_empty": not bool(np.any(pred > 0)),
+    "target_empty": not bool(np.any(target > 0)),
+  }
+  if per_class is not None:
+    out["per_class"] = per_class
+  return out
+
+
 def batch_case_metrics(
   preds: Any,
   targets: Any,
   *,
   num_classes: int = 2,
   spacing: Spacing = None,
-) -> list[dict[str, float | bool]]:
+) -> list[dict[str, Any]]:
   """`case_metrics` for each image of a 2D batch.
 
   Args:
@@ -262,7 +349,7 @@ def volume_metrics(
   slice_indices: Any = None,
   num_classes: int = 2,
   spacing: Spacing | Mapping[Hashable, Spacing] = None,
-) -> dict[Hashable, dict[str, float | bool]]:
+) -> dict[Hashable, dict[str, Any]]:
   """Per-volume metrics for 3D data evaluated slice by slice (MetaDCSeg §4.1).
 
   Slices are grouped by case id, ordered by slice index and stacked into
@@ -323,20 +410,69 @@ def volume_metrics(
   return results
 
 
-def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, float | int]:
+def foreground_names(num_classes: int, names: Sequence[str] | None = None) -> tuple[str, ...]:
+  """The names of the foreground classes 1..L-1: `names` checked, or "class1", "class2", ...
+
+  Args:
+    num_classes: L, classes including background.
+    names: L-1 names, class 1 first (background has none), or None for the defaults.
+
+  Returns:
+    A tuple of L-1 distinct, non-empty strings.
+
+  Raises:
+    ValueError: a wrong number of names, an empty or repeated name.
+  """
+  if int(num_classes) != num_classes or num_classes < 2:
+    raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
+  if names is None:
+    return tuple(f"class{c}" for c in range(1, num_classes))
+  if isinstance(names, str):
+    raise ValueError(f"class names must be a list of names, got the string {names!r}.")
+  names = tuple(str(n) for n in names)
+  if len(names) != num_classes - 1:
+    raise ValueError(
+      f"{len(names)} class names {list(names)} for {num_classes - 1} foreground classes "
+      f"(num_classes={num_classes}); name classes 1..{num_classes - 1}, not the background."
+    )
+  if any(not n.strip() for n in names) or len(set(names)) != len(names):
+    raise ValueError(f"class names must be distinct and non-empty, got {list(names)}.")
+  return names
+
+
+def _case_classes(cases: Sequence[Mapping[str, Any]]) -> list[int]:
+  """The foreground classes the cases score one by one ([] for two-class cases)."""
+  labels = [sorted(c["per_class"]) if "per_class" in c else [] for c in cases]
+  if any(keys != labels[0] for keys in labels):
+    raise ValueError("cases score different classes (per_class keys differ); summarize them apart.")
+  if labels[0] and labels[0] != list(range(1, len(labels[0]) + 1)):
+    raise ValueError(f"per_class must hold classes 1..L-1, got {labels[0]}.")
+  return labels[0]
+
+
+def summarize(
+  cases: Iterable[Mapping[str, Any]], class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
   """Means of the per-case metrics, with the empty-mask counts beside them.
 
   Args:
     cases: per-case dicts from `case_metrics` (or the values of
       `volume_metrics`).
+    class_names: names of the foreground classes 1..L-1 (default "class1",
+      "class2", ...); for cases of L > 2 classes they key `per_class`.
 
   Returns:
     `{dice, iou, miou, hd, hd95, asd}` means over cases (empty-mask cases
     included with the values above), and ints `n_cases`, `n_both_empty`,
-    `n_one_empty` (pred xor target empty), `n_pred_empty`, `n_target_empty`.
+    `n_one_empty` (pred xor target empty), `n_pred_empty`, `n_target_empty`
+    (no foreground at all). Cases of L > 2 classes add
+    `per_class: {name: {dice, iou, hd, hd95, asd}}`, each the mean over cases
+    of that class's score; the headline `dice`, ... then equal the means of
+    the per-class means (every case scores every class).
 
   Raises:
-    ValueError: no cases, or a case dict missing a key.
+    ValueError: no cases, a case dict missing a key, cases that score
+      different classes, or class names that do not fit them.
   """
   cases = list(cases)
   if not cases:
@@ -346,7 +482,7 @@ def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, float | int]:
     missing = [k for k in need if k not in c]
     if missing:
       raise ValueError(f"case {i} lacks keys {missing}.")
-  out: dict[str, float | int] = {k: float(np.mean([c[k] for c in cases])) for k in METRIC_KEYS}
+  out: dict[str, Any] = {k: float(np.mean([c[k] for c in cases])) for k in METRIC_KEYS}
   pe = np.array([bool(c["pred_empty"]) for c in cases])
   te = np.array([bool(c["target_empty"]) for c in cases])
   out.update(
@@ -356,6 +492,15 @@ def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, float | int]:
     n_pred_empty=int(pe.sum()),
     n_target_empty=int(te.sum()),
   )
+  labels = _case_classes(cases)
+  # Two-class cases have no per_class; a name given for them is still checked (one name).
+  if labels or class_names is not None:
+    names = foreground_names(max(len(labels), 1) + 1, class_names)
+  if labels:
+    out["per_class"] = {
+      name: {k: float(np.mean([c["per_class"][label][k] for c in cases])) for k in CLASS_KEYS}
+      for label, name in zip(labels, names)
+    }
   return out
 
 
@@ -369,12 +514,19 @@ class MetricAccumulator:
     >>> acc.result()["dice"], acc.result()["n_one_empty"]
   """
 
-  def __init__(self, *, num_classes: int = 2, spacing: Spacing = None):
+  def __init__(
+    self,
+    *,
+    num_classes: int = 2,
+    spacing: Spacing = None,
+    class_names: Sequence[str] | None = None,
+  ):
     self.num_classes = num_classes
     self.spacing = spacing
-    self.cases: list[dict[str, float | bool]] = []
+    self.class_names = class_names
+    self.cases: list[dict[str, Any]] = []
 
-  def add_case(self, pred: Any, target: Any) -> dict[str, float | bool]:
+  def add_case(self, pred: Any, target: Any) -> dict[str, Any]:
     """Scores one (H, W) or (D, H, W) case, stores and returns its dict."""
     case = case_metrics(pred, target, num_classes=self.num_classes, spacing=self.spacing)
     self.cases.append(case)
@@ -386,6 +538,6 @@ class MetricAccumulator:
       batch_case_metrics(preds, targets, num_classes=self.num_classes, spacing=self.spacing)
     )
 
-  def result(self) -> dict[str, float | int]:
-    """`summarize` over every case added so far."""
-    return summarize(self.cases)
+  def result(self) -> dict[str, Any]:
+    """`summarize` over every case added so far (per class by `class_names`)."""
+    return summarize(self.cases, class_names=self.class_names)

@@ -107,7 +107,7 @@ def prepare(config: ml_collections.ConfigDict, workdir, *, write_info: bool = Fa
   main = parallel.is_main_process()
   if not main:
     parallel.sync("data: built by process 0")
-  splits = pipeline.prepare_data(config.data, meta_batch_size=t.meta_batch_size)
+  splits = pipeline.prepare_data(config.data, meta_batch_size=t.meta_batch_size, workdir=wd.path)
   if main:
     if write_info:
       pipeline.save_info(splits, wd.path / DATA_INFO)

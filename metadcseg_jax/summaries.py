@@ -9,7 +9,8 @@
     tensorboard --logdir runs/      # every run under runs/, named by its folder
 
 Tags: `train/<key>` (the loss terms, `lr`, `images_per_s`; per epoch), `val/<raw|ema>/<metric>`
-(Dice, IoU, HD95, ... of every evaluation), `diagnostics/<key>` and `figures/<name>` (the PNGs
+(Dice, IoU, HD95, ... of every evaluation; with more than two classes also
+`val/<raw|ema>/<metric>/<class name>`), `diagnostics/<key>` and `figures/<name>` (the PNGs
 a run writes at its end), each at the record's global training step.
 
 Events are written synchronously with tensorboardX's `EventsWriter` (no TensorFlow, no writer
@@ -39,14 +40,31 @@ _LABEL_KEYS = ("epoch", "step", "split", "params", "phase")
 _COLORSPACE = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 
 
+def _scalar(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def tag_values(record: dict[str, Any]) -> dict[str, float]:
-  """The scalars of one metrics.jsonl record, by TensorBoard tag."""
+  """The scalars of one metrics.jsonl record, by TensorBoard tag.
+
+  A record's "per_class" ({class name: {metric: value}}, `metrics.summarize` with more than two
+  classes) gives `<split>/<params>/<metric>/<class name>` beside the headline
+  `<split>/<params>/<metric>` (the mean over the foreground classes).
+  """
   prefix = "/".join(str(record[k]) for k in ("split", "params") if record.get(k) is not None)
-  return {
-    f"{prefix}/{key}" if prefix else key: float(value)
+  head = f"{prefix}/" if prefix else ""
+  out = {
+    f"{head}{key}": float(value)
     for key, value in record.items()
-    if key not in _LABEL_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key not in _LABEL_KEYS and _scalar(value)
   }
+  per_class = record.get("per_class")
+  if isinstance(per_class, dict):
+    for name, scores in per_class.items():
+      for metric, value in scores.items() if isinstance(scores, dict) else ():
+        if _scalar(value):
+          out[f"{head}{metric}/{name}"] = float(value)
+  return out
 
 
 def command(logdir: str | os.PathLike) -> str:

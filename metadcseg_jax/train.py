@@ -52,7 +52,10 @@ from metadcseg_jax import parallel
 from metadcseg_jax import preemption
 from metadcseg_jax import runs
 from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.inference import model as model_lib
+from metadcseg_jax.inference import original_size
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.data import preprocess
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
@@ -421,9 +424,12 @@ def _prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> _Loo
     par.check_batch("config.train.meta_batch_size", t.meta_batch_size)
   if main:
     wd.record_config(config)
+    _announce_noise(config)
   enable_compilation_cache(config.data.data_dir)
   run = runs.prepare(config, wd, write_info=True)
-  logging.info("data: %s", {k: v for k, v in run.splits.info.items() if k != "meta_indices"})
+  logging.info("data: %s", {k: v for k, v in run.splits.info.items() if k not in LONG_DATA_INFO})
+  if main:
+    _announce_reference(run.splits.info)
   if run.data_settings:
     logging.info("settings from the data: %s", run.data_settings)
   if par.num_devices > 1:
@@ -435,6 +441,50 @@ def _prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> _Loo
     )
   compiled = compiled_for(run.config, run.steps_per_epoch, par)
   return _Loop(run=run, par=par, compiled=compiled, main=main)
+
+
+# Entries of the data info too long for the log (data_info.json has them).
+LONG_DATA_INFO = ("meta_indices", "case_files", "split")
+
+
+def _announce_noise(config: ml_collections.ConfigDict) -> None:
+  """The log's first word on the labels: whether noise is injected into them."""
+  kind = config.data.noise.kind
+  if kind not in ("none", "", None):
+    logging.warning(
+      "label noise: %s is injected into the training masks (config.data.noise.kind; the meta "
+      "split, trusted masks, validation and test stay as given); none: train on the masks as "
+      "they are",
+      kind,
+    )
+
+
+def _announce_reference(info: Mapping[str, Any]) -> None:
+  """What validation and test are scored against, in one line when it is not trustworthy."""
+  split = info.get("split")
+  if split:
+    logging.info(
+      "split: %s (%s), %d trusted masks (%s)",
+      split["counts"],
+      "made and written to " + split["split_file"]
+      if split["split_generated"]
+      else "read from " + split["split_file"],
+      split["n_trusted"],
+      split["trusted_source"] or "none",
+    )
+  agreement = info.get("given_vs_trusted")
+  if agreement:
+    logging.info(
+      "your masks against their trusted versions (%d images): 1 - Dice %.3f ± %.3f",
+      agreement["n"],
+      agreement["one_minus_dice_mean"],
+      agreement["one_minus_dice_std"],
+    )
+  if info.get("reference") == "untrusted":
+    logging.warning(
+      "validation and test are scored against masks no one verified: the scores measure "
+      "agreement with them (name verified masks with trusted/ or config.data.trusted_list)"
+    )
 
 
 def _inputs(loop: _Loop) -> tuple[Any, Any]:
@@ -678,17 +728,31 @@ def _finish(loop: _Loop) -> dict[str, Any]:
   if not loop.main:
     return {"process_index": jax.process_index(), "workdir": str(run.workdir.path)}
   local_state = loop.par.local(loop.state)
-  scores, cases = _final_evaluation(loop.compiled, local_state, run.splits, config)
+  scores, cases, chosen_state = _final_evaluation(loop.compiled, local_state, run.splits, config)
+  info = run.splits.info
   results = {"epoch": int(local_state.step) // run.steps_per_epoch, **scores}
+  model = _save_model(run, loop.method, chosen_state, scores)
+  if original_size.available(info):
+    scores_orig, cases_orig = _original_size_evaluation(model, run)
+    results["test_original"], cases["test_original"] = scores_orig, cases_orig
   results.update(
     {
       "method": config.method,
-      "dataset": run.splits.info["dataset_key"],
-      "noise": run.splits.info["noise"],
+      "dataset": info["dataset_key"],
+      "noise": info["noise"],
+      "noise_injected": info["noise"]["kind"] != "none",
+      "reference": info["reference"],
+      "reference_trusted": info["reference"] != "untrusted",
+      "class_names": info["class_names"],
       "workdir": str(run.workdir.path),
+      "model": str(run.workdir.path / model_lib.RUN_MODEL_DIR),
       "settings_from_data": run.data_settings,
     }
   )
+  if "split" in info:
+    results["split"] = info["split"]
+  if "given_vs_trusted" in info:
+    results["given_vs_trusted"] = info["given_vs_trusted"]
   files.write_atomic(run.workdir.path / CASES_FILE, json.dumps(cases))
   files.write_atomic(run.workdir.path / "results.json", json.dumps(results, indent=1))
   if run.workdir.summaries is not None:
@@ -696,12 +760,64 @@ def _finish(loop: _Loop) -> dict[str, Any]:
     # runs of a benchmark can be compared on one chart (not in metrics.jsonl: the training
     # curves there stay free of test data).
     for params in ("raw", "ema"):
-      test = {k: v for k, v in scores["test"][params].items() if k in ("dice", "iou", "hd95")}
+      test = {
+        k: v for k, v in scores["test"][params].items() if k in ("dice", "iou", "hd95", "per_class")
+      }
       run.workdir.summaries.write_record(
         {"step": int(local_state.step), "split": "test", "params": params, **test}
       )
   _write_figures(loop.compiled, local_state, run.splits, config, run.workdir)
   return results
+
+
+def preprocessing(config: ml_collections.ConfigDict, info: Mapping[str, Any]):
+  """The run's preprocessing (`metadcseg_jax.data.preprocess`), from its data info."""
+  return preprocess.for_data(
+    config.data, info["class_names"], info.get("modalities"), info.get("channel_files", False)
+  )
+
+
+def _save_model(run: runs.Run, method, state, scores: Mapping[str, Any]) -> model_lib.Model:
+  """`<workdir>/model/`: the weights results.json scored (the EMA weights with the BatchNorm
+  statistics chosen), the settings and the preprocessing; returned opened."""
+  pre = preprocessing(run.config, run.splits.info)
+  path = run.workdir.path / model_lib.RUN_MODEL_DIR
+  with files.full_disk_stops(path):
+    model_lib.save(
+      path,
+      config=run.config,
+      state=state,
+      pre=pre,
+      ema_batch_stats=scores["ema_batch_stats"],
+      scores={k: scores[k] for k in ("val", "test")},
+      trained={
+        "workdir": str(run.workdir.path),
+        "dataset": run.splits.info["dataset_key"],
+        "epoch": int(state.step) // run.steps_per_epoch,
+      },
+    )
+  return model_lib.Model(
+    model_lib.inference_config(run.config),
+    method,
+    state,
+    pre,
+    {"default_variant": "ema"},
+    batch_size=run.config.train.eval_batch_size,
+  )
+
+
+def _original_size_evaluation(model: model_lib.Model, run: runs.Run):
+  """The test split scored at each case's own size (`inference.original_size`): ({"raw",
+  "ema": summary}, {"raw", "ema": case scores})."""
+  summaries, per_case = {}, {}
+  for variant in methods.base.VARIANTS:
+    ids, cases = original_size.score_split(
+      model, run.splits.test, run.splits.info, run.config.data, variant=variant
+    )
+    names = foreground_names(run.splits.info)
+    summaries[variant] = metrics_lib.summarize(cases, class_names=names)
+    per_case[variant] = evaluate.case_scores(ids, cases, class_names=names)
+  return summaries, per_case
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -721,7 +837,7 @@ def _evaluate(compiled: Compiled, state, records, splits: pipeline.DataSplits, c
   """{"raw", "ema": summary} of a split, the EMA weights with `config.train.ema_batch_stats`
   (with "best_val", the EMA of the statistics: the choice is made once, after training)."""
   if ema_batch_stats(config) == "recompute":
-    state = _recompute_ema_stats(compiled, state, splits, config)
+    state = recompute_ema_stats(compiled, state, splits, config)
   return evaluate.evaluate(
     compiled.predictor,
     state,
@@ -729,7 +845,14 @@ def _evaluate(compiled: Compiled, state, records, splits: pipeline.DataSplits, c
     batch_size=config.train.eval_batch_size,
     num_classes=config.data.num_classes,
     spacing=splits.info["spacing"] or None,
+    class_names=foreground_names(splits.info),
   )
+
+
+def foreground_names(info: Mapping[str, Any]) -> list[str] | None:
+  """The names of classes 1..L-1 of a run's data info (None: the default names)."""
+  names = info.get("class_names")
+  return list(names[1:]) if names else None
 
 
 # Per-case scores of the final evaluation, beside results.json.
@@ -763,7 +886,7 @@ def chosen_ema_stats(val_ema_bn: Mapping[str, Mapping[str, Any]] | None, choice:
   return "recompute" if val_ema_bn["recompute"]["dice"] > val_ema_bn["ema"]["dice"] else "ema"
 
 
-def _recompute_ema_stats(compiled: Compiled, state, splits: pipeline.DataSplits, config):
+def recompute_ema_stats(compiled: Compiled, state, splits: pipeline.DataSplits, config):
   """`state` with its EMA weights' BatchNorm statistics recomputed on the training images (in
   order, unaugmented, whole batches of eval_batch_size; a smaller split as one batch)."""
   size = min(config.train.eval_batch_size, len(splits.train))
@@ -783,10 +906,10 @@ def _final_evaluation(compiled: Compiled, state, splits: pipeline.DataSplits, co
 
   Returns:
     ({split: {"raw", "ema": summary, "ema_bn": {choice: summary}}, "ema_batch_stats": chosen},
-     {split: {"raw", "ema": case scores, "ema_bn": {choice: case scores}}}) for the results
-    and `CASES_FILE`.
+     {split: {"raw", "ema": case scores, "ema_bn": {choice: case scores}}}, the state whose EMA
+    weights carry the chosen statistics) for the results, `CASES_FILE` and the saved model.
   """
-  states = {"ema": state, "recompute": _recompute_ema_stats(compiled, state, splits, config)}
+  states = {"ema": state, "recompute": recompute_ema_stats(compiled, state, splits, config)}
   scores, cases = {}, {}
   for name, records in (("val", splits.val), ("test", splits.test)):
     kw = dict(
@@ -799,8 +922,9 @@ def _final_evaluation(compiled: Compiled, state, splits: pipeline.DataSplits, co
     )[variant]
     per = {"raw": evaluate_one(state, "raw")}
     per.update({bn: evaluate_one(s, "ema") for bn, s in states.items()})
-    summaries = {k: metrics_lib.summarize(c) for k, (_, c) in per.items()}
-    per_case = {k: evaluate.case_scores(ids, c) for k, (ids, c) in per.items()}
+    names = foreground_names(splits.info)
+    summaries = {k: metrics_lib.summarize(c, class_names=names) for k, (_, c) in per.items()}
+    per_case = {k: evaluate.case_scores(ids, c, class_names=names) for k, (ids, c) in per.items()}
     scores[name] = {"raw": summaries["raw"], "ema_bn": {bn: summaries[bn] for bn in states}}
     cases[name] = {"raw": per_case["raw"], "ema_bn": {bn: per_case[bn] for bn in states}}
   chosen = chosen_ema_stats(scores["val"]["ema_bn"], ema_batch_stats(config))
@@ -808,7 +932,7 @@ def _final_evaluation(compiled: Compiled, state, splits: pipeline.DataSplits, co
     out["ema"] = out["ema_bn"][chosen]
     out["ema_bn"] = out.pop("ema_bn")
   scores["ema_batch_stats"] = chosen
-  return scores, cases
+  return scores, cases, states[chosen]
 
 
 def _write_figures(compiled: Compiled, state, splits, config, wd: workdir_lib.Workdir) -> None:

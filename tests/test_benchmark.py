@@ -30,6 +30,7 @@ from metadcseg_jax import throughput
 from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
 
@@ -406,6 +407,166 @@ def test_paired_comparisons_from_each_runs_case_scores(tmp_path):
   _write_cases(run, scores["ce", 0], ids[::-1])
   with pytest.raises(ValueError, match="different test cases"):
     benchmark.comparisons(tmp_path, cells)
+
+
+def test_noise_levels_are_ordered_by_value(fake_runs, monkeypatch):
+  assert benchmark.sort_noises(["l2b40", "l2b60", "none"]) == ["none", "l2b40", "l2b60"]
+  # Kinds without a level come after the levels, in noise.KINDS order.
+  kinds = ["dist", "markov_se", "l2b60", "markov_sr", "none", "l2b20", "l2b60"]
+  assert benchmark.sort_noises(kinds) == [
+    "none",
+    "l2b20",
+    "l2b60",
+    "markov_sr",
+    "markov_se",
+    "dist",
+  ]
+  assert list(noise.KINDS).index("markov_sr") < list(noise.KINDS).index("dist")
+  _write_run(fake_runs, "l2b60", CE, 0, _results(0.5, 0.4, 9.0))
+  noises = ["l2b40", "l2b60", "none"]  # the command line's order
+  cells = benchmark.collect(fake_runs, rows=ROWS, noises=noises)
+  assert list(dict.fromkeys(c["noise"] for c in cells)) == ["none", "l2b40", "l2b60"]
+  head = benchmark.main_table(list(reversed(cells))).splitlines()[0]
+  assert [h.split()[0] for h in head.split("|")[2:-1:3]] == ["0%", "40%", "60%"]
+  plotted = []
+  monkeypatch.setattr(
+    figures,
+    "plot_dice_vs_noise",
+    lambda cells, *a, **k: plotted.append([c["noise"] for c in cells]),
+  )
+  benchmark.write_outputs(fake_runs, rows=ROWS, noises=noises)
+  assert list(dict.fromkeys(plotted[0])) == ["none", "l2b40", "l2b60"]
+
+
+def test_a_failure_withholds_only_the_verdicts_in_its_rows_favour():
+  base = {"seed_list": [0, 1], "verdict": "ahead"}
+  c = benchmark.count_failures(base, [2], [])
+  assert (c["verdict"], c["withheld"], c["seeds_attempted"]) == ("not resolved", "ahead", 3)
+  # The reference failing leaves the row's win standing: its bad seed is what was dropped.
+  assert benchmark.count_failures(base, [], [2])["verdict"] == "ahead"
+  behind = dict(base, verdict="behind")
+  assert benchmark.count_failures(behind, [2], [])["verdict"] == "behind"
+  c = benchmark.count_failures(behind, [], [1, 2])
+  assert (c["verdict"], c["withheld"], c["seeds_attempted"]) == ("not resolved", "behind", 3)
+  assert benchmark.count_failures(dict(base, seed_list=[0, 1, 2]), [], [])["withheld"] is None
+
+
+def _scored_runs(root, gains, jitter, *, seeds=(0, 1, 2), cases=40, skip=()):
+  """Runs with per-case test Dice base[seed, case] + gains[noise][row] + jitter[noise]·N(0, 1):
+  results.json and cases.json in each folder but those in `skip`. Returns the scores."""
+  rng = np.random.default_rng(7)
+  ids = [f"case{i}" for i in range(cases)]
+  rows = {"ce": CE, "l2b": benchmark.Row("l2b", "l2b"), "metadcseg": META}
+  scores = {}
+  for noise_kind, by_row in gains.items():
+    for seed in seeds:
+      base = rng.uniform(0.4, 0.7, cases)
+      for label, gain in by_row.items():
+        d = base + gain + rng.normal(0, jitter[noise_kind], cases)
+        scores[noise_kind, label, seed] = d
+        if (noise_kind, label, seed) in skip:
+          continue
+        res = _results(float(d.mean()), 0.5, 5.0, method=rows[label].method)
+        run = _write_run(root, noise_kind, rows[label], seed, res)
+        _write_cases(run, {"raw": d, "ema": d, "recompute": d}, ids)
+  return scores, list(rows.values())
+
+
+def test_the_choice_and_the_failed_seeds_in_a_users_benchmark(tmp_path, monkeypatch):
+  # Clean labels: ce 10 points ahead of both. 40%: three rows within noise of each other, and
+  # metadcseg's seed 2 diverges.
+  gains = {
+    "l2b40": {"ce": 0.0, "l2b": 0.0, "metadcseg": 0.0},
+    "none": {"ce": 0.10, "l2b": 0.0, "metadcseg": 0.0},
+  }
+  failing = ("l2b40", "metadcseg", 2)
+  scores, rows = _scored_runs(tmp_path, gains, {"l2b40": 0.1, "none": 0.01}, skip=[failing])
+
+  def trainer(config, workdir):
+    assert (config.data.noise.kind, config.method, config.seed) == failing
+    raise NonFiniteLossError("non-finite training loss at step 3 (epoch 1)")
+
+  plotted = []
+  monkeypatch.setattr(figures, "plot_dice_vs_noise", lambda *a, **k: plotted.append(a))
+  config = tiny.get_config()
+  config.lock()
+  lines = []
+  with pytest.raises(NonFiniteLossError, match="1 of 18 runs diverged"):
+    benchmark.run_benchmark(
+      config,
+      tmp_path,
+      rows=rows,
+      noises=["l2b40", "none"],
+      seeds=[0, 1, 2],
+      echo=lines.append,
+      trainer=trainer,
+    )
+  choice = json.loads((tmp_path / "benchmark.json").read_text())["choice"]
+  assert [c["noise"] for c in choice] == ["none", "l2b40"]
+  clean, noisy = choice
+  assert clean["best"] == "ce" and clean["ahead_of"] == ["l2b", "metadcseg"]
+  for other in clean["others"]:
+    want = np.mean([scores["none", other["row"], s] - scores["none", "ce", s] for s in range(3)])
+    assert other["mean"] == pytest.approx(want) and other["verdict"] == "behind"
+  # 40%: the best mean over each row's finished seeds, the others paired with it.
+  means = {
+    r: np.mean([scores["l2b40", r, s].mean() for s in range(3) if ("l2b40", r, s) != failing])
+    for r in gains["l2b40"]
+  }
+  best = max(means, key=means.get)
+  assert noisy["best"] == best and noisy["best_mean"] == pytest.approx(means[best])
+  assert noisy["ahead_of"] == [] and len(noisy["others"]) == 2
+  for other in noisy["others"]:
+    seeds = [s for s in range(3) if ("l2b40", other["row"], s) != failing]
+    seeds = [s for s in seeds if ("l2b40", best, s) != failing]
+    want = np.mean([scores["l2b40", other["row"], s] - scores["l2b40", best, s] for s in seeds])
+    assert other["mean"] == pytest.approx(want) and other["seed_list"] == seeds
+    assert other["verdict"] == "not resolved"
+  md = (tmp_path / "benchmark.md").read_text()
+  # The choice is the first section, printed as written, clean labels first.
+  assert md.index("## Which method to choose") < md.index("## Test, EMA parameters")
+  printed = "\n".join(lines)
+  section = [l for l in md.splitlines() if l.startswith("- 0%") or l.startswith("- 40%")][:2]
+  assert section[0].startswith("- 0%: **ce**") and section[1].startswith("- 40%: ")
+  assert section[0].endswith("ce resolved ahead of l2b, metadcseg.")
+  assert section[1].endswith("No method resolved ahead.")
+  assert all(line in printed for line in section)
+  # metadcseg's lost seed is named whether it has the best mean here or is compared with it.
+  assert "metadcseg lost 1 of 3 seeds" in section[1]
+  # The seeds lost: a column at the level where a run failed, and in the comparison table.
+  table = md.split("## Test, EMA parameters")[1].split("##")[0].strip().splitlines()
+  assert table[0].split(" | ")[-1] == "40% seeds lost |"
+  lost_column = {l.split(" | ")[0][2:]: l.split(" | ")[-1] for l in table[2:]}
+  assert lost_column == {"ce": "0 |", "l2b": "0 |", "metadcseg": "1 of 3 |"}
+  found = [
+    c
+    for c in json.loads((tmp_path / "benchmark.json").read_text())["comparisons"]
+    if (c["noise"], c["row"], c["reference"], c["params"]) == ("l2b40", "metadcseg", "ce", "ema")
+  ]
+  assert found[0]["seed_list"] == [0, 1] and found[0]["seeds_lost_row"] == [2]
+  assert "| 40% | metadcseg − ce | ema | 2 | row 1 of 3 |" in md
+  assert "| 40% | metadcseg − ce | ema | 2 | row 1 of 3 |" in printed
+  for words in ("seeds for a ±2-point interval", "seeds for 80% power at 2 points"):
+    assert words in md and words in printed
+  assert "seeds for ±2 points" not in md
+  assert [c["noise"] for c in plotted[-1][0]][::3] == ["none", "l2b40"]
+
+
+def test_a_row_that_lost_every_seed_keeps_its_lines(tmp_path):
+  gains = {"l2b40": {"ce": 0.0, "metadcseg": 0.05}}
+  lost = [("l2b40", "metadcseg", s) for s in range(3)]
+  _scored_runs(tmp_path, gains, {"l2b40": 0.01}, skip=lost)
+  failed = [{"noise": n, "row": r, "method": r, "seed": s, "error": "diverged"} for n, r, s in lost]
+  cells = benchmark.collect(tmp_path, rows=ROWS, noises=["l2b40"])
+  assert [c["label"] for c in cells] == ["ce"]
+  table = benchmark.main_table(cells, lost=benchmark.lost_seeds(failed, cells)).splitlines()
+  assert table[-1] == "| metadcseg | - | - | - | 3 of 3 |"
+  found = benchmark.comparisons(tmp_path, cells, failed=failed)
+  assert [(c["row"], c["verdict"], c["seeds_attempted"]) for c in found] == [
+    ("metadcseg", "no paired seeds", 3)
+  ] * 2
+  # A failed seed that has since finished (a rerun) is not lost.
+  assert benchmark.lost_seeds([dict(failed[0], row="ce")], cells) == {}
 
 
 def test_kvasir_presets_load(tmp_path):

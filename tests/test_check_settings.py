@@ -14,7 +14,7 @@ from metadcseg_jax import check_settings
 from metadcseg_jax import methods
 from metadcseg_jax.errors import ConfigError
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+LIBRARY_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "library.md"
 
 
 @pytest.mark.parametrize(
@@ -109,9 +109,9 @@ def test_all_problems_in_one_message_before_any_work(tmp_path):
 
 
 def _readme_method() -> types.ModuleType:
-  """The README's "Adding a method" file, as a module."""
+  """docs/library.md's "Adding a method" file, as a module."""
   source = re.search(
-    r"```python\n(# metadcseg_jax/methods/focal\.py\n.*?)```", README.read_text(), re.S
+    r"```python\n(# metadcseg_jax/methods/focal\.py\n.*?)```", LIBRARY_DOC.read_text(), re.S
   )
   module = types.ModuleType("focal")
   exec(compile(source.group(1), "focal.py", "exec"), module.__dict__)
@@ -119,7 +119,7 @@ def _readme_method() -> types.ModuleType:
 
 
 def test_a_method_with_its_own_settings_is_one_file_and_one_registry_line(monkeypatch):
-  """The README's example: its file and one line in the registry, and nothing else, give the
+  """docs/library.md's example: its file and one line in the registry, and nothing else, give the
   default config its section, check it before any work, and train."""
   focal = _readme_method()
   monkeypatch.setitem(methods.REGISTRY, "focal", focal.Focal)  # the registry line

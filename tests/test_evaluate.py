@@ -129,3 +129,79 @@ def test_volumes_are_scored_per_volume():
   for key in ("hd", "hd95", "asd"):
     assert spaced[key] == pytest.approx(2.0 * ema[key], rel=1e-9)
   assert spaced["dice"] == pytest.approx(ema["dice"])
+
+
+class LabelMethod:
+  """Three classes: "raw" predicts the label the image encodes (image = label), "ema" predicts
+  class 1 wherever the label is not background, so class 2 is never predicted."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def predict(self, state, images, *, variant="raw"):
+    del state
+    self.calls += 1
+    label = jnp.round(images[..., 0]).astype(jnp.int32)
+    if variant == "ema":
+      label = jnp.minimum(label, 1)
+    return jax.nn.one_hot(label, 3)
+
+
+def test_three_classes_are_scored_and_kept_per_class():
+  source = []
+  for i in range(3):
+    label = np.zeros((SIZE, SIZE), np.int32)
+    label[1 : 5 + i, 1:6] = 1
+    label[2:4, 2 : 3 + i] = 2
+    source.append(
+      {"image": label[..., None].astype(np.float32), "label": label, "case_id": f"c{i}"}
+    )
+  records = pipeline.Records(
+    source, [0, 1, 2], name="test", num_classes=3, image_shape=(SIZE, SIZE, 1)
+  )
+  method = LabelMethod()
+  predictor = evaluate.Predictor(method)
+  names = ["organ", "lesion"]
+  with pytest.raises(ValueError, match="1 class names"):
+    evaluate.evaluate(predictor, {}, records, batch_size=2, num_classes=3, class_names=["x"])
+  assert method.calls == 0  # a wrong list fails before anything is predicted
+  results = evaluate.evaluate(
+    predictor, {}, records, batch_size=2, num_classes=3, class_names=names
+  )
+  raw, ema = results["raw"], results["ema"]
+  assert list(raw["per_class"]) == names
+  for name in names:
+    assert raw["per_class"][name]["dice"] == pytest.approx(1.0)
+    assert raw["per_class"][name]["hd95"] == pytest.approx(0.0)
+  # EMA: class 1 predicted on T1 ∪ T2 -> Dice 2|T1| / (2|T1| + |T2|); class 2 missed -> Dice 0
+  # and distances the 8 x 8 image's diagonal. The headline is the mean over the two classes.
+  labels = [item["label"] for item in source]
+  organ = [2 * np.sum(t == 1) / (2 * np.sum(t == 1) + np.sum(t == 2)) for t in labels]
+  diag = np.hypot(SIZE, SIZE)
+  assert ema["per_class"]["organ"]["dice"] == pytest.approx(np.mean(organ))
+  assert ema["per_class"]["lesion"]["dice"] == 0.0
+  assert ema["per_class"]["lesion"]["hd95"] == pytest.approx(diag)
+  assert ema["dice"] == pytest.approx(np.mean(organ) / 2)
+  assert ema["hd95"] == pytest.approx((ema["per_class"]["organ"]["hd95"] + diag) / 2)
+
+  ((ids, cases),) = evaluate.evaluate_cases(
+    predictor, {}, records, batch_size=2, num_classes=3, variants=("ema",)
+  ).values()
+  kept = evaluate.case_scores(ids, cases, class_names=names)
+  assert kept["case_ids"] == ["c0", "c1", "c2"]
+  assert list(kept["per_class"]) == names
+  assert set(kept["per_class"]["organ"]) == set(evaluate.CASE_KEYS)
+  np.testing.assert_allclose(kept["per_class"]["organ"]["dice"], organ)
+  assert kept["per_class"]["lesion"]["dice"] == [0.0, 0.0, 0.0]
+  np.testing.assert_allclose(kept["dice"], np.asarray(organ) / 2)
+  assert list(evaluate.case_scores(ids, cases)["per_class"]) == ["class1", "class2"]
+
+
+def test_two_class_case_scores_are_unchanged():
+  cases = [{"dice": 0.5, "iou": 1 / 3, "hd95": float("inf")}]
+  assert evaluate.case_scores(["a"], cases) == {
+    "case_ids": ["a"],
+    "dice": [0.5],
+    "iou": [1 / 3],
+    "hd95": [None],
+  }

@@ -1,4 +1,4 @@
-"""The method registry and interface: every method builds, steps, predicts; the README's
+"""The method registry and interface: every method builds, steps, predicts; docs/library.md's
 "adding a method" example works as written."""
 
 import pathlib
@@ -75,9 +75,9 @@ def test_lr_schedule_counts_updates_not_steps():
 
 
 def test_readme_example_adds_a_method_in_one_file(monkeypatch, tmp_path):
-  readme = (ROOT / "README.md").read_text()
+  readme = (ROOT / "docs" / "library.md").read_text()
   block = re.search(r"```python\n(# metadcseg_jax/methods/focal\.py\n.*?)```", readme, re.S)
-  assert block, "the README's 'adding a method' example is missing"
+  assert block, "docs/library.md's 'adding a method' example is missing"
   namespace = {}
   exec(compile(block.group(1), "README focal.py", "exec"), namespace)  # pylint: disable=exec-used
   focal_cls = namespace["Focal"]

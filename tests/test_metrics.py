@@ -157,19 +157,113 @@ def test_empty_masks_and_counts():
   assert summary["hd"] == pytest.approx((0.0 + diag + diag_mm + 1.0) / 4)
 
 
-def test_miou_three_classes_by_hand():
+def test_three_classes_scored_per_class_by_hand():
   t = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2]])
   p = np.array([[0, 0, 0, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 1, 2]])
-  # class 0: inter 4, union 5 -> 0.8; class 1: inter 3 ((0,3),(1,2),(1,3)),
-  # union 5 (+(0,2) from T, +(3,2) from P) -> 0.6; class 2: inter 7,
-  # union 8 -> 0.875. mIoU = (0.8 + 0.6 + 0.875) / 3.
-  # Foreground (>0) merges classes 1 and 2: |T|=12, |P|=11, inter 11
-  # -> Dice 22/23, IoU 11/12.
+  # mIoU: class 0: inter 4, union 5 -> 0.8; class 1: inter 3 ((0,3),(1,2),(1,3)),
+  # union 5 (+(0,2) from T, +(3,2) from P) -> 0.6; class 2: inter 7, union 8 -> 0.875.
+  # Class 1: |P1| = |T1| = 4, inter 3 -> Dice 6/8, IoU 3/5. Every pixel of both is boundary.
+  #   P1 -> T1: (0,3), (1,2), (1,3) lie on T1 (0); (3,2) is 2 rows below (1,2) -> {0,0,0,2}.
+  #   T1 -> P1: (0,2) is 1 from (0,3) -> {1,0,0,0}. Pooled sorted [0 x 6, 1, 2]: HD 2,
+  #   HD95 at position 0.95*7 = 6.65 -> 1 + 0.65 = 1.65, ASD 3/8.
+  # Class 2: |T2| = 8 (rows 2-3), |P2| = 7 (T2 less (3,2)), inter 7 -> Dice 14/15, IoU 7/8.
+  #   Every pixel of both is boundary; P2 -> T2 all 0; T2 -> P2: (3,2) is 1 away, the rest 0.
+  #   Pooled: 14 zeros and a 1: HD 1, HD95 at 0.95*14 = 13.3 -> 0.3, ASD 1/15.
+  # The merged foreground (label > 0, |T| 12, |P| 11, inter 11) would give Dice 22/23 instead.
   got = metrics.case_metrics(p, t, num_classes=3)
-  _assert_case(got, miou=(0.8 + 0.6 + 0.875) / 3, dice=22 / 23, iou=11 / 12)
-  # A class absent from both maps has no IoU and leaves the mean unchanged.
+  want1 = dict(dice=0.75, iou=0.6, hd=2.0, hd95=1.65, asd=3 / 8)
+  want2 = dict(dice=14 / 15, iou=7 / 8, hd=1.0, hd95=0.3, asd=1 / 15)
+  assert sorted(got["per_class"]) == [1, 2]
+  _assert_case(got["per_class"][1], **want1)
+  _assert_case(got["per_class"][2], **want2)
+  _assert_case(got, miou=(0.8 + 0.6 + 0.875) / 3, **{k: (want1[k] + want2[k]) / 2 for k in want1})
+  assert not got["pred_empty"] and not got["target_empty"]
+  # A class absent from both maps: no IoU in mIoU, but Dice 1 and distances 0 in its own
+  # scores (MONAI's ignore_empty=False), so the foreground means take it in.
   got4 = metrics.case_metrics(p, t, num_classes=4)
   assert got4["miou"] == pytest.approx(got["miou"], abs=1e-12)
+  _assert_case(got4["per_class"][3], dice=1.0, iou=1.0, hd=0.0, hd95=0.0, asd=0.0)
+  _assert_case(got4, dice=(0.75 + 14 / 15 + 1) / 3, hd95=(1.65 + 0.3 + 0) / 3)
+
+
+@pytest.mark.parametrize(
+  "pred_has, target_has, want",
+  [
+    # (class present in pred, in target) -> (Dice, IoU, distances: 0 or the diagonal)
+    (False, False, (1.0, 1.0, 0.0)),
+    (True, False, (0.0, 0.0, "diag")),
+    (False, True, (0.0, 0.0, "diag")),
+  ],
+)
+def test_empty_conventions_hold_per_class(pred_has, target_has, want):
+  # Class 1 is scored normally in every row (identical squares); class 2 takes the row's
+  # empty-mask branch. The diagonal of a 6 x 10 image at (2.0, 0.5) mm is sqrt(12^2 + 5^2) = 13.
+  p = _square((6, 10), 0, 0, 2)
+  t = p.copy()
+  if pred_has:
+    p[4, 7] = 2
+  if target_has:
+    t[5, 8] = 2
+  got = metrics.case_metrics(p, t, num_classes=3, spacing=(2.0, 0.5))
+  dice, iou, dist = want
+  dist = 13.0 if dist == "diag" else dist
+  _assert_case(got["per_class"][1], dice=1.0, iou=1.0, hd=0.0, hd95=0.0, asd=0.0)
+  c2 = got["per_class"][2]
+  _assert_case(c2, dice=dice, iou=iou, hd=dist, hd95=dist, asd=dist)
+  assert (c2["pred_empty"], c2["target_empty"]) == (not pred_has, not target_has)
+  _assert_case(got, dice=(1.0 + dice) / 2, hd95=dist / 2)
+  # The case's own flags say whether any foreground is there at all: class 1 always is.
+  assert not got["pred_empty"] and not got["target_empty"]
+
+
+def test_two_classes_keep_the_merged_foreground_and_no_per_class():
+  rng = np.random.default_rng(3)
+  p = (rng.random((12, 12)) > 0.5).astype(np.int32)
+  t = (rng.random((12, 12)) > 0.5).astype(np.int32)
+  got = metrics.case_metrics(p, t, spacing=(1.0, 2.0))
+  assert "per_class" not in got
+  assert set(got) == set(metrics.METRIC_KEYS) | {"pred_empty", "target_empty"}
+  fg = metrics.class_metrics(p > 0, t > 0, spacing=(1.0, 2.0))
+  for k in metrics.CLASS_KEYS:
+    assert got[k] == fg[k]  # exactly: the two-class numbers are the foreground's
+  summary = metrics.summarize([got, got])
+  assert "per_class" not in summary
+  assert metrics.summarize([got], class_names=["polyp"]) == metrics.summarize([got])
+  with pytest.raises(ValueError, match="2 class names"):
+    metrics.summarize([got], class_names=["a", "b"])
+
+
+def test_summarize_per_class_by_name():
+  t = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2]])
+  p = np.array([[0, 0, 0, 1], [0, 0, 1, 1], [2, 2, 2, 2], [2, 2, 1, 2]])
+  a = metrics.case_metrics(p, t, num_classes=3)  # the hand-worked case above
+  b = metrics.case_metrics(t, t, num_classes=3)  # perfect
+  empty = np.zeros_like(t)
+  c = metrics.case_metrics(empty, t, num_classes=3)  # nothing predicted: Dice 0, diag 4*sqrt2
+  diag = 4 * math.sqrt(2.0)
+  summary = metrics.summarize([a, b, c], class_names=["liver", "tumour"])
+  assert list(summary["per_class"]) == ["liver", "tumour"]
+  liver, tumour = summary["per_class"]["liver"], summary["per_class"]["tumour"]
+  _assert_case(liver, dice=(0.75 + 1 + 0) / 3, iou=(0.6 + 1 + 0) / 3, hd95=(1.65 + 0 + diag) / 3)
+  _assert_case(tumour, dice=(14 / 15 + 1 + 0) / 3, asd=(1 / 15 + 0 + diag) / 3, hd=(1 + diag) / 3)
+  assert set(liver) == set(metrics.CLASS_KEYS)
+  # The headline is the mean over foreground classes (nnU-Net's foreground mean).
+  for k in metrics.CLASS_KEYS:
+    assert summary[k] == pytest.approx((liver[k] + tumour[k]) / 2, abs=1e-12), k
+  assert summary["n_pred_empty"] == 1 and summary["n_one_empty"] == 1
+  default = metrics.summarize([a, b, c])
+  assert list(default["per_class"]) == ["class1", "class2"]
+  assert default["per_class"]["class2"] == tumour
+  acc = metrics.MetricAccumulator(num_classes=3, class_names=("liver", "tumour"))
+  for pred in (p, t, empty):
+    acc.add_case(pred, t)
+  assert acc.result() == summary
+  with pytest.raises(ValueError, match="1 class names"):
+    metrics.summarize([a], class_names=["liver"])
+  with pytest.raises(ValueError, match="distinct"):
+    metrics.summarize([a], class_names=["liver", "liver"])
+  with pytest.raises(ValueError, match="different classes"):
+    metrics.summarize([a, metrics.case_metrics(p, t, num_classes=4)])
 
 
 def test_batch_accumulator_and_volume_grouping():
@@ -276,3 +370,25 @@ def test_matches_medpy_on_random_blobs():
     for k, v in want.items():
       assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), (k, sp)
     assert got["hd95"] <= got["hd"] + 1e-12 and got["asd"] <= got["hd"] + 1e-12
+
+
+def test_per_class_scores_match_medpy():
+  mb = pytest.importorskip("medpy.metric.binary")
+  rng = np.random.default_rng(5)
+  # Three-class label maps: class 2 where a second blob field overlaps the first's class 1.
+  fields = _blobs(rng, (24, 28), 8, 2.0)
+  maps = [f + (f & g) for f, g in zip(fields[::2], fields[1::2])]
+  sp = (0.7, 1.9)
+  for p, t in zip(maps[:2], maps[2:]):
+    got = metrics.case_metrics(p, t, num_classes=3, spacing=sp)
+    for c in (1, 2):
+      pc, tc = p == c, t == c
+      want = {
+        "dice": mb.dc(pc, tc),
+        "iou": mb.jc(pc, tc),
+        "hd": mb.hd(pc, tc, sp),
+        "hd95": mb.hd95(pc, tc, sp),
+        "asd": mb.assd(pc, tc, sp),
+      }
+      for k, v in want.items():
+        assert got["per_class"][c][k] == pytest.approx(v, rel=1e-12, abs=1e-12), (k, c)

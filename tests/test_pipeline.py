@@ -6,6 +6,7 @@ import pytest
 
 from metadcseg_jax.data import augment
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.data import splits
 
 
 def _disk(size, r, cy=None, cx=None):
@@ -113,15 +114,15 @@ def test_records_errors_name_the_example():
 
 
 def test_meta_split_seeded_disjoint_and_at_least_one_batch():
-  tr, me = pipeline._split_meta(100, fraction=0.02, min_size=4, seed=3)
+  tr, me = splits.meta_indices(100, fraction=0.02, min_size=4, seed=3)
   assert len(me) == 4 and len(tr) == 96
   assert not set(tr) & set(me) and set(tr) | set(me) == set(range(100))
-  tr2, me2 = pipeline._split_meta(100, fraction=0.02, min_size=4, seed=3)
+  tr2, me2 = splits.meta_indices(100, fraction=0.02, min_size=4, seed=3)
   np.testing.assert_array_equal(me, me2)
-  _, me3 = pipeline._split_meta(1000, fraction=0.02, min_size=2, seed=3)
+  _, me3 = splits.meta_indices(1000, fraction=0.02, min_size=2, seed=3)
   assert len(me3) == 20
   with pytest.raises(ValueError, match="no training examples"):
-    pipeline._split_meta(3, fraction=0.02, min_size=4, seed=0)
+    splits.meta_indices(3, fraction=0.02, min_size=4, seed=0)
 
 
 def test_train_stream_resumes_from_iterator_state_and_reshuffles_each_epoch():
@@ -203,6 +204,6 @@ def test_prepare_data_meta_is_clean_and_train_is_noisy(synthetic_splits):
 def test_prepare_data_rejects_empty_split(synthetic_splits, monkeypatch):
   cfg, _ = synthetic_splits
   fake = {"train": _fake_source(8), "val": [], "test": _fake_source(2)}
-  monkeypatch.setattr(pipeline, "open_dataset", lambda data: (fake, "fake", {}))
+  monkeypatch.setattr(pipeline, "open_built", lambda data, **_: pipeline.Opened(fake, "fake", {}))
   with pytest.raises(ValueError, match="fake\\): split 'val' is empty"):
     pipeline.prepare_data(cfg, meta_batch_size=2)

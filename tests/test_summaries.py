@@ -9,7 +9,9 @@ import io
 
 import numpy as np
 from PIL import Image
+import pytest
 
+from metadcseg_jax import metrics
 from metadcseg_jax import summaries
 from metadcseg_jax import workdir as workdir_lib
 
@@ -49,6 +51,30 @@ def test_tags_of_a_record():
   assert summaries.tag_values(record) == {"val/ema/dice": 0.7}
   record = {"epoch": 2, "step": 10, "split": "train", "phase": "warmup", "loss": 1, "lr": 0.1}
   assert summaries.tag_values(record) == {"train/loss": 1.0, "train/lr": 0.1}
+
+
+def test_per_class_scores_get_a_tag_per_class(tmp_path):
+  # A validation record of three classes as the trainer logs it: metrics.summarize's dict.
+  t = np.array([[0, 1, 1, 0], [0, 1, 2, 2], [0, 0, 2, 2]])
+  p = np.array([[0, 1, 0, 0], [0, 1, 2, 2], [0, 2, 2, 2]])
+  summary = metrics.summarize(
+    [metrics.case_metrics(p, t, num_classes=3)], class_names=["organ", "lesion"]
+  )
+  record = {"epoch": 1, "step": 5, "split": "val", "params": "ema", **summary}
+  tags = summaries.tag_values(record)
+  for name in ("organ", "lesion"):
+    for metric in ("dice", "iou", "hd95", "hd", "asd"):
+      assert tags[f"val/ema/{metric}/{name}"] == summary["per_class"][name][metric]
+  assert tags["val/ema/dice"] == summary["dice"]
+  assert tags["val/ema/dice/organ"] != tags["val/ema/dice/lesion"]  # not the headline copied
+  assert not [tag for tag in tags if "per_class" in tag]
+  writer = summaries.Summaries(tmp_path)
+  writer.write_record(record)
+  writer.close()
+  series = summaries.scalars(tmp_path)
+  assert series["val/ema/hd95/lesion"] == [
+    (5, pytest.approx(summary["per_class"]["lesion"]["hd95"]))
+  ]
 
 
 def test_metrics_log_mirrors_every_record_and_a_resume_writes_no_step_twice(tmp_path):

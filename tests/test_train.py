@@ -94,6 +94,30 @@ def test_audit_ranks_the_runs_training_masks(full_run, tiny_config, tmp_path):
   )
 
 
+def test_audit_of_a_users_masks_ranks_the_untrusted_ones_only(full_run, tmp_path):
+  """Without injected noise nothing is known to be wrong: the CSV and the gallery, saying so;
+  the trusted training masks are left out of the ranking."""
+  workdir, *_ = full_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+  config = json.loads((copy / "config.json").read_text())
+  config["data"]["noise"]["kind"] = "none"  # the masks as a user gave them
+  (copy / "config.json").write_text(json.dumps(config))
+  info = json.loads((copy / runs.DATA_INFO).read_text())
+  train_split = runs.open_run(copy).splits.train
+  trusted = [train_split.case_id(i) for i in (0, 3, 5)]
+  info["split"] = {"trusted": trusted}
+  (copy / runs.DATA_INFO).write_text(json.dumps(info))
+  r = audit_report.report(copy, out=tmp_path / "audit", top=2)
+  rows = list(csv.DictReader((tmp_path / "audit" / "audit.csv").open()))
+  assert r["n_trusted_left_out"] == 3 and len(rows) == len(train_split) - 3
+  assert not {row["case_id"] for row in rows} & set(trusted)
+  assert "corruption" not in rows[0] and not (tmp_path / "audit" / "measured.json").exists()
+  lines = audit_report.summary_lines(r)
+  assert any("3 training masks are trusted" in l for l in lines)
+  assert any("no noise was injected" in l for l in lines)
+
+
 def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(full_run[0], run)

@@ -16,6 +16,7 @@ def get_config():
   config.data.n_train = 24
   config.data.n_val = 4
   config.data.n_test = 8
+  config.data.noise.kind = "l2b40"
   config.train.batch_size = 4
   config.train.meta_batch_size = 2
   config.train.num_epochs = 2

@@ -9,7 +9,9 @@ r"""`metadcseg-benchmark`: methods (or ablation variants) x noise levels x seeds
 
 A preset fixes rows, noise levels and seeds (`metadcseg_jax.benchmark.PRESETS`); --methods,
 --noise and --seeds override its parts. The logic and the outputs (benchmark.md,
-benchmark.json, dice_vs_noise.png) are `metadcseg_jax.benchmark`'s.
+benchmark.json, dice_vs_noise.png) are `metadcseg_jax.benchmark`'s; at the end it prints the
+paired comparisons and which row to choose at each noise level (the best mean test Dice, and
+every other row's paired difference to it with its interval and verdict).
 """
 
 import sys
@@ -30,7 +32,9 @@ _WORKDIR = flags.DEFINE_string(
 )
 _PRESET = flags.DEFINE_enum("preset", "main", list(benchmark.PRESETS), "Rows, noise, seeds.")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (rows) instead of the preset's.")
-_NOISE = flags.DEFINE_list("noise", None, "Noise kinds (none = clean) instead of the preset's.")
+_NOISE = flags.DEFINE_list(
+  "noise", None, "Noise kinds (none = clean) instead of the preset's; tables order them by level."
+)
 _SEEDS = flags.DEFINE_list("seeds", None, "Training seeds (config.seed) instead of the preset's.")
 _LABELS = flags.DEFINE_enum(
   "labels",

@@ -3,8 +3,10 @@
 Every dataset, synthetic or real, is a TFDS array_record builder giving random-access 'train',
 'val' and 'test' sources of records {"image" (H,W,C) float32, "label" (H,W) uint8, "case_id",
 "slice_index"}. This module
-  1. carves the clean meta split out of train (MetaDCSeg §4.1: 2%, at least one meta batch),
-  2. attaches noisy labels to every training example (the meta split is never corrupted),
+  1. carves the clean meta split out of train (MetaDCSeg §4.1: 2%, at least one meta batch;
+     on a user's folder, the meta cases of its split, `metadcseg_jax.data.splits`),
+  2. attaches noisy labels to every training example (injected only where
+     `config.data.noise.kind` asks; the meta split and trusted masks are never corrupted),
   3. validates what it reads (label range, shapes, empty splits) with errors naming the example,
   4. builds grain pipelines: shuffle -> augment -> batch, reshuffled and re-augmented each
      epoch, with an iterator state that a checkpoint holds.
@@ -12,7 +14,6 @@ Every dataset, synthetic or real, is a TFDS array_record builder giving random-a
 
 import dataclasses
 import json
-import math
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,7 +28,9 @@ from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import augment as augment_lib
 from metadcseg_jax.data import builders
 from metadcseg_jax.data import check_labels
+from metadcseg_jax.data import preprocess
 from metadcseg_jax.data import real
+from metadcseg_jax.data import splits as splits_lib
 from metadcseg_jax.data import synthetic
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
@@ -119,24 +122,53 @@ class DataSplits:
   info: dict[str, Any]  # sizes, meta indices, noise summary, per-case spacing (mm)
 
 
+@dataclasses.dataclass
+class Opened:
+  """A built dataset.
+
+  Attributes:
+    sources: {split: random-access source}.
+    key: names the exact build (it keys the noisy-label cache).
+    spacing: case id -> voxel spacing in mm (slice, row, col) of the network's slices for
+      volumetric datasets ({} otherwise).
+    plan: a user's folder's split and trusted masks (`splits.Plan`), or None.
+    metadata: what the builder recorded (class names, original files, spacing, agreement of
+      the user's masks with their trusted versions); {} for the synthetic set.
+  """
+
+  sources: dict[str, Any]
+  key: str
+  spacing: dict
+  plan: splits_lib.Plan | None = None
+  metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def open_dataset(data: ml_collections.ConfigDict) -> tuple[dict[str, Any], str, dict]:
   """Builds (if needed) and opens the dataset named by `data.name`.
 
   Returns:
-    ({split: random-access source}, dataset_key, spacing) where dataset_key names the exact
-    build (it keys the noisy-label cache) and spacing maps case id -> voxel spacing in mm
-    (slice, row, col) for volumetric datasets ({} otherwise).
+    ({split: random-access source}, dataset_key, spacing) as `Opened` describes them.
   """
+  opened = open_built(data)
+  return opened.sources, opened.key, opened.spacing
+
+
+def open_built(
+  data: ml_collections.ConfigDict, *, meta_batch_size: int = 1, workdir=None
+) -> Opened:
+  """Builds (if needed) and opens the dataset named by `data.name`; a user's folder is split
+  around its trusted masks first (`splits.plan_for`: the fewest meta cases is one meta batch
+  of images, one volume; a new split file is written in `workdir` by default)."""
   data_dir = str(pathlib.Path(data.data_dir).expanduser().resolve())
   # Several runs may start on one fresh data folder at once: one builds, the others wait and
   # then open its build (two builds would swap files under each other's readers, and a failed
   # one's cleanup would remove the other's). The builders read what is built when made, so
   # they are made under the lock too.
   with files.exclusive(pathlib.Path(data_dir) / f".{data.name}.build.lock"):
-    return _open_dataset(data, data_dir)
+    return _open_dataset(data, data_dir, meta_batch_size, workdir)
 
 
-def _open_dataset(data: ml_collections.ConfigDict, data_dir: str):
+def _open_dataset(data: ml_collections.ConfigDict, data_dir: str, meta_batch_size: int, workdir):
   if data.name == "synthetic":
     sources = synthetic.load_synthetic(
       data_dir=data_dir,
@@ -150,16 +182,26 @@ def _open_dataset(data: ml_collections.ConfigDict, data_dir: str):
     key = synthetic.synthetic_builder_config(
       data.size, data.channels, data.n_train, data.n_val, data.n_test, data.seed
     ).name
-    return sources, key, {}
+    return Opened(sources, key, {})
   if not data.manual_dir:
     raise ConfigError(
       f"dataset {data.name!r} needs --config.data.manual_dir=<folder with the raw data>"
     )
+  cls = real.BUILDERS[data.name]
+  plan = None
+  if cls.TAKES_PLAN:
+    ids, trusted_ids = cls.list_cases(
+      pathlib.Path(data.manual_dir).expanduser(), dict(data.options)
+    )
+    # A volume is one case: its slices fill any meta batch.
+    min_meta = 1 if cls.UNIT == "volume" else meta_batch_size
+    plan = splits_lib.plan_for(data, ids, trusted_ids, min_meta=min_meta, workdir=workdir)
   builder = real.get_dataset_builder(
     data.name,
     data_dir=data_dir,
     manual_dir=data.manual_dir,
     size=data.size,
+    plan=plan,
     **builder_options(data),
   )
   sources = builders.prepare_sources(builder, splits=SPLITS, manual_dir=data.manual_dir)
@@ -168,7 +210,8 @@ def _open_dataset(data: ml_collections.ConfigDict, data_dir: str):
     c: (float(v[2]), float(v[0]), float(v[1]))
     for c, v in builder.info.metadata.get("pixel_spacing_mm", {}).items()
   }
-  return sources, f"{data.name}/{builder.builder_config.name}", spacing
+  key = f"{data.name}/{builder.builder_config.name}"
+  return Opened(sources, key, spacing, plan, dict(builder.info.metadata))
 
 
 def builder_options(data: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -180,65 +223,115 @@ def builder_options(data: ml_collections.ConfigDict) -> dict[str, Any]:
     "modality": data.options.get("modality"),
     "mask_threshold": data.get("mask_threshold"),
   }
-  if data.name == "folder":
-    # The folder's channel and class counts come from the config itself.
+  if data.name in ("folder", "decathlon"):
+    # The channel and class counts come from the config itself.
+    classes = data.num_classes
     given.update(
-      channels=data.channels, num_classes=None if data.num_classes == 2 else data.num_classes
+      channels=data.channels,
+      num_classes=None if classes == 2 and data.name == "folder" else classes,
     )
   return {k: v for k, v in given.items() if k in cls.OPTIONS and v is not None}
 
 
-def _split_meta(
-  n_train: int, *, fraction: float, min_size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Seeded split of the training indices into (train, meta), MetaDCSeg §4.1 (2%, >= one batch)."""
-  n_meta = max(int(math.ceil(fraction * n_train)), min_size)
-  if n_meta >= n_train:
-    raise ConfigError(
-      f"meta split of {n_meta} examples leaves no training examples out of "
-      f"{n_train}; lower config.data.meta_fraction or the meta batch size"
-    )
-  perm = np.random.default_rng([seed, 0x6D657461]).permutation(n_train)
-  return np.sort(perm[n_meta:]), np.sort(perm[:n_meta])
-
-
 def load_labels(source, name: str, num_classes: int) -> np.ndarray:
   """All labels of a split as (N,H,W) uint8, validated."""
-  labels = []
+  return _labels_and_cases(source, name, num_classes)[0]
+
+
+def _labels_and_cases(source, name: str, num_classes: int) -> tuple[np.ndarray, list[str]]:
+  """All labels of a split as (N,H,W) uint8, validated, and each record's case id."""
+  labels, cases = [], []
   for i in range(len(source)):
-    label = np.asarray(source[i]["label"])
+    record = source[i]
+    label = np.asarray(record["label"])
     check_labels(label, num_classes, f"{name} example {i}")
     labels.append(label.astype(np.uint8))
-  return np.stack(labels)
+    cases.append(_as_str(record["case_id"]))
+  return np.stack(labels), cases
 
 
-def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> DataSplits:
+def _meta_split(config, opened: Opened, cases: Sequence[str], meta_batch_size: int):
+  """(train, meta) record indices of the train source: a user's folder's meta cases, else a
+  seeded share of the records (MetaDCSeg §4.1: 2%, at least one meta batch)."""
+  if opened.plan is None:
+    meta_seed = config.get("meta_seed")
+    return splits_lib.meta_indices(
+      len(cases),
+      fraction=config.meta_fraction,
+      min_size=meta_batch_size,
+      seed=config.seed if meta_seed is None else meta_seed,
+    )
+  meta_cases = set(opened.plan.splits["meta"])
+  is_meta = np.array([c in meta_cases for c in cases])
+  if is_meta.sum() < meta_batch_size or is_meta.all():
+    raise DataError(
+      f"the meta split of {opened.plan.file or 'the split'} has {int(is_meta.sum())} images or "
+      f"slices and leaves {int((~is_meta).sum())} to train: it needs at least one meta batch "
+      f"({meta_batch_size}) and something to train on"
+    )
+  return np.flatnonzero(~is_meta), np.flatnonzero(is_meta)
+
+
+def reference_kind(config: ml_collections.ConfigDict, plan: splits_lib.Plan | None) -> str:
+  """What validation and test are scored against: "trusted" (verified masks of a user's
+  folder), "clean" (masks the noise was injected into, or the synthetic set's truth), or
+  "untrusted" (a user's masks as given: the scores measure agreement with them)."""
+  if plan is not None and plan.has_trusted:
+    return "trusted"
+  injected = config.noise.kind not in ("none", "", None)
+  if plan is not None and not injected:
+    return "untrusted"
+  return "clean"
+
+
+def clean_meta_source(config: ml_collections.ConfigDict) -> str | None:
+  """Where a run on `config.data` takes clean masks from (for the meta split), or None: a
+  user's folder with no trusted masks named and no injected noise. Reads folder names only.
+
+  The named datasets' published masks (and the synthetic set's truth) are their reference."""
+  if config.name == "synthetic" or not real.BUILDERS[config.name].TAKES_PLAN:
+    return "the dataset's reference masks"
+  if config.noise.kind not in ("none", "", None):
+    return f"the masks, with {config.noise.kind} noise injected into the training ones"
+  if config.get("trusted_list"):
+    return f"config.data.trusted_list={config.trusted_list}"
+  root = pathlib.Path(config.manual_dir).expanduser()
+  if (root / splits_lib.TRUSTED_DIR).is_dir():
+    return f"{root / splits_lib.TRUSTED_DIR}"
+  return None
+
+
+def prepare_data(
+  config: ml_collections.ConfigDict, *, meta_batch_size: int, workdir=None
+) -> DataSplits:
   """Opens the dataset, splits off the meta set and attaches noisy labels.
 
   Args:
     config: the `data` sub-config (name, data_dir, size, channels, num_classes, meta_fraction,
-      seed, meta_seed (None: seed), noise.{kind, seed, options}).
+      seed, meta_seed (None: seed), noise.{kind, seed, options}, and for a user's folder
+      trusted_list, trusted_split, split_file).
     meta_batch_size: the meta split holds at least one meta batch.
+    workdir: the run's folder, where a user's folder's new split file is written (None: kept in
+      memory unless config.data.split_file names a path).
 
   Returns:
-    DataSplits; `info` records sizes, the meta indices and the measured corruption.
+    DataSplits; `info` records sizes, the meta indices, the measured corruption, a user's
+    folder's split and trusted cases, and what validation and test are scored against.
   """
-  sources, key, spacing = open_dataset(config)
+  opened = open_built(config, meta_batch_size=meta_batch_size, workdir=workdir)
+  sources, key, spacing = opened.sources, opened.key, opened.spacing
   for split in SPLITS:
     if split not in sources or len(sources[split]) == 0:
       raise DataError(f"dataset {config.name!r} ({key}): split {split!r} is empty")
   shape = (config.size, config.size, config.channels)
-  n_train = len(sources["train"])
-  meta_seed = config.get("meta_seed")
-  train_idx, meta_idx = _split_meta(
-    n_train,
-    fraction=config.meta_fraction,
-    min_size=meta_batch_size,
-    seed=config.seed if meta_seed is None else meta_seed,
-  )
-  clean = load_labels(sources["train"], f"{key}/train", config.num_classes)
+  clean, cases = _labels_and_cases(sources["train"], f"{key}/train", config.num_classes)
+  train_idx, meta_idx = _meta_split(config, opened, cases, meta_batch_size)
   noisy, noise_info = _noisy_labels(clean, config, key)
   noisy[meta_idx] = clean[meta_idx]  # the meta split is never corrupted (MetaDCSeg §4.1)
+  trusted = set(opened.plan.trusted) if opened.plan is not None else set()
+  trusted_idx = np.array([i for i, c in enumerate(cases) if c in trusted], np.int64)
+  if trusted_idx.size:  # a verified mask is never replaced by injected noise either
+    noisy[trusted_idx] = clean[trusted_idx]
   common = dict(num_classes=config.num_classes, image_shape=shape)
   splits = DataSplits(
     train=Records(sources["train"], train_idx, name=f"{key}/train", noisy_labels=noisy, **common),
@@ -256,8 +349,33 @@ def prepare_data(config: ml_collections.ConfigDict, *, meta_batch_size: int) -> 
     "meta_indices": meta_idx.tolist(),
     "noise": noise_info,
     "spacing": spacing,
+    "reference": reference_kind(config, opened.plan),
+    "class_names": list(preprocess.class_names(config.num_classes, _class_names(config, opened))),
   }
+  if opened.metadata.get("modalities") is not None:
+    splits.info["modalities"] = list(opened.metadata["modalities"])
+  splits.info["channel_files"] = bool(opened.metadata.get("channel_files", False))
+  if opened.plan is not None:
+    splits.info["split"] = opened.plan.summary()
+    splits.info["n_trusted_train"] = int(np.isin(trusted_idx, train_idx).sum())
+    agreement = opened.metadata.get("given_vs_trusted_dice") or {}
+    if agreement:
+      dice = np.array(list(agreement.values()))
+      # How far the user's masks were from the verified ones: their own noise level.
+      splits.info["given_vs_trusted"] = {
+        "n": int(dice.size),
+        "one_minus_dice_mean": float(np.mean(1 - dice)),
+        "one_minus_dice_std": float(np.std(1 - dice)),
+      }
+  if opened.metadata.get("case_files"):
+    splits.info["case_files"] = dict(opened.metadata["case_files"])
+    splits.info["source"] = str(pathlib.Path(config.manual_dir).expanduser().resolve())
   return splits
+
+
+def _class_names(config: ml_collections.ConfigDict, opened: Opened):
+  """config.data.class_names when set, else the dataset's (dataset.json), else None."""
+  return config.get("class_names") or opened.metadata.get("class_names") or None
 
 
 def noise_cache_dir(config: ml_collections.ConfigDict, key: str) -> str:

@@ -188,11 +188,11 @@ def read_mask(path: pathlib.Path) -> np.ndarray:
   if image.mode in ("P", "1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N"):
     return np.asarray(image).astype(np.int64)
   if image.mode == "F":
-    return _integral(np.asarray(image), path)
+    return integral(np.asarray(image), path)
   return np.asarray(image.convert("L")).astype(np.int64)
 
 
-def _integral(array: np.ndarray, path: object) -> np.ndarray:
+def integral(array: np.ndarray, path: object) -> np.ndarray:
   rounded = np.rint(array)
   if not np.array_equal(rounded, array):
     bad = np.unique(array[rounded != array])[:_MAX_LISTED]
@@ -245,16 +245,18 @@ def check_same_size(
     )
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-  """(H, W, C) float32 -> (size, size, C): bilinear, antialiased when shrinking (PIL)."""
-  if image.shape[:2] == (size, size):
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+  """(H, W, C) float32 -> (size, size, C), or (h, w, C) for `size` = (h, w): bilinear,
+  antialiased when shrinking (PIL)."""
+  h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+  if image.shape[:2] == (h, w):
     return image.astype(np.float32)
   # PIL widens the bilinear kernel by the reduction factor, i.e. antialiases.
   return np.stack(
     [
       np.asarray(
         Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
-          (size, size), Image.Resampling.BILINEAR
+          (w, h), Image.Resampling.BILINEAR
         )
       )
       for c in range(image.shape[-1])
@@ -300,7 +302,7 @@ def zscore(
   return out.astype(np.float32)
 
 
-def _import(module: str, package: str):
+def import_optional(module: str, package: str):
   try:
     return __import__(module)
   except ImportError as e:
@@ -318,13 +320,13 @@ def volume_info(path: pathlib.Path) -> tuple[tuple[int, ...], tuple[float, float
   """Reads a volume's header only: (shape (S, H, W[, M]), spacing (row, col, slice) mm)."""
   try:
     if strip_suffix(path.name, NIFTI_SUFFIXES):
-      nib = _import("nibabel", "nibabel")
+      nib = import_optional("nibabel", "nibabel")
       image = nib.load(str(path))
       shape, zooms = image.shape, image.header.get_zooms()
       if len(shape) < 3:
         raise DataError(f"expected a 3D or 4D volume, got shape {shape}")
       return ((shape[2], shape[1], shape[0]) + tuple(shape[3:]), _mm(zooms[1], zooms[0], zooms[2]))
-    sitk = _import("SimpleITK", "SimpleITK")
+    sitk = import_optional("SimpleITK", "SimpleITK")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -342,13 +344,13 @@ def read_volume(path: pathlib.Path, *, channel: int | None = None) -> np.ndarray
   """Reads a whole volume as (S, H, W) float32 (NIfTI (X,Y,Z[,M]) -> (Z,Y,X); `channel` of M)."""
   try:
     if strip_suffix(path.name, NIFTI_SUFFIXES):
-      nib = _import("nibabel", "nibabel")
+      nib = import_optional("nibabel", "nibabel")
       proxy = nib.load(str(path)).dataobj
       data = np.asarray(proxy[..., channel] if channel is not None else proxy)
       if data.ndim != 3:
         raise DataError(f"expected a 3D volume after channel selection, got {data.shape}")
       return np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.float32)
-    sitk = _import("SimpleITK", "SimpleITK")
+    sitk = import_optional("SimpleITK", "SimpleITK")
     data = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     return data.astype(np.float32)
   except ImportError:
@@ -357,9 +359,23 @@ def read_volume(path: pathlib.Path, *, channel: int | None = None) -> np.ndarray
     raise DataError(f"cannot read volume file {path}: {e}") from e
 
 
+def read_volume_channels(path: pathlib.Path, channels: Sequence[int]) -> np.ndarray:
+  """Reads `channels` of a 3D or 4D volume as (S, H, W, len(channels)) float32 (a 3D volume has
+  the one channel 0)."""
+  shape, _ = volume_info(path)
+  if len(shape) == 3:
+    if list(channels) != [0]:
+      raise DataError(f"{path} is a 3D volume with one channel, asked for channels {channels}")
+    return read_volume(path)[..., None]
+  bad = [c for c in channels if not 0 <= c < shape[3]]
+  if bad:
+    raise DataError(f"{path} has {shape[3]} channels, asked for {bad}")
+  return np.stack([read_volume(path, channel=c) for c in channels], axis=-1)
+
+
 def read_label_volume(path: pathlib.Path, *, allowed: Iterable[int]) -> np.ndarray:
   """Reads a label volume (S, H, W) as integers, checking every value is in `allowed`."""
-  labels = _integral(read_volume(path), path)
+  labels = integral(read_volume(path), path)
   values = np.unique(labels)
   bad = values[~np.isin(values, list(allowed))]
   if bad.size:

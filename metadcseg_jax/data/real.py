@@ -48,7 +48,9 @@ import tensorflow_datasets as tfds
 
 from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import builders
+from metadcseg_jax.data import preprocess
 from metadcseg_jax.data import readers
+from metadcseg_jax.data import splits as splits_lib
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
 
@@ -86,9 +88,21 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
   UNIT: ClassVar[str] = "image"
   CHANNELS: ClassVar[int | None] = None  # None: decided per build (folder)
 
-  def __init__(self, *, manual_dir: str | pathlib.Path | None = None, **kwargs):
+  def __init__(
+    self,
+    *,
+    manual_dir: str | pathlib.Path | None = None,
+    plan: splits_lib.Plan | None = None,
+    **kwargs,
+  ):
     self._manual_dir = manual_dir
+    # A user's folder: the four-way split and the trusted masks (`splits.Plan`), whose digest
+    # is part of the config's name; None: the builder's own seeded split.
+    self._plan = plan
     super().__init__(**kwargs)
+
+  # Whether the builder takes a user's split and trusted masks (`metadcseg_jax.data.splits`).
+  TAKES_PLAN: ClassVar[bool] = False
 
   @classmethod
   def make_config(
@@ -185,26 +199,84 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
     root = self._root(dl_manager)
     cases, skipped, case_meta = self._scan(root)
     readers.report_skipped(skipped, root)
-    content = readers.load_or_make_splits(
-      self.split_file_path(root),
-      list(cases),
-      dataset=self.name,
-      source=root,
-      seed=self.config.seed,
-      fractions=self.FRACTIONS,
-      skipped=skipped,
-      cases=case_meta,
-      unit=self.UNIT,
-    )
+    if self._plan is not None:
+      content = self._plan_content(root, list(cases), skipped, case_meta)
+    else:
+      content = readers.load_or_make_splits(
+        self.split_file_path(root),
+        list(cases),
+        dataset=self.name,
+        source=root,
+        seed=self.config.seed,
+        fractions=self.FRACTIONS,
+        skipped=skipped,
+        cases=case_meta,
+        unit=self.UNIT,
+      )
     pathlib.Path(self.data_dir, _SPLIT_FILE).write_text(json.dumps(content, indent=1))
     self._record_metadata(content)
+    self.info.metadata["case_files"] = {
+      c: {
+        **self._case_files(root, payload),
+        **({"spacing_mm": case_meta[c]["spacing_mm"]} if case_meta else {}),
+      }
+      for c, payload in sorted(cases.items())
+    }
     return {
       s: self._generate_examples(s, [(c, cases[c]) for c in content["splits"][s]]) for s in SPLITS
     }
 
+  def _plan_content(self, root, ids, skipped, case_meta) -> dict[str, Any]:
+    """The split file content of a build made from a user's `splits.Plan`: the TFDS train
+    split holds the train and meta cases (the pipeline carves the meta ones out by case id)."""
+    plan = self._plan
+    listed = {c for v in plan.splits.values() for c in v}
+    missing = sorted(listed - set(ids))
+    if missing:
+      raise DataError(f"split {plan.file} lists {missing[0]!r}, which is not in {root}")
+    content = {
+      "format_version": readers.SPLIT_FILE_VERSION,
+      "dataset": self.name,
+      "source": str(root),
+      "seed": self.config.seed,
+      "unit": self.UNIT,
+      "splits": {
+        "train": sorted(plan.splits["train"] + plan.splits["meta"]),
+        "val": plan.splits["val"],
+        "test": plan.splits["test"],
+      },
+      "plan": plan.to_json(),
+      "num_skipped_files": len(skipped),
+      "skipped_files": list(skipped),
+    }
+    if case_meta is not None:
+      content["cases"] = {k: dict(v) for k, v in sorted(case_meta.items())}
+    return content
+
+  def _case_files(self, root: pathlib.Path, payload) -> dict[str, Any]:
+    """A case's raw files relative to `root` ({"image", "label"}), to score predictions at
+    the case's own size and to predict on it again."""
+    raise NotImplementedError
+
+  @classmethod
+  def read_reference(cls, path: pathlib.Path, options: Mapping[str, Any]) -> np.ndarray:
+    """A case's reference mask at its own size, as the build reads it: (H,W) for an image,
+    (S,H,W) for a volume, class indices."""
+    raise NotImplementedError
+
+  @classmethod
+  def list_cases(
+    cls, root: pathlib.Path, options: Mapping[str, Any]
+  ) -> tuple[list[str], list[str] | None]:
+    """The case ids of a raw folder and those with a mask in its `trusted/` (None: no such
+    folder), from the file names alone (no file is decoded)."""
+    raise NotImplementedError(f"{cls.name} takes no user split")
+
   def _record_metadata(self, content: Mapping[str, Any]) -> None:
     meta = self.info.metadata
     meta["splits"] = content["splits"]
+    if "plan" in content:
+      meta["plan"] = content["plan"]
     meta["split_seed"] = content["seed"]
     meta["source"] = content["source"]
     meta["num_skipped_files"] = content["num_skipped_files"]
@@ -239,10 +311,84 @@ def resized_spacing(case_meta: Mapping[str, Any], size: int) -> list[float]:
 # 2D image folders.
 
 
-class _ImageFolderBuilder(_RealBuilder, skip_registration=True):
-  """images/ + masks/ of 2D files paired by stem."""
+@dataclasses.dataclass
+class _Found:
+  """A raw folder's cases {id: (image, reference mask, the user's mask where a trusted mask
+  replaces it, else None)}, the entries skipped, and the cases with a trusted mask (None: no
+  trusted/ folder)."""
 
-  def _layout_root(self, root: pathlib.Path) -> pathlib.Path:
+  cases: dict[str, tuple]
+  skipped: list[str]
+  trusted: list[str] | None
+
+
+def _scan_image_folder(root: pathlib.Path, mask_suffix: str, *, trusted: bool) -> _Found:
+  """images/, masks/ and (`trusted`, when present) trusted/ of a 2D folder, paired by stem: an
+  image needs a mask in masks/ or in trusted/, and trusted/ overrides masks/."""
+  images_dir = readers.require_dir(root / "images", "images/")
+  masks_dir = readers.require_dir(root / "masks", "masks/")
+  images = readers.list_files(images_dir, readers.IMAGE_SUFFIXES, root=root)
+  masks = readers.list_files(masks_dir, readers.IMAGE_SUFFIXES, root=root)
+  skipped = images.skipped + masks.skipped
+  trusted_dir = root / splits_lib.TRUSTED_DIR
+  if not (trusted and trusted_dir.is_dir()):
+    pairs = readers.pair_files(
+      images, masks, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix
+    )
+    return _Found({s: (i, m, None) for s, (i, m) in pairs.items()}, skipped, None)
+  verified = readers.list_files(trusted_dir, readers.IMAGE_SUFFIXES, root=root)
+  skipped += verified.skipped
+  # Trusted masks pair with their images first; the remaining images need a mask in masks/.
+  with_trusted = readers.Listing(
+    {s: p for s, p in images.files.items() if s + mask_suffix in verified.files}, []
+  )
+  if not with_trusted.files:
+    raise DataError(f"{trusted_dir} holds no mask of an image in {images_dir}")
+  trusted_pairs = readers.pair_files(
+    with_trusted, verified, images_dir=images_dir, masks_dir=trusted_dir, mask_suffix=mask_suffix
+  )
+  rest = readers.Listing({s: p for s, p in images.files.items() if s not in trusted_pairs}, [])
+
+  def image_stem(mask_stem: str) -> str | None:
+    if not mask_suffix:
+      return mask_stem
+    return mask_stem[: -len(mask_suffix)] if mask_stem.endswith(mask_suffix) else None
+
+  stray = sorted(
+    str(p.relative_to(root)) for m, p in masks.files.items() if image_stem(m) not in images.files
+  )
+  if stray:
+    raise DataError(f"mask without an image in {images_dir}: {', '.join(stray[:5])}")
+  # The user's own masks of the trusted images: kept aside to measure how far they were off.
+  given = {s: masks.files.get(s + mask_suffix) for s in trusted_pairs}
+  untrusted = readers.Listing(
+    {m: p for m, p in masks.files.items() if image_stem(m) in rest.files}, []
+  )
+  pairs = (
+    readers.pair_files(
+      rest, untrusted, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix
+    )
+    if rest.files
+    else {}
+  )
+  cases = {s: (i, m, None) for s, (i, m) in pairs.items()}
+  cases.update({s: (i, m, given[s]) for s, (i, m) in trusted_pairs.items()})
+  return _Found(dict(sorted(cases.items())), skipped, sorted(trusted_pairs))
+
+
+def foreground_dice(given: np.ndarray, reference: np.ndarray) -> float:
+  """Dice of `given`'s foreground (label > 0) against `reference`'s, any shape (1 when both
+  are empty): how far a user's mask is from its verified one."""
+  g, r = np.asarray(given) > 0, np.asarray(reference) > 0
+  total = int(g.sum()) + int(r.sum())
+  return 1.0 if total == 0 else 2.0 * float(np.sum(g & r)) / total
+
+
+class _ImageFolderBuilder(_RealBuilder, skip_registration=True):
+  """images/ + masks/ of 2D files paired by stem (and, with a user's plan, trusted/)."""
+
+  @classmethod
+  def _layout_root(cls, root: pathlib.Path) -> pathlib.Path:
     return root
 
   def _mask_suffix(self) -> str:
@@ -250,14 +396,21 @@ class _ImageFolderBuilder(_RealBuilder, skip_registration=True):
 
   def _scan(self, root):
     root = self._layout_root(root)
-    images_dir = readers.require_dir(root / "images", "images/")
-    masks_dir = readers.require_dir(root / "masks", "masks/")
-    images = readers.list_files(images_dir, readers.IMAGE_SUFFIXES, root=root)
-    masks = readers.list_files(masks_dir, readers.IMAGE_SUFFIXES, root=root)
-    pairs = readers.pair_files(
-      images, masks, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=self._mask_suffix()
+    found = _scan_image_folder(
+      root, self._mask_suffix(), trusted=self._plan is not None and self._plan.uses_trusted_folder
     )
-    return pairs, images.skipped + masks.skipped, None
+    return found.cases, found.skipped, None
+
+  @classmethod
+  def list_cases(cls, root, options):
+    found = _scan_image_folder(
+      cls._layout_root(pathlib.Path(root)), options.get("mask_suffix") or "", trusted=True
+    )
+    return sorted(found.cases), found.trusted
+
+  def _case_files(self, root, payload):
+    image_path, mask_path, _ = payload
+    return {"image": str(image_path.relative_to(root)), "label": str(mask_path.relative_to(root))}
 
   @property
   def _num_channels(self) -> int:
@@ -268,17 +421,25 @@ class _ImageFolderBuilder(_RealBuilder, skip_registration=True):
 
   def _generate_examples(self, split, items):
     converted = 0
-    for key, (case_id, (image_path, mask_path)) in enumerate(items):
+    agreement = {}
+    for key, (case_id, (image_path, mask_path, given_path)) in enumerate(items):
       image, changed = readers.read_image(image_path, channels=self._num_channels)
       converted += changed
       raw = readers.read_mask(mask_path)
       readers.check_same_size(image.shape[:2], raw.shape, image_path, mask_path)
-      yield key, self._encode(case_id, 0, image, self._label(raw, mask_path))
+      label = self._label(raw, mask_path)
+      if given_path is not None:  # a trusted mask beside the one the user had
+        given = readers.read_mask(given_path)
+        readers.check_same_size(image.shape[:2], given.shape, image_path, given_path)
+        agreement[case_id] = foreground_dice(self._label(given, given_path), label)
+      yield key, self._encode(case_id, 0, image, label)
     if converted:
       logging.warning(
         "%s/%s: %d images converted to %d channels", self.name, split, converted, self._num_channels
       )
     self.info.metadata.setdefault("converted_to_channels", {})[split] = converted
+    if agreement:
+      self.info.metadata.setdefault("given_vs_trusted_dice", {}).update(agreement)
 
 
 class KvasirSeg(_ImageFolderBuilder, skip_registration=True):
@@ -292,27 +453,42 @@ class KvasirSeg(_ImageFolderBuilder, skip_registration=True):
   DEFAULT_SIZE = 256
   CHANNELS = 3
 
-  def _layout_root(self, root):
+  @classmethod
+  def _layout_root(cls, root):
     nested = root / "Kvasir-SEG"
     return nested if not (root / "images").exists() and (nested / "images").is_dir() else root
 
   def _label(self, raw, path):
     return readers.mask_to_label(raw, path=path, threshold=127)
 
+  @classmethod
+  def read_reference(cls, path, options):
+    del options
+    return readers.mask_to_label(readers.read_mask(path), path=path, threshold=127)
+
 
 class Folder(_ImageFolderBuilder, skip_registration=True):
-  """Any 2D dataset laid out as `images/` and `masks/` (png/jpg/jpeg/bmp/tif/tiff) by stem.
+  """Any 2D dataset laid out as `images/` and `masks/` (png/jpg/jpeg/bmp/tif/tiff) by stem,
+  with the verified masks of some images in `trusted/` (optional; `metadcseg_jax.data.splits`).
 
   Options:
     num_classes: None for binary masks (0/1 or 0/255); else masks hold class indices.
     mask_threshold: binarise masks as value > threshold (JPEG-compressed masks).
     channels: 1 or 3; None: 1 when every image is grey, else 3.
     mask_suffix: mask stem = image stem + suffix (e.g. "_segmentation" for ISIC).
+    plan: the digest of the user's split (`splits.Plan.digest`), set with the plan.
   """
 
   name = "folder"
   DEFAULT_SIZE = 256
-  OPTIONS = {"num_classes": None, "mask_threshold": None, "channels": None, "mask_suffix": ""}
+  TAKES_PLAN = True
+  OPTIONS = {
+    "num_classes": None,
+    "mask_threshold": None,
+    "channels": None,
+    "mask_suffix": "",
+    "plan": None,
+  }
 
   @classmethod
   def _check_options(cls, options):
@@ -354,12 +530,20 @@ class Folder(_ImageFolderBuilder, skip_registration=True):
     return super().make_config(size=size, seed=seed, manual_dir=manual_dir, **options)
 
   def _label(self, raw, path):
+    return self._to_label(raw, path, self.config.options)
+
+  @staticmethod
+  def _to_label(raw, path, options):
     return readers.mask_to_label(
       raw,
       path=path,
-      num_classes=self.config.options["num_classes"],
-      threshold=self.config.options["mask_threshold"],
+      num_classes=options.get("num_classes"),
+      threshold=options.get("mask_threshold"),
     )
+
+  @classmethod
+  def read_reference(cls, path, options):
+    return cls._to_label(readers.read_mask(path), path, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,9 +576,6 @@ class _VolumeBuilder(_RealBuilder, skip_registration=True):
   def _allowed_labels(self) -> tuple[int, ...]:
     return self.LABELS
 
-  def _normalise(self, volume: np.ndarray, path: pathlib.Path) -> np.ndarray:
-    return readers.zscore(volume, name=path)
-
   def _scan(self, root):
     pairs, skipped, channels = self._pairs(root)
     cases, meta = {}, {}
@@ -411,20 +592,45 @@ class _VolumeBuilder(_RealBuilder, skip_registration=True):
       }
     return cases, skipped, meta
 
+  def _case_files(self, root, payload):
+    image_path, label_path, channel = payload
+    return {
+      "image": str(image_path.relative_to(root)),
+      "label": str(label_path.relative_to(root)),
+      "channel": channel,
+    }
+
+  @classmethod
+  def read_reference(cls, path, options):
+    del options
+    return (readers.integral(readers.read_volume(path), path) > 0).astype(np.uint8)
+
+  def _read_case(self, payload) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A case's raw volume (S,H,W,C) float32, its reference labels (S,H,W) uint8 class indices
+    and the user's own labels where a trusted volume replaced them (else None)."""
+    image_path, label_path, channel = payload
+    volume = readers.read_volume(image_path, channel=channel)
+    labels = readers.read_label_volume(label_path, allowed=self._allowed_labels())
+    readers.check_same_size(volume.shape, labels.shape, image_path, label_path)
+    return volume[..., None], (labels > 0).astype(np.uint8), None
+
   def _generate_examples(self, split, items):
     policy = self.config.options["train_slices"] if split == "train" else "all"
     kept = total = key = 0
-    for case_id, (image_path, label_path, channel) in items:
-      volume = readers.read_volume(image_path, channel=channel)
-      labels = readers.read_label_volume(label_path, allowed=self._allowed_labels())
-      readers.check_same_size(volume.shape, labels.shape, image_path, label_path)
-      label = (labels > 0).astype(np.uint8)
+    intensity = preprocess.intensity_of(self.name)
+    agreement = {}
+    for case_id, payload in items:
+      volume, label, given = self._read_case(payload)
+      if given is not None:
+        agreement[case_id] = foreground_dice(given, label)
       keep = slice_mask(policy, volume, label)
-      image = self._normalise(volume, image_path)
+      image = preprocess.normalise_volume(volume, intensity, name=case_id)
       kept, total = kept + int(keep.sum()), total + keep.size
       for k in np.flatnonzero(keep):
-        yield key, self._encode(case_id, int(k), image[k, :, :, None], label[k])
+        yield key, self._encode(case_id, int(k), image[k], label[k])
         key += 1  # integer keys in generation order: record i is the i-th slice written
+    if agreement:
+      self.info.metadata.setdefault("given_vs_trusted_dice", {}).update(agreement)
     logging.info(
       "%s/%s: kept %d of %d axial slices (train_slices=%r applies to train only)",
       self.name,
@@ -489,9 +695,11 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
   DEFAULT_SIZE = 160
   TASK_FOLDER: ClassVar[str] = ""
 
-  def _task_root(self, root: pathlib.Path) -> pathlib.Path:
-    if not (root / "dataset.json").exists() and (root / self.TASK_FOLDER / "dataset.json").exists():
-      return root / self.TASK_FOLDER
+  @classmethod
+  def _task_root(cls, root: pathlib.Path) -> pathlib.Path:
+    if cls.TASK_FOLDER and not (root / "dataset.json").exists():
+      if (root / cls.TASK_FOLDER / "dataset.json").exists():
+        return root / cls.TASK_FOLDER
     return root
 
   def _channel(self, modalities: Mapping[str, str], path: pathlib.Path) -> int:
@@ -533,6 +741,8 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
       if len(shape) == 3 and channel != 0:
         raise DataError(f"{image_path} is 3D, modality index {channel} needs a 4D volume")
       channels[case_id] = channel if len(shape) == 4 else None
+    if any(c is not None for c in channels.values()):
+      self.info.metadata["modalities"] = [channel]  # what a prediction reads from a 4D file
     return pairs, images.skipped + masks.skipped, channels
 
   def _check_training_list(self, training, task, info_path, pairs) -> None:
@@ -556,6 +766,235 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
     return self._labels
 
 
+def _dataset_labels(info: Mapping[str, Any], path: pathlib.Path) -> tuple[str, ...]:
+  """The class names of a dataset.json's "labels", by value 0..L-1: the Decathlon form
+  {"0": "background", "1": "edema"} or nnU-Net v2's {"background": 0, "edema": 1}."""
+  labels = info.get("labels")
+  if not isinstance(labels, dict) or not labels:
+    raise DataError(f"{path}: 'labels' must map class values to names")
+  try:
+    if all(str(k).strip().isdigit() for k in labels):
+      by_value = {int(k): str(v) for k, v in labels.items()}
+    else:
+      by_value = {int(v): str(k) for k, v in labels.items()}
+  except (TypeError, ValueError) as e:
+    raise DataError(
+      f"{path}: 'labels' must map class values to names (region labels, lists of values, are "
+      f"not supported): {e}"
+    ) from e
+  if sorted(by_value) != list(range(len(by_value))):
+    raise DataError(f"{path}: label values must be 0..{len(by_value) - 1}, got {sorted(by_value)}")
+  return tuple(by_value[v] for v in range(len(by_value)))
+
+
+class Decathlon(_DecathlonBuilder, skip_registration=True):
+  """Any task in the Medical Segmentation Decathlon / nnU-Net raw layout: `dataset.json`,
+  `imagesTr/`, `labelsTr/` (NIfTI), and the verified label volumes of some cases in
+  `trusted/` (optional; `metadcseg_jax.data.splits`).
+
+  Both forms of dataset.json are read: the Decathlon's ("modality": {"0": "FLAIR", ...},
+  "labels": {"0": "background", ...}, imagesTr/<case>.nii.gz 3D or 4D) and nnU-Net v2's
+  ("channel_names", "labels": {"background": 0, ...}, "file_ending", one file per channel
+  imagesTr/<case>_0000.nii.gz). Labels are class indices 0..L-1 (L = config.data.num_classes,
+  names from "labels"); each volume is one case, cut into axial slices, each channel z-scored
+  over the volume.
+
+  Options:
+    modality: "all" (every channel, in order; config.data.channels of them) or one channel's
+      name or index.
+    train_slices: "all" (default), "foreground" or "nonzero".
+    channels, num_classes: from config.data (checked against dataset.json).
+    plan: the digest of the user's split (`splits.Plan.digest`).
+  """
+
+  name = "decathlon"
+  TAKES_PLAN = True
+  CHANNELS = None
+  OPTIONS = {
+    "train_slices": "all",
+    "modality": "all",
+    "channels": 1,
+    "num_classes": 2,
+    "plan": None,
+  }
+
+  @classmethod
+  def _new_config(cls, name, size, seed, options):
+    return RealConfig(
+      name=name,
+      height=size,
+      width=size,
+      channels=int(options["channels"]),
+      num_classes=int(options["num_classes"]),
+      seed=seed,
+      options=dict(options),
+      description=f"{cls.name} at {size}x{size}, split seed {seed}, options {options}",
+    )
+
+  @staticmethod
+  def _layout(root: pathlib.Path) -> dict[str, Any]:
+    """dataset.json's channels, labels, file ending and form, read once."""
+    info_path = root / "dataset.json"
+    if not info_path.is_file():
+      raise DataError(
+        f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, labelsTr/ "
+        f"and dataset.json)"
+      )
+    try:
+      info = json.loads(info_path.read_text())
+    except (OSError, ValueError) as e:
+      raise DataError(f"cannot read {info_path}: {e}") from e
+    v2 = "channel_names" in info
+    channels = info.get("channel_names" if v2 else "modality")
+    if not isinstance(channels, dict) or not channels:
+      raise DataError(f"{info_path}: needs 'modality' (Decathlon) or 'channel_names' (nnU-Net)")
+    ending = str(info.get("file_ending", ".nii.gz")) if v2 else None
+    return {
+      "path": info_path,
+      "v2": v2,
+      "channels": {int(k): str(v) for k, v in channels.items()},
+      "class_names": _dataset_labels(info, info_path),
+      "ending": ending,
+    }
+
+  def _channel_indices(self, layout) -> list[int]:
+    names, modality = layout["channels"], self.config.options["modality"]
+    if modality == "all":
+      chosen = sorted(names)
+    else:
+      chosen = [_resolve_modality(modality, names, layout["path"])]
+    if len(chosen) != self.config.channels:
+      listed = ", ".join(f"{i}: {n}" for i, n in sorted(names.items()))
+      raise DataError(
+        f"{layout['path']} lists {len(names)} channel(s) ({listed}) and modality="
+        f"{modality!r} takes {len(chosen)}: set --config.data.channels={len(chosen)}, or pick "
+        f"one with --config.data.options.modality=<name>"
+      )
+    return chosen
+
+  @classmethod
+  def _case_files_of(cls, root, layout) -> tuple[dict[str, tuple], list[str]]:
+    """{case: (image file or per-channel files, label file)} of imagesTr/ and labelsTr/."""
+    images_dir = readers.require_dir(root / "imagesTr", "imagesTr/")
+    labels_dir = readers.require_dir(root / "labelsTr", "labelsTr/")
+    suffixes = (layout["ending"],) if layout["v2"] else readers.NIFTI_SUFFIXES
+    images = readers.list_files(images_dir, suffixes, root=root)
+    labels = readers.list_files(labels_dir, suffixes, root=root)
+    if layout["v2"]:
+      grouped: dict[str, dict[int, pathlib.Path]] = {}
+      for stem, path in images.files.items():
+        case, _, index = stem.rpartition("_")
+        if not case or len(index) != 4 or not index.isdigit():
+          raise DataError(f"{path}: nnU-Net image files are named <case>_<XXXX>{layout['ending']}")
+        grouped.setdefault(case, {})[int(index)] = path
+      want = sorted(layout["channels"])
+      for case, by_channel in grouped.items():
+        if sorted(by_channel) != want:
+          raise DataError(
+            f"case {case!r} in {images_dir} has channel files {sorted(by_channel)}, "
+            f"dataset.json lists channels {want}"
+          )
+      images = readers.Listing(
+        {c: tuple(v[i] for i in want) for c, v in sorted(grouped.items())}, images.skipped
+      )
+    missing = sorted(set(images.files) - set(labels.files))
+    extra = sorted(set(labels.files) - set(images.files))
+    if missing or extra:
+      raise DataError(
+        f"imagesTr/ and labelsTr/ of {root} do not pair: "
+        + (f"no label for {missing[:5]}" if missing else f"no image for {extra[:5]}")
+      )
+    if not images.files:
+      raise DataError(f"no image files found in {images_dir}")
+    pairs = {c: (images.files[c], labels.files[c]) for c in sorted(images.files)}
+    return pairs, images.skipped + labels.skipped
+
+  @classmethod
+  def _trusted_files(cls, root, layout) -> dict[str, pathlib.Path] | None:
+    trusted_dir = root / splits_lib.TRUSTED_DIR
+    if not trusted_dir.is_dir():
+      return None
+    suffixes = (layout["ending"],) if layout["v2"] else readers.NIFTI_SUFFIXES
+    return readers.list_files(trusted_dir, suffixes, root=root).files
+
+  @classmethod
+  def list_cases(cls, root, options):
+    root = cls._task_root(pathlib.Path(root))
+    layout = cls._layout(root)
+    pairs, _ = cls._case_files_of(root, layout)
+    trusted = cls._trusted_files(root, layout)
+    if trusted is not None:
+      stray = sorted(set(trusted) - set(pairs))
+      if stray:
+        raise DataError(f"{root / splits_lib.TRUSTED_DIR} holds labels of no case: {stray[:5]}")
+    return sorted(pairs), None if trusted is None else sorted(trusted)
+
+  def _scan(self, root):
+    manual, root = root, self._task_root(root)
+    layout = self._layout(root)
+    self._labels = tuple(range(len(layout["class_names"])))
+    if len(self._labels) != self.config.num_classes:
+      raise DataError(
+        f"{layout['path']} lists {len(self._labels)} labels {list(layout['class_names'])}: set "
+        f"--config.data.num_classes={len(self._labels)}"
+      )
+    self.info.metadata["class_names"] = list(layout["class_names"])
+    chosen = self._channel_indices(layout)
+    self.info.metadata["modalities"] = chosen
+    self.info.metadata["channel_files"] = layout["v2"]
+    pairs, skipped = self._case_files_of(root, layout)
+    use_trusted = self._plan is not None and self._plan.uses_trusted_folder
+    trusted = self._trusted_files(root, layout) if use_trusted else None
+    cases, meta = {}, {}
+    for case_id, (image_ref, label_path) in pairs.items():
+      first = image_ref[0] if isinstance(image_ref, tuple) else image_ref
+      image_shape, spacing = readers.volume_info(first)
+      reference = trusted.get(case_id, label_path) if trusted else label_path
+      label_shape, _ = readers.volume_info(reference)
+      readers.check_same_size(image_shape[:3], label_shape, first, reference)
+      if isinstance(image_ref, tuple):  # one file per channel: the chosen ones
+        files_, channels = [image_ref[i] for i in chosen], None
+      else:
+        files_, channels = [image_ref], chosen
+      given = label_path if reference != label_path else None
+      cases[case_id] = (files_, reference, channels, given)
+      meta[case_id] = {
+        "shape": list(label_shape),
+        "spacing_mm": list(spacing),
+        **self._case_files(manual, cases[case_id]),
+      }
+    return cases, skipped, meta
+
+  def _case_files(self, root, payload):
+    files_, reference, channels, _ = payload
+    return {
+      "image": [str(f.relative_to(root)) for f in files_],
+      "label": str(reference.relative_to(root)),
+      "channel": channels,
+    }
+
+  @classmethod
+  def read_reference(cls, path, options):
+    labels = readers.integral(readers.read_volume(path), path)
+    if labels.min() < 0 or labels.max() >= int(options.get("num_classes", 2)):
+      raise DataError(f"label file {path} has values outside [0, {options.get('num_classes')})")
+    return labels.astype(np.uint8)
+
+  def _read_case(self, payload):
+    files_, reference, channels, given_path = payload
+    if channels is None:  # one file per channel (nnU-Net v2)
+      volume = np.stack([readers.read_volume(f) for f in files_], axis=-1)
+    else:
+      volume = readers.read_volume_channels(files_[0], channels)
+    labels = readers.read_label_volume(reference, allowed=self._labels)
+    readers.check_same_size(volume.shape[:3], labels.shape, files_[0], reference)
+    given = None
+    if given_path is not None:
+      given = readers.read_label_volume(given_path, allowed=self._labels)
+      readers.check_same_size(volume.shape[:3], given.shape, files_[0], given_path)
+    return volume, labels.astype(np.uint8), given
+
+
 class MsdBrain(_DecathlonBuilder, skip_registration=True):
   """MSD Task01 BrainTumour (BraTS 2016/17): 484 4-modality MRI volumes; whole tumour = label > 0.
 
@@ -570,10 +1009,6 @@ class MsdBrain(_DecathlonBuilder, skip_registration=True):
 
   def _channel(self, modalities, path):
     return _resolve_modality(self.config.options["modality"], modalities, path)
-
-  def _normalise(self, volume, path):
-    # Skull-stripped: statistics of the brain only, background stays 0.
-    return readers.zscore(volume, region=volume != 0, name=path)
 
 
 class MsdHeart(_DecathlonBuilder, skip_registration=True):
@@ -592,7 +1027,7 @@ class MsdHeart(_DecathlonBuilder, skip_registration=True):
 # Registry.
 
 BUILDERS: dict[str, type[_RealBuilder]] = {
-  b.name: b for b in (KvasirSeg, Promise12, MsdBrain, MsdHeart, Folder)
+  b.name: b for b in (KvasirSeg, Promise12, MsdBrain, MsdHeart, Folder, Decathlon)
 }
 # The paper's Table 8 size with default options, split seed 0 (set before any config lookup;
 # a folder's channel count is only known from its files).
@@ -609,15 +1044,17 @@ def get_dataset_builder(
   data_dir: str | pathlib.Path,
   manual_dir: str | pathlib.Path | None,
   size: int | None = None,
+  plan: splits_lib.Plan | None = None,
   **options,
 ) -> _RealBuilder:
   """The TFDS builder of a real dataset (not yet prepared).
 
   Args:
-    name: one of "kvasir_seg", "promise12", "msd_brain", "msd_heart", "folder".
+    name: one of `BUILDERS`.
     data_dir: TFDS data dir (builds and split files go there).
     manual_dir: the raw data folder (see each builder's docstring for its layout).
     size: side of the square 2D records; None: the paper's Table 8 size.
+    plan: a user's folder's split and trusted masks (builders with `TAKES_PLAN`).
     **options: `seed` (split seed, default 0) and the builder's OPTIONS.
 
   Returns:
@@ -626,11 +1063,16 @@ def get_dataset_builder(
   if name not in BUILDERS:
     raise ConfigError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
   cls = BUILDERS[name]
+  if plan is not None:
+    if not cls.TAKES_PLAN:
+      raise ConfigError(f"{name} takes no user split or trusted masks")
+    options["plan"] = plan.digest()
   config = cls.make_config(size=size, manual_dir=manual_dir, **options)
   return cls(
     data_dir=str(pathlib.Path(data_dir).expanduser().resolve()),
     config=config,
     manual_dir=manual_dir,
+    plan=plan,
   )
 
 
