@@ -712,9 +712,12 @@ def summary_lines(result: FolderEvaluation) -> list[str]:
   if len(groups) > 1:
     groups.append(("foreground mean", s[FOREGROUND_MEAN]))
   width = max(len(name) for name, _ in groups) + 2
-  lines.append("class".ljust(width) + "".join(_SHOWN[k].rjust(18) for k in METRICS))
-  for name, group in groups:
-    lines.append(name.ljust(width) + "".join(_cell(group[k]).rjust(18) for k in METRICS))
+  cells = [[_cell(group[k]) for k in METRICS] for _, group in groups]
+  # Distances in pixels of a large image run to hundreds: the columns grow with their cells.
+  col = [max(len(_SHOWN[k]), *(len(c[i]) for c in cells)) + 2 for i, k in enumerate(METRICS)]
+  lines.append("class".ljust(width) + "".join(_SHOWN[k].rjust(w) for k, w in zip(METRICS, col)))
+  for (name, _), row in zip(groups, cells):
+    lines.append(name.ljust(width) + "".join(c.rjust(w) for c, w in zip(row, col)))
   lines.append(
     "empty masks (prediction/reference/both): "
     + ", ".join(

@@ -1,0 +1,133 @@
+"""Benchmarks that differ in one setting, side by side: where a gap between methods opens or
+closes (training budget, meta-set size), and what the meta step does on the way.
+
+    sweeps = {"10 epochs": "runs/e10", "20 epochs": "runs/e20", "40 epochs": "runs/e40"}
+    print(setting_table(sweeps, methods=("ce", "l2b", "metadcseg"), noises=("none", "l2b40")))
+    print(diagnostics_table(sweeps, methods=("l2b", "metadcseg"), noises=("none", "l2b40")))
+
+Each workdir is a `metadcseg-benchmark` root; its finished runs are read as the benchmark reads
+them (`benchmark.collect`, `benchmark.comparisons`: the paired differences with their 95%
+intervals over seeds and test cases, failed runs counted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from metadcseg_jax import benchmark
+
+# The claims a sweep table states, (row, reference).
+CLAIMS = (("l2b", "ce"), ("metadcseg", "ce"), ("metadcseg", "l2b"))
+# The diagnostics (metrics.jsonl, split "diagnostics") a sweep table averages.
+DIAGNOSTICS = (
+  "weight_zero_frac",
+  "effective_pixel_frac",
+  "alpha_share",
+  "alpha_share_disagree",
+  "disagree_frac",
+)
+
+
+def _cell_text(cell: Mapping[str, Any] | None, params: str) -> str:
+  if cell is None:
+    return "–"
+  stat = cell["test"][params]["dice"]
+  std = f" ± {100 * stat['std']:.1f}" if stat.get("std") is not None else ""
+  return f"{100 * stat['mean']:.1f}{std}"
+
+
+def _claim_text(c: Mapping[str, Any] | None) -> str:
+  if c is None or c.get("low") is None or not math.isfinite(c["mean"]):
+    return "–" if c is None else c["verdict"]
+  return f"{100 * c['mean']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] {c['verdict']}"
+
+
+def setting_table(
+  workdirs: Mapping[str, str | pathlib.Path],
+  *,
+  methods: Sequence[str] = ("ce", "l2b", "metadcseg"),
+  noises: Sequence[str] = ("none", "l2b40"),
+  params: str = "ema",
+) -> str:
+  """A Markdown table: one line per (setting, noise level) with each method's test Dice (%,
+  mean ± std over seeds) and each claim's paired difference (points, 95% interval, verdict).
+
+  Args:
+    workdirs: {setting label: benchmark root}, in the order the lines go.
+    methods: the rows.
+    noises: the noise levels.
+    params: "ema" or "raw".
+  """
+  claims = [(a, b) for a, b in CLAIMS if a in methods and b in methods]
+  head = ["setting", "noise", "seeds", *methods, *(f"{a} − {b}" for a, b in claims)]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for label, root in workdirs.items():
+    rows = benchmark.method_rows(methods)
+    cells = benchmark.collect(root, rows=rows, noises=noises)
+    comps = benchmark.comparisons(root, cells, pairs=claims, params=(params,))
+    by_cell = {(c["noise"], c["label"]): c for c in cells}
+    by_claim = {(c["noise"], c["row"], c["reference"]): c for c in comps}
+    for noise_kind in benchmark.sort_noises(noises):
+      seeds = sorted(
+        {s for m in methods for s in (by_cell.get((noise_kind, m)) or {}).get("seeds", [])}
+      )
+      if not seeds:
+        continue
+      values = [_cell_text(by_cell.get((noise_kind, m)), params) for m in methods]
+      diffs = [_claim_text(by_claim.get((noise_kind, a, b))) for a, b in claims]
+      lines.append(
+        "| "
+        + " | ".join([label, benchmark.noise_label(noise_kind), str(len(seeds)), *values, *diffs])
+        + " |"
+      )
+  return "\n".join(lines)
+
+
+def run_diagnostics(run: pathlib.Path, *, last: int = 3) -> dict[str, float]:
+  """The mean of `DIAGNOSTICS` over a finished run's last `last` diagnostics points ({} if
+  none, or the run has not finished)."""
+  path = pathlib.Path(run) / "metrics.jsonl"
+  if not path.is_file() or not (pathlib.Path(run) / "results.json").is_file():
+    return {}
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  diag = [r for r in records if r.get("split") == "diagnostics"][-last:]
+  return {
+    k: float(np.mean([r[k] for r in diag if k in r]))
+    for k in DIAGNOSTICS
+    if any(k in r for r in diag)
+  }
+
+
+def diagnostics_table(
+  workdirs: Mapping[str, str | pathlib.Path],
+  *,
+  methods: Sequence[str] = ("l2b", "metadcseg"),
+  noises: Sequence[str] = ("none", "l2b40"),
+  last: int = 3,
+) -> str:
+  """A Markdown table of the meta step's diagnostics (`DIAGNOSTICS`, mean over seeds of each
+  run's last `last` points) per (setting, noise, method)."""
+  head = ["setting", "noise", "method", "seeds", *DIAGNOSTICS]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for label, root in workdirs.items():
+    for noise_kind in benchmark.sort_noises(noises):
+      for method in methods:
+        runs = sorted(pathlib.Path(root, noise_kind, method).glob("seed*"))
+        found = [d for d in (run_diagnostics(r, last=last) for r in runs) if d]
+        if not found:
+          continue
+        values = [
+          f"{np.mean([d[k] for d in found if k in d]):.3f}" if any(k in d for d in found) else "–"
+          for k in DIAGNOSTICS
+        ]
+        lines.append(
+          "| "
+          + " | ".join([label, benchmark.noise_label(noise_kind), method, str(len(found)), *values])
+          + " |"
+        )
+  return "\n".join(lines)
