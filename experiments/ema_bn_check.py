@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from metadcseg_jax import metrics as metrics_lib
-from metadcseg_jax import runs
-from metadcseg_jax.models import unet
+from metadcseg_jax.training import runs
+from metadcseg_jax.core.models import unet
 
 
 def check_run(run: pathlib.Path) -> dict[str, float]:

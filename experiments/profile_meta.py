@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metadcseg_jax import losses
-from metadcseg_jax import meta
+from metadcseg_jax.core import losses
+from metadcseg_jax.core import meta
 from metadcseg_jax import methods
-from metadcseg_jax import throughput
+from metadcseg_jax.tools import throughput
 from metadcseg_jax.commands import bench  # pylint: disable=unused-import  (its flags)
 
 # The benchmark's flags (--sizes, --widths, --channels, --batch, --repeats); the first value of

@@ -15,7 +15,6 @@ import pathlib
 import ml_collections
 from ml_collections import config_dict
 
-from metadcseg_jax import audit
 from metadcseg_jax import methods
 from metadcseg_jax import parallel
 
@@ -38,12 +37,23 @@ def default_config() -> ml_collections.ConfigDict:
     config[name] = section
 
   # Label audit (metadcseg-audit): meta methods score every training mask in their last epochs.
-  config.audit = audit.default_config()
+  config.audit = _audit_config()
 
   # Data parallel over `mesh.data` devices (-1: all); several hosts join by `distributed`.
   config.mesh = parallel.mesh_config()
   config.distributed = parallel.distributed_config()
   return config
+
+
+def _audit_config() -> ml_collections.ConfigDict:
+  """`config.audit`: the trainer's label-audit passes (`metadcseg_jax.training.audit_passes`)."""
+  c = ml_collections.ConfigDict()
+  c.epochs = 2  # final epochs with an audit pass over the training split (0: none)
+  # Clean meta images per audit batch: 0 cycles the training step's meta batches
+  # (config.train.meta_batch_size each); n > 0 uses the first n of the meta split (all if
+  # fewer) for every batch, so each verdict is the whole clean set's, not a sample's.
+  c.meta_images = 0
+  return c
 
 
 def _model_config() -> ml_collections.ConfigDict:

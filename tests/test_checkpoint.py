@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from metadcseg_jax import checkpoint
+from metadcseg_jax.training import checkpoint
 from metadcseg_jax.errors import CheckpointError
 
 

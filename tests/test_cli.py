@@ -20,7 +20,7 @@ import pytest
 
 from metadcseg_jax import cli
 
-from metadcseg_jax import summaries
+from metadcseg_jax.training import summaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "configs" / "tiny.py")
@@ -119,7 +119,7 @@ def test_quick_start_writes_tensorboard_events_and_says_how_to_see_them(quick_st
 def test_quick_start_imports_only_declared_dependencies(quick_start, deps):
   _, out = quick_start
   modules = deps.modules_from_importtime(out.stderr)
-  assert "metadcseg_jax.train" in modules and "orbax.checkpoint" in modules
+  assert "metadcseg_jax.training.train" in modules and "orbax.checkpoint" in modules
   assert deps.undeclared(modules) == {}
 
 

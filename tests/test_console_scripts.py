@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from experiments.configs import tiny
-from metadcseg_jax import audit
-from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,14 +81,14 @@ def _user_folder_run(tmp_path):
   pseudo = given.copy()
   pseudo[2] = 1 - pseudo[2]
   suspicion = np.where(given != pseudo, 0.9, 0.0).astype(np.float16)
-  audit.save_pass(
+  audit_passes.save_pass(
     run,
     3,
     {
       "index": np.asarray(train.indices),
       "suspicion": suspicion,
       "pseudo": pseudo.astype(np.uint8),
-      "score": audit.image_scores(suspicion.astype(np.float32), given, pseudo),
+      "score": audit_passes.image_scores(suspicion.astype(np.float32), given, pseudo),
       "meta_images": np.asarray(0),
     },
   )

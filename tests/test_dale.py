@@ -18,7 +18,7 @@ import pytest
 import scipy.linalg
 
 from experiments.configs import tiny
-from metadcseg_jax import wasserstein
+from metadcseg_jax.core import wasserstein
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.methods import base
 from metadcseg_jax.methods import dale

@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.dcd (MetaDCSeg Eq. 6 to Eq. 12, Eq. 46, Eq. 47)."""
+"""Tests for metadcseg_jax.core.dcd (MetaDCSeg Eq. 6 to Eq. 12, Eq. 46, Eq. 47)."""
 
 import functools
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadcseg_jax import dcd
+from metadcseg_jax.core import dcd
 
 
 # ---------------------------------------------------------------- regions

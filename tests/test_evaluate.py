@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadcseg_jax import evaluate
+from metadcseg_jax.training import evaluate
 from metadcseg_jax.data import pipeline
 
 SIZE = 8

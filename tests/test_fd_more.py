@@ -20,11 +20,11 @@ import numpy as np
 import optax
 import pytest
 
-from metadcseg_jax import dcd
-from metadcseg_jax import meta
-from metadcseg_jax import models
-from metadcseg_jax import objective
-from metadcseg_jax import optim
+from metadcseg_jax.core import dcd
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import models
+from metadcseg_jax.core import objective
+from metadcseg_jax.core import optim
 
 SLOW = os.environ.get("METADCSEG_SLOW") == "1"
 SLOW_REASON = "one case per optimizer in CI: set METADCSEG_SLOW=1 for all"

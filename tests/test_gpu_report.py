@@ -16,7 +16,7 @@ import pytest
 from experiments import meta_precision
 from experiments.configs import kvasir_seg
 from metadcseg_jax import methods
-from metadcseg_jax import throughput
+from metadcseg_jax.tools import throughput
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.tools import gpu_report
 

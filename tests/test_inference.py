@@ -16,8 +16,8 @@ import pytest
 from experiments.configs import tiny
 from metadcseg_jax import metrics
 from metadcseg_jax import methods
-from metadcseg_jax import runs
-from metadcseg_jax import train
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.inference import evaluate_folder

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle, no import hidden in a function, equations findable."""
+"""The package's shape: rooms that import one way, no import cycle, no import hidden in a
+function, short functions, equations findable, docstring examples that run."""
 
 import ast
 import importlib
@@ -53,6 +54,80 @@ def test_the_package_has_no_import_cycle():
     if m not in state:
       visit(m, [m])
   assert cycles == []
+
+
+# The modules the package keeps at its top, beside its rooms (sub-packages): what every room
+# shares (errors, files, types, settings, the configs and their checks, the command line, devices,
+# metrics, progress lines).
+MAX_TOP_MODULES = 12
+
+
+def test_the_top_of_the_package_holds_at_most_a_dozen_modules():
+  top = sorted(p.name for p in PACKAGE.glob("*.py"))
+  assert len(top) <= MAX_TOP_MODULES, top
+
+
+def _room(module: str) -> str:
+  """A module's room: its first sub-package (`metadcseg_jax.core.meta` -> `core`); a module at the
+  top of the package is a room of its own (`metadcseg_jax.configs` -> `configs`)."""
+  parts = module.split(".")
+  return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_rooms_import_one_way():
+  """Between rooms the imports form no cycle: if a module of room A imports one of room B, no
+  module of B imports (directly or through other rooms) one of A. The package's __init__ (it
+  exports `load_model`) is left out: nothing inside the package imports it."""
+  modules = _modules()
+  graph: dict[str, set[str]] = {}
+  for name, path in modules.items():
+    if name == "metadcseg_jax":
+      continue
+    room = _room(name)
+    graph.setdefault(room, set()).update(
+      _room(m) for m in _imports(path, modules) if m != "metadcseg_jax" and _room(m) != room
+    )
+  state, cycles = {}, []
+
+  def visit(room, stack):
+    state[room] = "open"
+    for other in sorted(graph.get(room, ())):
+      if state.get(other) == "open":
+        cycles.append(stack[stack.index(other) :] + [other])
+      elif other not in state:
+        visit(other, stack + [other])
+    state[room] = "done"
+
+  for room in sorted(graph):
+    if room not in state:
+      visit(room, [room])
+  assert cycles == []
+  # The ways the rooms are meant to go, checked by name.
+  assert "audit" not in graph["methods"] and "training" not in graph["inference"]
+  assert not graph["core"] - {"settings", "types", "errors"}, graph["core"]
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+  """The lines of a function's body without its docstring."""
+  body = node.body
+  if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+    if isinstance(body[0].value.value, str):
+      body = body[1:]
+  return node.end_lineno - body[0].lineno + 1 if body else 0
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_body_is_longer_than_80_lines():
+  long = [
+    f"{name}.{node.name} ({_body_lines(node)} lines)"
+    for name, path in _modules().items()
+    for node in ast.walk(ast.parse(path.read_text()))
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    and _body_lines(node) > MAX_FUNCTION_LINES
+  ]
+  assert long == []
 
 
 def test_no_import_inside_a_function():

@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.meta: exact pixel-wise meta-gradients (App. A.3, Eq. 21-29).
+"""Tests for metadcseg_jax.core.meta: exact pixel-wise meta-gradients (App. A.3, Eq. 21-29).
 
 The reference for exactness is a central finite difference, in float64, of the one-step
 unrolled objective `Lval(θ̂(a, b))` written out independently here (`_unrolled_objective`).
@@ -17,9 +17,9 @@ import optax
 import pytest
 
 from metadcseg_jax import configs
-from metadcseg_jax import meta
-from metadcseg_jax import models
-from metadcseg_jax import optim
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import models
+from metadcseg_jax.core import optim
 
 NUM_PIXELS = 20  # random pixels checked by finite differences
 FD_EPS = 1e-5  # TinyNet is smooth (tanh): the error is flat from 1e-4 to 1e-6

@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.objective (MetaDCSeg Eq. 13, §3.4)."""
+"""Tests for metadcseg_jax.core.objective (MetaDCSeg Eq. 13, §3.4)."""
 
 import dataclasses
 import functools
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from metadcseg_jax import configs
-from metadcseg_jax import dcd
-from metadcseg_jax import edges as edges_lib
-from metadcseg_jax import objective
+from metadcseg_jax.core import dcd
+from metadcseg_jax.core import edges as edges_lib
+from metadcseg_jax.core import objective
 
 # One jitted entry point; the compile cache is shared by every test that uses
 # the same (hashable) options.

@@ -111,7 +111,7 @@ import json, sys
 import jax
 jax.config.update("jax_enable_x64", True)
 import ml_collections
-from metadcseg_jax import parallel_check
+from metadcseg_jax.tools import parallel_check
 from metadcseg_jax import parallel
 from metadcseg_jax.errors import ConfigError
 

@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from metadcseg_jax import files
-from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.training import workdir as workdir_lib
 from metadcseg_jax.errors import WorkdirError
 
 

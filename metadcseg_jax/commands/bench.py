@@ -7,7 +7,7 @@ Prints a markdown table (median of --repeats timed runs, after one compile+warm-
 function), then the ratios; the last line is `meta/plain ratio: X` for the default route
 (jvp) at 128x128, 3 channels, width 32 (or the last configuration measured if that one was not).
 If torch is importable, also times an L2B-style PyTorch step on an identically shaped U-Net++
-(`metadcseg_jax.torch_ref`) and prints the JAX/PyTorch ratio per configuration.
+(`metadcseg_jax.tools.torch_ref`) and prints the JAX/PyTorch ratio per configuration.
 """
 
 from absl import flags
@@ -15,11 +15,11 @@ import jax
 
 from metadcseg_jax import cli
 from metadcseg_jax import methods
-from metadcseg_jax import throughput
+from metadcseg_jax.tools import throughput
 from metadcseg_jax.errors import ConfigError
 
 try:  # the extra `bench`
-  from metadcseg_jax import torch_ref
+  from metadcseg_jax.tools import torch_ref
 except ImportError:
   torch_ref = None
 

@@ -5,7 +5,7 @@ compilation (median of --repeats), its images/s, the device's peak memory in use
 CPU reports none), its FLOPs from XLA's cost analysis of the same step compiled for the CPU
 (a GPU's cost analysis leaves out cuDNN convolutions), and the model FLOPs utilisation
 MFU = FLOPs / time / peak FLOP/s of the device (--peak_tflops, or `throughput.PEAK_TFLOPS`). With
-torch installed, also the PyTorch L2B-style step (`metadcseg_jax.torch_ref`) on the same device.
+torch installed, also the PyTorch L2B-style step (`metadcseg_jax.tools.torch_ref`) on the same device.
 --max_batch searches the largest batch whose step fits in device memory (doubling, then
 bisection).
 
@@ -25,10 +25,10 @@ import jax
 from ml_collections import config_flags
 
 from metadcseg_jax import cli
-from metadcseg_jax import throughput
+from metadcseg_jax.tools import throughput
 
 try:  # the extra `bench`
-  from metadcseg_jax import torch_ref
+  from metadcseg_jax.tools import torch_ref
 except ImportError:
   torch_ref = None
 

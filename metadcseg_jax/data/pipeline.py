@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from metadcseg_jax import files
-from metadcseg_jax import noise
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import augment as augment_lib
 from metadcseg_jax.data import builders
@@ -34,7 +34,7 @@ from metadcseg_jax.data import splits as splits_lib
 from metadcseg_jax.data import synthetic
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
-from metadcseg_jax.noise import cache as noise_cache
+from metadcseg_jax.data.noise import cache as noise_cache
 
 
 def _as_str(value: Any) -> str:
@@ -384,7 +384,7 @@ def noise_cache_dir(config: ml_collections.ConfigDict, key: str) -> str:
 
 
 def noise_options(noise_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The `metadcseg_jax.noise` options that apply to `noise_cfg.kind` (others: defaults)."""
+  """The `metadcseg_jax.data.noise` options that apply to `noise_cfg.kind` (others: defaults)."""
   if noise_cfg.kind in noise.l2b.L2B_LEVELS:
     return {
       "scale_kernels_with_size": bool(noise_cfg.scale_kernels_with_size),

@@ -57,6 +57,16 @@ def inference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   return config
 
 
+def preprocessing(
+  config: ml_collections.ConfigDict, info: Mapping[str, Any]
+) -> preprocess.Preprocessing:
+  """A run's preprocessing (`metadcseg_jax.data.preprocess`) from its config and data info (the
+  class names, and a volume dataset's modalities and per-channel files)."""
+  return preprocess.for_data(
+    config.data, info["class_names"], info.get("modalities"), info.get("channel_files", False)
+  )
+
+
 def save(
   path: str | os.PathLike,
   *,

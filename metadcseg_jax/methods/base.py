@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metadcseg_jax import models
-from metadcseg_jax import optim
+from metadcseg_jax.core import models
+from metadcseg_jax.core import optim
 from metadcseg_jax import settings
-from metadcseg_jax.models import unet
+from metadcseg_jax.core.models import unet
 from metadcseg_jax.types import Array
 
 # (state, batch, rng) -> (state, metrics): what `Method.train_step` returns (not yet jitted).
@@ -80,7 +80,7 @@ class Method(abc.ABC):
 
   name: ClassVar[str] = ""
   uses_meta_batch: ClassVar[bool] = False
-  # `audit_maps` gives per-pixel label suspicion (metadcseg_jax/audit.py).
+  # `audit_maps` gives per-pixel label suspicion (metadcseg_jax/training/audit_passes.py).
   audits: ClassVar[bool] = False
   figure_name: ClassVar[str | None] = None
   # Host-side per-example transform run in the input pipeline after augmentation (e.g. Canny

@@ -9,7 +9,7 @@ Settings: `config.coteach`.
 
 import jax.numpy as jnp
 
-from metadcseg_jax import losses
+from metadcseg_jax.core import losses
 from metadcseg_jax.methods import two_network
 
 

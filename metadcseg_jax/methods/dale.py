@@ -53,10 +53,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metadcseg_jax import losses
-from metadcseg_jax import meta
-from metadcseg_jax import optim
-from metadcseg_jax import wasserstein
+from metadcseg_jax.core import losses
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import optim
+from metadcseg_jax.core import wasserstein
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array

@@ -9,7 +9,7 @@ them (one loss, gradients into both). Settings: `config.coteach` (λ is `co_lamb
 
 import jax.numpy as jnp
 
-from metadcseg_jax import losses
+from metadcseg_jax.core import losses
 from metadcseg_jax.methods import two_network
 from metadcseg_jax.types import Array
 

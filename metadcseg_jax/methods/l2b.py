@@ -3,7 +3,7 @@
 Zhou et al., "L2B: Learning to Bootstrap Robust Models for Combating Label Noise", CVPR 2024;
 MetaDCSeg §3.2 and App. A.3. Warm-up epochs train plain CE; then every step takes the exact
 one-step meta-gradients of the clean meta loss with respect to per-pixel weights of the
-noisy-label and pseudo-label losses (`metadcseg_jax.meta`), and trains on the weighted loss
+noisy-label and pseudo-label losses (`metadcseg_jax.core.meta`), and trains on the weighted loss
 (Eq. 1). The DCD boundary term and the Dice term are MetaDCSeg's (`methods/metadcseg.py`).
 """
 
@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metadcseg_jax import audit
-from metadcseg_jax import losses
-from metadcseg_jax import meta
-from metadcseg_jax import objective
+from metadcseg_jax.core import losses
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import objective
 from metadcseg_jax import settings
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array
@@ -343,7 +342,7 @@ class L2B(base.SingleNetworkMethod):
 def _audit_maps(y, mo: meta.MetaOutput) -> dict[str, Array]:
   """`audit_maps`' output from the noisy labels y (B,H,W) and the weights."""
   return {
-    "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
+    "suspicion": meta.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
     "pseudo": mo.y_pseudo,
     "probs": jax.nn.softmax(mo.logits, axis=-1),
   }

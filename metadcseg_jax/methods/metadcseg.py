@@ -2,9 +2,9 @@
 Dice (MetaDCSeg §3, Eq. 13).
 
 The meta step is L2B's (`methods/l2b.py`); the loss adds λ1 times the DCD-weighted boundary term
-and λ2 times the soft Dice loss (`metadcseg_jax.objective`), on the very logits and features the
+and λ2 times the soft Dice loss (`metadcseg_jax.core.objective`), on the very logits and features the
 meta step linearised (no extra forward). The state carries the DCD fallback centers (Eq. 47).
-The edge pixels of Eq. 8 come from `metadcseg_jax.edges`: PiDiNet inside the step, or Canny in
+The edge pixels of Eq. 8 come from `metadcseg_jax.core.edges`: PiDiNet inside the step, or Canny in
 the input pipeline (`example_transform`).
 """
 
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metadcseg_jax import dcd
-from metadcseg_jax import edges as edges_lib
-from metadcseg_jax import objective
+from metadcseg_jax.core import dcd
+from metadcseg_jax.core import edges as edges_lib
+from metadcseg_jax.core import objective
 from metadcseg_jax import settings
 from metadcseg_jax.methods import base
 from metadcseg_jax.methods import l2b

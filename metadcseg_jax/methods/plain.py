@@ -4,7 +4,7 @@ import functools
 
 import ml_collections
 
-from metadcseg_jax import losses
+from metadcseg_jax.core import losses
 from metadcseg_jax import settings
 from metadcseg_jax.methods import base
 

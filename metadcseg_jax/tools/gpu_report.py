@@ -45,16 +45,16 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_collections
 
-from metadcseg_jax import benchmark
+from metadcseg_jax.benchmark import presets
 from metadcseg_jax import files
 from metadcseg_jax import methods
-from metadcseg_jax import runs
-from metadcseg_jax import throughput
-from metadcseg_jax import train
+from metadcseg_jax.training import runs
+from metadcseg_jax.tools import throughput
+from metadcseg_jax.training import train
 from metadcseg_jax.errors import ConfigError
 
 try:  # the extra `bench`
-  from metadcseg_jax import torch_ref
+  from metadcseg_jax.tools import torch_ref
 except ImportError:
   torch_ref = None
 
@@ -97,7 +97,7 @@ class Settings:
     kvasir_warmup_epochs: section 4's warm-up epochs (at most the config's), so that the meta
       phase is reached inside the budget; the projection counts the config's.
     kvasir_max_epochs: stop section 4 after this many epochs (0: when the time is up).
-    table: the benchmark preset (`benchmark.PRESETS`) whose runs the projection counts.
+    table: the benchmark preset (`presets.PRESETS`) whose runs the projection counts.
     data_dir: dataset builds, noisy-label caches and JAX's compilation cache.
     budgets: seconds per section (0: the section is off).
     min_s: the least time left for a section to start.
@@ -207,8 +207,8 @@ def settings_for(tiny: bool, given: Mapping[str, Any]) -> Settings:
   bad = [m for m in settings.methods + settings.trainer_methods if m not in methods.NAMES]
   if bad:
     raise ConfigError(f"unknown methods {bad}: choose from {methods.NAMES}")
-  if settings.table not in benchmark.PRESETS:
-    raise ConfigError(f"unknown table {settings.table!r}: choose from {sorted(benchmark.PRESETS)}")
+  if settings.table not in presets.PRESETS:
+    raise ConfigError(f"unknown table {settings.table!r}: choose from {sorted(presets.PRESETS)}")
   return settings
 
 
@@ -785,7 +785,7 @@ def _projection(
   if not epochs:
     return None
   phases = _phase_seconds(epochs)
-  preset = benchmark.PRESETS[settings.table]
+  preset = presets.PRESETS[settings.table]
   warm = phases.get("warmup") or phases.get("train")
   meta = phases.get("main")
   rows, total, notes = [], 0.0, []

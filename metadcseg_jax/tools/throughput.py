@@ -19,10 +19,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from metadcseg_jax import audit
+from metadcseg_jax.training import audit_passes
 from metadcseg_jax import configs
 from metadcseg_jax import methods
-from metadcseg_jax import train
+from metadcseg_jax.training import train
 
 # Dense peak TFLOP/s by device kind and the precision the step's convolutions run at (XLA's
 # GPU default for float32 is TF32; config.meta.precision="highest" makes the meta path FP32).
@@ -120,7 +120,7 @@ def time_step(
 
 
 def time_audit(config: ml_collections.ConfigDict, repeats: int) -> dict[str, float]:
-  """Median seconds per call of the label audit's functions (`audit.functions`) on the step's
+  """Median seconds per call of the label audit's functions (`audit_passes.functions`) on the step's
   batch: "maps" (the whole meta step, as a pass makes it for every training batch where the
   audit does not factor), and where it does, "direction" (once per meta batch of a pass) and
   "along" (every training batch). A method without the audit gets {}."""
@@ -129,7 +129,7 @@ def time_audit(config: ml_collections.ConfigDict, repeats: int) -> dict[str, flo
     return {}
   state = m.init_state(jax.random.PRNGKey(0))
   feed = jax.device_put(feed)
-  fns = audit.functions(m)
+  fns = audit_passes.functions(m)
   calls = {"maps": (fns.maps, (state, feed))}
   if fns.direction is not None:
     direction = fns.direction(state, feed["meta_image"], feed["meta_label"])

@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image
 
 from metadcseg_jax import files
-from metadcseg_jax import noise
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import readers
 from metadcseg_jax.errors import ConfigError
-from metadcseg_jax.noise import calibrate as calibrate_lib
-from metadcseg_jax.noise import l2b
+from metadcseg_jax.data.noise import calibrate as calibrate_lib
+from metadcseg_jax.data.noise import l2b
 
 
 def _source_root(source: pathlib.Path) -> pathlib.Path:

@@ -9,7 +9,7 @@ a softmax weight over that distance (Eq. 12).
 
 Every kernel here is written for one image and vmapped over the batch by
 `dcd_weights`, the batched entry point the objective uses. The edge pixels of
-Eq. 8 come from `metadcseg_jax.edges` (PiDiNet, Canny or Sobel).
+Eq. 8 come from `metadcseg_jax.core.edges` (PiDiNet, Canny or Sobel).
 
 References:
   MetaDCSeg §3.3, App. A.4.2 and App. A.5.1.
@@ -254,7 +254,7 @@ def dcd_weights_single(
   Args:
     h: (H, W, D) penultimate decoder features (Eq. 5).
     fg_prob: (H, W) foreground probability M̂ (no gradient is taken through it).
-    edges: (H, W) bool edge pixels P_edge of Eq. 8 (`metadcseg_jax.edges`).
+    edges: (H, W) bool edge pixels P_edge of Eq. 8 (`metadcseg_jax.core.edges`).
     gamma: (H, W) reliability γ (Eq. 9).
     default_centers: (3, D) fallback centers (Eq. 47).
     options: τ, τ_dcd, the reading of Eq. 12 and whether w is detached (Eq. 43, Eq. 44).

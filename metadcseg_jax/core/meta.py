@@ -42,11 +42,12 @@ from typing import Any, Callable, Mapping, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metadcseg_jax import settings
-from metadcseg_jax.losses import ce_map
-from metadcseg_jax.optim import Optimizer
+from metadcseg_jax.core.losses import ce_map
+from metadcseg_jax.core.optim import Optimizer
 from metadcseg_jax.types import Array, Params, Variables
 
 # The two exact routes to the meta-gradients, and where Eq. 24 normalises the weights.
@@ -135,6 +136,32 @@ def effective_fraction(weights: Array) -> Array:
   w = jnp.ravel(weights)
   sq = jnp.sum(w**2)
   return jnp.where(sq > 0, jnp.sum(w) ** 2 / (w.size * jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def suspicion_map(y: Array, y_pseudo: Array, a_tilde: Array, b_tilde: Array) -> Array:
+  """Per-pixel label suspicion s = [y ≠ ŷ] · πb from the rectified weights (Eq. 23): how far the
+  clean meta set moved a pixel's weight from its given label y to the pseudo-label ŷ where the
+  two disagree (πb = b̃ / (ã + b̃), 1/2 where ã = b̃ = 0: neither is trusted; 0 where they agree).
+  The label audit's pixel score (`metadcseg_jax.training.audit_passes`).
+
+  Args:
+    y: the given labels (B,H,W) int.
+    y_pseudo: the pseudo-labels ŷ (B,H,W) int (`MetaOutput.y_pseudo`).
+    a_tilde: ã (B,H,W) (`MetaOutput.a_tilde`).
+    b_tilde: b̃ (B,H,W) (`MetaOutput.b_tilde`).
+
+  Returns:
+    s (B,H,W), in [0, 1]; numpy in, numpy out.
+
+  >>> import numpy as np
+  >>> y, y_pseudo = np.array([[1, 0, 1, 0]]), np.array([[1, 1, 0, 0]])
+  >>> suspicion_map(y, y_pseudo, np.array([[0.3, 0.0, 0.1, 0.2]]), np.array([[0.1, 0.0, 0.3, 0.0]]))
+  array([[0.  , 0.5 , 0.75, 0.  ]])
+  """
+  xp = jnp if isinstance(a_tilde, jax.Array) else np
+  gamma = a_tilde + b_tilde
+  share_b = xp.where(gamma > 0, b_tilde / xp.where(gamma > 0, gamma, 1.0), 0.5)
+  return xp.where(y != y_pseudo, share_b, 0.0)
 
 
 class MetaDirection(NamedTuple):
@@ -240,7 +267,9 @@ class _TrainForward(NamedTuple):
 def _checked(pb: _Problem, options: MetaOptions) -> MetaOptions:
   """`options` with (a0, b0) as Python floats, once `pb` and `options` are checked."""
   if not isinstance(pb.optimizer, Optimizer):
-    raise ValueError(f"optimizer must be a metadcseg_jax.optim.Optimizer, got {type(pb.optimizer)}")
+    raise ValueError(
+      f"optimizer must be a metadcseg_jax.core.optim.Optimizer, got {type(pb.optimizer)}"
+    )
   if options.route not in ROUTES:
     raise ValueError(f"route must be one of {ROUTES}, got {options.route!r}")
   if options.normalizer not in NORMALIZERS:
@@ -434,7 +463,7 @@ def meta_weights(
       updates)`.
     variables: `{"params": θ, "batch_stats": ...}` (batch stats are read, never changed).
     opt_state: the state of `optimizer.tx` (the real momentum buffer and step count).
-    optimizer: from `metadcseg_jax.optim.make_optimizer`; its clip-free `base` is the
+    optimizer: from `metadcseg_jax.core.optim.make_optimizer`; its clip-free `base` is the
       virtual step's `U`.
     x: training images (B,H,W,C).
     y: noisy labels (B,H,W) int.
@@ -582,7 +611,7 @@ def meta_step_grads(
       lambda p: _forward(apply_fn, variables, p, x), variables["params"], has_aux=True
     )
     fwd = _TrainForward(outputs, None, fwd_vjp, new_stats)
-  # The scope names the meta-gradient's operations in XLA's profile (metadcseg_jax.profiling).
+  # The scope names the meta-gradient's operations in XLA's profile (metadcseg_jax.tools.profiling).
   with jax.named_scope("meta_weights"):
     meta = _meta_from_forward(
       pb._replace(variables=jax.lax.stop_gradient(variables)),

@@ -19,7 +19,7 @@ epochs (`metadcseg-audit`). Rerunning the same command resumes from the last che
 
 Stopping: a stop signal (SIGTERM, SIGINT, SIGUSR1) during training finishes the step in
 progress, writes a step checkpoint and raises `Preempted`; a full disk raises `DiskFullError`
-with the checkpoints before it intact (`metadcseg_jax.preemption`). A run resumed inside an
+with the checkpoints before it intact (`metadcseg_jax.training.preemption`). A run resumed inside an
 epoch logs that epoch's line as if it had not stopped: its metrics are the mean over all the
 epoch's steps (those before the stop come with the checkpoint); only images_per_s and the
 duration count the steps of the last invocation alone.
@@ -40,22 +40,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from metadcseg_jax import audit as audit_lib
+from metadcseg_jax.training import audit_passes
 from metadcseg_jax import check_settings
-from metadcseg_jax import checkpoint
-from metadcseg_jax import evaluate
-from metadcseg_jax import figures
+from metadcseg_jax.training import checkpoint
+from metadcseg_jax.training import evaluate
+from metadcseg_jax.training import figures
 from metadcseg_jax import files
 from metadcseg_jax import methods
 from metadcseg_jax import metrics as metrics_lib
 from metadcseg_jax import parallel
-from metadcseg_jax import preemption
-from metadcseg_jax import runs
-from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax import progress
+from metadcseg_jax.training import preemption
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import workdir as workdir_lib
 from metadcseg_jax.inference import model as model_lib
 from metadcseg_jax.inference import original_size
 from metadcseg_jax.data import pipeline
-from metadcseg_jax.data import preprocess
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
@@ -104,9 +104,9 @@ class Compiled:
     )
 
   @functools.cached_property
-  def audit(self) -> audit_lib.Functions:
+  def audit(self) -> audit_passes.Functions:
     # One process, a local copy of the state.
-    return audit_lib.functions(self.method)
+    return audit_passes.functions(self.method)
 
   def step(self, phase: str) -> Callable:
     if phase not in self._steps:
@@ -139,13 +139,6 @@ def compiled_for(
 
 # Settings of `config.train` that no compiled function reads.
 NOT_COMPILED = ("checkpoint_every_steps", "checkpoint_every_minutes")
-
-
-def _duration(seconds: float) -> str:
-  seconds = max(0, int(round(seconds)))
-  h, rest = divmod(seconds, 3600)
-  m, s = divmod(rest, 60)
-  return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 class Progress:
@@ -181,7 +174,7 @@ class Progress:
       where,
       loss,
       images_per_s,
-      _duration((self.total - step) / max(rate, 1e-9)),
+      progress.duration((self.total - step) / max(rate, 1e-9)),
     )
 
   def due(self, step: int) -> bool:
@@ -661,7 +654,7 @@ def _end_epoch(loop: _Loop, ep: _Epoch) -> None:
     record["loss"],
     record["images_per_s"],
     ep.phase,
-    _duration(dt),
+    progress.duration(dt),
   )
   loop.log(record)
   if loop.main and (epoch % t.eval_every_epochs == 0 or epoch == t.num_epochs):
@@ -701,11 +694,11 @@ def audit_hook(compiled: Compiled, state, run: runs.Run, epoch: int) -> pathlib.
   Raises:
     DiskFullError: the disk filled while writing it.
   """
-  if not audit_lib.is_due(compiled.method, run.config, epoch):
+  if not audit_passes.is_due(compiled.method, run.config, epoch):
     return None
-  result = audit_lib.run_pass(compiled.method, state, run.splits, run.config, fns=compiled.audit)
-  with files.full_disk_stops(run.workdir.path / audit_lib.AUDIT_DIR):
-    return audit_lib.save_pass(run.workdir.path, epoch, result)
+  result = audit_passes.run_pass(compiled.method, state, run.splits, run.config, fns=compiled.audit)
+  with files.full_disk_stops(run.workdir.path / audit_passes.AUDIT_DIR):
+    return audit_passes.save_pass(run.workdir.path, epoch, result)
 
 
 def _finish(loop: _Loop) -> dict[str, Any]:
@@ -770,17 +763,10 @@ def _finish(loop: _Loop) -> dict[str, Any]:
   return results
 
 
-def preprocessing(config: ml_collections.ConfigDict, info: Mapping[str, Any]):
-  """The run's preprocessing (`metadcseg_jax.data.preprocess`), from its data info."""
-  return preprocess.for_data(
-    config.data, info["class_names"], info.get("modalities"), info.get("channel_files", False)
-  )
-
-
 def _save_model(run: runs.Run, method, state, scores: Mapping[str, Any]) -> model_lib.Model:
   """`<workdir>/model/`: the weights results.json scored (the EMA weights with the BatchNorm
   statistics chosen), the settings and the preprocessing; returned opened."""
-  pre = preprocessing(run.config, run.splits.info)
+  pre = model_lib.preprocessing(run.config, run.splits.info)
   path = run.workdir.path / model_lib.RUN_MODEL_DIR
   with files.full_disk_stops(path):
     model_lib.save(

@@ -8,7 +8,7 @@
 Files: `.lock` (while a run holds the folder: pid, host, start), `config.json` (the settings of
 the first invocation), `config_history.jsonl` (one line per invocation: time, host, pid,
 command line, settings), `metrics.jsonl` (one JSON object per line) and, mirroring it,
-TensorBoard's `events.out.tfevents.*` (`metadcseg_jax.summaries`).
+TensorBoard's `events.out.tfevents.*` (`metadcseg_jax.training.summaries`).
 """
 
 import contextlib
@@ -25,7 +25,7 @@ from absl import logging
 import ml_collections
 
 from metadcseg_jax import files
-from metadcseg_jax import summaries as summaries_lib
+from metadcseg_jax.training import summaries as summaries_lib
 from metadcseg_jax.errors import WorkdirError
 
 LOCK_NAME = ".lock"

@@ -3,11 +3,11 @@
 import jax.numpy as jnp
 import flax.linen as nn
 
-from metadcseg_jax.models.unet import count_params
-from metadcseg_jax.models.unet import UNet
-from metadcseg_jax.models.unet import UNetPlusPlus
-from metadcseg_jax.models.unet import upsample_bilinear_2x
-from metadcseg_jax.models.unet import VGGBlock
+from metadcseg_jax.core.models.unet import count_params
+from metadcseg_jax.core.models.unet import UNet
+from metadcseg_jax.core.models.unet import UNetPlusPlus
+from metadcseg_jax.core.models.unet import upsample_bilinear_2x
+from metadcseg_jax.core.models.unet import VGGBlock
 
 _ALIASES = {
   "unet": "unet",

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from metadcseg_jax import noise
+from metadcseg_jax.data import noise
 
 # The nominal corruption 1 - Dice of each L2B level (its name).
 NOMINAL = {"l2b20": 0.20, "l2b40": 0.40, "l2b60": 0.60}

@@ -20,8 +20,8 @@ from matplotlib import colors  # pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from metadcseg_jax import evaluate
-from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.training import evaluate
+from metadcseg_jax.training import workdir as workdir_lib
 from metadcseg_jax.methods import base
 
 
@@ -139,7 +139,7 @@ def write_audit_gallery(
   titles: Sequence[str],
 ) -> None:
   """The label audit's most suspicious masks, one row each: image, given mask, the model's
-  mask, the suspicion map (metadcseg_jax/audit.py), the row's title on the image.
+  mask, the suspicion map (metadcseg_jax/training/audit_passes.py), the row's title on the image.
 
   Args: images (N,H,W,C), given and model (N,H,W) labels, suspicion (N,H,W) in [0, 1].
   """

@@ -33,12 +33,12 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metadcseg_jax import dcd
+from metadcseg_jax.core import dcd
 from metadcseg_jax import settings
-from metadcseg_jax.dcd import DCDOptions
-from metadcseg_jax.losses import ce_map, foreground_prob, soft_dice_loss
-from metadcseg_jax.meta import NORMALIZERS
-from metadcseg_jax.meta import MetaOutput
+from metadcseg_jax.core.dcd import DCDOptions
+from metadcseg_jax.core.losses import ce_map, foreground_prob, soft_dice_loss
+from metadcseg_jax.core.meta import NORMALIZERS
+from metadcseg_jax.core.meta import MetaOutput
 from metadcseg_jax.types import Array
 
 # What the boundary term weights (`ObjectiveOptions.pixel_loss`).
@@ -218,7 +218,7 @@ def metadcseg_loss(
     logits: (B, H, W, L) float; class 0 is background.
     features: (B, H, W, D) penultimate decoder features h (Eq. 5).
     noisy_label: (B, H, W) int noisy labels y.
-    edges: (B, H, W) bool edge pixels of Eq. 8 (`metadcseg_jax.edges`).
+    edges: (B, H, W) bool edge pixels of Eq. 8 (`metadcseg_jax.core.edges`).
     weights: â, b̂ (Eq. 24), γ (Eq. 9), πa, πb and y_pseudo, (B, H, W) each.
     default_centers: (3, D) fallback centers (Eq. 47), from the train state.
     options: λ1, λ2, the terms switched on, the normaliser and the DCD options.

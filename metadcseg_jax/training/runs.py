@@ -21,10 +21,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from metadcseg_jax import checkpoint
+from metadcseg_jax.training import checkpoint
 from metadcseg_jax import methods
 from metadcseg_jax import parallel
-from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.training import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import CheckpointError
 from metadcseg_jax.errors import ConfigError

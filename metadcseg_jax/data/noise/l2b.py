@@ -3,7 +3,7 @@
 MetaDCSeg App. A.2 (Eq. 15, Eq. 16, Eq. 17, Eq. 18, Eq. 19) and L2B's
 `L2B_segmentation/data_preprocess.py`. Everything after the random draws is integer arithmetic
 (fixed-point rotation, integer ellipse test, min/max filters), so a seed gives the same mask on
-any machine. `corrupt` is called by `metadcseg_jax.noise.corrupt_mask`, which owns the draws'
+any machine. `corrupt` is called by `metadcseg_jax.data.noise.corrupt_mask`, which owns the draws'
 generator and the multi-class handling.
 """
 
@@ -158,7 +158,7 @@ def corrupt(
 ) -> np.ndarray:
   """L2B corruption of a binary (H, W) mask (Eq. 15, Eq. 16, Eq. 17, Eq. 18).
 
-  See `metadcseg_jax.noise.corrupt_mask` for the draw order and `opts`. `opts["strength"]`
+  See `metadcseg_jax.data.noise.corrupt_mask` for the draw order and `opts`. `opts["strength"]`
   (default 1) scales the rotation angle (rounded half away from zero) and the ellipse
   probability 0.5 of the paper: the calibration's second knob, applied to the same draws.
   """

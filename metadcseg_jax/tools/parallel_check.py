@@ -15,8 +15,8 @@ import numpy as np
 
 from metadcseg_jax import methods
 from metadcseg_jax import parallel
-from metadcseg_jax import throughput
-from metadcseg_jax import train
+from metadcseg_jax.tools import throughput
+from metadcseg_jax.training import train
 
 
 def config_for(

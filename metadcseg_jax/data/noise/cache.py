@@ -16,8 +16,8 @@ from absl import logging
 import numpy as np
 
 from metadcseg_jax import files
-from metadcseg_jax import noise
-from metadcseg_jax.noise import calibrate
+from metadcseg_jax.data import noise
+from metadcseg_jax.data.noise import calibrate
 
 
 def _sha256(x: np.ndarray) -> str:

@@ -3,7 +3,7 @@
     audit_report.recompute("runs/meta")           # passes from the kept checkpoints (optional)
     r = audit_report.report("runs/meta", top=16)  # audit.csv, suspicion.npy, gallery.png
 
-Reads the audit passes a meta method (l2b, metadcseg) wrote in its last epochs (`audit.py`) and
+Reads the audit passes a meta method (l2b, metadcseg) wrote in its last epochs (`metadcseg_jax.training.audit_passes`) and
 writes, into `out` (default `<workdir>/audit`): `audit.csv` (every training image, most
 suspicious first: rank, index in the training split, case id, score (the soft disagreement
 1 − soft Dice between the mask and the model's foreground probability, chosen on validation
@@ -30,17 +30,18 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from metadcseg_jax import audit
-from metadcseg_jax import figures
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.audit import scores as audit_scores
+from metadcseg_jax.training import figures
 from metadcseg_jax import files
 from metadcseg_jax import methods
-from metadcseg_jax import runs
-from metadcseg_jax import train
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import WorkdirError
 
 try:  # the extra `audit`
-  from metadcseg_jax import cleanlab_ref
+  from metadcseg_jax.audit import cleanlab_ref
 except ImportError:
   cleanlab_ref = None
 
@@ -58,7 +59,7 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
   workdir = pathlib.Path(workdir)
   config = runs.run_config(workdir)
   if not methods.REGISTRY[config.method].audits:
-    raise audit.AuditError(
+    raise audit_scores.AuditError(
       f"{workdir}: its method is {config.method!r}, which has no meta-weights to audit with "
       f"(the meta methods are l2b and metadcseg)"
     )
@@ -68,10 +69,10 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
   try:
     epochs = ckpt.epochs()
     if not epochs:
-      raise audit.AuditError(f"{ckpt.directory}: no checkpoint to audit from")
+      raise audit_scores.AuditError(f"{ckpt.directory}: no checkpoint to audit from")
     _move_passes_aside(workdir)
     for epoch in epochs:
-      result = audit.run_pass(
+      result = audit_passes.run_pass(
         compiled.method,
         run.restore(ckpt, epoch),
         run.splits,
@@ -79,7 +80,9 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
         meta_images=meta_images,
         fns=compiled.audit,
       )
-      logging.info("audit pass of epoch %d: %s", epoch, audit.save_pass(workdir, epoch, result))
+      logging.info(
+        "audit pass of epoch %d: %s", epoch, audit_passes.save_pass(workdir, epoch, result)
+      )
   finally:
     ckpt.close()
   return epochs
@@ -87,7 +90,7 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
 
 def _move_passes_aside(workdir: pathlib.Path) -> None:
   """Moves the run's audit passes to `audit/replaced-<time>/` (nothing written is lost)."""
-  folder = workdir / audit.AUDIT_DIR
+  folder = workdir / audit_passes.AUDIT_DIR
   old = sorted(folder.glob("epoch_*.npz"))
   if not old:
     return
@@ -99,7 +102,7 @@ def _move_passes_aside(workdir: pathlib.Path) -> None:
 
 
 def audited(workdir) -> tuple[ml_collections.ConfigDict, dict, pipeline.Records, list[int]]:
-  """A run's config, its averaged audit scores (`audit.load`), its training split, and the
+  """A run's config, its averaged audit scores (`audit_scores.load`), its training split, and the
   position in that split of each audited image (in the scores' order).
 
   Raises:
@@ -108,7 +111,7 @@ def audited(workdir) -> tuple[ml_collections.ConfigDict, dict, pipeline.Records,
   """
   workdir = pathlib.Path(workdir)
   config = runs.run_config(workdir)
-  scores = audit.load(workdir, method=config.get("method"))
+  scores = audit_scores.load(workdir, method=config.get("method"))
   run = runs.prepare(config, workdir)
   by_source = {int(s): i for i, s in enumerate(run.splits.train.indices)}
   missing = [int(i) for i in scores["index"] if int(i) not in by_source]
@@ -125,20 +128,20 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE)
   roc.png (module docstring).
 
   Returns:
-    {"out": the folder, "epochs": the audited epochs, "meta_images" (as in `audit.load`),
+    {"out": the folder, "epochs": the audited epochs, "meta_images" (as in `audit_scores.load`),
      "n": the training masks ranked, "measured": `measure`'s figures, or {} without injected
      noise}.
   """
   workdir = pathlib.Path(workdir)
   config, scores, train_split, positions = audited(workdir)
   scores, positions, n_trusted = _without_trusted(workdir, scores, train_split, positions)
-  out = pathlib.Path(out) if out else workdir / audit.AUDIT_DIR
+  out = pathlib.Path(out) if out else workdir / audit_passes.AUDIT_DIR
   out.mkdir(parents=True, exist_ok=True)
   examples = [train_split[k] for k in positions]
   noisy = np.stack([e["noisy_label"] for e in examples])
   clean = np.stack([e["label"] for e in examples])
   injected = config.data.noise.kind != "none"
-  corruption = audit.dice_distance(noisy, clean) if injected else None
+  corruption = audit_scores.dice_distance(noisy, clean) if injected else None
   ranking, ranked_by = ranking_score(scores, noisy)
   order = np.argsort(-ranking, kind="stable")
   case_ids = [train_split.case_id(k) for k in positions]
@@ -204,7 +207,7 @@ def ranking_score(scores: dict, noisy: np.ndarray) -> tuple[np.ndarray, str]:
   (BUILD_NOTES.md, "Label audit: the score chosen on validation, the test runs").
   """
   if "probs" in scores:
-    return audit.soft_dice_distance(noisy, scores["probs"]), "soft disagreement"
+    return audit_scores.soft_dice_distance(noisy, scores["probs"]), "soft disagreement"
   return np.asarray(scores["score"]), "meta suspicion"
 
 
@@ -216,7 +219,7 @@ def _write_ranking(out, scores, ranking, noisy, corruption, case_ids, order) -> 
   columns = {"meta_suspicion": np.asarray(scores["score"])}
   if "probs" in scores:  # then `ranking` is the soft disagreement (`ranking_score`)
     columns["soft_disagreement"] = ranking
-  columns["disagreement"] = audit.dice_distance(noisy, scores["pseudo"])
+  columns["disagreement"] = audit_scores.dice_distance(noisy, scores["pseudo"])
   if corruption is not None:
     columns["corruption"] = corruption
   buf = io.StringIO()
@@ -241,31 +244,33 @@ def measure(
     ({score name: {"image_auroc", "image_ap": {t: value}, "spearman", "pixel_ap"},
       "corrupted_share": {t: share}}, {t: {score name: (fpr, tpr, auroc)}} for `roc.png`).
   """
-  corruption = audit.dice_distance(noisy, clean)
+  corruption = audit_scores.dice_distance(noisy, clean)
   flipped = noisy != clean
   measured, curves = {}, {t: {} for t in thresholds}
 
   def add(name, image_score, pixel_score):
-    auroc = {t: audit.auroc(image_score, corruption > t) for t in thresholds}
+    auroc = {t: audit_scores.auroc(image_score, corruption > t) for t in thresholds}
     for t in thresholds:
-      curves[t][name] = (*audit.roc_curve(image_score, corruption > t), auroc[t])
+      curves[t][name] = (*audit_scores.roc_curve(image_score, corruption > t), auroc[t])
     measured[name] = {
       "image_auroc": auroc,
-      "image_ap": {t: audit.average_precision(image_score, corruption > t) for t in thresholds},
+      "image_ap": {
+        t: audit_scores.average_precision(image_score, corruption > t) for t in thresholds
+      },
       "spearman": float(stats.spearmanr(image_score, corruption).statistic),
-      "pixel_ap": audit.average_precision(pixel_score, flipped),
+      "pixel_ap": audit_scores.average_precision(pixel_score, flipped),
     }
 
   add("meta suspicion", scores["score"], scores["suspicion"])
   add(
     "disagreement 1 - Dice(y, model)",
-    audit.dice_distance(noisy, scores["pseudo"]),
+    audit_scores.dice_distance(noisy, scores["pseudo"]),
     (noisy != scores["pseudo"]).astype(np.float32),
   )
   if "probs" in scores:
     add(
       "soft disagreement 1 - soft Dice(y, model)",
-      audit.soft_dice_distance(noisy, scores["probs"]),
+      audit_scores.soft_dice_distance(noisy, scores["probs"]),
       np.abs((noisy > 0) - (1.0 - scores["probs"][..., 0])),
     )
   if cleanlab_ref is not None and "probs" in scores:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from skimage import feature
 
-from metadcseg_jax.edges import pidinet
+from metadcseg_jax.core.edges import pidinet
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.types import Array
 

@@ -41,8 +41,8 @@ import numpy as np
 from scipy import ndimage
 
 from metadcseg_jax.errors import ConfigError
-from metadcseg_jax.noise import gsdnet
-from metadcseg_jax.noise import l2b
+from metadcseg_jax.data.noise import gsdnet
+from metadcseg_jax.data.noise import l2b
 
 # Bump when any change alters the masks produced for a given (seed, options).
 NOISE_VERSION = "noise-v1"
