@@ -23,10 +23,14 @@ from metadcseg_jax.core import losses
 from metadcseg_jax.core import meta
 from metadcseg_jax import methods
 from metadcseg_jax.tools import throughput
-from metadcseg_jax.commands import bench  # pylint: disable=unused-import  (its flags)
 
-# The benchmark's flags (--sizes, --widths, --channels, --batch, --repeats); the first value of
-# each list is profiled.
+# metadcseg-speed's shape flags (--sizes, --widths, --channels; the first value of each list is
+# profiled), the batch and the repeats.
+flags.DEFINE_list("sizes", ["128"], "Image sizes (the first is profiled).")
+flags.DEFINE_list("widths", ["32"], "U-Net++ base widths (the first is profiled).")
+flags.DEFINE_list("channels", ["3"], "Input channels (the first is profiled).")
+flags.DEFINE_integer("batch", 2, "Training (and meta) batch size.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per function (median reported).")
 FLAGS = flags.FLAGS
 
 

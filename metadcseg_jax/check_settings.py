@@ -115,7 +115,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       f"config.data.channels={data.channels}: a folder's images are read as 1 "
       f"(grey) or 3 (RGB) channels"
     )
-  threshold = data.get("mask_threshold")
+  threshold = data.mask_threshold
   if threshold is not None:
     if data.name != "folder":
       found.append("config.data.mask_threshold applies to config.data.name='folder' only")

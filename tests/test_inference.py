@@ -118,7 +118,7 @@ def test_saved_weights_reproduce_the_ema_scores_under_every_choice(folder_run, t
     tmp_path / choice,
     config=cfg,
     state=chosen,
-    pre=train.preprocessing(cfg, run.splits.info),
+    pre=model_lib.preprocessing(cfg, run.splits.info),
     ema_batch_stats=scores["ema_batch_stats"],
   )
   model = model_lib.load_model(tmp_path / choice)

@@ -1,4 +1,5 @@
-"""Tests for metadcseg_jax.core.optim: the schedule, PyTorch-SGD semantics, clipping, shared state."""
+"""Tests for metadcseg_jax.core.optim: the schedule, PyTorch-SGD semantics, clipping, shared
+state."""
 
 import jax
 import jax.numpy as jnp

@@ -134,8 +134,9 @@ def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_pa
   # Nothing written before is lost: the trainer's passes are kept aside.
   (aside,) = (run / "audit").glob("replaced-*")
   assert sorted(p.name for p in aside.iterdir()) == ["epoch_0001.npz", "epoch_0002.npz"]
-  # Those passes take the meta batch's part once per meta batch (`audit_passes.Functions.direction`);
-  # the meta step as the training step takes it, whole for every batch, gives the same maps.
+  # Those passes take the meta batch's part once per meta batch
+  # (`audit_passes.Functions.direction`); the meta step as the training step takes it, whole for
+  # every batch, gives the same maps.
   opened = runs.open_run(run)
   compiled = train.compiled_for(opened.config, opened.steps_per_epoch)
   assert compiled.audit.direction is not None

@@ -3,19 +3,18 @@
     audit_report.recompute("runs/meta")           # passes from the kept checkpoints (optional)
     r = audit_report.report("runs/meta", top=16)  # audit.csv, suspicion.npy, gallery.png
 
-Reads the audit passes a meta method (l2b, metadcseg) wrote in its last epochs (`metadcseg_jax.training.audit_passes`) and
-writes, into `out` (default `<workdir>/audit`): `audit.csv` (every training image, most
-suspicious first: rank, index in the training split, case id, score (the soft disagreement
-1 − soft Dice between the mask and the model's foreground probability, chosen on validation
-runs; `ranking_score`), the meta suspicion, the soft and the hard disagreement, and where the
-clean masks are known because the noise was injected, 1 − Dice to the clean mask),
-`suspicion.npy` ((N,H,W) float16, rows in the CSV's order) and
-`gallery.png` (image, given mask, model's mask, suspicion map of the `top` most suspicious).
-With injected noise it also measures how well the score finds the corrupted masks (image AUROC
-and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels; `measured.json`, ROC curves
-in `roc.png`), beside two scores without meta-weights (the hard and the soft disagreement
-between the mask and the model's) and, with cleanlab installed (the extra `audit`), cleanlab's
-scores on the same probabilities.
+Reads the audit passes a meta method (l2b, metadcseg) wrote in its last epochs
+(`metadcseg_jax.training.audit_passes`) and writes, into `out` (default `<workdir>/audit`):
+`audit.csv` (every training image, most suspicious first: rank, index in the training split, case
+id, score (the soft disagreement 1 − soft Dice between the mask and the model's foreground
+probability, chosen on validation runs; `ranking_score`), the meta suspicion, the soft and the hard
+disagreement, and where the clean masks are known because the noise was injected, 1 − Dice to the
+clean mask), `suspicion.npy` ((N,H,W) float16, rows in the CSV's order) and `gallery.png` (image,
+given mask, model's mask, suspicion map of the `top` most suspicious). With injected noise it also
+measures how well the score finds the corrupted masks (image AUROC and AP, Spearman with 1 − Dice,
+pixel AP for the flipped pixels; `measured.json`, ROC curves in `roc.png`), beside two scores
+without meta-weights (the hard and the soft disagreement between the mask and the model's) and, with
+cleanlab installed (the extra `audit`), cleanlab's scores on the same probabilities.
 """
 
 import csv
@@ -111,7 +110,7 @@ def audited(workdir) -> tuple[ml_collections.ConfigDict, dict, pipeline.Records,
   """
   workdir = pathlib.Path(workdir)
   config = runs.run_config(workdir)
-  scores = audit_scores.load(workdir, method=config.get("method"))
+  scores = audit_scores.load(workdir, method=config.method)
   run = runs.prepare(config, workdir)
   by_source = {int(s): i for i, s in enumerate(run.splits.train.indices)}
   missing = [int(i) for i in scores["index"] if int(i) not in by_source]

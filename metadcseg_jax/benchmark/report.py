@@ -63,7 +63,8 @@ PLANNING_NOTE = (
   "Seeds for a ±2-point interval: the seeds at which the interval's half-width would be 2 "
   "points at the measured variance (a precision estimate, itself noisy from 3 seeds). Seeds "
   "for 80% power: the seeds at which a true 2-point difference would be called ahead 80% of "
-  "the time, from the measured seed, test-set and interaction components (`metadcseg_jax.benchmark.stats`)."
+  "the time, from the measured seed, test-set and interaction components "
+  "(`metadcseg_jax.benchmark.stats`)."
 )
 
 
@@ -239,7 +240,8 @@ def corruption_lines(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     if c["noise"] != "none" and c["corruption"] is not None:
       seen.setdefault(c["noise"], c["corruption"])
   return [
-    f"- {presets.noise_label(n)} ({n}): measured corruption 1 - Dice of the training labels {seen[n]:.3f}"
+    f"- {presets.noise_label(n)} ({n}): measured corruption 1 - Dice of the training labels "
+    f"{seen[n]:.3f}"
     for n in presets.sort_noises(seen)
   ]
 
@@ -285,9 +287,9 @@ def to_markdown(
         "## Paired differences: test Dice, points",
         "",
         "Mean over seeds and test cases of the per-case difference; the 95% interval covers "
-        "both the seeds and the finite test set (`metadcseg_jax.benchmark.stats`), the two parts given "
-        "as standard errors. Verdict: ahead / behind when the interval excludes zero. A failed "
-        "run counts against its row: the interval is over the seeds both rows finished, the "
+        "both the seeds and the finite test set (`metadcseg_jax.benchmark.stats`), the two parts "
+        "given as standard errors. Verdict: ahead / behind when the interval excludes zero. A "
+        "failed run counts against its row: the interval is over the seeds both rows finished, the "
         "seeds lost are listed, and a verdict in favour of a row that lost seeds is withheld. "
         + PLANNING_NOTE,
         "",
@@ -363,9 +365,16 @@ def write_outputs(
   return cells
 
 
-def command_line(argv: Sequence[str]) -> str:
-  """The command as a user would retype it (the entry point's name, not its full path)."""
+def command_line(argv: Sequence[str], *, module: str = "experiments.benchmark") -> str:
+  """The command as a user would retype it: the console script's name (not its full path), or
+  `python -m <module>` for a script run from a checkout (argv[0] a .py file).
+
+  >>> command_line(["/usr/bin/metadcseg-benchmark", "--workdir=a b"])
+  "metadcseg-benchmark '--workdir=a b'"
+  >>> command_line(["/x/experiments/gpu_report.py", "--tiny"], module="experiments.gpu_report")
+  'python -m experiments.gpu_report --tiny'
+  """
   prog = os.path.basename(argv[0]) if argv else "metadcseg-benchmark"
   if prog.endswith(".py"):
-    prog = "python -m experiments.benchmark"
+    prog = f"python -m {module}"
   return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])

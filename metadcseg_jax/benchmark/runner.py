@@ -29,16 +29,16 @@ After every run the benchmark rewrites, in `<workdir>`:
 Noise levels are ordered by value in the tables and the plot (`presets.sort_noises`), whatever the
 order of `--noise`.
 
-Two label modes. `labels="per_seed"` (the presets' default): seed k also draws the noise
-realisation (config.data.noise.seed = k) and the clean meta split (config.data.meta_seed = k),
-so the spread over seeds is the spread a user meets on new data; every row of one seed still
-sees the same corrupted masks and meta set, so rows stay paired. `labels="fixed"`: seeds vary
-the initialisation and the data order only (config.seed), the noisy labels and the meta split
-those of the base config. Each run reads its test split once, after training, and keeps every
-test case's scores (cases.json), from which the paired comparisons are computed:
-`metadcseg_jax.benchmark.stats` (mean paired difference, a 95% interval over seeds and test cases, its
-seed and test-set parts, a verdict, the seeds for a ±2-point interval and for 80% power at a
-2-point gap). A run that failed stays in its comparisons as a failure (`tables.count_failures`).
+Two label modes. `labels="per_seed"` (the presets' default): seed k also draws the noise realisation
+(config.data.noise.seed = k) and the clean meta split (config.data.meta_seed = k), so the spread
+over seeds is the spread a user meets on new data; every row of one seed still sees the same
+corrupted masks and meta set, so rows stay paired. `labels="fixed"`: seeds vary the initialisation
+and the data order only (config.seed), the noisy labels and the meta split those of the base config.
+Each run reads its test split once, after training, and keeps every test case's scores (cases.json),
+from which the paired comparisons are computed: `metadcseg_jax.benchmark.stats` (mean paired
+difference, a 95% interval over seeds and test cases, its seed and test-set parts, a verdict, the
+seeds for a ±2-point interval and for 80% power at a 2-point gap). A run that failed stays in its
+comparisons as a failure (`tables.count_failures`).
 """
 
 import concurrent.futures
@@ -247,7 +247,7 @@ def run_benchmark(
   root = pathlib.Path(workdir).expanduser().resolve()
   root.mkdir(parents=True, exist_ok=True)
   combos = [(n, r, s) for s in seeds for n in noises for r in rows]
-  ema_choice = train.ema_batch_stats(config)
+  ema_choice = config.train.ema_batch_stats
   failed: list[dict[str, Any]] = []
   write = lambda: report.write_outputs(
     root,

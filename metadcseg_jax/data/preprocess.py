@@ -184,7 +184,7 @@ def for_data(
     channels=int(data.channels),
     intensity=intensity,
     num_classes=int(data.num_classes),
-    class_names=class_names(int(data.num_classes), names or data.get("class_names") or None),
+    class_names=class_names(int(data.num_classes), names or data.class_names or None),
     modalities=None if modalities is None else tuple(int(m) for m in modalities),
     channel_files=bool(channel_files),
   )

@@ -140,7 +140,7 @@ def trusted_cases(
     ConfigError: both a trusted/ folder and config.data.trusted_list name trusted masks.
     DataError: as `read_trusted_list`.
   """
-  listed = str(data.get("trusted_list") or "")
+  listed = str(data.trusted_list or "")
   if listed and folder_ids is not None:
     raise ConfigError(
       f"the folder has {TRUSTED_DIR}/ and config.data.trusted_list={listed!r} is set: name the "
@@ -158,7 +158,7 @@ def trusted_cases(
 def split_file_path(data, workdir: pathlib.Path | None) -> tuple[pathlib.Path | None, bool]:
   """(the split file to read or write, whether it exists). None: nowhere to write one (a run
   opened without a workdir makes its split in memory)."""
-  named = str(data.get("split_file") or "")
+  named = str(data.split_file or "")
   if named:
     path = pathlib.Path(named).expanduser()
     return path, path.is_file()
@@ -394,7 +394,7 @@ def plan_for(
     )
     logging.info("split file %s read as written", path)
     return plan
-  meta_seed = data.get("meta_seed")
+  meta_seed = data.meta_seed
   plan = make_plan(
     case_ids,
     trusted=trusted,

@@ -51,7 +51,7 @@ def inference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   """`config` without what only training reads from other files: the edge detector of the DCD
   term (PiDiNet's weights file) becomes Canny, so a model opens where that file is absent."""
   config = config.copy_and_resolve_references()
-  if "dcd" in config and config.dcd.get("edges") in ("pidinet", "auto"):
+  if config.dcd.edges in ("pidinet", "auto"):
     config.dcd.edges = "canny"
     config.dcd.pidinet_weights = ""
   return config

@@ -110,7 +110,7 @@ class L2B(base.SingleNetworkMethod):
     default for float32 convolutions) and bf16 round them visibly (BUILD_NOTES.md, "Precision
     of the meta step"). "highest" is exact float32 everywhere; on a CPU every setting is.
     """
-    precision = self.config.meta.get("precision", "default")
+    precision = self.config.meta.precision
     if precision == "default":
       return contextlib.nullcontext()
     return jax.default_matmul_precision(precision)

@@ -12,7 +12,7 @@ Four sections, in this order, each with its own time budget (`Settings.budgets`)
    plain and L2B steps (`torch_ref.time_steps`) beside them where torch imports.
 2. precision: the relative error of the meta-gradients and meta-weights against a float64
    CPU reference at the backend's default precision (TF32 on an NVIDIA GPU), `highest` and
-   bfloat16 (the measurement function is passed in: `experiments/meta_precision.py`'s).
+   bfloat16 (`metadcseg_jax.tools.precision.measure`).
 3. trainer: the trainer's images/s against its bare step at the Kvasir-SEG shape
    (`throughput.trainer_rates`).
 4. kvasir: as many epochs of the paper's Kvasir-SEG setting as the time left allows, the time
@@ -33,7 +33,6 @@ import importlib.metadata
 import json
 import os
 import pathlib
-import shlex
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from metadcseg_jax.benchmark import presets
 from metadcseg_jax import files
 from metadcseg_jax import methods
 from metadcseg_jax.training import runs
+from metadcseg_jax.tools import precision as precision_lib
 from metadcseg_jax.tools import throughput
 from metadcseg_jax.training import train
 from metadcseg_jax.errors import ConfigError
@@ -212,11 +212,6 @@ def settings_for(tiny: bool, given: Mapping[str, Any]) -> Settings:
   return settings
 
 
-def command_line(argv: Sequence[str]) -> str:
-  """The command as a user retypes it: `python -m experiments.gpu_report` and its flags."""
-  return " ".join(["python -m experiments.gpu_report"] + [shlex.quote(a) for a in argv[1:]])
-
-
 # ----------------------------------------------------------------------------- the report
 
 
@@ -286,7 +281,7 @@ def run(
   output: str | os.PathLike,
   command: str,
   kvasir_config: ml_collections.ConfigDict,
-  precision: PrecisionFn | None = None,
+  precision: PrecisionFn = precision_lib.measure,
 ) -> dict[str, Any]:
   """Measures the four sections within their budgets into `output`/report.{md,json}.
 
@@ -295,8 +290,8 @@ def run(
     output: the report's folder (created).
     command: the command line, for the report's first line.
     kvasir_config: the paper's Kvasir-SEG config (`experiments/configs/kvasir_seg.py`).
-    precision: `fn(size, width, channels, batch) -> {setting: {field: relative error}}`
-      (`experiments.meta_precision.measure`); None leaves section 2 out with a line.
+    precision: `fn(size, width, channels, batch) -> {setting: {field: relative error}}`,
+      section 2's measurement (`precision.measure`; tests give a stand-in).
 
   Returns:
     report.json's content.
@@ -376,7 +371,7 @@ def _error(e: BaseException) -> str:
   """One line for the report; device memory exhaustion named as such."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
   kind = type(e).__name__
-  if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+  if throughput.is_out_of_memory(e):
     kind = f"out of device memory ({kind})"
   return f"{kind}: {text[:300]}" if text else kind
 
@@ -573,7 +568,7 @@ def data_worker(config_json: str) -> None:
 # ----------------------------------------------------------------------------- 2. precision
 
 
-def _precision(settings: Settings, sec: dict, precision: PrecisionFn | None) -> None:
+def _precision(settings: Settings, sec: dict, precision: PrecisionFn) -> None:
   """Section 2 into `sec["rows"]`: one call of `precision` (it cannot stop halfway)."""
   s = settings
   sec["shape"] = {
@@ -582,9 +577,6 @@ def _precision(settings: Settings, sec: dict, precision: PrecisionFn | None) -> 
     "channels": s.channels,
     "batch": s.precision_batch,
   }
-  if precision is None:
-    sec.update(status="skipped", note="no measurement function given")
-    return
   out = precision(s.precision_size, s.width, s.channels, s.precision_batch)
   sec["rows"] = [
     {"setting": label, **{k: float(v) for k, v in errs.items()}} for label, errs in out.items()

@@ -147,13 +147,26 @@ def time_audit(config: ml_collections.ConfigDict, repeats: int) -> dict[str, flo
   return out
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether `error` is the device running out of memory (XLA's RESOURCE_EXHAUSTED, or an
+  allocator's "out of memory").
+
+  >>> is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4 GiB"))
+  True
+  >>> is_out_of_memory(ValueError("shapes differ"))
+  False
+  """
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
 def fits(config: ml_collections.ConfigDict) -> bool:
   """Whether one step of `config` runs in the device's memory."""
   try:
     time_step(config, repeats=1)
     return True
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError RESOURCE_EXHAUSTED)
-    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+    if is_out_of_memory(e):
       return False
     raise
 

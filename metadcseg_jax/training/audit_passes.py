@@ -128,10 +128,8 @@ def audit_pass(
 
 def is_due(method, config: ml_collections.ConfigDict, epoch: int) -> bool:
   """Whether the trainer writes an audit pass after epoch `epoch` (1-based): for a method with
-  meta-weights (`method.audits`), in its last `config.audit.epochs` epochs (a config older than
-  the audit has none)."""
-  epochs = config.get("audit", {}).get("epochs", 0)
-  return bool(method.audits) and epoch > config.train.num_epochs - epochs
+  meta-weights (`method.audits`), in its last `config.audit.epochs` epochs."""
+  return bool(method.audits) and epoch > config.train.num_epochs - config.audit.epochs
 
 
 def run_pass(
@@ -147,7 +145,7 @@ def run_pass(
   run's `config.audit.meta_images`."""
   t = config.train
   if meta_images is None:
-    meta_images = config.get("audit", {}).get("meta_images", 0)
+    meta_images = config.audit.meta_images
   return audit_pass(
     method,
     state,

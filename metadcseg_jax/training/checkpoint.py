@@ -495,6 +495,16 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("the last checkpoint was not written: %s", _first_line(e))
 
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, kind, error, tb) -> None:
+    """`close`, or `abandon` when the block raised (its error is the one to report)."""
+    if error is None:
+      self.close()
+    else:
+      self.abandon()
+
   def close(self) -> None:
     """Waits for the saves, deletes superseded step checkpoints, closes.
 

@@ -27,12 +27,13 @@ duration count the steps of the last invocation alone.
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
 import pathlib
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from absl import logging
 import jax
@@ -270,7 +271,14 @@ class _Feeder:
     return feed
 
   def close(self) -> None:
+    """Stops reading ahead (the batch being read is finished, the queued ones are dropped)."""
     self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self) -> "_Feeder":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def train_and_evaluate(
@@ -300,7 +308,7 @@ def train_and_evaluate(
       intact). Rerunning resumes after the last two.
   """
   check_settings.check_config(config)
-  parallel.initialize_distributed(config.get("distributed"))
+  parallel.initialize_distributed(config.distributed)
   wd = workdir_lib.Workdir(workdir)
   try:
     if not parallel.is_main_process():
@@ -313,34 +321,21 @@ def train_and_evaluate(
     raise files.disk_full_error(getattr(e, "filename", None) or wd.path) from e
 
 
-@dataclasses.dataclass
-class _Loop:
-  """What the trainer's parts share.
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What the run is: fixed before its inputs and checkpoints open (`_prepare`).
 
   Attributes:
     run: the run's folder, settings (with those from the data), data and steps per epoch.
     par: the device mesh.
     compiled: the method and its jitted functions on `par`.
     main: whether this is process 0 (logs, evaluation, audit, results, figures).
-    ckpt, feeder, progress, stop, schedule: set by `_start`.
-    state: the replicated training state (donated to every step: always the newest).
-    start_epoch: the first epoch this invocation trains (0-based).
-    partial: a step checkpoint's progress into epoch `start_epoch` (consumed by its first
-      epoch), or None.
   """
 
   run: runs.Run
   par: parallel.Parallel
   compiled: Compiled
   main: bool
-  ckpt: checkpoint.Checkpointer | None = None
-  feeder: _Feeder | None = None
-  progress: Progress | None = None
-  stop: preemption.StopSignals | None = None
-  schedule: preemption.Schedule | None = None
-  state: Any = None
-  start_epoch: int = 0
-  partial: dict[str, Any] | None = None
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -354,6 +349,39 @@ class _Loop:
     """A line of metrics.jsonl (process 0 only)."""
     if self.main:
       self.run.workdir.metrics.append(record)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loop(_Setup):
+  """The run and what is open while its epochs train (`_open`, closed by `_train`'s exit stack).
+
+  Attributes:
+    ckpt: the run's checkpoints (written by this process).
+    feeder: the steps' inputs, read ahead in a thread.
+    stop: the stop signals, recorded while the epochs run.
+    schedule: when a step checkpoint is written.
+    progress: the progress lines.
+  """
+
+  ckpt: checkpoint.Checkpointer
+  feeder: "_Feeder"
+  stop: preemption.StopSignals
+  schedule: preemption.Schedule
+  progress: Progress
+
+
+class _Start(NamedTuple):
+  """Where this invocation starts (`_open`).
+
+  Attributes:
+    state: the replicated training state: the initial one, or the restored one.
+    epoch: the first epoch to train (0-based).
+    partial: a step checkpoint's progress into `epoch` (consumed by that epoch), or None.
+  """
+
+  state: Any
+  epoch: int
+  partial: dict[str, Any] | None
 
 
 @dataclasses.dataclass
@@ -377,7 +405,7 @@ class _Epoch:
   begin: int
   done_metrics: dict[str, np.ndarray] | None
   checkpoint: bool
-  started: float = 0.0
+  started: float
   step_metrics: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
 
 
@@ -386,32 +414,40 @@ def _train(
   wd: workdir_lib.Workdir,
   after_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-  """The run in `wd` (locked by the caller on process 0): prepare, inputs and restore
-  (`_start`), the epochs (`_one_epoch`, `_end_epoch`, then `after_epoch`), then `_finish`. An
-  error in the epochs leaves the checkpoints as they were before it; the error raised is the
-  run's own."""
-  loop = _prepare(config, wd)
-  _start(loop)
-  try:
-    loop.stop.__enter__()
-    for epoch in range(loop.start_epoch, loop.config.train.num_epochs):
-      _end_epoch(loop, _one_epoch(loop, epoch))
+  """The run in `wd` (locked by the caller on process 0), in this order: the settings, data and
+  method (`_prepare`); the checkpoints, the inputs and the stop signals opened and the newest
+  checkpoint restored (`_open`); the epochs (`_one_epoch`, `_end_epoch`, then `after_epoch`);
+  the stop signals, the inputs and the checkpoints closed, in that order; then, unless a stop
+  signal came, the final evaluation (`_finish`).
+
+  An error in the epochs leaves the checkpoints as they were before it (a pending save is
+  finished if it can be, `Checkpointer.__exit__`); the error raised is the run's own.
+  """
+  setup = _prepare(config, wd)
+  with contextlib.ExitStack() as stack:
+    loop, start = _open(setup, stack)
+    state, partial = start.state, start.partial
+    for epoch in range(start.epoch, loop.config.train.num_epochs):
+      state, ep = _one_epoch(loop, state, epoch, partial)
+      partial = None
+      _end_epoch(loop, state, ep)
       if after_epoch is not None:
         after_epoch(epoch + 1)
-  except BaseException:
-    loop.stop.__exit__()
-    loop.feeder.close()
-    loop.ckpt.abandon()  # the run's error is the one to report
-    raise
-  return _finish(loop)
+  if parallel.any_process([loop.stop.received is not None])[0]:
+    # Came after the last step (during its evaluation or checkpoint): training is saved.
+    raise Preempted(
+      f"stopped by {loop.stop.name} after the last training step, before the final evaluation: "
+      "rerun the same command to evaluate"
+    )
+  return _finish(setup, state)
 
 
-def _prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> _Loop:
+def _prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> _Setup:
   """The mesh's checks, the settings recorded, the data (`runs.prepare`) and the method
   compiled for them (lazily: each function compiles at its first call)."""
   t = config.train
   main = parallel.is_main_process()
-  par = parallel.make_parallel(config.get("mesh"))
+  par = parallel.make_parallel(config.mesh)
   par.check_batch("config.train.batch_size", t.batch_size)
   if methods.REGISTRY[config.method].uses_meta_batch:
     par.check_batch("config.train.meta_batch_size", t.meta_batch_size)
@@ -433,7 +469,7 @@ def _prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> _Loo
       t.batch_size // par.num_devices,
     )
   compiled = compiled_for(run.config, run.steps_per_epoch, par)
-  return _Loop(run=run, par=par, compiled=compiled, main=main)
+  return _Setup(run=run, par=par, compiled=compiled, main=main)
 
 
 # Entries of the data info too long for the log (data_info.json has them).
@@ -480,7 +516,7 @@ def _announce_reference(info: Mapping[str, Any]) -> None:
     )
 
 
-def _inputs(loop: _Loop) -> tuple[Any, Any]:
+def _inputs(loop: _Setup) -> tuple[Any, Any]:
   """The training and meta batch iterators (the meta one None for a method without meta
   batches), each reading this process's rows of every global batch."""
   config, t = loop.config, loop.config.train
@@ -492,7 +528,7 @@ def _inputs(loop: _Loop) -> tuple[Any, Any]:
       seed=config.seed,
       augment=config.data.augment,
       transform=loop.method.example_transform,
-      num_workers=config.data.get("num_workers", 0),
+      num_workers=config.data.num_workers,
       **shard,
     )
   )
@@ -510,56 +546,63 @@ def _inputs(loop: _Loop) -> tuple[Any, Any]:
   return train_it, meta_it
 
 
-def _start(loop: _Loop) -> None:
-  """The initial state and inputs, then the newest checkpoint that restores (epoch or step:
-  state, iterator states, the epoch's progress); sets `loop`'s remaining fields."""
-  t, par, wd = loop.config.train, loop.par, loop.run.workdir
-  state = par.replicate(loop.method.init_state(jax.random.PRNGKey(loop.config.seed)))
-  train_it, meta_it = _inputs(loop)
-  loop.ckpt = loop.run.checkpointer(writer=True)
-  restored = loop.ckpt.restore_resume_point(
-    par.abstract(state), fallback_settings=wd.first_config()
-  )
+def _open(setup: _Setup, stack: contextlib.ExitStack) -> tuple[_Loop, _Start]:
+  """The checkpoints, the inputs and the stop signals, each entered into `stack` as it opens
+  (closed in the reverse order), and where this invocation starts: the initial state, or the
+  newest checkpoint that restores (epoch or step: state, iterator states, the epoch's
+  progress)."""
+  t, par, wd = setup.config.train, setup.par, setup.run.workdir
+  state = par.replicate(setup.method.init_state(jax.random.PRNGKey(setup.config.seed)))
+  train_it, meta_it = _inputs(setup)
+  ckpt = stack.enter_context(setup.run.checkpointer(writer=True))
+  restored = ckpt.restore_resume_point(par.abstract(state), fallback_settings=wd.first_config())
+  start = _Start(state, 0, None)
   if restored is not None:
-    loop.start_epoch, state, loop.partial = restored.epoch, restored.state, restored.partial
+    start = _Start(restored.state, restored.epoch, restored.partial)
     train_it.set_state(restored.data["train"])
     if meta_it is not None and "meta" in restored.data:
       meta_it.set_state(restored.data["meta"])
     logging.info("resumed from %s at %s", wd.checkpoints, restored.name)
-  loop.state = state
-  if loop.main:
+  if setup.main:
     wd.metrics.truncate_after(
-      loop.start_epoch,
-      diagnostics_before=loop.partial["step"] if loop.partial is not None else None,
+      start.epoch,
+      diagnostics_before=start.partial["step"] if start.partial is not None else None,
     )
-  loop.progress = Progress(
-    total_steps=t.num_epochs * loop.run.steps_per_epoch,
-    steps_per_epoch=loop.run.steps_per_epoch,
+  progress_lines = Progress(
+    total_steps=t.num_epochs * setup.run.steps_per_epoch,
+    steps_per_epoch=setup.run.steps_per_epoch,
     batch_size=t.batch_size,
     every=t.log_every_steps,
     num_epochs=t.num_epochs,
   )
-  loop.feeder = _Feeder(train_it, meta_it, par)
-  loop.stop = preemption.StopSignals()
-  loop.schedule = preemption.Schedule(
-    t.get("checkpoint_every_steps", 0), t.get("checkpoint_every_minutes", 0.0), loop.stop
+  feeder = stack.enter_context(_Feeder(train_it, meta_it, par))
+  stop = stack.enter_context(preemption.StopSignals())
+  schedule = preemption.Schedule(t.checkpoint_every_steps, t.checkpoint_every_minutes, stop)
+  fields = {f.name: getattr(setup, f.name) for f in dataclasses.fields(_Setup)}
+  loop = _Loop(
+    **fields, ckpt=ckpt, feeder=feeder, stop=stop, schedule=schedule, progress=progress_lines
   )
+  return loop, start
 
 
-def _one_epoch(loop: _Loop, epoch: int) -> _Epoch:
-  """The steps of epoch `epoch` (0-based; a resumed epoch from its restored offset), with the
-  diagnostics, the progress lines and the step checkpoints between them. A non-finite loss in
-  a progress line ends the epoch early (`_end_epoch` names its first step)."""
+def _one_epoch(loop: _Loop, state, epoch: int, partial: dict[str, Any] | None):
+  """The steps of epoch `epoch` (0-based; from `partial`'s offset when a step checkpoint inside
+  it was restored), with the diagnostics, the progress lines and the step checkpoints between
+  them. A non-finite loss in a progress line ends the epoch early (`_end_epoch` names its first
+  step).
+
+  Returns:
+    (the state after its last step, the `_Epoch`).
+  """
   t, par, steps = loop.config.train, loop.par, loop.run.steps_per_epoch
   phase = loop.method.phase(epoch)
   step_fn = loop.compiled.step(phase)
-  first_step = int(par.fetch(loop.state.step))
+  first_step = int(par.fetch(state.step))
   begin, done_metrics = 0, None
-  if loop.partial is not None:  # resumed from a step checkpoint inside this epoch
-    begin = loop.partial["offset"]
-    done_metrics = preemption.metrics_from_json(loop.partial["metrics"])
+  if partial is not None:  # resumed from a step checkpoint inside this epoch
+    begin = partial["offset"]
+    done_metrics = preemption.metrics_from_json(partial["metrics"])
     first_step -= begin
-    loop.partial = None
   ep = _Epoch(
     index=epoch,
     phase=phase,
@@ -573,8 +616,8 @@ def _one_epoch(loop: _Loop, epoch: int) -> _Epoch:
     feed = loop.feeder.next()
     step = first_step + i  # global steps before this one
     if t.diagnostics_every_steps and step % t.diagnostics_every_steps == 0:
-      _diagnostics(loop, feed, epoch, step)
-    loop.state, m = step_fn(loop.state, feed, jax.random.fold_in(loop.state.rng, step))
+      _diagnostics(loop, state, feed, epoch, step)
+    state, m = step_fn(state, feed, jax.random.fold_in(state.rng, step))
     ep.step_metrics.append(m)
     if loop.progress.due(step + 1):
       loss = float(par.fetch(m["loss"]))  # the only host sync inside an epoch
@@ -584,14 +627,14 @@ def _one_epoch(loop: _Loop, epoch: int) -> _Epoch:
     save, stopping = loop.schedule.check(step + 1)
     # The epoch's own checkpoint follows its last step (unless stopping there).
     if save and (stopping or i + 1 < steps or not ep.checkpoint):
-      _step_checkpoint(loop, ep, i + 1, stopping)
-  return ep
+      _step_checkpoint(loop, state, ep, i + 1, stopping)
+  return state, ep
 
 
-def _diagnostics(loop: _Loop, feed, epoch: int, step: int) -> None:
+def _diagnostics(loop: _Loop, state, feed, epoch: int, step: int) -> None:
   """Logs the diagnostics of the batch step `step + 1` is about to train on, computed by a
   separately compiled function: the step itself stays as lean as without diagnostics."""
-  diag = loop.par.fetch(loop.compiled.diagnostics(loop.state, feed))
+  diag = loop.par.fetch(loop.compiled.diagnostics(state, feed))
   if diag:
     loop.log(
       {
@@ -603,7 +646,7 @@ def _diagnostics(loop: _Loop, feed, epoch: int, step: int) -> None:
     )
 
 
-def _step_checkpoint(loop: _Loop, ep: _Epoch, done: int, stopping: bool) -> None:
+def _step_checkpoint(loop: _Loop, state, ep: _Epoch, done: int, stopping: bool) -> None:
   """A step checkpoint after `done` steps of epoch `ep` (with the epoch's metrics so far, so
   that a resumed epoch logs the mean over all its steps).
 
@@ -620,7 +663,7 @@ def _step_checkpoint(loop: _Loop, ep: _Epoch, done: int, stopping: bool) -> None
     "step": step,
     "metrics": preemption.metrics_to_json(stacked),
   }
-  path = loop.ckpt.save_step(step, loop.state, loop.feeder.data_state, partial, wait=stopping)
+  path = loop.ckpt.save_step(step, state, loop.feeder.data_state, partial, wait=stopping)
   loop.schedule.reset()
   if stopping:
     raise Preempted(
@@ -630,7 +673,7 @@ def _step_checkpoint(loop: _Loop, ep: _Epoch, done: int, stopping: bool) -> None
     )
 
 
-def _end_epoch(loop: _Loop, ep: _Epoch) -> None:
+def _end_epoch(loop: _Loop, state, ep: _Epoch) -> None:
   """After an epoch's steps: the NaN policy (`check_finite`), its line in metrics.jsonl, the
   validation when due, the audit hook (`audit_hook`), then the epoch checkpoint."""
   t, epoch = loop.config.train, ep.index + 1
@@ -658,20 +701,20 @@ def _end_epoch(loop: _Loop, ep: _Epoch) -> None:
   )
   loop.log(record)
   if loop.main and (epoch % t.eval_every_epochs == 0 or epoch == t.num_epochs):
-    _validate(loop, epoch, step_now)
+    _validate(loop, state, epoch, step_now)
   if loop.main:
     # Before the checkpoint: a run killed in between redoes this epoch and rewrites it.
-    audit_hook(loop.compiled, loop.par.local(loop.state), loop.run, epoch)
+    audit_hook(loop.compiled, loop.par.local(state), loop.run, epoch)
   if ep.checkpoint:
-    loop.ckpt.save(epoch, loop.state, loop.feeder.data_state)
+    loop.ckpt.save(epoch, state, loop.feeder.data_state)
     loop.schedule.reset()
 
 
-def _validate(loop: _Loop, epoch: int, step: int) -> None:
+def _validate(loop: _Loop, state, epoch: int, step: int) -> None:
   """Validation scores of the raw and EMA parameters into metrics.jsonl. Validation only: the
   test split is read once, after training. Process 0 evaluates a local copy of the
   (replicated) state: no other process waits on it."""
-  state = loop.par.local(loop.state)
+  state = loop.par.local(state)
   ev = _evaluate(loop.compiled, state, loop.run.splits.val, loop.run.splits, loop.config)
   for variant, summary in ev.items():
     loop.log({"epoch": epoch, "step": step, "split": "val", "params": variant, **summary})
@@ -701,30 +744,17 @@ def audit_hook(compiled: Compiled, state, run: runs.Run, epoch: int) -> pathlib.
     return audit_passes.save_pass(run.workdir.path, epoch, result)
 
 
-def _finish(loop: _Loop) -> dict[str, Any]:
-  """After the last epoch: the inputs and checkpoints closed, then on process 0 the final
-  evaluation on val and test, results.json, cases.json and the figures.
-
-  Raises:
-    Preempted: a stop signal came after the last step (training is saved; a rerun evaluates).
-  """
-  loop.stop.__exit__()
-  loop.feeder.close()
-  loop.ckpt.close()
-  if parallel.any_process([loop.stop.received is not None])[0]:
-    # Came after the last step (during its evaluation or checkpoint): training is saved.
-    raise Preempted(
-      f"stopped by {loop.stop.name} after the last training step, before the final evaluation: "
-      "rerun the same command to evaluate"
-    )
-  run, config = loop.run, loop.config
-  if not loop.main:
+def _finish(setup: _Setup, state) -> dict[str, Any]:
+  """After the last epoch, its inputs and checkpoints closed: on process 0 the final evaluation
+  on val and test, results.json, cases.json and the figures."""
+  run, config = setup.run, setup.config
+  if not setup.main:
     return {"process_index": jax.process_index(), "workdir": str(run.workdir.path)}
-  local_state = loop.par.local(loop.state)
-  scores, cases, chosen_state = _final_evaluation(loop.compiled, local_state, run.splits, config)
+  local_state = setup.par.local(state)
+  scores, cases, chosen_state = _final_evaluation(setup.compiled, local_state, run.splits, config)
   info = run.splits.info
   results = {"epoch": int(local_state.step) // run.steps_per_epoch, **scores}
-  model = _save_model(run, loop.method, chosen_state, scores)
+  model = _save_model(run, setup.method, chosen_state, scores)
   if original_size.available(info):
     scores_orig, cases_orig = _original_size_evaluation(model, run)
     results["test_original"], cases["test_original"] = scores_orig, cases_orig
@@ -759,7 +789,7 @@ def _finish(loop: _Loop) -> dict[str, Any]:
       run.workdir.summaries.write_record(
         {"step": int(local_state.step), "split": "test", "params": params, **test}
       )
-  _write_figures(loop.compiled, local_state, run.splits, config, run.workdir)
+  _write_figures(setup.compiled, local_state, run.splits, config, run.workdir)
   return results
 
 
@@ -822,7 +852,7 @@ def summary(results: dict[str, Any]) -> str:
 def _evaluate(compiled: Compiled, state, records, splits: pipeline.DataSplits, config):
   """{"raw", "ema": summary} of a split, the EMA weights with `config.train.ema_batch_stats`
   (with "best_val", the EMA of the statistics: the choice is made once, after training)."""
-  if ema_batch_stats(config) == "recompute":
+  if config.train.ema_batch_stats == "recompute":
     state = recompute_ema_stats(compiled, state, splits, config)
   return evaluate.evaluate(
     compiled.predictor,
@@ -850,19 +880,13 @@ EMA_BATCH_STATS = ("ema", "recompute")
 BEST_ON_VAL = "best_val"
 
 
-def ema_batch_stats(config: ml_collections.ConfigDict) -> str:
-  """`config.train.ema_batch_stats`: "ema", "recompute" or "best_val" (configs older than the
-  option: the EMA of the running statistics, as they were trained)."""
-  return config.train.get("ema_batch_stats", "ema")
-
-
 def chosen_ema_stats(val_ema_bn: Mapping[str, Mapping[str, Any]] | None, choice: str) -> str:
   """The statistics (one of `EMA_BATCH_STATS`) a run's "ema" scores use under `choice`.
 
   Args:
     val_ema_bn: the run's validation summaries {statistics: {"dice": mean Dice, ...}}, or
       None where the run did not score both (then "best_val" keeps "ema").
-    choice: `ema_batch_stats(config)`; "best_val" picks the statistics with the higher mean
+    choice: `config.train.ema_batch_stats`; "best_val" picks the statistics with the higher mean
       validation Dice (a tie, or no Dice, keeps "ema"). The test split never takes part.
   """
   if choice != BEST_ON_VAL:
@@ -913,7 +937,7 @@ def _final_evaluation(compiled: Compiled, state, splits: pipeline.DataSplits, co
     per_case = {k: evaluate.case_scores(ids, c, class_names=names) for k, (ids, c) in per.items()}
     scores[name] = {"raw": summaries["raw"], "ema_bn": {bn: summaries[bn] for bn in states}}
     cases[name] = {"raw": per_case["raw"], "ema_bn": {bn: per_case[bn] for bn in states}}
-  chosen = chosen_ema_stats(scores["val"]["ema_bn"], ema_batch_stats(config))
+  chosen = chosen_ema_stats(scores["val"]["ema_bn"], config.train.ema_batch_stats)
   for out in (*scores.values(), *cases.values()):  # "ema" between "raw" and "ema_bn"
     out["ema"] = out["ema_bn"][chosen]
     out["ema_bn"] = out.pop("ema_bn")

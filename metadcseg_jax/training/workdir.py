@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from absl import logging
 import ml_collections
 
+from metadcseg_jax import configs
 from metadcseg_jax import files
 from metadcseg_jax.training import summaries as summaries_lib
 from metadcseg_jax.errors import WorkdirError
@@ -287,8 +288,10 @@ class Workdir:
       f.write(json.dumps(entry) + "\n")
 
   def first_config(self) -> dict[str, Any] | None:
-    """The settings of the first invocation (config.json), if readable."""
+    """The settings of the first invocation (config.json), if readable, brought up to date
+    (`configs.upgrade`: a field added since reads as what the run did without it)."""
     try:
-      return json.loads((self.path / "config.json").read_text())
+      settings = json.loads((self.path / "config.json").read_text())
     except (OSError, ValueError):
       return None
+    return configs.upgrade(settings)
