@@ -1,5 +1,6 @@
-"""`metadcseg-throughput` and `metadcseg-audit` run as the console scripts pip installed: each
-on the smallest input that exercises its whole main path, its output read back."""
+"""`metadcseg-throughput` (metadcseg-speed under its old name) and `metadcseg-audit` run as the
+console scripts pip installed: each on the smallest input that exercises its whole main path, its
+output read back."""
 
 import csv
 import os
@@ -49,6 +50,10 @@ def test_throughput_command():
     fast_compile=True,
   )
   assert out.returncode == 0, out.stderr[-3000:]
+  # The old name: one line saying the new one, then metadcseg-speed with the flags renamed.
+  notice = "metadcseg-throughput is now metadcseg-speed (the old name goes in the next release): "
+  new = notice + "metadcseg-speed --sizes=16 --widths=2 --channels=1 "
+  assert any(line.startswith(new) for line in out.stderr.splitlines()), out.stderr[:1000]
   assert "16px, width 2, 1 ch, float32" in out.stdout
   (row,) = [line for line in out.stdout.splitlines() if line.startswith("| ce | 2 |")]
   cells = [c.strip() for c in row.strip("|").split("|")]
