@@ -93,7 +93,7 @@ def main(argv):
     "virtual step + meta fwd/bwd": (jax.jit(meta_part), (state.params, state.opt_state)),
     "JVP of train forward": (jax.jit(jvp_part), (state.params, state.params)),
     "meta_weights (jvp route)": (
-      jax.jit(lambda v, s: mw(v, s, x=x, y=y, xv=xv, yv=yv)),
+      jax.jit(lambda v, s: mw(v, opt_state=s, x=x, y=y, xv=xv, yv=yv)),
       (variables, state.opt_state),
     ),
   }

@@ -25,7 +25,7 @@ def test_suspicion_is_the_pseudo_label_share_where_labels_disagree():
   y_pseudo = np.array([[1, 0, 1, 0]])
   a = np.array([[0.3, 0.0, 0.1, 0.0]])
   b = np.array([[0.1, 0.0, 0.3, 0.2]])
-  s = meta.suspicion_map(y, y_pseudo, a, b)
+  s = meta.suspicion_map(y, y_pseudo, a_tilde=a, b_tilde=b)
   # agree -> 0; disagree with γ = 0 -> 1/2; disagree -> b / (a + b) = 0.75
   np.testing.assert_allclose(s, [[0.0, 0.5, 0.75, 0.0]])
   # (0.5 + 0.75) / (|y| 2 + |ŷ| 2)
@@ -116,13 +116,13 @@ class ToyMethod:
     mo = meta.meta_weights(
       self.model.apply,
       {"params": state["params"]},
-      state["opt_state"],
-      self.optimizer,
-      batch["image"],
-      batch["noisy_label"],
-      batch["meta_image"],
-      batch["meta_label"],
-      meta.MetaOptions(route="reverse"),
+      optimizer=self.optimizer,
+      opt_state=state["opt_state"],
+      x=batch["image"],
+      y=batch["noisy_label"],
+      xv=batch["meta_image"],
+      yv=batch["meta_label"],
+      options=meta.MetaOptions(route="reverse"),
     )
     return self._maps(batch["noisy_label"], mo)
 
@@ -133,22 +133,26 @@ class ToyMethod:
     return meta.meta_direction(
       self.model.apply,
       {"params": state["params"]},
-      state["opt_state"],
-      self.optimizer,
-      meta_image,
-      meta_label,
+      optimizer=self.optimizer,
+      opt_state=state["opt_state"],
+      xv=meta_image,
+      yv=meta_label,
     )
 
   def audit_maps_along(self, state, batch, direction):
     mo = meta.meta_weights_along(
-      self.model.apply, {"params": state["params"]}, batch["image"], batch["noisy_label"], direction
+      self.model.apply,
+      {"params": state["params"]},
+      x=batch["image"],
+      y=batch["noisy_label"],
+      direction=direction,
     )
     return self._maps(batch["noisy_label"], mo)
 
   @staticmethod
   def _maps(y, mo):
     return {
-      "suspicion": meta.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
+      "suspicion": meta.suspicion_map(y, mo.y_pseudo, a_tilde=mo.a_tilde, b_tilde=mo.b_tilde),
       "pseudo": mo.y_pseudo,
       "probs": jax.nn.softmax(mo.logits, axis=-1),
     }

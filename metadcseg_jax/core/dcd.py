@@ -76,7 +76,7 @@ def regions(
 
 
 def region_centers(
-  h: Array, gamma: Array, masks: Array, default_centers: Array, *, min_pixels: int = MIN_PIXELS
+  h: Array, gamma: Array, masks: Array, *, default_centers: Array, min_pixels: int = MIN_PIXELS
 ) -> tuple[Array, Array]:
   """γ-weighted region feature centers of one image (Eq. 10, fallback Eq. 47).
 
@@ -242,6 +242,7 @@ def dcd_weights_single(
   h: Array,
   fg_prob: Array,
   edges: Array,
+  *,
   gamma: Array,
   default_centers: Array,
   options: DCDOptions = DCDOptions(),
@@ -265,7 +266,7 @@ def dcd_weights_single(
   """
   fg, bg, bd = regions(fg_prob, edges, tau=options.tau)
   masks = jnp.stack([fg, bg, bd])
-  centers, used_fallback = region_centers(h, gamma, masks, default_centers)
+  centers, used_fallback = region_centers(h, gamma, masks, default_centers=default_centers)
   dcd = dcd_map(h, centers)
   w = boundary_weights(
     dcd, bd, tau_dcd=options.tau_dcd, scale=options.dcd_scale, weight_sum=options.weight_sum
@@ -279,6 +280,7 @@ def dcd_weights(
   h: Array,
   fg_prob: Array,
   edges: Array,
+  *,
   gamma: Array,
   default_centers: Array,
   options: DCDOptions = DCDOptions(),
@@ -298,7 +300,9 @@ def dcd_weights(
   for name, x in (("fg_prob", fg_prob), ("gamma", gamma), ("edges", edges)):
     if x.shape != (b, hh, ww):
       raise ValueError(f"{name} must be {(b, hh, ww)}, got {x.shape}.")
-  fn = lambda h_, p_, e_, g_: dcd_weights_single(h_, p_, e_, g_, default_centers, options)
+  fn = lambda h_, p_, e_, g_: dcd_weights_single(
+    h_, p_, e_, gamma=g_, default_centers=default_centers, options=options
+  )
   return jax.vmap(fn)(h, fg_prob, edges, gamma)
 
 

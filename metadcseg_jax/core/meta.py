@@ -138,7 +138,7 @@ def effective_fraction(weights: Array) -> Array:
   return jnp.where(sq > 0, jnp.sum(w) ** 2 / (w.size * jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
-def suspicion_map(y: Array, y_pseudo: Array, a_tilde: Array, b_tilde: Array) -> Array:
+def suspicion_map(y: Array, y_pseudo: Array, *, a_tilde: Array, b_tilde: Array) -> Array:
   """Per-pixel label suspicion s = [y ≠ ŷ] · πb from the rectified weights (Eq. 23): how far the
   clean meta set moved a pixel's weight from its given label y to the pseudo-label ŷ where the
   two disagree (πb = b̃ / (ã + b̃), 1/2 where ã = b̃ = 0: neither is trusted; 0 where they agree).
@@ -155,7 +155,8 @@ def suspicion_map(y: Array, y_pseudo: Array, a_tilde: Array, b_tilde: Array) -> 
 
   >>> import numpy as np
   >>> y, y_pseudo = np.array([[1, 0, 1, 0]]), np.array([[1, 1, 0, 0]])
-  >>> suspicion_map(y, y_pseudo, np.array([[0.3, 0.0, 0.1, 0.2]]), np.array([[0.1, 0.0, 0.3, 0.0]]))
+  >>> a_tilde, b_tilde = np.array([[0.3, 0.0, 0.1, 0.2]]), np.array([[0.1, 0.0, 0.3, 0.0]])
+  >>> suspicion_map(y, y_pseudo, a_tilde=a_tilde, b_tilde=b_tilde)
   array([[0.  , 0.5 , 0.75, 0.  ]])
   """
   xp = jnp if isinstance(a_tilde, jax.Array) else np
@@ -183,7 +184,7 @@ class MetaDirection(NamedTuple):
 LossFromOutputs = Callable[[Array, Array, MetaOutput], Tuple[Array, Any]]
 
 
-def _forward(apply_fn, variables, params, x):
+def _forward(apply_fn, variables, params, *, x):
   """Train-mode forward: `((logits, features), new_batch_stats)`."""
   outputs, updates = apply_fn(
     {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
@@ -192,8 +193,8 @@ def _forward(apply_fn, variables, params, x):
   return (logits, features), updates.get("batch_stats", {})
 
 
-def _meta_loss(apply_fn, variables, params, xv, yv):
-  (logits, _), _ = _forward(apply_fn, variables, params, xv)
+def _meta_loss(apply_fn, variables, params, *, xv, yv):
+  (logits, _), _ = _forward(apply_fn, variables, params, x=xv)
   return jnp.mean(ce_map(logits, yv))
 
 
@@ -209,7 +210,7 @@ def _virtual_update(optimizer, opt_state, params):
 
 
 def linearize_update(
-  optimizer: Optimizer, opt_state: optax.OptState, params: Params, grads: Params
+  optimizer: Optimizer, opt_state: optax.OptState, *, params: Params, grads: Params
 ) -> Tuple[Params, Callable[[Params], Params], Callable[[Params], Params]]:
   """The virtual step's update `U(·, s)` at `grads`, with its linear part and transpose.
 
@@ -240,8 +241,8 @@ class _Problem(NamedTuple):
 
   apply_fn: Callable[..., Any]
   variables: Variables
-  opt_state: optax.OptState
   optimizer: Optimizer
+  opt_state: optax.OptState
   x: Array
   y: Array
   xv: Array
@@ -281,13 +282,16 @@ def _checked(pb: _Problem, options: MetaOptions) -> MetaOptions:
     )
   if isinstance(options.eta, (int, float)) and options.eta <= 0:
     raise ValueError(f"eta must be > 0, got {options.eta}")
-  _check_batch("x", pb.x, "y", pb.y)
-  _check_batch("xv", pb.xv, "yv", pb.yv)
+  _check_batch(pb.x, pb.y, names=("x", "y"))
+  _check_batch(pb.xv, pb.yv, names=("xv", "yv"))
   a0, b0 = _static_float(options.a0, "a0"), _static_float(options.b0, "b0")
   return dataclasses.replace(options, a0=a0, b0=b0)
 
 
-def _check_batch(image_name, img, label_name, lab):
+def _check_batch(img, lab, *, names=("x", "y")):
+  """Images (B,H,W,C) and integer labels (B,H,W) of the same batch, or a ValueError naming them
+  by `names` (images, labels)."""
+  image_name, label_name = names
   if img.ndim != 4:
     raise ValueError(f"{image_name} must be (B,H,W,C), got shape {img.shape}")
   if lab.shape != img.shape[:3]:
@@ -347,21 +351,21 @@ def _rectify_normalize(ga, gb, options):
   return a_t, b_t, a_hat, b_hat, gamma, pi_a, pi_b
 
 
-def _reverse_grads(pb: _Problem, y_pseudo, a0, b0, dtype):
+def _reverse_grads(pb: _Problem, y_pseudo, *, a0, b0, dtype):
   """Reverse-over-reverse: `jax.grad` of Lval(θ̂(a, b)) w.r.t. (a, b) (Eq. 21, Eq. 22)."""
   apply_fn, variables, x, y = pb.apply_fn, pb.variables, pb.x, pb.y
   params = variables["params"]
   update = _virtual_update(pb.optimizer, pb.opt_state, params)
 
   def weighted_train_loss(p, a, b):
-    (logits, _), _ = _forward(apply_fn, variables, p, x)
+    (logits, _), _ = _forward(apply_fn, variables, p, x=x)
     # Per image Σ_hw / (H·W), averaged over the batch: at (1, 0) exactly a mean-CE step.
     return jnp.sum(a * ce_map(logits, y) + b * ce_map(logits, y_pseudo)) / y.size
 
   def unrolled(ab):
     grads = jax.grad(weighted_train_loss)(params, *ab)
     theta_hat = optax.apply_updates(params, update(grads))
-    return _meta_loss(apply_fn, variables, theta_hat, pb.xv, pb.yv)
+    return _meta_loss(apply_fn, variables, theta_hat, xv=pb.xv, yv=pb.yv)
 
   ab0 = (jnp.full(y.shape, a0, dtype), jnp.full(y.shape, b0, dtype))
   meta_loss, (ga, gb) = jax.value_and_grad(unrolled)(ab0)
@@ -371,10 +375,12 @@ def _reverse_grads(pb: _Problem, y_pseudo, a0, b0, dtype):
 def _direction(pb: _Problem, grads0) -> MetaDirection:
   """`u = Lᵀ∇θ Lval(θ̂)` at `θ̂ = θ + U(grads0, s)` (the virtual step's gradient `grads0`)."""
   params = pb.variables["params"]
-  update0, _, update_transpose = linearize_update(pb.optimizer, pb.opt_state, params, grads0)
+  update0, _, update_transpose = linearize_update(
+    pb.optimizer, pb.opt_state, params=params, grads=grads0
+  )
   theta_hat = optax.apply_updates(params, update0)
   meta_loss, v = jax.value_and_grad(_meta_loss, argnums=2)(
-    pb.apply_fn, pb.variables, theta_hat, pb.xv, pb.yv
+    pb.apply_fn, pb.variables, theta_hat, xv=pb.xv, yv=pb.yv
   )
   return MetaDirection(update_transpose(v), meta_loss)
 
@@ -387,7 +393,7 @@ def _grads_along(df, dg, dlogits):
   return jnp.sum(df * dlogits, axis=-1) / n, jnp.sum(dg * dlogits, axis=-1) / n
 
 
-def _jvp_grads(pb: _Problem, fwd: _TrainForward, a0, b0, df, dg):
+def _jvp_grads(pb: _Problem, fwd: _TrainForward, *, a0, b0, df, dg):
   """Forward-over-reverse: `Ga_k = <Lᵀ∇Lval(θ̂), ∇θ f_k>` from one JVP (Eq. 29).
 
   `fwd.jvp` / `fwd.vjp` are the linearised training forward at θ and its transpose.
@@ -410,13 +416,23 @@ def _meta_from_forward(pb: _Problem, fwd: _TrainForward, options: MetaOptions) -
   logits, features = fwd.outputs
   y_pseudo, df, dg = _pseudo_labels_and_logit_grads(logits, pb.y)
   if options.route == "reverse":
-    ga, gb, meta_loss = _reverse_grads(pb, y_pseudo, options.a0, options.b0, logits.dtype)
+    ga, gb, meta_loss = _reverse_grads(
+      pb, y_pseudo, a0=options.a0, b0=options.b0, dtype=logits.dtype
+    )
   else:
-    ga, gb, meta_loss = _jvp_grads(pb, fwd, options.a0, options.b0, df, dg)
-  return _output(ga, gb, y_pseudo, logits, features, meta_loss, options)
+    ga, gb, meta_loss = _jvp_grads(pb, fwd, a0=options.a0, b0=options.b0, df=df, dg=dg)
+  return _output(
+    ga,
+    gb,
+    y_pseudo=y_pseudo,
+    logits=logits,
+    features=features,
+    meta_loss=meta_loss,
+    options=options,
+  )
 
 
-def _output(ga, gb, y_pseudo, logits, features, meta_loss, options) -> MetaOutput:
+def _output(ga, gb, *, y_pseudo, logits, features, meta_loss, options) -> MetaOutput:
   """The rectified, normalised weights (Eq. 23, Eq. 24) of `Ga`, `Gb`, gradient-free."""
   weights = _rectify_normalize(ga, gb, options)
   out = MetaOutput(ga, gb, *weights, y_pseudo, logits, features, meta_loss)
@@ -427,7 +443,7 @@ def _linearized_forward(apply_fn, variables, x) -> _TrainForward:
   """Training forward at θ, linearised (`jax.linearize`), with its transpose."""
   params = variables["params"]
   outputs, fwd_jvp, new_stats = jax.linearize(
-    lambda p: _forward(apply_fn, variables, p, x), params, has_aux=True
+    lambda p: _forward(apply_fn, variables, p, x=x), params, has_aux=True
   )
   fwd_transpose = jax.linear_transpose(fwd_jvp, params)
 
@@ -443,8 +459,9 @@ def _linearized_forward(apply_fn, variables, x) -> _TrainForward:
 def meta_weights(
   apply_fn: Callable[..., Any],
   variables: Variables,
-  opt_state: optax.OptState,
+  *,
   optimizer: Optimizer,
+  opt_state: optax.OptState,
   x: Array,
   y: Array,
   xv: Array,
@@ -462,9 +479,9 @@ def meta_weights(
       mutable=["batch_stats"])` and returning `((logits (B,H,W,L), features (B,H,W,D)),
       updates)`.
     variables: `{"params": θ, "batch_stats": ...}` (batch stats are read, never changed).
-    opt_state: the state of `optimizer.tx` (the real momentum buffer and step count).
     optimizer: from `metadcseg_jax.core.optim.make_optimizer`; its clip-free `base` is the
       virtual step's `U`.
+    opt_state: the state of `optimizer.tx` (the real momentum buffer and step count).
     x: training images (B,H,W,C).
     y: noisy labels (B,H,W) int.
     xv: clean meta images (Bv,H',W',C).
@@ -479,12 +496,14 @@ def meta_weights(
     ValueError: for bad shapes, an unknown route or normalizer, or route="jvp" with an update
       that is not linear in the gradient.
   """
-  pb = _Problem(apply_fn, jax.lax.stop_gradient(variables), opt_state, optimizer, x, y, xv, yv)
+  pb = _Problem(
+    apply_fn, jax.lax.stop_gradient(variables), optimizer, opt_state, x=x, y=y, xv=xv, yv=yv
+  )
   options = _checked(pb, options)
   if options.route == "jvp":
     fwd = _linearized_forward(apply_fn, pb.variables, x)
   else:
-    outputs, _ = _forward(apply_fn, pb.variables, pb.variables["params"], x)
+    outputs, _ = _forward(apply_fn, pb.variables, pb.variables["params"], x=x)
     fwd = _TrainForward(outputs, None, None, None)
   return _meta_from_forward(pb, fwd, options)
 
@@ -492,8 +511,9 @@ def meta_weights(
 def meta_direction(
   apply_fn: Callable[..., Any],
   variables: Variables,
-  opt_state: optax.OptState,
+  *,
   optimizer: Optimizer,
+  opt_state: optax.OptState,
   xv: Array,
   yv: Array,
 ) -> MetaDirection:
@@ -505,7 +525,7 @@ def meta_direction(
   computes the meta forward and backward once.
 
   Args:
-    apply_fn, variables, opt_state, optimizer: as in `meta_weights`.
+    apply_fn, variables, optimizer, opt_state: as in `meta_weights`.
     xv: clean meta images (Bv,H,W,C).
     yv: clean meta labels (Bv,H,W) int.
 
@@ -518,14 +538,17 @@ def meta_direction(
       f"meta_direction needs an update linear in the gradient; optimizer {name!r} is not: "
       "use meta_weights with route='reverse'"
     )
-  _check_batch("xv", xv, "yv", yv)
-  pb = _Problem(apply_fn, jax.lax.stop_gradient(variables), opt_state, optimizer, xv, yv, xv, yv)
+  _check_batch(xv, yv, names=("xv", "yv"))
+  pb = _Problem(
+    apply_fn, jax.lax.stop_gradient(variables), optimizer, opt_state, x=xv, y=yv, xv=xv, yv=yv
+  )
   return jax.lax.stop_gradient(_direction(pb, jax.tree.map(jnp.zeros_like, pb.variables["params"])))
 
 
 def meta_weights_along(
   apply_fn: Callable[..., Any],
   variables: Variables,
+  *,
   x: Array,
   y: Array,
   direction: MetaDirection,
@@ -553,21 +576,30 @@ def meta_weights_along(
     )
   if options.normalizer not in NORMALIZERS:
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {options.normalizer!r}")
-  _check_batch("x", x, "y", y)
+  _check_batch(x, y, names=("x", "y"))
   variables = jax.lax.stop_gradient(variables)
   (logits, features), (dlogits, _) = jax.jvp(
-    lambda p: _forward(apply_fn, variables, p, x)[0], (variables["params"],), (direction.u,)
+    lambda p: _forward(apply_fn, variables, p, x=x)[0], (variables["params"],), (direction.u,)
   )
   y_pseudo, df, dg = _pseudo_labels_and_logit_grads(logits, y)
   ga, gb = _grads_along(df, dg, dlogits)
-  return _output(ga, gb, y_pseudo, logits, features, direction.meta_loss, options)
+  return _output(
+    ga,
+    gb,
+    y_pseudo=y_pseudo,
+    logits=logits,
+    features=features,
+    meta_loss=direction.meta_loss,
+    options=options,
+  )
 
 
 def meta_step_grads(
   apply_fn: Callable[..., Any],
   variables: Variables,
-  opt_state: optax.OptState,
+  *,
   optimizer: Optimizer,
+  opt_state: optax.OptState,
   x: Array,
   y: Array,
   xv: Array,
@@ -592,7 +624,7 @@ def meta_step_grads(
   analysis on U-Net++: 2.65x the FLOPs; route="reverse" 3.3x).
 
   Args:
-    apply_fn, variables, opt_state, optimizer, x, y, xv, yv: as in `meta_weights`.
+    apply_fn, variables, optimizer, opt_state, x, y, xv, yv: as in `meta_weights`.
     loss_from_outputs: `(logits (B,H,W,L), features (B,H,W,D), MetaOutput) -> (loss, aux)`,
       differentiable in logits and features (the MetaOutput is constant).
     options: as in `meta_weights`.
@@ -602,13 +634,13 @@ def meta_step_grads(
     running statistics updated by the training forward at θ (only that one), the loss value,
     the gradient-free `MetaOutput` and the loss's aux.
   """
-  pb = _Problem(apply_fn, variables, opt_state, optimizer, x, y, xv, yv)
+  pb = _Problem(apply_fn, variables, optimizer, opt_state, x=x, y=y, xv=xv, yv=yv)
   options = _checked(pb, options)
   if options.route == "jvp":
     fwd = _linearized_forward(apply_fn, variables, x)
   else:
     outputs, fwd_vjp, new_stats = jax.vjp(
-      lambda p: _forward(apply_fn, variables, p, x), variables["params"], has_aux=True
+      lambda p: _forward(apply_fn, variables, p, x=x), variables["params"], has_aux=True
     )
     fwd = _TrainForward(outputs, None, fwd_vjp, new_stats)
   # The scope names the meta-gradient's operations in XLA's profile (metadcseg_jax.tools.profiling).
@@ -629,6 +661,7 @@ def meta_step_grads(
 def unrolled_meta_grad(
   train_loss: Callable[[Params, Array], Array],
   meta_loss: Callable[[Params], Array],
+  *,
   optimizer: Optimizer,
   opt_state: optax.OptState,
   params: Params,

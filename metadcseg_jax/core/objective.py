@@ -138,7 +138,7 @@ def _check_maps(shape: tuple[int, ...], **maps: Array) -> None:
       raise ValueError(f"{name} must have shape {shape}, got {x.shape}.")
 
 
-def _weighted_sum(f: Array, g: Array, a: Array, b: Array) -> Array:
+def _weighted_sum(f: Array, g: Array, *, a: Array, b: Array) -> Array:
   """Σ_hw (a·f + b·g) per image, (B,)."""
   return jnp.sum(a * f + b * g, axis=(1, 2))
 
@@ -170,11 +170,11 @@ def l2b_loss(
   _check_maps(
     logits.shape[:3], noisy_label=noisy_label, a_hat=a_hat, b_hat=b_hat, y_pseudo=y_pseudo
   )
-  per_image = _weighted_sum(ce_map(logits, noisy_label), ce_map(logits, y_pseudo), a_hat, b_hat)
+  per_image = _weighted_sum(ce_map(logits, noisy_label), ce_map(logits, y_pseudo), a=a_hat, b=b_hat)
   return jnp.mean(per_image) if normalizer == "image" else jnp.sum(per_image)
 
 
-def _check_loss_inputs(logits, features, noisy_label, edges, weights, default_centers, options):
+def _check_loss_inputs(logits, features, noisy_label, *, edges, weights, default_centers, options):
   _check_normalizer(options.normalizer)
   if options.pixel_loss not in PIXEL_LOSSES:
     raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {options.pixel_loss!r}.")
@@ -207,6 +207,7 @@ def metadcseg_loss(
   logits: Array,
   features: Array,
   noisy_label: Array,
+  *,
   edges: Array,
   weights: PixelWeights,
   default_centers: Array,
@@ -235,7 +236,15 @@ def metadcseg_loss(
       "new_default_centers" (3, D): EMA update of `default_centers` with this batch's
         non-fallback centers (unchanged when the boundary term is off).
   """
-  _check_loss_inputs(logits, features, noisy_label, edges, weights, default_centers, options)
+  _check_loss_inputs(
+    logits,
+    features,
+    noisy_label,
+    edges=edges,
+    weights=weights,
+    default_centers=default_centers,
+    options=options,
+  )
   a_hat, b_hat, gamma, pi_a, pi_b, y_pseudo = weights
   normalizer, pixel_loss = options.normalizer, options.pixel_loss
 
@@ -248,7 +257,12 @@ def metadcseg_loss(
   if options.dcd.use:
     with jax.named_scope("dcd"):  # names DCD's operations in XLA's profile
       out = dcd.dcd_weights(
-        features, foreground_prob(logits), edges, gamma, default_centers, options.dcd
+        features,
+        foreground_prob(logits),
+        edges,
+        gamma=gamma,
+        default_centers=default_centers,
+        options=options.dcd,
       )
     boundary_loss = per_pixel if pixel_loss == "meta" else pi_a * f + pi_b * g
     bd_term = reduce(jnp.sum(out["w"] * boundary_loss, axis=(1, 2)))

@@ -13,9 +13,11 @@ which, unlike differentiating `eigh`'s eigenvectors (factors 1 / (λ_i − λ_j)
 where eigenvalues repeat (an identity covariance, dead feature channels): only `s_i + s_j > 0`
 is needed, which a jitter `ε·I` guarantees.
 
-Example:
-  >>> gaussian_w2_squared(jnp.zeros(2), jnp.eye(2), jnp.ones(2), 4 * jnp.eye(2), jitter=0.0)
-  Array(4., dtype=float32)   # ‖μ1 − μ2‖² = 2, tr = 2 + 8 − 2·tr(2·I) = 2
+Example (‖μ1 − μ2‖² = 2, and tr = 2 + 8 − 2·tr(2·I) = 2):
+
+  >>> mu1, cov1, mu2, cov2 = jnp.zeros(2), jnp.eye(2), jnp.ones(2), 4 * jnp.eye(2)
+  >>> round(float(gaussian_w2_squared(mu1, cov1, mu2=mu2, cov2=cov2, jitter=0.0)), 4)
+  4.0
 """
 
 import jax
@@ -66,7 +68,7 @@ def sqrtm_psd(a: Array, *, jitter: float = 0.0) -> Array:
 
 
 def gaussian_w2_squared(
-  mu1: Array, cov1: Array, mu2: Array, cov2: Array, *, jitter: float = 1e-4
+  mu1: Array, cov1: Array, *, mu2: Array, cov2: Array, jitter: float = 1e-4
 ) -> Array:
   """Squared 2-Wasserstein distance between N(μ1, Σ1 + εI) and N(μ2, Σ2 + εI) (DALE's Eq. 14).
 

@@ -156,14 +156,14 @@ class L2B(base.SingleNetworkMethod):
           grads, stats, loss, mo, aux = meta.meta_step_grads(
             self.model.apply,
             variables,
-            state.opt_state,
-            self.optimizer,
-            x,
-            y,
-            batch["meta_image"],
-            batch["meta_label"],
-            self.loss_from_outputs(state, batch),
-            self.meta_options,
+            optimizer=self.optimizer,
+            opt_state=state.opt_state,
+            x=x,
+            y=y,
+            xv=batch["meta_image"],
+            yv=batch["meta_label"],
+            loss_from_outputs=self.loss_from_outputs(state, batch),
+            options=self.meta_options,
           )
       params, opt_state = self.update_params(state.params, state.opt_state, grads)
       if self.config.meta.extra_clean_step:
@@ -217,13 +217,13 @@ class L2B(base.SingleNetworkMethod):
       return meta.meta_weights(
         self.meta_model.apply,
         variables,
-        state.opt_state,
-        self.optimizer,
-        x,
-        y,
-        xv,
-        yv,
-        self.meta_options,
+        optimizer=self.optimizer,
+        opt_state=state.opt_state,
+        x=x,
+        y=y,
+        xv=xv,
+        yv=yv,
+        options=self.meta_options,
       )
 
   def audit_maps(self, state, batch):
@@ -243,7 +243,12 @@ class L2B(base.SingleNetworkMethod):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     with self.meta_precision():
       return meta.meta_direction(
-        self.meta_model.apply, variables, state.opt_state, self.optimizer, meta_image, meta_label
+        self.meta_model.apply,
+        variables,
+        optimizer=self.optimizer,
+        opt_state=state.opt_state,
+        xv=meta_image,
+        yv=meta_label,
       )
 
   def audit_maps_along(self, state, batch, direction):
@@ -252,10 +257,10 @@ class L2B(base.SingleNetworkMethod):
       mo = meta.meta_weights_along(
         self.meta_model.apply,
         variables,
-        batch["image"],
-        batch["noisy_label"],
-        direction,
-        self.meta_options,
+        x=batch["image"],
+        y=batch["noisy_label"],
+        direction=direction,
+        options=self.meta_options,
       )
     return _audit_maps(batch["noisy_label"], mo)
 
@@ -342,7 +347,7 @@ class L2B(base.SingleNetworkMethod):
 def _audit_maps(y, mo: meta.MetaOutput) -> dict[str, Array]:
   """`audit_maps`' output from the noisy labels y (B,H,W) and the weights."""
   return {
-    "suspicion": meta.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
+    "suspicion": meta.suspicion_map(y, mo.y_pseudo, a_tilde=mo.a_tilde, b_tilde=mo.b_tilde),
     "pseudo": mo.y_pseudo,
     "probs": jax.nn.softmax(mo.logits, axis=-1),
   }

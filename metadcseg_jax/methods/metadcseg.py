@@ -132,10 +132,10 @@ class MetaDCSeg(l2b.L2B):
         logits,
         features,
         batch["noisy_label"],
-        edges,
-        objective.pixel_weights(weights),
-        state.extra["dcd_centers"],
-        self.loss_options,
+        edges=edges,
+        weights=objective.pixel_weights(weights),
+        default_centers=state.extra["dcd_centers"],
+        options=self.loss_options,
       )
 
     return loss_fn

@@ -130,7 +130,7 @@ def _rebuild_parameter(
 class _TorchUnpickler(pickle.Unpickler):
   """Unpickles a torch zip's data.pkl into numpy arrays, loading storages from the archive."""
 
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+  def __init__(self, file, *, archive: zipfile.ZipFile, prefix: str, byteorder: str):
     super().__init__(file)
     self._archive = archive
     self._prefix = prefix
@@ -207,7 +207,7 @@ def read_torch_zip(path: str | os.PathLike) -> Any:
       if f"{prefix}byteorder" in archive.namelist():
         byteorder = "<" if archive.read(f"{prefix}byteorder").strip() == b"little" else ">"
       with archive.open(pickles[0]) as f:
-        return _TorchUnpickler(f, archive, prefix, byteorder).load()
+        return _TorchUnpickler(f, archive=archive, prefix=prefix, byteorder=byteorder).load()
   except (
     pickle.UnpicklingError,
     zipfile.BadZipFile,

@@ -67,7 +67,7 @@ def _torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
   return init
 
 
-def _conv(features: int, kernel: int, fan_in_channels: int, dtype: Dtype, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, *, fan_in_channels: int, dtype: Dtype, name: str) -> nn.Conv:
   return nn.Conv(
     features,
     (kernel, kernel),
@@ -165,7 +165,7 @@ class VGGBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     for i, features in enumerate((self.middle_features, self.out_features), 1):
-      x = _conv(features, 3, x.shape[-1], self.dtype, f"conv{i}")(x)
+      x = _conv(features, 3, fan_in_channels=x.shape[-1], dtype=self.dtype, name=f"conv{i}")(x)
       x = nn.BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
@@ -227,7 +227,7 @@ class UNet(nn.Module):
       y = block(i, NUM_LEVELS - i)(
         jnp.concatenate([encoder[i], upsample_bilinear_2x(y)], -1), train=train
       )
-    logits = _conv(self.num_classes, 1, nb[0], self.dtype, "final")(y)
+    logits = _conv(self.num_classes, 1, fan_in_channels=nb[0], dtype=self.dtype, name="final")(y)
     out_dtype = _wide(self.dtype)
     return logits.astype(out_dtype), y.astype(out_dtype)
 
@@ -295,14 +295,16 @@ class UNetPlusPlus(nn.Module):
     if self.deep_supervision:
       heads = []
       for j in range(1, NUM_LEVELS + 1):
-        head = _conv(self.num_classes, 1, nb[0], self.dtype, f"final{j}")(nodes[0][j]).astype(
-          out_dtype
-        )
+        head = _conv(
+          self.num_classes, 1, fan_in_channels=nb[0], dtype=self.dtype, name=f"final{j}"
+        )(nodes[0][j]).astype(out_dtype)
         self.sow("intermediates", "head_logits", head)
         heads.append(head)
       logits = sum(heads[1:], heads[0]) / len(heads)
     else:
-      logits = _conv(self.num_classes, 1, nb[0], self.dtype, "final")(features).astype(out_dtype)
+      logits = _conv(self.num_classes, 1, fan_in_channels=nb[0], dtype=self.dtype, name="final")(
+        features
+      ).astype(out_dtype)
     return logits, features.astype(out_dtype)
 
 
