@@ -126,6 +126,13 @@ def report(workdir, *, out=None, top: int = 12, corrupted_above=CORRUPTED_ABOVE)
   """Writes audit.csv, suspicion.npy and gallery.png, and with injected noise measured.json and
   roc.png (module docstring).
 
+  Args:
+    workdir: a finished meta run's folder (l2b, metadcseg) with its audit passes.
+    out: the folder the outputs go to (None: `<workdir>/audit`).
+    top: the most suspicious masks shown in the gallery.
+    corrupted_above: the thresholds t of 1 − Dice to the clean mask above which a mask counts
+      as corrupted in the measurements.
+
   Returns:
     {"out": the folder, "epochs": the audited epochs, "meta_images" (as in `audit_scores.load`),
      "n": the training masks ranked, "measured": `measure`'s figures, or {} without injected
@@ -238,6 +245,12 @@ def measure(
 
   A mask (N,H,W) is corrupted at t when 1 − Dice to its clean mask exceeds t. Scores: the
   audit's, the hard and the soft disagreement with the model, and cleanlab's if installed.
+
+  Args:
+    scores: `audited`'s averaged audit scores ("score", "suspicion", "pseudo", "probs").
+    noisy: (N,H,W) the training masks as given.
+    clean: (N,H,W) their clean masks (known where the noise was injected).
+    thresholds: the values of t.
 
   Returns:
     ({score name: {"image_auroc", "image_ap": {t: value}, "spearman", "pixel_ap"},

@@ -104,7 +104,14 @@ PRESETS = {
 
 
 def run_dir(workdir, noise_kind: str, row: Row, seed: int) -> pathlib.Path:
-  """`<workdir>/<noise>/<row>/seed<k>`: where one combination trains."""
+  """`<workdir>/<noise>/<row>/seed<k>`: where one combination trains.
+
+  Args:
+    workdir: the benchmark's root directory.
+    noise_kind: the noise level (config.data.noise.kind).
+    row: the table row (`Row`).
+    seed: the seed.
+  """
   return pathlib.Path(workdir) / noise_kind / row.dirname / f"seed{seed}"
 
 
@@ -143,7 +150,15 @@ def run_config(
   labels: str = "fixed",
 ) -> ml_collections.ConfigDict:
   """A copy of `config` with the row's method and overrides, the noise kind and the seed; with
-  `labels="per_seed"` the seed also draws the noise realisation and the meta split."""
+  `labels="per_seed"` the seed also draws the noise realisation and the meta split.
+
+  Args:
+    config: the base config (left unchanged).
+    row: the row: its method and config overrides.
+    noise_kind: config.data.noise.kind.
+    seed: config.seed (and with "per_seed" the noise seed and config.data.meta_seed).
+    labels: "per_seed" or "fixed" (`LABEL_MODES`).
+  """
   if labels not in LABEL_MODES:
     raise ConfigError(f"--labels: {labels!r}, choose from {LABEL_MODES}")
   cfg = config.copy_and_resolve_references()

@@ -257,7 +257,16 @@ def to_markdown(
 ) -> str:
   """benchmark.md: the command, which row to choose (`choose`), the tables on test (EMA, raw)
   and validation with the seeds each cell lost to failed runs, the paired comparisons with
-  their intervals and verdicts, the EMA statistics' choice, corruption, the failed runs."""
+  their intervals and verdicts, the EMA statistics' choice, corruption, the failed runs.
+
+  Args:
+    cells: `tables.collect`'s cells.
+    command: the command line, shown first.
+    failed: `runner.run_benchmark`'s failed runs.
+    paired: `tables.comparisons`' paired differences.
+    ema_bn: `tables.ema_bn_comparisons`' rows.
+    choice: `tables.choose`'s choice per noise level.
+  """
   out = ["# Benchmark", ""]
   if command:
     out += ["```bash", command, "```", ""]
@@ -339,7 +348,15 @@ def write_outputs(
 ) -> list[dict[str, Any]]:
   """Writes benchmark.md, benchmark.json and (when there are cells) dice_vs_noise.png; "ema"
   reads the EMA weights with the BatchNorm statistics `ema_choice` where runs recorded both;
-  the `failed` runs count against their rows (`count_failures`)."""
+  the `failed` runs count against their rows (`count_failures`).
+
+  Args:
+    workdir: the benchmark's root directory.
+    rows, noises, seeds: the grid whose finished runs are collected (`tables.collect`).
+    command: the command line, recorded in benchmark.md and benchmark.json.
+    failed: the failed runs, {"noise", "row", "seed", "error", ...} each.
+    ema_choice: the EMA weights' BatchNorm statistics the tables read (None: each run's own).
+  """
   root = pathlib.Path(workdir)
   cells = tables.collect(root, rows=rows, noises=noises, seeds=seeds, ema_choice=ema_choice)
   paired = tables.comparisons(root, cells, ema_choice=ema_choice, failed=failed)

@@ -238,7 +238,11 @@ def seeds_to_resolve(
 ) -> int | None:
   """`seeds_for_half_width` under its earlier name: the seeds at which the interval's
   half-width would be below `resolve` (precision, not the seeds that resolve such a gap: that
-  is `seeds_for_power`)."""
+  is `seeds_for_power`).
+
+  Args:
+    parts, seeds, level, resolve: as in `seeds_for_half_width`.
+  """
   return seeds_for_half_width(parts, seeds, level=level, size=resolve)
 
 
@@ -293,6 +297,15 @@ def paired_difference(
     which the interval's half-width would be below `resolve`, seeds_for_power those at which a
     true difference `resolve` would be called ahead with probability `power` (module doc; None
     beyond 1000 seeds, with one seed or case, or when `resolve` is None).
+
+  Row a scores 3 Dice points above row b on average, with noise, on 3 seeds × 20 test cases:
+
+  >>> rng = np.random.default_rng(0)
+  >>> b = rng.uniform(0.6, 0.9, size=(3, 20))
+  >>> a = b + 0.03 + rng.normal(0.0, 0.02, size=(3, 20))
+  >>> d = paired_difference(a, b, resolve=None)
+  >>> round(d["mean"], 3), round(d["low"], 3), round(d["high"], 3), d["verdict"]
+  (0.032, 0.025, 0.039, 'ahead')
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape:

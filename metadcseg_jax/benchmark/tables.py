@@ -70,6 +70,13 @@ def collect(
 ) -> list[dict[str, Any]]:
   """The table cells from the finished runs under `workdir`.
 
+  Args:
+    workdir: the benchmark's root directory.
+    rows: the table's rows.
+    noises: the noise levels.
+    seeds: the seeds to read (None: every seed folder found).
+    ema_choice: the EMA weights' BatchNorm statistics "ema" reads (`_with_ema_choice`).
+
   Returns:
     One cell per (noise, row) with at least one finished seed, noise-major (levels by value,
     `sort_noises`):
@@ -175,7 +182,16 @@ def paired_scores(
   metric: str,
   ema_choice: str | None = None,
 ):
-  """(seeds, a (S, N), b (S, N)) over the seeds both cells finished with case scores."""
+  """(seeds, a (S, N), b (S, N)) over the seeds both cells finished with case scores.
+
+  Args:
+    root: the benchmark's root directory.
+    cell_a, cell_b: two `collect` cells at the same noise level.
+    split: "test" or "val".
+    params_a, params_b: "raw", "ema" or "ema_bn_<choice>" of each cell (`_case_scores`).
+    metric: the per-case score compared ("dice").
+    ema_choice: the BatchNorm statistics "ema" reads.
+  """
   dir_a, dir_b = (presets.Row(c["label"], c["method"]).dirname for c in (cell_a, cell_b))
   seeds, rows_a, rows_b = [], [], []
   for seed in [s for s in cell_a["seeds"] if s in cell_b["seeds"]]:

@@ -281,7 +281,7 @@ def translate(
   where they differ from this command's, for the flags not given.
 
   >>> translate(["--size=64", "--notorch"], {"size": "sizes"}, ["--sizes=128", "--noflops"])
-  ['--size=64', '--notorch', '--noflops']
+  ['--sizes=64', '--notorch', '--noflops']
   """
   out, given = [], set()
   for arg in args:

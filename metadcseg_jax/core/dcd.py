@@ -59,6 +59,10 @@ def regions(
 
   Returns:
     (fg, bg, bd), each (H, W) bool. No gradient.
+
+  >>> fg, bg, bd = regions(jnp.array([[0.9, 0.6, 0.1], [0.8, 0.5, 0.2]]), jnp.eye(2, 3, dtype=bool))
+  >>> fg.astype(int).tolist(), bg.astype(int).tolist(), bd.astype(int).tolist()
+  ([[1, 0, 0], [1, 0, 0]], [[0, 0, 1], [0, 0, 1]], [[1, 1, 0], [0, 1, 0]])
   """
   if not 0.5 < tau < 1.0:
     raise ValueError(f"tau must be in (0.5, 1), got {tau}.")
@@ -94,6 +98,20 @@ def region_centers(
   Returns:
     centers: (3, D) region centers.
     used_fallback: (3,) bool, True where the default center was used.
+
+  Two pixels per region of a 1×6 image, γ weighting the second of the fg pair thrice; the bd
+  region has too few pixels for `min_pixels=3` and takes its default center:
+
+  >>> h = jnp.array([[[2.0], [4.0], [-1.0], [-3.0], [0.0], [1.0]]])
+  >>> masks = jnp.repeat(jnp.eye(3, dtype=bool), 2, axis=1).reshape(3, 1, 6)
+  >>> gamma = jnp.array([[1.0, 3.0, 1.0, 1.0, 1.0, 1.0]])
+  >>> centers, fallback = region_centers(
+  ...   h, gamma, masks, default_centers=jnp.full((3, 1), 9.0), min_pixels=2
+  ... )
+  >>> centers[:, 0].tolist(), fallback.tolist()
+  ([3.5, -2.0, 0.5], [False, False, False])
+  >>> region_centers(h, gamma, masks, default_centers=jnp.full((3, 1), 9.0), min_pixels=3)[1]
+  Array([ True,  True,  True], dtype=bool)
   """
   _check_rank("h", h, 3)
   if gamma.shape != h.shape[:2] or masks.shape != (3,) + h.shape[:2]:
@@ -141,6 +159,14 @@ def dcd_map(h: Array, centers: Array, *, eps: float = DCD_EPS, dcd_max: float = 
 
   Returns:
     (H, W) DCD values in [0, dcd_max].
+
+  A pixel at the fg center is 0; one between fg and bg, far from both and at the bd center, is
+  clipped at `dcd_max`; one at (0, 1) is ‖·‖ 2·2 / (1 + ε):
+
+  >>> centers = jnp.array([[1.0, 1.0], [-1.0, 1.0], [0.0, 0.0]])  # fg, bg, bd
+  >>> h = jnp.array([[[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]])
+  >>> [round(v, 3) for v in dcd_map(h, centers, eps=1e-6, dcd_max=10.0)[0].tolist()]
+  [0.0, 10.0, 1.0]
   """
   _check_rank("h", h, 3)
   if centers.shape != (3, h.shape[-1]):
@@ -183,6 +209,13 @@ def boundary_weights(
 
   Returns:
     (H, W) weights, 0 outside bd; all zeros (no NaN, zero gradient) when bd is empty.
+
+  >>> dcd, bd = jnp.array([[1.0, 2.0, 3.0, 5.0]]), jnp.array([[True, True, True, False]])
+  >>> w = boundary_weights(dcd, bd)  # softmax of DCD / mean over bd, averaging 1 there
+  >>> [round(v, 3) for v in w[0].tolist()], round(float(w.sum()), 3)
+  ([0.559, 0.922, 1.519, 0.0], 3.0)
+  >>> boundary_weights(dcd, bd, weight_sum="sum_one").sum().round(3)  # Eq. 12 as written
+  Array(1., dtype=float32)
   """
   if tau_dcd <= 0:
     raise ValueError(f"tau_dcd must be > 0, got {tau_dcd}.")

@@ -495,6 +495,28 @@ def meta_weights(
   Raises:
     ValueError: for bad shapes, an unknown route or normalizer, or route="jvp" with an update
       that is not linear in the gradient.
+
+  A one-weight "network" (a 1×1 convolution) on one 2×4 image whose noisy label claims the
+  first row's last pixel and the whole second row; the clean meta batch labels x > 0. At (0, 0)
+  only b̂'s pixels where the pseudo-label helps and â's where the given label does get weight,
+  each image's weights summing to 1 (Eq. 24):
+
+  >>> import numpy as np
+  >>> from metadcseg_jax.core import optim
+  >>> def apply_fn(variables, x, *, train, mutable):  # ((logits, features), updated stats)
+  ...   return (x @ variables["params"]["w"], x), {}
+  >>> params = {"w": jnp.array([[1.0, -1.0]])}
+  >>> opt = optim.make_optimizer(learning_rate=0.1)
+  >>> x = jnp.linspace(-1.0, 1.0, 8).reshape(1, 2, 4, 1)
+  >>> y_noisy = jnp.array([[[0, 0, 0, 1], [1, 1, 1, 1]]])
+  >>> mo = meta_weights(
+  ...   apply_fn, {"params": params}, optimizer=opt, opt_state=opt.tx.init(params),
+  ...   x=x, y=y_noisy, xv=x, yv=(x[..., 0] > 0).astype(jnp.int32),
+  ... )
+  >>> np.round(np.asarray(mo.a_hat, np.float64), 2).tolist()
+  [[[0.24, 0.16, 0.08, 0.0], [0.02, 0.08, 0.16, 0.24]]]
+  >>> round(float(jnp.sum(mo.a_hat + mo.b_hat)), 4), mo.y_pseudo.tolist()
+  (1.0, [[[1, 1, 1, 1], [0, 0, 0, 0]]])
   """
   pb = _Problem(
     apply_fn, jax.lax.stop_gradient(variables), optimizer, opt_state, x=x, y=y, xv=xv, yv=yv

@@ -165,6 +165,14 @@ def l2b_loss(
   Returns:
     Scalar loss. Differentiable in logits and in (a_hat, b_hat), so the meta
     step can reuse it for its virtual update.
+
+  Σ_hw (â·f + b̂·g) on a 1×2 image with uniform logits (f = g = log 2 at every pixel):
+
+  >>> y = jnp.array([[[0, 1]]])
+  >>> a_hat, b_hat = jnp.array([[[0.5, 0.25]]]), jnp.array([[[0.0, 0.25]]])
+  >>> loss = l2b_loss(jnp.zeros((1, 1, 2, 2)), y, a_hat=a_hat, b_hat=b_hat, y_pseudo=1 - y)
+  >>> round(float(loss), 4)  # log 2
+  0.6931
   """
   _check_normalizer(normalizer)
   _check_maps(
@@ -235,6 +243,20 @@ def metadcseg_loss(
         `options.dcd.use` is False);
       "new_default_centers" (3, D): EMA update of `default_centers` with this batch's
         non-fallback centers (unchanged when the boundary term is off).
+
+  Uniform logits over two classes on one 2×2 image, meta off (`meta_off_weights`: â = 1/(H·W)),
+  no edges: every pixel's CE is log 2, the boundary term weights it alike over bd (the whole
+  image: M̂ = 1/2), and 1 − soft Dice of p = 1/2 against three foreground pixels is 1/3:
+
+  >>> y = jnp.array([[[0, 1], [1, 1]]])
+  >>> loss, aux = metadcseg_loss(
+  ...   jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 2, 2, 3)), y,
+  ...   edges=jnp.zeros((1, 2, 2), bool), weights=meta_off_weights(y),
+  ...   default_centers=jnp.zeros((3, 3)),
+  ...   options=ObjectiveOptions(lambda_bd=0.35, lambda_dice=0.08),
+  ... )
+  >>> [round(float(aux[k]), 4) for k in ("ce_term", "bd_term", "dice_term")], round(float(loss), 4)
+  ([0.6931, 0.6931, 0.3333], 0.9624)
   """
   _check_loss_inputs(
     logits,

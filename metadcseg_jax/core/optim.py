@@ -6,10 +6,16 @@ and weight decay included, but without gradient clipping. `make_optimizer` there
 both the real transformation `tx` and the clip-free `base` it is built from, plus a way to pull
 the base's state out of the real state, so the two always share one momentum buffer.
 
-Example:
+Example: the virtual step's update (`base`: no clipping, the real momentum buffer) of a gradient
+0.5 at θ = 1, learning rate 0.01 × 20/20 at step 0, weight decay 5e-4:
+
+  >>> import jax.numpy as jnp
   >>> opt = make_optimizer(learning_rate=lr_schedule(0.01, 100), grad_clip=0.2)
+  >>> params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 0.5)}
   >>> opt_state = opt.tx.init(params)
-  >>> updates, _ = opt.base.update(grads, opt.base_state(opt_state), params)  # virtual step
+  >>> updates, _ = opt.base.update(grads, opt.base_state(opt_state), params)
+  >>> [round(u, 6) for u in updates["w"].tolist()]  # −0.01 · (0.5 + 5e-4 · 1)
+  [-0.005005, -0.005005, -0.005005]
 """
 
 import dataclasses

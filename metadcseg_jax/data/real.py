@@ -1088,6 +1088,13 @@ def load_dataset(
 
   Each source has `len()` and `source[i]` -> {"image" (H,W,C) float32, "label" (H,W) uint8,
   "case_id" bytes, "slice_index" int32}.
+
+  Args:
+    name: the dataset (`BUILDERS`).
+    data_dir: where TFDS builds are kept.
+    manual_dir: the raw data folder (None: the builder's default).
+    size: the image size the builder resizes to (None: its default).
+    **options: the builder's options (`builder_options`).
   """
   builder = get_dataset_builder(
     name, data_dir=data_dir, manual_dir=manual_dir, size=size, **options

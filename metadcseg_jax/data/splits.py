@@ -204,6 +204,12 @@ def meta_indices(n: int, *, fraction: float, min_size: int, seed: int) -> tuple[
   """Seeded split of n training items into (train, meta) indices, sorted: the meta split is
   ceil(fraction · n) items, at least `min_size` (MetaDCSeg §4.1: 2%, at least one meta batch).
 
+  Args:
+    n: the training items.
+    fraction: the meta split's share.
+    min_size: its least size (a meta batch).
+    seed: the draw's seed.
+
   Raises:
     ConfigError: the meta split would leave nothing to train on.
   """
@@ -290,6 +296,13 @@ def read_split_file(
   min_meta: int,
 ) -> Plan:
   """The split file at `path`, used as written, after checking it against the folder.
+
+  Args:
+    path: the split file (nnU-Net's splits_final.json layout with a meta list).
+    case_ids: the folder's case ids.
+    trusted: the case ids whose masks are verified (None: no trusted masks named).
+    trusted_source: where the trusted masks were named, for the messages.
+    min_meta: the least meta cases (a meta batch).
 
   Raises:
     DataError: one line naming the problem: not JSON, an unknown list, a list that is not a

@@ -192,7 +192,14 @@ def _load(path: pathlib.Path, nifti: bool) -> tuple[np.ndarray, Any]:
 
 
 def output_paths(item_name: str, suffix: str, out_dir: pathlib.Path, probabilities: bool):
-  """The files an input's outputs go to: the mask, and the probabilities (or None)."""
+  """The files an input's outputs go to: the mask, and the probabilities (or None).
+
+  Args:
+    item_name: the input's name without its suffix.
+    suffix: the mask file's suffix (the input's kind: ".png", ".nii.gz", ...).
+    out_dir: the output folder.
+    probabilities: whether the probabilities are written too.
+  """
   mask = out_dir / f"{item_name}{suffix}"
   if not probabilities:
     return mask, None
@@ -201,7 +208,14 @@ def output_paths(item_name: str, suffix: str, out_dir: pathlib.Path, probabiliti
 
 
 def write_mask(item: Item, mask: np.ndarray, path: pathlib.Path, num_classes: int) -> None:
-  """Writes `mask` (the file layout's shape, class indices) for `item` at `path` (atomically)."""
+  """Writes `mask` (the file layout's shape, class indices) for `item` at `path` (atomically).
+
+  Args:
+    item: the input it was predicted for (its layout and geometry).
+    mask: class indices, (H, W) or (S, H, W).
+    path: the file to write.
+    num_classes: L (two classes are written 0/255 in an image).
+  """
   mask = mask.astype(np.uint8)
   if item.layout == "image":
     values = mask * 255 if num_classes == 2 else mask

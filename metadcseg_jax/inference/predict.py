@@ -97,6 +97,12 @@ def plan_jobs(
 ) -> list[Job]:
   """One job per input, or per case of per-channel files (nnU-Net's `<case>_<XXXX>`).
 
+  Args:
+    model: the model (its preprocessing decides how inputs are grouped).
+    paths: the input files.
+    out_dir: the output folder.
+    probabilities: also write the class probabilities.
+
   Raises:
     ConfigError: two inputs would write the same output (a.png and a.jpg).
   """

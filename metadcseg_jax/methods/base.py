@@ -320,7 +320,14 @@ class SingleNetworkMethod(Method):
     *,
     extra: dict[str, Array] | None = None,
   ) -> TrainState:
-    """The state after a step: new parameters and statistics, their EMA, the step count."""
+    """The state after a step: new parameters and statistics, their EMA, the step count.
+
+    Args:
+      state: the state before the step.
+      params, opt_state: the updated parameters and optimizer state.
+      batch_stats: the BatchNorm statistics the step's forward updated.
+      extra: the method's own state entries to replace, or None.
+    """
     rate = 1.0 - self.config.train.ema_decay
     return state.replace(
       step=state.step + 1,
@@ -335,7 +342,14 @@ class SingleNetworkMethod(Method):
   def apply_gradients(
     self, state: TrainState, grads, batch_stats, *, extra: dict[str, Array] | None = None
   ) -> TrainState:
-    """`update_params` then `finish_step`."""
+    """`update_params` then `finish_step`.
+
+    Args:
+      state: the state before the step.
+      grads: the gradient of the loss in the parameters.
+      batch_stats: the BatchNorm statistics the step's forward updated.
+      extra: the method's own state entries to replace, or None.
+    """
     params, opt_state = self.update_params(state.params, state.opt_state, grads)
     return self.finish_step(state, params, opt_state, batch_stats, extra=extra)
 

@@ -23,7 +23,14 @@ def config_for(
   method: str, size: int, width: int, batch: int, *, model: str = "unet++", x64: bool = False
 ) -> ml_collections.ConfigDict:
   """The config of the comparison: 1 channel, 2 epochs (1 of warm-up), the two-network
-  methods dropping pixels from their first step on."""
+  methods dropping pixels from their first step on.
+
+  Args:
+    method: the method.
+    size, width, batch: image size, U-Net++ width and batch.
+    model: the backbone.
+    x64: float64 throughout (the comparison free of float32 rounding).
+  """
   config = throughput.config_for(method, size, width, 1, batch, "float64" if x64 else "float32")
   config.model.name = model
   config.train.num_epochs = 2
@@ -56,7 +63,14 @@ def _max_rel(tree_a, tree_b) -> float:
 
 
 def run_steps(config, par: parallel.Parallel, feeds, steps_per_epoch: int):
-  """`len(feeds)` steps of the last phase on `par`: (final state, metrics, maps) as numpy."""
+  """`len(feeds)` steps of the last phase on `par`: (final state, metrics, maps) as numpy.
+
+  Args:
+    config: `config_for`'s config.
+    par: the device mesh.
+    feeds: the global batches, one per step.
+    steps_per_epoch: the steps per epoch the method is built for.
+  """
   compiled = train.compiled_for(config, steps_per_epoch, par)
   m = compiled.method
   step = compiled.step(m.phase(config.train.num_epochs - 1))
@@ -90,7 +104,15 @@ def check(
   x64: bool = False,
 ) -> dict[str, float]:
   """Largest relative differences, all devices vs one, after `steps` steps of `method`
-  (parameters, statistics and optimizer state as whole trees; metrics and maps each)."""
+  (parameters, statistics and optimizer state as whole trees; metrics and maps each).
+
+  Args:
+    method: the method.
+    size, width, batch: image size, U-Net++ width and batch (`config_for`).
+    steps: the steps run on each mesh.
+    model: the backbone.
+    x64: float64 throughout.
+  """
   config = config_for(method, size, width, batch, model=model, x64=x64)
   steps_per_epoch = 1  # the last phase from the first step on (warm-up epoch counted)
   probe = methods.create(config, steps_per_epoch=steps_per_epoch)

@@ -175,6 +175,13 @@ def profile_step(
   The step is jitted with the state donated, compiled and run once, timed `repeats` times, then
   run `repeats` times under the profiler.
 
+  Args:
+    step: the unjitted step.
+    state: its state (donated: not used after the call).
+    feed: its batch.
+    repeats: the timed and the profiled runs, each.
+    rng: the step's random key (None: PRNGKey(0)).
+
   Returns:
     {"step_s": median wall seconds per step (unprofiled runs), "categories": {category:
     {"s": seconds per step, "share": of the traced op time, "gflop": per step, "gflops":

@@ -45,7 +45,15 @@ def config_for(
   route: str = "jvp",
 ) -> ml_collections.ConfigDict:
   """The default config with `method` at this image size, network width, channels, batch (the
-  training and the meta batch), network dtype and meta route."""
+  training and the meta batch), network dtype and meta route.
+
+  Args:
+    method: config.method.
+    size, width, channels: image size, U-Net++ width and input channels.
+    batch: the training and the meta batch.
+    dtype: config.model.dtype.
+    route: config.meta.route.
+  """
   config = configs.default_config()
   config.method = method
   config.meta.route = route
@@ -172,7 +180,13 @@ def fits(config: ml_collections.ConfigDict) -> bool:
 
 
 def max_batch(method: str, size, width, channels, dtype, start: int = 8, limit: int = 4096) -> int:
-  """The largest batch whose step runs (doubling from `start`, then bisection)."""
+  """The largest batch whose step runs (doubling from `start`, then bisection).
+
+  Args:
+    method, size, width, channels, dtype: as in `config_for`.
+    start: the first batch tried.
+    limit: the largest batch tried.
+  """
   ok, batch = 0, start
   while batch <= limit and fits(config_for(method, size, width, channels, batch, dtype)):
     ok, batch = batch, batch * 2
@@ -191,7 +205,14 @@ def trainer_config(
 ) -> ml_collections.ConfigDict:
   """A copy of `config` for `trainer_rates`: the synthetic set with `steps` steps per
   epoch, `epochs` epochs, no warm-up, no evaluation before the end: the steps and what runs
-  beside them, without a preset's validations and audit passes."""
+  beside them, without a preset's validations and audit passes.
+
+  Args:
+    config: the config measured (left unchanged).
+    steps: the steps per epoch.
+    data_dir: the synthetic set's data folder.
+    epochs: the epochs.
+  """
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.name = "synthetic"
   config.data.data_dir = data_dir

@@ -73,7 +73,15 @@ def _median_time(fn, repeats):
 
 def time_steps(size, width, channels, batch, repeats, lr=0.05, momentum=0.9, wd=5e-4, device=None):
   """Median seconds of a plain CE step and of an L2B-style meta step (on the GPU if torch
-  sees one, else the CPU)."""
+  sees one, else the CPU).
+
+  Args:
+    size, width, channels: image size, U-Net++ width and input channels.
+    batch: the batch (and meta batch).
+    repeats: the timed steps (median).
+    lr, momentum, wd: SGD's settings.
+    device: "cuda" or "cpu" (None: the GPU if torch sees one).
+  """
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(0)
   model = NestedUNet(2, channels, width).to(device)

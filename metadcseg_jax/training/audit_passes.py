@@ -85,7 +85,18 @@ def audit_pass(
 
   `meta_images`: 0 cycles meta batches of `meta_batch_size` through `meta`; n > 0 uses the first
   n images of `meta` (all if fewer) as the meta batch of every training batch.
-  `fns`: the method's `functions` (the trainer's, compiled once per run); made here if None."""
+  `fns`: the method's `functions` (the trainer's, compiled once per run); made here if None.
+
+  Args:
+    method: the meta method (its `audit_maps`, and `audit_direction` where the audit factors).
+    state: the training state, on one device.
+    train: the training split's records.
+    meta: the clean meta split's records.
+    batch_size: the training batch.
+    meta_batch_size: the meta batch.
+    meta_images: as above.
+    fns: as above.
+  """
   fns = fns or functions(method)
   if meta_images > 0:
     meta_batches = [next(pipeline.eval_batches(meta, min(meta_images, len(meta))))]
@@ -142,7 +153,16 @@ def run_pass(
   fns: Functions | None = None,
 ) -> dict[str, np.ndarray]:
   """`audit_pass` over a run's training split with its batch sizes; `meta_images` None: the
-  run's `config.audit.meta_images`."""
+  run's `config.audit.meta_images`.
+
+  Args:
+    method: the meta method.
+    state: the training state, on one device.
+    splits: the run's data splits (training and meta).
+    config: the run's settings (batch sizes, `config.audit`).
+    meta_images: as in `audit_pass` (None: the run's).
+    fns: as in `audit_pass`.
+  """
   t = config.train
   if meta_images is None:
     meta_images = config.audit.meta_images

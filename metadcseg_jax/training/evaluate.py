@@ -28,7 +28,14 @@ class Predictor:
 
   def probs(self, state: Any, images: np.ndarray, *, variant: str, batch_size: int) -> np.ndarray:
     """Class probabilities (N,H,W,L) of images (N,H,W,C), in batches of `batch_size` (the
-    last one padded)."""
+    last one padded).
+
+    Args:
+      state: the method's state.
+      images: (N,H,W,C) float32.
+      variant: "raw" or "ema" parameters.
+      batch_size: the batch each call predicts.
+    """
     out = []
     for start in range(0, len(images), batch_size):
       chunk = images[start : start + batch_size]
@@ -41,6 +48,12 @@ class Predictor:
     self, state: Any, records: pipeline.Records, *, variant: str, batch_size: int
   ) -> dict[str, np.ndarray]:
     """A split's images in order with their labels and predictions.
+
+    Args:
+      state: the method's state.
+      records: the split's records, in order.
+      variant: "raw" or "ema" parameters.
+      batch_size: the batch each call predicts.
 
     Returns:
       "image" (N,H,W,C), "label" and "noisy_label" (N,H,W), "pred" (N,H,W) int32 argmax and

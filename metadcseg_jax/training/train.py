@@ -898,7 +898,14 @@ def chosen_ema_stats(val_ema_bn: Mapping[str, Mapping[str, Any]] | None, choice:
 
 def recompute_ema_stats(compiled: Compiled, state, splits: pipeline.DataSplits, config):
   """`state` with its EMA weights' BatchNorm statistics recomputed on the training images (in
-  order, unaugmented, whole batches of eval_batch_size; a smaller split as one batch)."""
+  order, unaugmented, whole batches of eval_batch_size; a smaller split as one batch).
+
+  Args:
+    compiled: the run's method and its compiled functions.
+    state: the training state, on one device.
+    splits: the run's data splits (the training images are read).
+    config: the run's settings (`config.train.eval_batch_size`).
+  """
   size = min(config.train.eval_batch_size, len(splits.train))
 
   def batches():

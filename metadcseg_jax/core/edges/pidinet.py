@@ -703,5 +703,12 @@ def edge_probability(module: PiDiNet, variables: Mapping[str, Any], image: Array
 def pidinet_edges(
   module: PiDiNet, variables: Mapping[str, Any], image: Array, *, threshold: float = 0.5
 ) -> Array:
-  """Edge pixels: `edge_probability(module, variables, image) > threshold`, (B, H, W) bool."""
+  """Edge pixels: `edge_probability(module, variables, image) > threshold`, (B, H, W) bool.
+
+  Args:
+    module: the `PiDiNet` module.
+    variables: its variables (`load_pidinet`).
+    image: (B, H, W, C) images in [0, 1].
+    threshold: the edge probability above which a pixel is an edge.
+  """
   return edge_probability(module, variables, image) > threshold

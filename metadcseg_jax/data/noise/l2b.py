@@ -124,6 +124,13 @@ def l2b_kernel_sizes(
   shift the mask by half a pixel, as cv2 does). At s = 1 the even 14 and 28
   become 15 and 29; the rest are unchanged.
 
+  Args:
+    kind: the L2B level (`L2B_LEVELS`).
+    shape: the mask's (H, W).
+    scale_kernels_with_size: scale by min(H, W) / `reference_size`.
+    reference_size: the image size the published kernels suit.
+    kernel_scale: the scale s itself (calibrated), overriding the size's.
+
   Returns:
     (kernel sizes, small-mask threshold in pixels).
   """
@@ -161,6 +168,12 @@ def corrupt(
   See `metadcseg_jax.data.noise.corrupt_mask` for the draw order and `opts`. `opts["strength"]`
   (default 1) scales the rotation angle (rounded half away from zero) and the ellipse
   probability 0.5 of the paper: the calibration's second knob, applied to the same draws.
+
+  Args:
+    fg: (H, W) bool foreground.
+    rng: the mask's random generator.
+    kind: the L2B level.
+    opts: the noise options (`noise.corrupt_mask`).
   """
   kernels, small = l2b_kernel_sizes(
     kind,
