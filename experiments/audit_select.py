@@ -28,8 +28,8 @@ from absl import app
 import numpy as np
 from scipy import stats
 
-from metadcseg_jax.audit import scores as audit_scores
 from metadcseg_jax.audit import report as audit_report
+from metadcseg_jax.audit import scores as audit_scores
 
 THRESHOLDS = (0.1, 0.3, 0.5)
 CRITERION = (0.3, 0.5)

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metadcseg_jax import methods
 from metadcseg_jax.core import losses
 from metadcseg_jax.core import meta
-from metadcseg_jax import methods
 from metadcseg_jax.tools import throughput
 
 # metadcseg-speed's shape flags (--sizes, --widths, --channels; the first value of each list is

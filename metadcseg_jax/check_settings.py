@@ -12,10 +12,10 @@ import pathlib
 import ml_collections
 
 from metadcseg_jax import methods
-from metadcseg_jax.core import models
-from metadcseg_jax.data import noise
-from metadcseg_jax.core import optim
 from metadcseg_jax import settings
+from metadcseg_jax.core import models
+from metadcseg_jax.core import optim
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.data import real
 from metadcseg_jax.data import splits

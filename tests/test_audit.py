@@ -11,13 +11,13 @@ from PIL import Image
 import pytest
 
 from experiments.configs import tiny
-from metadcseg_jax.training import audit_passes
-from metadcseg_jax.audit import scores as audit_scores
 from metadcseg_jax.audit import report as audit_report
+from metadcseg_jax.audit import scores as audit_scores
 from metadcseg_jax.core import meta
 from metadcseg_jax.core import optim
-from metadcseg_jax.training import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import workdir as workdir_lib
 
 
 def test_suspicion_is_the_pseudo_label_share_where_labels_disagree():

@@ -18,25 +18,25 @@ import pytest
 from experiments.configs import kvasir_cpu
 from experiments.configs import kvasir_seg
 from experiments.configs import tiny
-from metadcseg_jax.training import audit_passes
+from metadcseg_jax import check_settings
+from metadcseg_jax import files
+from metadcseg_jax import methods
 from metadcseg_jax.benchmark import corruption
 from metadcseg_jax.benchmark import presets
 from metadcseg_jax.benchmark import report
 from metadcseg_jax.benchmark import runner
 from metadcseg_jax.benchmark import tables
-from metadcseg_jax import check_settings
-from metadcseg_jax.training import figures
-from metadcseg_jax import files
-from metadcseg_jax import methods
 from metadcseg_jax.data import noise
-from metadcseg_jax.training import preemption
-from metadcseg_jax.tools import throughput
-from metadcseg_jax.training import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
+from metadcseg_jax.tools import throughput
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import figures
+from metadcseg_jax.training import preemption
+from metadcseg_jax.training import train
 
 CE, META = presets.Row("ce", "ce"), presets.Row("metadcseg", "metadcseg")
 ROWS = [CE, META]

@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 
 from experiments.configs import tiny
+from metadcseg_jax.data import pipeline
 from metadcseg_jax.training import audit_passes
 from metadcseg_jax.training import workdir as workdir_lib
-from metadcseg_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from metadcseg_jax.training import figures
 from metadcseg_jax.methods import base
+from metadcseg_jax.training import figures
 
 
 def _png_size(path):

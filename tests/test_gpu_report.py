@@ -15,10 +15,10 @@ import pytest
 
 from experiments.configs import kvasir_seg
 from metadcseg_jax import methods
-from metadcseg_jax.tools import throughput
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.tools import gpu_report
 from metadcseg_jax.tools import precision as meta_precision
+from metadcseg_jax.tools import throughput
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -14,16 +14,16 @@ from PIL import Image
 import pytest
 
 from experiments.configs import tiny
-from metadcseg_jax import metrics
 from metadcseg_jax import methods
-from metadcseg_jax.training import runs
-from metadcseg_jax.training import train
+from metadcseg_jax import metrics
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.inference import evaluate_folder
 from metadcseg_jax.inference import export
 from metadcseg_jax.inference import model as model_lib
 from metadcseg_jax.inference import predict
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 from tests import folders
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -38,25 +38,30 @@ def _imports(path: pathlib.Path, modules) -> set[str]:
   return {m for m in out if m in modules}
 
 
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The cycles a depth-first walk of `graph` ({node: the nodes it imports}) meets."""
+  state, cycles = {}, []
+
+  def visit(node, stack):
+    state[node] = "open"
+    for other in sorted(graph.get(node, ())):
+      if state.get(other) == "open":
+        cycles.append(stack[stack.index(other) :] + [other])
+      elif other not in state:
+        visit(other, stack + [other])
+    state[node] = "done"
+
+  for node in sorted(graph):
+    if node not in state:
+      visit(node, [node])
+  return cycles
+
+
 def test_the_package_has_no_import_cycle():
   modules = _modules()
   graph = {m: _imports(p, modules) - {m} for m, p in modules.items()}
   # A package's __init__ is imported before any of its submodules: an edge to it counts.
-  state, cycles = {}, []
-
-  def visit(m, stack):
-    state[m] = "open"
-    for n in sorted(graph[m]):
-      if state.get(n) == "open":
-        cycles.append(stack[stack.index(n) :] + [n])
-      elif n not in state:
-        visit(n, stack + [n])
-    state[m] = "done"
-
-  for m in sorted(graph):
-    if m not in state:
-      visit(m, [m])
-  assert cycles == []
+  assert _cycles(graph) == []
 
 
 # The modules the package keeps at its top, beside its rooms (sub-packages): what every room
@@ -90,21 +95,7 @@ def test_rooms_import_one_way():
     graph.setdefault(room, set()).update(
       _room(m) for m in _imports(path, modules) if m != "metadcseg_jax" and _room(m) != room
     )
-  state, cycles = {}, []
-
-  def visit(room, stack):
-    state[room] = "open"
-    for other in sorted(graph.get(room, ())):
-      if state.get(other) == "open":
-        cycles.append(stack[stack.index(other) :] + [other])
-      elif other not in state:
-        visit(other, stack + [other])
-    state[room] = "done"
-
-  for room in sorted(graph):
-    if room not in state:
-      visit(room, [room])
-  assert cycles == []
+  assert _cycles(graph) == []
   # The ways the rooms are meant to go, checked by name.
   assert "audit" not in graph["methods"] and "training" not in graph["inference"]
   assert not graph["core"] - {"settings", "types", "errors"}, graph["core"]

@@ -7,9 +7,9 @@ import pytest
 
 from metadcseg_jax.data import noise
 from metadcseg_jax.data import synthetic
-from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.data.noise import cache as noise_cache
 from metadcseg_jax.data.noise import calibrate
+from metadcseg_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -24,21 +24,21 @@ import numpy as np
 import pytest
 
 from experiments.configs import tiny
-from metadcseg_jax.benchmark import presets
-from metadcseg_jax.benchmark import runner
-from metadcseg_jax.training import checkpoint
 from metadcseg_jax import cli
 from metadcseg_jax import files
 from metadcseg_jax import parallel
+from metadcseg_jax.benchmark import presets
+from metadcseg_jax.benchmark import runner
+from metadcseg_jax.data import pipeline
+from metadcseg_jax.data.noise import cache as noise_cache
+from metadcseg_jax.errors import DiskFullError
+from metadcseg_jax.errors import EXIT_RESUMABLE
+from metadcseg_jax.errors import NonFiniteLossError
+from metadcseg_jax.errors import Preempted
+from metadcseg_jax.training import checkpoint
 from metadcseg_jax.training import preemption
 from metadcseg_jax.training import train
 from metadcseg_jax.training import workdir as workdir_lib
-from metadcseg_jax.data import pipeline
-from metadcseg_jax.errors import EXIT_RESUMABLE
-from metadcseg_jax.errors import DiskFullError
-from metadcseg_jax.errors import NonFiniteLossError
-from metadcseg_jax.errors import Preempted
-from metadcseg_jax.data.noise import cache as noise_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FULL = "RESOURCE_EXHAUSTED: Failed to write 29604 bytes to file 7: No space left on device"
@@ -313,8 +313,8 @@ BUILD = """
 import hashlib, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from experiments.configs import tiny
-from metadcseg_jax.training import train
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.training import train
 config = tiny.get_config()
 config.data.data_dir = sys.argv[1]
 train.enable_compilation_cache(config.data.data_dir)

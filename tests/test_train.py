@@ -22,19 +22,19 @@ import pytest
 
 from experiments import audit_select
 from experiments.configs import tiny
-from metadcseg_jax.training import audit_passes
-from metadcseg_jax.audit import scores as audit_scores
-from metadcseg_jax.audit import report as audit_report
 from metadcseg_jax import check_settings
-from metadcseg_jax.training import checkpoint
-from metadcseg_jax.training import evaluate
-from metadcseg_jax.training import runs
-from metadcseg_jax.training import train
+from metadcseg_jax.audit import report as audit_report
+from metadcseg_jax.audit import scores as audit_scores
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import WorkdirError
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import checkpoint
+from metadcseg_jax.training import evaluate
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 

@@ -29,15 +29,15 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from metadcseg_jax.training import audit_passes
-from metadcseg_jax.audit import scores as audit_scores
-from metadcseg_jax.training import figures
 from metadcseg_jax import files
 from metadcseg_jax import methods
-from metadcseg_jax.training import runs
-from metadcseg_jax.training import train
+from metadcseg_jax.audit import scores as audit_scores
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import WorkdirError
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import figures
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 
 try:  # the extra `audit`
   from metadcseg_jax.audit import cleanlab_ref
@@ -64,8 +64,7 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
     )
   run = runs.prepare(config, workdir)
   compiled = train.compiled_for(run.config, run.steps_per_epoch)
-  ckpt = run.checkpointer()
-  try:
+  with run.checkpointer() as ckpt:
     epochs = ckpt.epochs()
     if not epochs:
       raise audit_scores.AuditError(f"{ckpt.directory}: no checkpoint to audit from")
@@ -82,8 +81,6 @@ def recompute(workdir, *, meta_images: int | None = None) -> list[int]:
       logging.info(
         "audit pass of epoch %d: %s", epoch, audit_passes.save_pass(workdir, epoch, result)
       )
-  finally:
-    ckpt.close()
   return epochs
 
 

@@ -21,8 +21,8 @@ with config.audit.epochs=0, or with another `--meta_images` (earlier passes are 
 
 from absl import flags
 
-from metadcseg_jax.audit import report as audit_report
 from metadcseg_jax import cli
+from metadcseg_jax.audit import report as audit_report
 
 FLAGS = flags.FLAGS
 

@@ -19,10 +19,10 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from metadcseg_jax import cli
 from metadcseg_jax.benchmark import presets
 from metadcseg_jax.benchmark import report
 from metadcseg_jax.benchmark import runner
-from metadcseg_jax import cli
 from metadcseg_jax.training import summaries
 from metadcseg_jax.training import workdir as workdir_lib
 

@@ -11,8 +11,8 @@ The cache (noisy_{kind}_seed{seed}.npy + manifest.json) lives where training rea
 from absl import flags
 from ml_collections import config_flags
 
-from metadcseg_jax.benchmark import corruption
 from metadcseg_jax import cli
+from metadcseg_jax.benchmark import corruption
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (listed below) of the dataset and its noise.", lock_config=True

@@ -33,12 +33,12 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metadcseg_jax.core import dcd
 from metadcseg_jax import settings
+from metadcseg_jax.core import dcd
 from metadcseg_jax.core.dcd import DCDOptions
 from metadcseg_jax.core.losses import ce_map, foreground_prob, soft_dice_loss
-from metadcseg_jax.core.meta import NORMALIZERS
 from metadcseg_jax.core.meta import MetaOutput
+from metadcseg_jax.core.meta import NORMALIZERS
 from metadcseg_jax.types import Array
 
 # What the boundary term weights (`ObjectiveOptions.pixel_loss`).

@@ -23,18 +23,18 @@ import ml_collections
 import numpy as np
 
 from metadcseg_jax import files
-from metadcseg_jax.data import noise
-from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import augment as augment_lib
 from metadcseg_jax.data import builders
 from metadcseg_jax.data import check_labels
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.data import real
+from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import splits as splits_lib
 from metadcseg_jax.data import synthetic
+from metadcseg_jax.data.noise import cache as noise_cache
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
-from metadcseg_jax.data.noise import cache as noise_cache
 
 
 def _as_str(value: Any) -> str:

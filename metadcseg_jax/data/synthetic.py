@@ -57,8 +57,8 @@ from scipy import ndimage
 from skimage import draw
 import tensorflow_datasets as tfds
 
-from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import builders
+from metadcseg_jax.data import SPLITS
 
 # Bump when the generated arrays change: the TFDS builder uses it as its version.
 GENERATOR_VERSION = "1.1.0"

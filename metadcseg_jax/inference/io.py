@@ -220,18 +220,8 @@ def write_mask(item: Item, mask: np.ndarray, path: pathlib.Path, num_classes: in
   if item.layout == "image":
     values = mask * 255 if num_classes == 2 else mask
     _write(path, lambda tmp: Image.fromarray(values.astype(np.uint8)).save(tmp, format="PNG"))
-  elif item.layout == "nifti":
-    nib = readers.import_optional("nibabel", "nibabel")
-    header = item.geometry.header.copy()
-    header.set_data_dtype(np.uint8)
-    out = type(item.geometry)(mask, item.geometry.affine, header)
-    out.header.set_slope_inter(1, 0)
-    _write(path, lambda tmp: nib.save(out, tmp))
   else:
-    sitk = readers.import_optional("SimpleITK", "SimpleITK")
-    out = sitk.GetImageFromArray(mask)
-    out.CopyInformation(item.geometry)
-    _write(path, lambda tmp: sitk.WriteImage(out, tmp, True))
+    _write_volume(item, mask, path)
 
 
 def write_probabilities(item: Item, probs: np.ndarray, path: pathlib.Path) -> None:
@@ -239,17 +229,25 @@ def write_probabilities(item: Item, probs: np.ndarray, path: pathlib.Path) -> No
   probs = probs.astype(np.float32)
   if item.layout == "image":
     _write(path, lambda tmp: np.save(tmp, probs))
-  elif item.layout == "nifti":
+  else:
+    _write_volume(item, probs, path, vector=True)
+
+
+def _write_volume(item: Item, array: np.ndarray, path: pathlib.Path, *, vector=False) -> None:
+  """`array` in the geometry of `item`'s volume: NIfTI with its affine and header (the data type
+  and shape of `array`, no scaling), or SimpleITK's image information copied. `vector`: the last
+  axis holds a vector per voxel (the class probabilities)."""
+  if item.layout == "nifti":
     nib = readers.import_optional("nibabel", "nibabel")
     header = item.geometry.header.copy()
-    header.set_data_dtype(np.float32)
-    header.set_data_shape(probs.shape)
-    out = type(item.geometry)(probs, item.geometry.affine, header)
+    header.set_data_dtype(array.dtype)
+    header.set_data_shape(array.shape)
+    out = type(item.geometry)(array, item.geometry.affine, header)
     out.header.set_slope_inter(1, 0)
     _write(path, lambda tmp: nib.save(out, tmp))
   else:
     sitk = readers.import_optional("SimpleITK", "SimpleITK")
-    out = sitk.GetImageFromArray(probs, isVector=True)
+    out = sitk.GetImageFromArray(array, isVector=vector)
     out.CopyInformation(item.geometry)
     _write(path, lambda tmp: sitk.WriteImage(out, tmp, True))
 

@@ -33,8 +33,8 @@ from metadcseg_jax import files
 from metadcseg_jax import methods
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.errors import CheckpointError
-from metadcseg_jax.inference import io
 from metadcseg_jax.errors import UserError
+from metadcseg_jax.inference import io
 
 FORMAT = "metadcseg-model"
 VERSION = 1

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from metadcseg_jax import settings
 from metadcseg_jax.core import models
 from metadcseg_jax.core import optim
-from metadcseg_jax import settings
 from metadcseg_jax.core.models import unet
 from metadcseg_jax.types import Array
 

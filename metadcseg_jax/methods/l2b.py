@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from metadcseg_jax import settings
 from metadcseg_jax.core import losses
 from metadcseg_jax.core import meta
 from metadcseg_jax.core import objective
-from metadcseg_jax import settings
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array
 

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from metadcseg_jax import settings
 from metadcseg_jax.core import dcd
 from metadcseg_jax.core import edges as edges_lib
 from metadcseg_jax.core import objective
-from metadcseg_jax import settings
 from metadcseg_jax.methods import base
 from metadcseg_jax.methods import l2b
 

@@ -44,14 +44,14 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_collections
 
-from metadcseg_jax.benchmark import presets
 from metadcseg_jax import files
 from metadcseg_jax import methods
-from metadcseg_jax.training import runs
+from metadcseg_jax.benchmark import presets
+from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.tools import precision as precision_lib
 from metadcseg_jax.tools import throughput
+from metadcseg_jax.training import runs
 from metadcseg_jax.training import train
-from metadcseg_jax.errors import ConfigError
 
 try:  # the extra `bench`
   from metadcseg_jax.tools import torch_ref

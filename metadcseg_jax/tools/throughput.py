@@ -19,9 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from metadcseg_jax.training import audit_passes
 from metadcseg_jax import configs
 from metadcseg_jax import methods
+from metadcseg_jax.training import audit_passes
 from metadcseg_jax.training import train
 
 # Dense peak TFLOP/s by device kind and the precision the step's convolutions run at (XLA's

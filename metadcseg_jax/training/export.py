@@ -27,11 +27,7 @@ def rebuild_model(workdir: pathlib.Path, output: pathlib.Path) -> None:
     raise WorkdirError(f"{workdir}: no results.json, the run has not finished")
   results = json.loads(results_path.read_text())
   run = runs.open_run(workdir)
-  ckpt = run.checkpointer()
-  try:
-    state = run.restore(ckpt)
-  finally:
-    ckpt.close()
+  state = run.restored()
   # A results.json older than the choice of statistics names none: its EMA scores read the EMA
   # of the running statistics.
   chosen = results.get("ema_batch_stats", "ema")

@@ -20,9 +20,9 @@ from matplotlib import colors  # pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from metadcseg_jax.methods import base
 from metadcseg_jax.training import evaluate
 from metadcseg_jax.training import workdir as workdir_lib
-from metadcseg_jax.methods import base
 
 
 def _show_image(ax, image: np.ndarray) -> None:

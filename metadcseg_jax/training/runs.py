@@ -1,9 +1,7 @@
 """A run's pieces, rebuilt from its settings as the trainer builds them: one way to open a run.
 
     run = runs.open_run("runs/meta")          # a run folder of `metadcseg-train`
-    ckpt = run.checkpointer()
-    state = run.restore(ckpt)                  # the newest epoch checkpoint that restores
-    ckpt.close()
+    state = run.restored()                     # the newest epoch checkpoint that restores
     probs = run.method.predict(state, images, variant="ema")
 
 The trainer (`train.py`) builds its run with `prepare` from the config it was given; the audit
@@ -21,14 +19,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from metadcseg_jax.training import checkpoint
 from metadcseg_jax import methods
 from metadcseg_jax import parallel
-from metadcseg_jax.training import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import CheckpointError
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import WorkdirError
+from metadcseg_jax.training import checkpoint
+from metadcseg_jax.training import workdir as workdir_lib
 
 DATA_INFO = "data_info.json"
 
@@ -89,6 +87,11 @@ class Run:
     if found is None:
       raise CheckpointError(f"{ckpt.directory}: no checkpoint to restore")
     return found[1]
+
+  def restored(self, epoch: int | None = None) -> Any:
+    """`restore`, with the run's checkpoints opened for it and closed after."""
+    with self.checkpointer() as ckpt:
+      return self.restore(ckpt, epoch)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir, *, write_info: bool = False) -> Run:

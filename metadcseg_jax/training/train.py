@@ -41,25 +41,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from metadcseg_jax.training import audit_passes
 from metadcseg_jax import check_settings
-from metadcseg_jax.training import checkpoint
-from metadcseg_jax.training import evaluate
-from metadcseg_jax.training import figures
 from metadcseg_jax import files
 from metadcseg_jax import methods
 from metadcseg_jax import metrics as metrics_lib
 from metadcseg_jax import parallel
 from metadcseg_jax import progress
-from metadcseg_jax.training import preemption
-from metadcseg_jax.training import runs
-from metadcseg_jax.training import workdir as workdir_lib
-from metadcseg_jax.inference import model as model_lib
-from metadcseg_jax.inference import original_size
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
+from metadcseg_jax.inference import model as model_lib
+from metadcseg_jax.inference import original_size
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import checkpoint
+from metadcseg_jax.training import evaluate
+from metadcseg_jax.training import figures
+from metadcseg_jax.training import preemption
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import workdir as workdir_lib
 
 COMPILE_CACHE = "jax_compilation_cache"
 

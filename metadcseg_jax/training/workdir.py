@@ -26,8 +26,8 @@ import ml_collections
 
 from metadcseg_jax import configs
 from metadcseg_jax import files
-from metadcseg_jax.training import summaries as summaries_lib
 from metadcseg_jax.errors import WorkdirError
+from metadcseg_jax.training import summaries as summaries_lib
 
 LOCK_NAME = ".lock"
 

@@ -40,9 +40,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.data.noise import gsdnet
 from metadcseg_jax.data.noise import l2b
+from metadcseg_jax.errors import ConfigError
 
 # Bump when any change alters the masks produced for a given (seed, options).
 NOISE_VERSION = "noise-v1"

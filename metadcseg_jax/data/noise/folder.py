@@ -25,9 +25,9 @@ from PIL import Image
 from metadcseg_jax import files
 from metadcseg_jax.data import noise
 from metadcseg_jax.data import readers
-from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.data.noise import calibrate as calibrate_lib
 from metadcseg_jax.data.noise import l2b
+from metadcseg_jax.errors import ConfigError
 
 
 def _source_root(source: pathlib.Path) -> pathlib.Path:
