@@ -189,7 +189,7 @@ def noise_level(kind: str) -> int | None:
 
 def sort_noises(kinds: Iterable[str]) -> list[str]:
   """Noise kinds (repeats dropped) by value: none, the L2B levels by `noise_level`, then the
-  other kinds in `noise.KINDS` order (unknown kinds last, in the order given)."""
+  other kinds in `data.noise.KINDS` order (unknown kinds last, in the order given)."""
 
   def key(kind):
     level = noise_level(kind)

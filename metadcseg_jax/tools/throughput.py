@@ -6,8 +6,8 @@
 
 The step is the method's `train_step` of the phase a long run spends its time in, jitted with
 the state donated, on `methods.example_feed`'s synthetic batch. The model FLOPs utilisation is
-MFU = FLOPs / time / peak FLOP/s of the device (`peak_tflops`). `metadcseg-throughput` and
-`metadcseg-bench` print these as tables.
+MFU = FLOPs / time / peak FLOP/s of the device (`peak_tflops`). `metadcseg-speed` prints these
+as tables.
 """
 
 import json

@@ -1,9 +1,8 @@
-"""PyTorch reference for the step benchmark: NestedUNet + an L2B-style meta step.
+"""PyTorch reference for the step's speed: NestedUNet + an L2B-style meta step.
 
-Imported by `metadcseg-bench` and `metadcseg-throughput` when torch is installed (the extra
-`bench`; not a dependency). The model is the widely used NestedUNet
-(4uiiurz1/pytorch-nested-unet) with the same layout as `metadcseg_jax.core.models.UNetPlusPlus`; the
-meta step is what L2B's code does through `higher`:
+Imported by `metadcseg-speed` when torch is installed (the extra `bench`; not a dependency). The
+model is the widely used NestedUNet (4uiiurz1/pytorch-nested-unet) with the same layout as
+`metadcseg_jax.core.models.UNetPlusPlus`; the meta step is what L2B's code does through `higher`:
 a functional forward, `torch.autograd.grad(..., create_graph=True)` for the virtual SGD step
 (momentum buffer, weight decay), the meta loss at the virtual parameters, the gradient of that
 with respect to the per-pixel weights, then the real weighted step.

@@ -4,7 +4,7 @@
     state = run.restored()                     # the newest epoch checkpoint that restores
     probs = run.method.predict(state, images, variant="ema")
 
-The trainer (`train.py`) builds its run with `prepare` from the config it was given; the audit
+The trainer (`training.train`) builds its run with `prepare` from the config it was given; the audit
 (`metadcseg-audit --recompute`) and the checks in `experiments/` open a finished one with
 `open_run`, from the settings it was started with (`config.json`). Both go through the same
 steps, so what they restore fits: the data splits, the settings the method takes from the data
