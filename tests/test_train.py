@@ -23,6 +23,7 @@ import pytest
 from experiments import audit_select
 from experiments.configs import tiny
 from metadcseg_jax import check_settings
+from metadcseg_jax import configs
 from metadcseg_jax.audit import report as audit_report
 from metadcseg_jax.audit import scores as audit_scores
 from metadcseg_jax.data import pipeline
@@ -246,11 +247,13 @@ def test_audit_hook_writes_a_pass_in_the_last_epochs_only(tiny_config, tmp_path)
   scores = audit_scores.load(tmp_path)
   assert sorted(scores["index"]) == sorted(int(i) for i in run.splits.train.indices)
   assert scores["epochs"] == [2] and np.all(scores["score"] >= 0.0)
-  # A method without meta-weights, or a config older than the audit: no pass.
+  # A method without meta-weights, or the settings of a run older than the audit (read back
+  # from its folder, `configs.upgrade`): no pass.
   plain = types.SimpleNamespace(method=types.SimpleNamespace(audits=False), audit=None)
   assert train.audit_hook(plain, None, run, 2) is None
-  del config.audit
-  assert not audit_passes.is_due(_Audited, config, 2)
+  older = config.to_dict()
+  del older["audit"]
+  assert not audit_passes.is_due(_Audited, ml_collections.ConfigDict(configs.upgrade(older)), 2)
 
 
 def _lines(path):
