@@ -10,12 +10,12 @@ mean AUROC at 0.3 and 0.5 (the thresholds where both classes hold at least a fif
 masks); then the criterion's mean over the runs. The runs used and the choice made:
 BUILD_NOTES.md, "Label audit: the score chosen on validation".
 
-Candidates, with d = [y ≠ ŷ] and the meta share πb of `metadcseg_jax/audit.py`:
+Candidates, with d = [y ≠ ŷ] and the meta share πb of `metadcseg_jax/training/audit_passes.py`:
   * meta suspicion: Σ d·πb / (|y| + |ŷ|);
   * signed meta: Σ d·(2πb − 1) / (|y| + |ŷ|), where the meta set siding with the given label
     counts against suspicion;
   * meta share: Σ d·πb / Σ d, the meta set's verdict without the size of the disagreement;
-  * disagreement 1 − Dice(y, ŷ) and soft disagreement (`audit.soft_dice_distance`, the score
+  * disagreement 1 − Dice(y, ŷ) and soft disagreement (`audit_scores.soft_dice_distance`, the score
     audit.csv is sorted by: `audit_report.ranking_score`), which read no meta-weights;
   * the rank mean of the meta suspicion and the soft disagreement, added after the others had
     been read on the validation runs, so shown but not eligible.
@@ -28,8 +28,8 @@ from absl import app
 import numpy as np
 from scipy import stats
 
-from metadcseg_jax import audit
-from metadcseg_jax import audit_report
+from metadcseg_jax.audit import report as audit_report
+from metadcseg_jax.audit import scores as audit_scores
 
 THRESHOLDS = (0.1, 0.3, 0.5)
 CRITERION = (0.3, 0.5)
@@ -37,7 +37,7 @@ META_FREE = ("disagreement", "soft disagreement")  # read no meta-weights
 
 
 def candidates(scores: dict, noisy: np.ndarray) -> dict[str, np.ndarray]:
-  """{name: (N,) image score} from `audit.load`'s scores and the given labels (N,H,W)."""
+  """{name: (N,) image score} from `audit_scores.load`'s scores and the given labels (N,H,W)."""
   d = noisy != scores["pseudo"]
   size = np.maximum(np.sum(noisy > 0, axis=(1, 2)) + np.sum(scores["pseudo"] > 0, axis=(1, 2)), 1)
   share_sum = np.sum(scores["suspicion"], axis=(1, 2))  # suspicion is d·πb
@@ -45,10 +45,10 @@ def candidates(scores: dict, noisy: np.ndarray) -> dict[str, np.ndarray]:
     "meta suspicion": scores["score"],
     "signed meta": np.sum(d * (2.0 * scores["suspicion"] - 1.0), axis=(1, 2)) / size,
     "meta share": share_sum / np.maximum(np.sum(d, axis=(1, 2)), 1),
-    "disagreement": audit.dice_distance(noisy, scores["pseudo"]),
+    "disagreement": audit_scores.dice_distance(noisy, scores["pseudo"]),
   }
   if "probs" in scores:
-    out["soft disagreement"] = audit.soft_dice_distance(noisy, scores["probs"])
+    out["soft disagreement"] = audit_scores.soft_dice_distance(noisy, scores["probs"])
     # Added after the others had been read on these runs: shown, never eligible.
     out["rank mean (post hoc)"] = stats.rankdata(out["meta suspicion"]) + stats.rankdata(
       out["soft disagreement"]
@@ -61,9 +61,9 @@ def measure_run(run) -> tuple[dict[str, list[float]], int]:
   _, scores, train, positions = audit_report.audited(run)
   noisy = np.stack([train[k]["noisy_label"] for k in positions])
   clean = np.stack([train[k]["label"] for k in positions])
-  corruption = audit.dice_distance(noisy, clean)
+  corruption = audit_scores.dice_distance(noisy, clean)
   return {
-    name: [audit.auroc(s, corruption > t) for t in THRESHOLDS]
+    name: [audit_scores.auroc(s, corruption > t) for t in THRESHOLDS]
     for name, s in candidates(scores, noisy).items()
   }, scores["meta_images"]
 

@@ -1,4 +1,5 @@
-"""`metadcseg-bench` from a checkout, as `python -m experiments.bench_step`.
+"""`metadcseg-bench` (now `metadcseg-speed`: `python -m experiments.speed`) from a checkout, as
+`python -m experiments.bench_step`.
 
 The command is `metadcseg_jax.commands.bench`; `--help` lists its flags.
 """

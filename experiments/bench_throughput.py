@@ -1,4 +1,5 @@
-"""`metadcseg-throughput` from a checkout, as `python -m experiments.bench_throughput`.
+"""`metadcseg-throughput` (now `metadcseg-speed`: `python -m experiments.speed`) from a checkout, as
+`python -m experiments.bench_throughput`.
 
 The command is `metadcseg_jax.commands.throughput`; `--help` lists its flags.
 """

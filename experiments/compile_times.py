@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from metadcseg_jax import evaluate
-from metadcseg_jax import train
+from metadcseg_jax.training import evaluate
+from metadcseg_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 _CACHE = flags.DEFINE_string("cache_dir", "", "Internal: measure once with this cache folder.")

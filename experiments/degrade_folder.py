@@ -4,14 +4,14 @@ r"""A degraded copy of an image folder with clean masks, a share of them kept as
         --kind=l2b40 --trusted_share=0.1
 
 Stands for "the masks you have" on data whose right masks are known, to try training on a
-user's own folder (`metadcseg_jax.noise.folder`). BUILD_NOTES.md, "Your own data, tried".
+user's own folder (`metadcseg_jax.data.noise.folder`). BUILD_NOTES.md, "Your own data, tried".
 """
 
 from absl import app
 from absl import flags
 
-from metadcseg_jax import noise
-from metadcseg_jax.noise import folder
+from metadcseg_jax.data import noise
+from metadcseg_jax.data.noise import folder
 
 _SOURCE = flags.DEFINE_string("source", None, "Folder with images/ and masks/ (clean).")
 _OUT = flags.DEFINE_string("out", None, "The new folder.")

@@ -23,18 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from metadcseg_jax import metrics as metrics_lib
-from metadcseg_jax import runs
-from metadcseg_jax.models import unet
+from metadcseg_jax.core.models import unet
+from metadcseg_jax.training import runs
 
 
 def check_run(run: pathlib.Path) -> dict[str, float]:
   """{variant: validation Dice} of one run folder (variants as in the module docstring)."""
   opened = runs.open_run(run)
-  ckpt = opened.checkpointer()
-  try:
-    state = opened.restore(ckpt)
-  finally:
-    ckpt.close()
+  state = opened.restored()
   config, splits, model = opened.config, opened.splits, opened.method.model
 
   def stack(records, key):

@@ -24,7 +24,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from metadcseg_jax import train
+from metadcseg_jax.training import train
 
 _SPLITS = flags.DEFINE_integer("splits", 200, "Random halvings of each run's validation cases.")
 CANDIDATES = ("ema", "recompute", "best_val")

@@ -21,8 +21,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import meta_precision
 from metadcseg_jax import cli
+from metadcseg_jax.benchmark import report
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.tools import gpu_report
 
@@ -123,9 +123,8 @@ def main(argv):
   gpu_report.run(
     gpu_report.settings_for(_TINY_FLAG.value, given),
     output=_OUTPUT.value,
-    command=gpu_report.command_line(sys.argv),
+    command=report.command_line(sys.argv, module="experiments.gpu_report"),
     kvasir_config=FLAGS.kvasir_config,
-    precision=meta_precision.measure,
   )
   print(f"report: {pathlib.Path(_OUTPUT.value) / 'report.md'}")
 

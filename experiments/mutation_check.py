@@ -11,7 +11,7 @@ what the step computes) carry the reason, and are still run to confirm that they
 
     python experiments/mutation_check.py               # every mutant, ~15-30 min on 2 cores
     python experiments/mutation_check.py --only=meta_b_tilde_from_ga,dcd_center_drops_gamma
-    python experiments/mutation_check.py --files=metadcseg_jax/stats.py   # ~30 s
+    python experiments/mutation_check.py --files=metadcseg_jax/benchmark/stats.py   # ~30 s
     python experiments/mutation_check.py --list
 
 Prints a Markdown table (mutant, file, change, result, the first failing test) and exits 1 if
@@ -62,84 +62,84 @@ MUTANTS = [
   # ---------------------------------------------------------------- meta.py
   Mutant(
     "meta_b_tilde_from_ga",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "b_t = jnp.maximum(b0 - eta * gb, 0.0)",
     "b_t = jnp.maximum(b0 - eta * ga, 0.0)",
     META_TESTS,
   ),
   Mutant(
     "meta_a_hat_b_hat_swapped",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "return a_t, b_t, a_hat, b_hat, gamma, pi_a, pi_b",
     "return a_t, b_t, b_hat, a_hat, gamma, pi_a, pi_b",
     META_TESTS,
   ),
   Mutant(
     "meta_rectify_sign",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "a_t = jnp.maximum(a0 - eta * ga, 0.0)",
     "a_t = jnp.maximum(a0 + eta * ga, 0.0)",
     META_TESTS,
   ),
   Mutant(
     "meta_normalizer_swapped",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     'axes = (1, 2) if normalizer == "image" else None',
     'axes = (1, 2) if normalizer == "batch" else None',
     META_TESTS,
   ),
   Mutant(
     "meta_normalizer_axis",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     'axes = (1, 2) if normalizer == "image" else None',
     'axes = (2,) if normalizer == "image" else None',
     META_TESTS,
   ),
   Mutant(
     "meta_gamma_drops_b",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "  gamma = a_t + b_t\n  axes",
     "  gamma = a_t\n  axes",
     META_TESTS,
   ),
   Mutant(
     "meta_pi_a_from_b",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "pi_a = jnp.where(positive, a_t / safe_gamma, 0.0)",
     "pi_a = jnp.where(positive, b_t / safe_gamma, 0.0)",
     META_TESTS,
   ),
   Mutant(
     "meta_reverse_virtual_loss_unscaled",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "return jnp.sum(a * ce_map(logits, y) + b * ce_map(logits, y_pseudo)) / y.size",
     "return jnp.sum(a * ce_map(logits, y) + b * ce_map(logits, y_pseudo))",
     META_TESTS,
   ),
   Mutant(
     "meta_jvp_pixel_count_times_classes",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "n = df.size // df.shape[-1]",
     "n = df.size",
     META_TESTS,
   ),
   Mutant(
     "meta_jvp_ga_from_dg",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "ga = jnp.sum(df * dlogits, axis=-1) / n",
     "ga = jnp.sum(dg * dlogits, axis=-1) / n",
     META_TESTS,
   ),
   Mutant(
     "meta_virtual_step_clipped",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "updates, _ = optimizer.base.update(grads, base_state, params)",
     "updates, _ = optimizer.tx.update(grads, opt_state, params)",
     META_TESTS,
   ),
   Mutant(
     "meta_reverse_update_detached",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "theta_hat = optax.apply_updates(params, update(grads))\n    return _meta_loss",
     "theta_hat = optax.apply_updates(params, jax.lax.stop_gradient(update(grads)))\n"
     "    return _meta_loss",
@@ -147,14 +147,14 @@ MUTANTS = [
   ),
   Mutant(
     "meta_virtual_step_fresh_state",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "  base_state = optimizer.base_state(opt_state)\n",
     "  base_state = optimizer.base.init(params)\n",
     META_TESTS,
   ),
   Mutant(
     "meta_outputs_undetached",
-    "metadcseg_jax/meta.py",
+    "metadcseg_jax/core/meta.py",
     "      fwd._replace(outputs=jax.lax.stop_gradient(fwd.outputs)),\n",
     "      fwd,\n",
     META_TESTS,
@@ -164,49 +164,49 @@ MUTANTS = [
   # ---------------------------------------------------------------- objective.py
   Mutant(
     "objective_f_g_swapped",
-    "metadcseg_jax/objective.py",
+    "metadcseg_jax/core/objective.py",
     "per_pixel = a_hat * f + b_hat * g  # L^hw of Eq. 1",
     "per_pixel = a_hat * g + b_hat * f  # L^hw of Eq. 1",
     LOSS_TESTS,
   ),
   Mutant(
     "objective_reduce_swapped",
-    "metadcseg_jax/objective.py",
+    "metadcseg_jax/core/objective.py",
     'reduce = jnp.mean if normalizer == "image" else jnp.sum',
     'reduce = jnp.sum if normalizer == "image" else jnp.mean',
     LOSS_TESTS,
   ),
   Mutant(
     "objective_bd_sign",
-    "metadcseg_jax/objective.py",
+    "metadcseg_jax/core/objective.py",
     "loss = ce_term + lambda_bd * bd_term + lambda_dice * dice_term",
     "loss = ce_term - lambda_bd * bd_term + lambda_dice * dice_term",
     LOSS_TESTS,
   ),
   Mutant(
     "objective_boundary_unweighted",
-    "metadcseg_jax/objective.py",
+    "metadcseg_jax/core/objective.py",
     'boundary_loss = per_pixel if pixel_loss == "meta" else pi_a * f + pi_b * g',
     'boundary_loss = f if pixel_loss == "meta" else pi_a * f + pi_b * g',
     LOSS_TESTS,
   ),
   Mutant(
     "objective_meta_off_normalizer",
-    "metadcseg_jax/objective.py",
+    "metadcseg_jax/core/objective.py",
     'n = h * w if normalizer == "image" else b * h * w',
     'n = b * h * w if normalizer == "image" else h * w',
     LOSS_TESTS,
   ),
   Mutant(
     "objective_l2b_reduce_swapped",
-    "metadcseg_jax/objective.py",
+    "metadcseg_jax/core/objective.py",
     'return jnp.mean(per_image) if normalizer == "image" else jnp.sum(per_image)',
     'return jnp.sum(per_image) if normalizer == "image" else jnp.mean(per_image)',
     LOSS_TESTS,
   ),
   Mutant(
     "objective_dice_on_pseudo_labels",
-    "metadcseg_jax/objective.py",
+    "metadcseg_jax/core/objective.py",
     "dice_term = jnp.mean(soft_dice_loss(logits, noisy_label)) if use_dice",
     "dice_term = jnp.mean(soft_dice_loss(logits, y_pseudo)) if use_dice",
     LOSS_TESTS,
@@ -214,21 +214,21 @@ MUTANTS = [
   # ---------------------------------------------------------------- dcd.py
   Mutant(
     "dcd_boundary_and_edges",
-    "metadcseg_jax/dcd.py",
+    "metadcseg_jax/core/dcd.py",
     "bd = ((m >= 1.0 - tau) & (m <= tau)) | edges",
     "bd = ((m >= 1.0 - tau) & (m <= tau)) & edges",
     LOSS_TESTS,
   ),
   Mutant(
     "dcd_center_drops_gamma",
-    "metadcseg_jax/dcd.py",
+    "metadcseg_jax/core/dcd.py",
     'num = jnp.einsum("khw,hwd->kd", mg, h)  # (3, D)',
     'num = jnp.einsum("khw,hwd->kd", m, h)  # (3, D)',
     LOSS_TESTS,
   ),
   Mutant(
     "dcd_centers_detached",
-    "metadcseg_jax/dcd.py",
+    "metadcseg_jax/core/dcd.py",
     "valid[:, None], num / safe_gsum[:, None], jax.lax.stop_gradient(default_centers)",
     "valid[:, None], jax.lax.stop_gradient(num) / safe_gsum[:, None], "
     "jax.lax.stop_gradient(default_centers)",
@@ -236,35 +236,35 @@ MUTANTS = [
   ),
   Mutant(
     "dcd_distance_pair_swapped",
-    "metadcseg_jax/dcd.py",
+    "metadcseg_jax/core/dcd.py",
     "num = d[..., FG] * d[..., BG]",
     "num = d[..., FG] * d[..., BD]",
     LOSS_TESTS,
   ),
   Mutant(
     "dcd_weights_not_mean_one",
-    "metadcseg_jax/dcd.py",
+    "metadcseg_jax/core/dcd.py",
     'return w * count if weight_sum == "mean_one" else w',
     "return w",
     LOSS_TESTS,
   ),
   Mutant(
     "dcd_weights_detach_inverted",
-    "metadcseg_jax/dcd.py",
+    "metadcseg_jax/core/dcd.py",
     "  if options.detach_weights:\n    w = jax.lax.stop_gradient(w)",
     "  if not options.detach_weights:\n    w = jax.lax.stop_gradient(w)",
     LOSS_TESTS,
   ),
   Mutant(
     "dcd_gamma_undetached",
-    "metadcseg_jax/dcd.py",
+    "metadcseg_jax/core/dcd.py",
     "gamma = jax.lax.stop_gradient(gamma).astype(h.dtype)",
     "gamma = gamma.astype(h.dtype)",
     LOSS_TESTS,  # inside a training step γ is a constant anyway; test_dcd checks the function
   ),
   Mutant(
     "dcd_center_ema_swapped",
-    "metadcseg_jax/dcd.py",
+    "metadcseg_jax/core/dcd.py",
     "ema = momentum * default_centers + (1.0 - momentum) * mean",
     "ema = momentum * mean + (1.0 - momentum) * default_centers",
     LOSS_TESTS,
@@ -272,21 +272,21 @@ MUTANTS = [
   # ---------------------------------------------------------------- optim.py
   Mutant(
     "optim_weight_decay_sign",
-    "metadcseg_jax/optim.py",
+    "metadcseg_jax/core/optim.py",
     "      optax.add_decayed_weights(weight_decay),\n      optax.sgd(",
     "      optax.add_decayed_weights(-weight_decay),\n      optax.sgd(",
     OPTIM_TESTS,
   ),
   Mutant(
     "optim_schedule_per_step",
-    "metadcseg_jax/optim.py",
+    "metadcseg_jax/core/optim.py",
     "epoch = jnp.asarray(step) // steps_per_epoch",
     "epoch = jnp.asarray(step) % steps_per_epoch",
     OPTIM_TESTS,
   ),
   Mutant(
     "optim_clip_after_update",
-    "metadcseg_jax/optim.py",
+    "metadcseg_jax/core/optim.py",
     "tx, base_state = optax.chain(optax.clip_by_global_norm(grad_clip), base), _chain_base_state",
     "tx, base_state = optax.chain(base, optax.clip_by_global_norm(grad_clip)), _chain_base_state",
     OPTIM_TESTS,
@@ -371,7 +371,7 @@ MUTANTS = [
   ),
   Mutant(
     "wasserstein_cross_term_sign",
-    "metadcseg_jax/wasserstein.py",
+    "metadcseg_jax/core/wasserstein.py",
     "return mean_term + jnp.trace(c1 + c2, axis1=-2, axis2=-1) - 2.0 * cross",
     "return mean_term + jnp.trace(c1 + c2, axis1=-2, axis2=-1) + 2.0 * cross",
     DALE_TESTS,
@@ -388,35 +388,35 @@ MUTANTS = [
   # ---------------------------------------------------------------- stats.py
   Mutant(
     "stats_var_without_residual",  # the interaction counted twice
-    "metadcseg_jax/stats.py",
+    "metadcseg_jax/benchmark/stats.py",
     "var = v_seed + v_test - v_res",
     "var = v_seed + v_test",
     STATS_TESTS,
   ),
   Mutant(
     "stats_normal_quantile_unless_capped",  # where the S − 1 rule does not fire
-    "metadcseg_jax/stats.py",
+    "metadcseg_jax/benchmark/stats.py",
     "df = var * var / denom if denom > 0 else math.inf",
     "df = math.inf",
     STATS_TESTS,
   ),
   Mutant(
     "stats_satterthwaite_without_residual",
-    "metadcseg_jax/stats.py",
+    "metadcseg_jax/benchmark/stats.py",
     ' + v_res**2 / parts["df_res"]',
     "",
     STATS_TESTS,
   ),
   Mutant(
     "stats_rule_keyed_on_v_seed",  # the seed part with the interaction in it
-    "metadcseg_jax/stats.py",
+    "metadcseg_jax/benchmark/stats.py",
     "if max(v_seed - v_res, 0.0) >= 0.5 * var:",
     "if v_seed >= 0.5 * var:",
     STATS_TESTS,
   ),
   Mutant(
     "stats_power_normal_approximation",
-    "metadcseg_jax/stats.py",
+    "metadcseg_jax/benchmark/stats.py",
     "return float(scipy_stats.nct.sf(crit, df, shift))",
     "return float(scipy_stats.norm.sf(crit - shift))",
     STATS_TESTS,
@@ -475,7 +475,7 @@ def main():
   parser.add_argument(
     "--files",
     default="",
-    help="Comma-separated files: only their mutants (metadcseg_jax/stats.py).",
+    help="Comma-separated files: only their mutants (metadcseg_jax/benchmark/stats.py).",
   )
   parser.add_argument("--list", action="store_true", help="List the mutants and exit.")
   parser.add_argument("--timeout", type=int, default=900, help="Seconds per test run.")

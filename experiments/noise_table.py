@@ -15,9 +15,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from metadcseg_jax import noise
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import synthetic
-from metadcseg_jax.noise import l2b
+from metadcseg_jax.data.noise import l2b
 
 _N = flags.DEFINE_integer("n", 100, "Blob masks per image size.")
 _SIZES = flags.DEFINE_list("sizes", ["64", "256"], "Image sides.")

@@ -13,7 +13,7 @@ method's per-pixel maps (`explain`: MetaDCSeg's and L2B's meta-weights, DCD weig
 
 Prints one line per method and, with --json_out, writes {method: {"params": e, "metrics": e,
 "maps": e, "devices": n}} (the largest relative difference of each kind). The comparison is
-`metadcseg_jax.parallel_check.check`.
+`metadcseg_jax.tools.parallel_check.check`.
 """
 
 import json
@@ -25,7 +25,7 @@ import jax
 
 from metadcseg_jax import cli
 from metadcseg_jax import methods
-from metadcseg_jax import parallel_check
+from metadcseg_jax.tools import parallel_check
 
 FLAGS = flags.FLAGS
 

@@ -19,14 +19,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metadcseg_jax import losses
-from metadcseg_jax import meta
 from metadcseg_jax import methods
-from metadcseg_jax import throughput
-from metadcseg_jax.commands import bench  # pylint: disable=unused-import  (its flags)
+from metadcseg_jax.core import losses
+from metadcseg_jax.core import meta
+from metadcseg_jax.tools import throughput
 
-# The benchmark's flags (--sizes, --widths, --channels, --batch, --repeats); the first value of
-# each list is profiled.
+# metadcseg-speed's shape flags (--sizes, --widths, --channels; the first value of each list is
+# profiled), the batch and the repeats.
+flags.DEFINE_list("sizes", ["128"], "Image sizes (the first is profiled).")
+flags.DEFINE_list("widths", ["32"], "U-Net++ base widths (the first is profiled).")
+flags.DEFINE_list("channels", ["3"], "Input channels (the first is profiled).")
+flags.DEFINE_integer("batch", 2, "Training (and meta) batch size.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per function (median reported).")
 FLAGS = flags.FLAGS
 
 
@@ -89,7 +93,7 @@ def main(argv):
     "virtual step + meta fwd/bwd": (jax.jit(meta_part), (state.params, state.opt_state)),
     "JVP of train forward": (jax.jit(jvp_part), (state.params, state.params)),
     "meta_weights (jvp route)": (
-      jax.jit(lambda v, s: mw(v, s, x=x, y=y, xv=xv, yv=yv)),
+      jax.jit(lambda v, s: mw(v, opt_state=s, x=x, y=y, xv=xv, yv=yv)),
       (variables, state.opt_state),
     ),
   }

@@ -4,7 +4,7 @@ r"""Where the training step's time goes on this machine, per kind of XLA operati
         --channels=1 --batch=4
 
 For each method: one jitted step (the benchmark preset's shapes by default) profiled with
-`metadcseg_jax.profiling` (XLA's per-operation trace), a table of milliseconds per step by
+`metadcseg_jax.tools.profiling` (XLA's per-operation trace), a table of milliseconds per step by
 scope (meta-gradient, DCD, the rest of the step) and kind (convolution forward/backward,
 BatchNorm, relayout, other), with the convolutions' FLOP rate, the memory each category
 touches, and its floor: the least time its FLOPs and bytes could take at this core's measured
@@ -17,8 +17,8 @@ from absl import app
 from absl import flags
 import jax
 
-from metadcseg_jax import profiling
-from metadcseg_jax import throughput
+from metadcseg_jax.tools import profiling
+from metadcseg_jax.tools import throughput
 
 _METHODS = flags.DEFINE_list("methods", ["ce", "l2b", "metadcseg"], "Methods to profile.")
 _SIZE = flags.DEFINE_integer("size", 64, "Image size.")

@@ -27,12 +27,12 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from metadcseg_jax import edges as edges_lib
-from metadcseg_jax import noise
+from metadcseg_jax.core import edges as edges_lib
+from metadcseg_jax.core.edges import pidinet
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import readers
 from metadcseg_jax.data import synthetic
-from metadcseg_jax.edges import pidinet
-from metadcseg_jax.noise import calibrate
+from metadcseg_jax.data.noise import calibrate
 
 _KVASIR = flags.DEFINE_string("kvasir", "", "Kvasir-SEG folder (images/, masks/).")
 _BRATS = flags.DEFINE_string("brats", "", "Folder of BraTS cases (*/Flair*.nii.gz, OT*.nii.gz).")

@@ -12,10 +12,10 @@ import pathlib
 import ml_collections
 
 from metadcseg_jax import methods
-from metadcseg_jax import models
-from metadcseg_jax import noise
-from metadcseg_jax import optim
 from metadcseg_jax import settings
+from metadcseg_jax.core import models
+from metadcseg_jax.core import optim
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.data import real
 from metadcseg_jax.data import splits
@@ -115,7 +115,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       f"config.data.channels={data.channels}: a folder's images are read as 1 "
       f"(grey) or 3 (RGB) channels"
     )
-  threshold = data.get("mask_threshold")
+  threshold = data.mask_threshold
   if threshold is not None:
     if data.name != "folder":
       found.append("config.data.mask_threshold applies to config.data.name='folder' only")

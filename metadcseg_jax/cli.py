@@ -383,6 +383,20 @@ def apply_cpu_defaults(environ=os.environ, cpus: int | None = None) -> bool:
   return True
 
 
+def echo(line: str) -> None:
+  """A line for the user on stderr, at once: progress, and failures that do not stop the work."""
+  print(line, file=sys.stderr, flush=True)
+
+
+def exit_status(failures: int, message: str) -> int:
+  """The status a command returns after work that goes on past failures (each listed as it
+  came): 0, or 1 with `message` (how many failed) as its last line on stderr."""
+  if failures:
+    echo(message)
+    return 1
+  return 0
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
   """`app.run(main)` with the command's help, one-line user errors, the project's INFO lines
   only, and the small-CPU XLA setting (`apply_cpu_defaults`)."""

@@ -7,15 +7,19 @@ The config files in `experiments/configs/` start from these and override only wh
 every field can also be overridden on the command line, e.g. `--config.method=ce
 --config.train.num_epochs=5`. `from_file` reads such a file by its path (one config file
 building on another, without a package to import it from).
+
+This module (with each method's section, `methods.default_settings`) is the only place a default
+lives: the code reads every field directly. A run folder's settings (its config.json, written by
+an older version) are brought up to date once, where they are read (`upgrade`).
 """
 
 import importlib.util
 import pathlib
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-from metadcseg_jax import audit
 from metadcseg_jax import methods
 from metadcseg_jax import parallel
 
@@ -38,12 +42,23 @@ def default_config() -> ml_collections.ConfigDict:
     config[name] = section
 
   # Label audit (metadcseg-audit): meta methods score every training mask in their last epochs.
-  config.audit = audit.default_config()
+  config.audit = _audit_config()
 
   # Data parallel over `mesh.data` devices (-1: all); several hosts join by `distributed`.
   config.mesh = parallel.mesh_config()
   config.distributed = parallel.distributed_config()
   return config
+
+
+def _audit_config() -> ml_collections.ConfigDict:
+  """`config.audit`: the trainer's label-audit passes (`metadcseg_jax.training.audit_passes`)."""
+  c = ml_collections.ConfigDict()
+  c.epochs = 2  # final epochs with an audit pass over the training split (0: none)
+  # Clean meta images per audit batch: 0 cycles the training step's meta batches
+  # (config.train.meta_batch_size each); n > 0 uses the first n of the meta split (all if
+  # fewer) for every batch, so each verdict is the whole clean set's, not a sample's.
+  c.meta_images = 0
+  return c
 
 
 def _model_config() -> ml_collections.ConfigDict:
@@ -195,6 +210,61 @@ def table8_config(name: str) -> ml_collections.ConfigDict:
   config.dcd.lambda_dice = lambda_dice
   config.dcd.tau_dcd = 1.0
   return config
+
+
+# Settings added after runs were made, with the value that reproduces what a run made before
+# them did, where that differs from today's default: a run's config.json without them reads as if
+# it had these (`upgrade`).
+OLDER_RUNS = {
+  # Before the choice of the EMA weights' BatchNorm statistics: the EMA of the running statistics.
+  "train.ema_batch_stats": "ema",
+  # Before timed step checkpoints: none.
+  "train.checkpoint_every_minutes": 0.0,
+  # Before the label audit: no audit passes.
+  "audit.epochs": 0,
+  # Before the meta step's precision setting: the backend's default precision.
+  "meta.precision": "default",
+  # Before calibrated noise levels: the published kernels as they are.
+  "data.noise.calibrate": False,
+  # Before several hosts: one process, never joined.
+  "distributed.initialize": "off",
+}
+
+
+def upgrade(settings: Mapping[str, Any]) -> dict[str, Any]:
+  """A run folder's settings (its config.json) with every field of today's default config that
+  they lack: the value of `OLDER_RUNS` where there is one (what such a run did), else today's
+  default (settings that behave today as they did before they existed). Fields the settings have
+  are kept as they are, those the default config no longer has included.
+
+  >>> old = {"method": "l2b", "train": {"batch_size": 8}}
+  >>> new = upgrade(old)
+  >>> new["train"]["batch_size"], new["train"]["ema_batch_stats"], new["train"]["lr"]
+  (8, 'ema', 0.05)
+  """
+  filled = default_config().to_dict()
+  for dotted, value in OLDER_RUNS.items():
+    *path, field = dotted.split(".")
+    node = settings
+    for key in path:
+      node = node.get(key, {}) if isinstance(node, Mapping) else {}
+    if field not in node:
+      section = filled
+      for key in path:
+        section = section[key]
+      section[field] = value
+  return _merged(filled, settings)
+
+
+def _merged(base: dict[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+  """`base` with `given`'s values, section by section (`given` wins)."""
+  out = dict(base)
+  for key, value in given.items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+      out[key] = _merged(out[key], value)
+    else:
+      out[key] = value
+  return out
 
 
 def from_file(path, arg: str | None = None) -> ml_collections.ConfigDict:

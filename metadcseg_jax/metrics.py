@@ -507,11 +507,12 @@ def summarize(
 class MetricAccumulator:
   """Collects per-case metrics over an evaluation loop; `result()` summarises.
 
-  Example:
+  Example (a batch of one 2×2 prediction against its reference):
+
     >>> acc = MetricAccumulator(num_classes=2)
-    >>> for batch in loader:
-    ...   acc.add_batch(predict(batch), batch["label"])
-    >>> acc.result()["dice"], acc.result()["n_one_empty"]
+    >>> acc.add_batch(np.array([[[0, 1], [1, 1]]]), np.array([[[0, 1], [0, 1]]]))
+    >>> round(acc.result()["dice"], 4), acc.result()["n_one_empty"]
+    (0.8, 0)
   """
 
   def __init__(

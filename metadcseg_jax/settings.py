@@ -54,7 +54,12 @@ def number(
   low_open: bool = False,
   high_open: bool = False,
 ) -> Check:
-  """A finite int or float in [low, high] (an open end with `low_open` / `high_open`)."""
+  """A finite int or float in [low, high] (an open end with `low_open` / `high_open`).
+
+  Args:
+    low, high: the bounds (None: unbounded on that side).
+    low_open, high_open: whether the bound itself is excluded.
+  """
 
   def check(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -11,12 +11,13 @@ from PIL import Image
 import pytest
 
 from experiments.configs import tiny
-from metadcseg_jax import audit
-from metadcseg_jax import audit_report
-from metadcseg_jax import meta
-from metadcseg_jax import optim
-from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.audit import report as audit_report
+from metadcseg_jax.audit import scores as audit_scores
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import optim
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import workdir as workdir_lib
 
 
 def test_suspicion_is_the_pseudo_label_share_where_labels_disagree():
@@ -24,28 +25,28 @@ def test_suspicion_is_the_pseudo_label_share_where_labels_disagree():
   y_pseudo = np.array([[1, 0, 1, 0]])
   a = np.array([[0.3, 0.0, 0.1, 0.0]])
   b = np.array([[0.1, 0.0, 0.3, 0.2]])
-  s = audit.suspicion_map(y, y_pseudo, a, b)
+  s = meta.suspicion_map(y, y_pseudo, a_tilde=a, b_tilde=b)
   # agree -> 0; disagree with γ = 0 -> 1/2; disagree -> b / (a + b) = 0.75
   np.testing.assert_allclose(s, [[0.0, 0.5, 0.75, 0.0]])
   # (0.5 + 0.75) / (|y| 2 + |ŷ| 2)
-  np.testing.assert_allclose(audit.image_scores(s, y, y_pseudo), [1.25 / 4])
-  np.testing.assert_allclose(audit.dice_distance(y, y_pseudo), [0.5])
+  np.testing.assert_allclose(audit_passes.image_scores(s, y, y_pseudo), [1.25 / 4])
+  np.testing.assert_allclose(audit_scores.dice_distance(y, y_pseudo), [0.5])
   # p = 1 − p(background) = [0.9, 0.4, 0.5, 0]: Σ|y − p| = 0.1 + 0.6 + 0.5 = 1.2 over 2 + 1.8
   probs = np.array([[[0.1, 0.9], [0.6, 0.4], [0.5, 0.5], [1.0, 0.0]]])
-  np.testing.assert_allclose(audit.soft_dice_distance(y, probs), [1.2 / 3.8])
+  np.testing.assert_allclose(audit_scores.soft_dice_distance(y, probs), [1.2 / 3.8])
 
 
 def test_auroc_and_average_precision_hand_worked():
   scores = np.array([0.1, 0.4, 0.35, 0.8])
   positive = np.array([0, 0, 1, 1])
   # pairs (pos, neg): (0.35 > 0.1), (0.35 < 0.4), (0.8 > both) -> 3/4
-  assert audit.auroc(scores, positive) == pytest.approx(0.75)
+  assert audit_scores.auroc(scores, positive) == pytest.approx(0.75)
   # ranked 0.8 (hit, P 1), 0.4, 0.35 (hit, P 2/3) -> (1 + 2/3) / 2
-  assert audit.average_precision(scores, positive) == pytest.approx(5 / 6)
-  assert audit.auroc(np.array([0.2, 0.2]), np.array([1, 0])) == pytest.approx(0.5)
-  assert np.isnan(audit.auroc(scores, np.zeros(4)))
+  assert audit_scores.average_precision(scores, positive) == pytest.approx(5 / 6)
+  assert audit_scores.auroc(np.array([0.2, 0.2]), np.array([1, 0])) == pytest.approx(0.5)
+  assert np.isnan(audit_scores.auroc(scores, np.zeros(4)))
   # The curve: thresholds 0.8, 0.4, 0.35, 0.1 -> (0, 1/2), (1/2, 1/2), (1/2, 1), (1, 1).
-  fpr, tpr = audit.roc_curve(scores, positive)
+  fpr, tpr = audit_scores.roc_curve(scores, positive)
   np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
   np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
 
@@ -54,10 +55,10 @@ def test_roc_curve_area_is_the_rank_auroc_with_ties():
   rng = np.random.default_rng(0)
   scores = rng.integers(0, 6, 200).astype(float)  # many ties
   positive = rng.random(200) < scores / 8
-  fpr, tpr = audit.roc_curve(scores, positive)
+  fpr, tpr = audit_scores.roc_curve(scores, positive)
   assert len(fpr) == len(np.unique(scores)) + 1
   area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-  assert area == pytest.approx(audit.auroc(scores, positive), abs=1e-12)
+  assert area == pytest.approx(audit_scores.auroc(scores, positive), abs=1e-12)
 
 
 class PixelLinear(nn.Module):
@@ -115,13 +116,13 @@ class ToyMethod:
     mo = meta.meta_weights(
       self.model.apply,
       {"params": state["params"]},
-      state["opt_state"],
-      self.optimizer,
-      batch["image"],
-      batch["noisy_label"],
-      batch["meta_image"],
-      batch["meta_label"],
-      meta.MetaOptions(route="reverse"),
+      optimizer=self.optimizer,
+      opt_state=state["opt_state"],
+      x=batch["image"],
+      y=batch["noisy_label"],
+      xv=batch["meta_image"],
+      yv=batch["meta_label"],
+      options=meta.MetaOptions(route="reverse"),
     )
     return self._maps(batch["noisy_label"], mo)
 
@@ -132,22 +133,26 @@ class ToyMethod:
     return meta.meta_direction(
       self.model.apply,
       {"params": state["params"]},
-      state["opt_state"],
-      self.optimizer,
-      meta_image,
-      meta_label,
+      optimizer=self.optimizer,
+      opt_state=state["opt_state"],
+      xv=meta_image,
+      yv=meta_label,
     )
 
   def audit_maps_along(self, state, batch, direction):
     mo = meta.meta_weights_along(
-      self.model.apply, {"params": state["params"]}, batch["image"], batch["noisy_label"], direction
+      self.model.apply,
+      {"params": state["params"]},
+      x=batch["image"],
+      y=batch["noisy_label"],
+      direction=direction,
     )
     return self._maps(batch["noisy_label"], mo)
 
   @staticmethod
   def _maps(y, mo):
     return {
-      "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
+      "suspicion": meta.suspicion_map(y, mo.y_pseudo, a_tilde=mo.a_tilde, b_tilde=mo.b_tilde),
       "pseudo": mo.y_pseudo,
       "probs": jax.nn.softmax(mo.logits, axis=-1),
     }
@@ -158,18 +163,20 @@ def test_flipped_masks_rank_first_and_passes_average(tmp_path):
   m = ToyMethod()
   meta_source = ToySource()
   meta_source.items = [dict(e, noisy_label=e["label"]) for e in meta_source.items[:4]]
-  result = audit.audit_pass(m, m.init(), source, meta_source, batch_size=5, meta_batch_size=2)
+  result = audit_passes.audit_pass(
+    m, m.init(), source, meta_source, batch_size=5, meta_batch_size=2
+  )
   assert result["suspicion"].shape == (12, 8, 8) and result["index"].tolist() == list(range(12))
   # Each meta batch's direction, reused over the training batches it meets, gives the maps of
   # the whole meta step (the reverse route) on every batch; the two meta batches differ.
-  whole = audit.audit_pass(
+  whole = audit_passes.audit_pass(
     m,
     m.init(),
     source,
     meta_source,
     batch_size=5,
     meta_batch_size=2,
-    fns=audit.Functions(jax.jit(m.audit_maps)),
+    fns=audit_passes.Functions(jax.jit(m.audit_maps)),
   )
   for key in ("suspicion", "probs", "score"):
     np.testing.assert_allclose(
@@ -186,26 +193,30 @@ def test_flipped_masks_rank_first_and_passes_average(tmp_path):
   noisy = np.stack([e["noisy_label"] for e in source.items])
   clean = np.stack([e["label"] for e in source.items])
   np.testing.assert_array_equal(result["pseudo"], clean)
-  assert audit.average_precision(result["suspicion"].astype(np.float32), noisy != clean) > 0.95
+  assert (
+    audit_scores.average_precision(result["suspicion"].astype(np.float32), noisy != clean) > 0.95
+  )
   # Passes of two epochs are averaged; a workdir without any is a clear error.
-  audit.save_pass(tmp_path, 1, result)
-  audit.save_pass(tmp_path, 2, dict(result, score=result["score"] * 0.5))
-  loaded = audit.load(tmp_path)
+  audit_passes.save_pass(tmp_path, 1, result)
+  audit_passes.save_pass(tmp_path, 2, dict(result, score=result["score"] * 0.5))
+  loaded = audit_scores.load(tmp_path)
   assert loaded["epochs"] == [1, 2]
   np.testing.assert_allclose(loaded["score"], 0.75 * result["score"], rtol=1e-6)
-  with pytest.raises(audit.AuditError, match=r"no meta scores \(its method is 'ce'"):
-    audit.load(tmp_path / "elsewhere", method="ce")
+  with pytest.raises(audit_scores.AuditError, match=r"no meta scores \(its method is 'ce'"):
+    audit_scores.load(tmp_path / "elsewhere", method="ce")
   # The whole meta set as every batch's meta batch: the same verdicts here, and recorded, so
   # passes made with different meta sets are not averaged together.
-  whole = audit.audit_pass(
+  whole = audit_passes.audit_pass(
     m, m.init(), source, meta_source, batch_size=5, meta_batch_size=2, meta_images=32
   )
   assert int(whole["meta_images"]) == 4 and int(result["meta_images"]) == 0
   ranked = whole["index"][np.argsort(-whole["score"], kind="stable")]
   assert sorted(ranked[:3].tolist()) == list(ToySource.flipped)
-  audit.save_pass(tmp_path, 3, whole)
-  with pytest.raises(audit.AuditError, match=r"different meta sets \(meta_images \[0, 4\]\)"):
-    audit.load(tmp_path)
+  audit_passes.save_pass(tmp_path, 3, whole)
+  with pytest.raises(
+    audit_scores.AuditError, match=r"different meta sets \(meta_images \[0, 4\]\)"
+  ):
+    audit_scores.load(tmp_path)
 
 
 def test_report_on_a_users_folder_without_injected_noise(tmp_path):
@@ -226,7 +237,7 @@ def test_report_on_a_users_folder_without_injected_noise(tmp_path):
   run = tmp_path / "run"
   run.mkdir()
   workdir_lib.Workdir(run).record_config(config)
-  with pytest.raises(audit.AuditError, match="no meta scores"):
+  with pytest.raises(audit_scores.AuditError, match="no meta scores"):
     audit_report.report(run)
   train = pipeline.prepare_data(config.data, meta_batch_size=config.train.meta_batch_size).train
   given = np.stack([train[k]["noisy_label"] for k in range(len(train))])
@@ -237,10 +248,10 @@ def test_report_on_a_users_folder_without_injected_noise(tmp_path):
     "index": np.asarray(train.indices),
     "suspicion": suspicion,
     "pseudo": pseudo.astype(np.uint8),
-    "score": audit.image_scores(suspicion.astype(np.float32), given, pseudo),
+    "score": audit_passes.image_scores(suspicion.astype(np.float32), given, pseudo),
     "meta_images": np.asarray(0),
   }
-  audit.save_pass(run, 7, passes)
+  audit_passes.save_pass(run, 7, passes)
   r = audit_report.report(run, top=2)
   rows = list(csv.DictReader((run / "audit" / "audit.csv").open()))
   assert r["measured"] == {} and "corruption" not in rows[0]

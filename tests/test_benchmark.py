@@ -1,4 +1,4 @@
-"""Tests of metadcseg_jax/benchmark.py: the paper-layout tables, resume, the corruption table.
+"""Tests of metadcseg_jax/benchmark/_all.py: the paper-layout tables, resume, the corruption table.
 
 No training: runs are hand-written results.json files, and the trainer is monkeypatched.
 """
@@ -18,23 +18,27 @@ import pytest
 from experiments.configs import kvasir_cpu
 from experiments.configs import kvasir_seg
 from experiments.configs import tiny
-from metadcseg_jax import audit
-from metadcseg_jax import benchmark
 from metadcseg_jax import check_settings
-from metadcseg_jax import figures
 from metadcseg_jax import files
 from metadcseg_jax import methods
-from metadcseg_jax import noise
-from metadcseg_jax import preemption
-from metadcseg_jax import throughput
-from metadcseg_jax import train
+from metadcseg_jax.benchmark import corruption
+from metadcseg_jax.benchmark import presets
+from metadcseg_jax.benchmark import report
+from metadcseg_jax.benchmark import runner
+from metadcseg_jax.benchmark import tables
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
+from metadcseg_jax.tools import throughput
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import figures
+from metadcseg_jax.training import preemption
+from metadcseg_jax.training import train
 
-CE, META = benchmark.Row("ce", "ce"), benchmark.Row("metadcseg", "metadcseg")
+CE, META = presets.Row("ce", "ce"), presets.Row("metadcseg", "metadcseg")
 ROWS = [CE, META]
 
 
@@ -68,7 +72,7 @@ def _results(dice, iou, hd95, *, method="ce", epoch=2, raw_dice=None, val_dice=N
 
 
 def _write_run(root, noise_kind, row, seed, results, corruption=None):
-  d = benchmark.run_dir(root, noise_kind, row, seed)
+  d = presets.run_dir(root, noise_kind, row, seed)
   d.mkdir(parents=True, exist_ok=True)
   (d / "results.json").write_text(json.dumps(results))
   if corruption is not None:
@@ -91,7 +95,7 @@ def fake_runs(tmp_path):
 
 
 def test_collect_means_and_sample_std(fake_runs):
-  cells = benchmark.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
+  cells = tables.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
   assert [(c["noise"], c["label"]) for c in cells] == [
     ("none", "ce"),
     ("l2b40", "ce"),
@@ -108,21 +112,21 @@ def test_collect_means_and_sample_std(fake_runs):
   assert none_ce["test"]["ema"]["dice"]["std"] is None  # one seed
   assert none_ce["test"]["raw"]["dice"]["mean"] == pytest.approx(0.5)
   assert ce["corruption"] == pytest.approx(0.41) and none_ce["corruption"] is None
-  assert benchmark.collect(fake_runs, rows=ROWS, noises=["l2b40"], seeds=[0])[1]["seeds"] == [0]
+  assert tables.collect(fake_runs, rows=ROWS, noises=["l2b40"], seeds=[0])[1]["seeds"] == [0]
   with pytest.raises(ValueError, match="not a directory"):
-    benchmark.collect(fake_runs / "missing", rows=ROWS, noises=["l2b40"])
+    tables.collect(fake_runs / "missing", rows=ROWS, noises=["l2b40"])
 
 
 def test_main_table_has_the_papers_layout(fake_runs):
-  cells = benchmark.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
-  table = benchmark.main_table(cells).splitlines()
+  cells = tables.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
+  table = report.main_table(cells).splitlines()
   assert table[0] == ("| method | 0% mIoU | 0% DSC | 0% HD95 | 40% mIoU | 40% DSC | 40% HD95 |")
   # mIoU of ce at 40%: (iou + 0.9) / 2 with iou (0.5, 0.55, 0.6): 72.50 ± 2.50 (in %).
   assert table[2] == (
     f"| ce | 90.50 | 95.00 | 2.00 | 72.50 ± 2.50 | 70.00 ± 10.00 | 14.00 ± {math.sqrt(28):.2f} |"
   )
   assert table[3].startswith("| metadcseg | - | - | - | 84.50 ± 1.41 | 88.00 ± 2.83 |")
-  md = benchmark.to_markdown(cells, command="metadcseg-benchmark --preset=main")
+  md = report.to_markdown(cells, command="metadcseg-benchmark --preset=main")
   for needle in (
     "## Test, EMA parameters",
     "## Validation, raw parameters",
@@ -130,17 +134,17 @@ def test_main_table_has_the_papers_layout(fake_runs):
     "40% (l2b40): measured corruption",
   ):
     assert needle in md
-  assert "No finished runs" in benchmark.to_markdown([])
+  assert "No finished runs" in report.to_markdown([])
 
 
 def test_ablation_table_has_table5_layout(fake_runs):
-  dcd_off = benchmark.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
-  tau = benchmark.Row("metadcseg: tau_dcd 4", "metadcseg", (("dcd.tau_dcd", 4.0),))
+  dcd_off = presets.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
+  tau = presets.Row("metadcseg: tau_dcd 4", "metadcseg", (("dcd.tau_dcd", 4.0),))
   _write_run(fake_runs, "l2b40", dcd_off, 0, _results(0.84, 0.7, 5.0, method="metadcseg"))
   _write_run(fake_runs, "l2b40", tau, 0, _results(0.88, 0.7, 5.0, raw_dice=0.8, val_dice=0.5))
   rows = [CE, META, dcd_off, tau]
-  cells = benchmark.collect(fake_runs, rows=rows, noises=["l2b40"])
-  lines = benchmark.ablation_table(cells).splitlines()
+  cells = tables.collect(fake_runs, rows=rows, noises=["l2b40"])
+  lines = report.ablation_table(cells).splitlines()
   assert lines[0] == (
     "| variant | Meta | DCD | Dice | other setting | 40% test DSC ema | 40% test DSC raw "
     "| 40% val DSC ema | 40% val DSC raw |"
@@ -155,10 +159,10 @@ def test_ablation_table_has_table5_layout(fake_runs):
     lines[4]
     == "| metadcseg: tau_dcd 4 | ✓ | ✓ | ✓ | dcd.tau_dcd=4.0 | 88.00 | 80.00 | 50.00 | 50.00 |"
   )
-  assert "Table 5 layout" in benchmark.to_markdown(cells)
+  assert "Table 5 layout" in report.to_markdown(cells)
   # Without variants (the main preset) there is no ablation section.
-  plain = benchmark.collect(fake_runs, rows=ROWS, noises=["l2b40"])
-  assert benchmark.ablation_table(plain) == "" and "Table 5" not in benchmark.to_markdown(plain)
+  plain = tables.collect(fake_runs, rows=ROWS, noises=["l2b40"])
+  assert report.ablation_table(plain) == "" and "Table 5" not in report.to_markdown(plain)
 
 
 def test_run_benchmark_trains_what_is_missing_and_resumes(tmp_path, monkeypatch):
@@ -175,12 +179,12 @@ def test_run_benchmark_trains_what_is_missing_and_resumes(tmp_path, monkeypatch)
   monkeypatch.setattr(train, "train_and_evaluate", fake_train)
   config = tiny.get_config()
   config.lock()  # as config_flags hands it over
-  no_dcd = benchmark.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
+  no_dcd = presets.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
   rows = [CE, no_dcd]
   _write_run(tmp_path, "l2b40", no_dcd, 1, _results(0.99, 0.9, 1.0, method="metadcseg"))
   lines = []
   kwargs = dict(rows=rows, noises=["none", "l2b40"], seeds=[0, 1], command="cmd", echo=lines.append)
-  cells = benchmark.run_benchmark(config, tmp_path, **kwargs)
+  cells = runner.run_benchmark(config, tmp_path, **kwargs)
 
   expected = [
     (n, r.method, s, r.method != "metadcseg")
@@ -200,44 +204,44 @@ def test_run_benchmark_trains_what_is_missing_and_resumes(tmp_path, monkeypatch)
   saved = json.loads((tmp_path / "benchmark.json").read_text())
   assert saved["command"] == "cmd" and len(saved["cells"]) == 4
   calls.clear()
-  benchmark.run_benchmark(config, tmp_path, **kwargs)  # a rerun trains nothing
+  runner.run_benchmark(config, tmp_path, **kwargs)  # a rerun trains nothing
   assert not calls
 
 
 def test_bad_grid_and_overrides(tmp_path):
   config = tiny.get_config()
   with pytest.raises(ConfigError, match="--methods"):
-    benchmark.run_benchmark(
-      config, tmp_path, rows=[benchmark.Row("dice", "dice")], noises=["none"], seeds=[0]
+    runner.run_benchmark(
+      config, tmp_path, rows=[presets.Row("dice", "dice")], noises=["none"], seeds=[0]
     )
   with pytest.raises(ConfigError, match="--noise"):
-    benchmark.run_benchmark(config, tmp_path, rows=[CE], noises=["l2b50"], seeds=[0])
+    runner.run_benchmark(config, tmp_path, rows=[CE], noises=["l2b50"], seeds=[0])
   with pytest.raises(ConfigError, match="--seeds"):
-    benchmark.parse_seeds(["0", "one"])
+    presets.parse_seeds(["0", "one"])
   with pytest.raises(ConfigError, match="no setting 'dcd.nope'"):
-    benchmark.run_config(
-      config, row=benchmark.Row("x", "ce", (("dcd.nope", 1),)), noise_kind="none", seed=0
+    presets.run_config(
+      config, row=presets.Row("x", "ce", (("dcd.nope", 1),)), noise_kind="none", seed=0
     )
-  assert set(benchmark.PRESETS) == {"main", "noisy", "paper", "ablation", "comparison"}
+  assert set(presets.PRESETS) == {"main", "noisy", "paper", "ablation", "comparison"}
   # Every preset backs a claim: each seed draws its own noisy labels and meta split.
-  assert {p["labels"] for p in benchmark.PRESETS.values()} == {"per_seed"}
+  assert {p["labels"] for p in presets.PRESETS.values()} == {"per_seed"}
   # Every registered method is a row of the comparison table.
-  assert {r.method for r in benchmark.PRESETS["comparison"]["rows"]} == set(methods.NAMES)
-  assert len({r.dirname for r in benchmark.ABLATIONS}) == len(benchmark.ABLATIONS)
+  assert {r.method for r in presets.PRESETS["comparison"]["rows"]} == set(methods.NAMES)
+  assert len({r.dirname for r in presets.ABLATIONS}) == len(presets.ABLATIONS)
 
 
 def test_command_line():
-  assert benchmark.command_line(["/usr/bin/metadcseg-benchmark", "--workdir=a b"]) == (
+  assert report.command_line(["/usr/bin/metadcseg-benchmark", "--workdir=a b"]) == (
     "metadcseg-benchmark '--workdir=a b'"
   )
-  assert benchmark.command_line(["/x/experiments/benchmark.py", "--seeds=0"]) == (
+  assert report.command_line(["/x/experiments/benchmark.py", "--seeds=0"]) == (
     "python -m experiments.benchmark --seeds=0"
   )
 
 
 def test_dice_vs_noise_plot(fake_runs, tmp_path):
-  cells = benchmark.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
-  out = figures.plot_dice_vs_noise(cells, tmp_path / "plot.png", label=benchmark.noise_label)
+  cells = tables.collect(fake_runs, rows=ROWS, noises=["none", "l2b40"])
+  out = figures.plot_dice_vs_noise(cells, tmp_path / "plot.png", label=presets.noise_label)
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
   with pytest.raises(ValueError, match="empty"):
     figures.plot_dice_vs_noise([], tmp_path / "none.png")
@@ -246,7 +250,7 @@ def test_dice_vs_noise_plot(fake_runs, tmp_path):
 def test_table_matches_the_cache_training_reads(tmp_path):
   config = tiny.get_config()
   config.data.data_dir = str(tmp_path)
-  table = benchmark.corruption_table(config, ["l2b20", "l2b60"])
+  table = corruption.corruption_table(config, ["l2b20", "l2b60"])
   rows = [l for l in table.splitlines() if l.startswith("| l2b")]
   assert len(rows) == 2
   sources, key, _ = pipeline.open_dataset(config.data)
@@ -261,7 +265,7 @@ def test_table_matches_the_cache_training_reads(tmp_path):
   # The stronger level corrupts more, and a rerun reuses the files untouched.
   assert float(rows[1].split("|")[3]) > float(rows[0].split("|")[3])
   mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("noisy_*.npy")}
-  assert benchmark.corruption_table(config, ["l2b20", "l2b60"]) == table
+  assert corruption.corruption_table(config, ["l2b20", "l2b60"]) == table
   assert {p: p.stat().st_mtime_ns for p in cache.glob("noisy_*.npy")} == mtimes
 
 
@@ -282,18 +286,18 @@ def test_largest_batch_search_doubles_then_bisects(monkeypatch):
 def test_per_seed_labels_draw_noise_and_meta_split_with_the_seed(tmp_path):
   config = tiny.get_config()
   config.lock()
-  per_seed = benchmark.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="per_seed")
+  per_seed = presets.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="per_seed")
   assert (per_seed.seed, per_seed.data.noise.seed, per_seed.data.meta_seed) == (2, 2, 2)
-  fixed = benchmark.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="fixed")
+  fixed = presets.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="fixed")
   assert fixed.data.noise.seed == config.data.noise.seed and fixed.data.meta_seed is None
   with pytest.raises(ConfigError, match="--labels"):
-    benchmark.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="random")
+    presets.run_config(config, row=CE, noise_kind="l2b40", seed=2, labels="random")
   # A finished run on other noisy labels (the other mode) is refused, not paired.
   res = _results(0.5, 0.4, 5.0)
   res["noise"] = {"kind": "l2b40", "seed": 0}
   _write_run(tmp_path, "l2b40", CE, 2, res)
   with pytest.raises(ConfigError, match="noise seed 0"):
-    benchmark.run_benchmark(
+    runner.run_benchmark(
       config, tmp_path, rows=[CE], noises=["l2b40"], seeds=[2], labels="per_seed", echo=print
     )
 
@@ -326,8 +330,8 @@ def _write_cases(run, dice_by_params, case_ids):
 def test_paired_comparisons_from_each_runs_case_scores(tmp_path):
   rng = np.random.default_rng(0)
   ids = [f"case{i}" for i in range(40)]
-  l2b = benchmark.Row("l2b", "l2b")
-  variant = benchmark.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
+  l2b = presets.Row("l2b", "l2b")
+  variant = presets.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
   rows, gains = [CE, l2b, META, variant], {"ce": 0.0, "l2b": 0.10, "metadcseg": 0.12}
   gains["metadcseg: DCD off"] = 0.11
   scores = {}
@@ -343,14 +347,14 @@ def test_paired_comparisons_from_each_runs_case_scores(tmp_path):
           bn: dict(res[split]["ema"], dice=float(per[bn].mean())) for bn in ("ema", "recompute")
         }
       _write_cases(_write_run(tmp_path, "l2b40", row, seed, res), per, ids)
-  cells = benchmark.collect(tmp_path, rows=rows, noises=["l2b40"])
-  assert benchmark.claim_pairs(cells) == [
+  cells = tables.collect(tmp_path, rows=rows, noises=["l2b40"])
+  assert tables.claim_pairs(cells) == [
     ("metadcseg", "l2b"),
     ("l2b", "ce"),
     ("metadcseg", "ce"),
     ("metadcseg: DCD off", "metadcseg"),
   ]
-  found = benchmark.comparisons(tmp_path, cells)
+  found = tables.comparisons(tmp_path, cells)
   by = {(c["row"], c["reference"], c["params"]): c for c in found}
   c = by["l2b", "ce", "raw"]
   want = np.mean([scores["l2b", s]["raw"] - scores["ce", s]["raw"] for s in range(3)])
@@ -358,62 +362,62 @@ def test_paired_comparisons_from_each_runs_case_scores(tmp_path):
   assert c["verdict"] == "ahead" and c["se_seed"] > 0 and c["se_test"] > 0
   assert by["metadcseg", "l2b", "ema"]["mean"] == pytest.approx(0.02, abs=0.01)
   # A table reads one choice of the EMA weights' statistics, whatever each run was set to.
-  recomputed = benchmark.collect(tmp_path, rows=rows, noises=["l2b40"], ema_choice="recompute")
+  recomputed = tables.collect(tmp_path, rows=rows, noises=["l2b40"], ema_choice="recompute")
   want = np.mean([scores["ce", s]["recompute"].mean() for s in range(3)])
   assert recomputed[0]["test"]["ema"]["dice"]["mean"] == pytest.approx(want)
   assert cells[0]["test"]["ema"]["dice"]["mean"] == pytest.approx(want - 0.02, abs=1e-6)
   c = {
     (c["row"], c["reference"], c["params"]): c
-    for c in benchmark.comparisons(tmp_path, cells, ema_choice="recompute")
+    for c in tables.comparisons(tmp_path, cells, ema_choice="recompute")
   }["l2b", "ce", "ema"]
   want = np.mean([scores["l2b", s]["recompute"] - scores["ce", s]["recompute"] for s in range(3)])
   assert c["mean"] == pytest.approx(want)
   # Chosen per run on validation Dice, where recomputing is ahead in every run here: the
   # recomputed statistics' table, on both splits, and its paired differences.
-  best = benchmark.collect(tmp_path, rows=rows, noises=["l2b40"], ema_choice="best_val")
+  best = tables.collect(tmp_path, rows=rows, noises=["l2b40"], ema_choice="best_val")
   for split in ("val", "test"):
     assert best[0][split]["ema"] == recomputed[0][split]["ema"]
   c_best = {
     (c["row"], c["reference"], c["params"]): c
-    for c in benchmark.comparisons(tmp_path, cells, ema_choice="best_val")
+    for c in tables.comparisons(tmp_path, cells, ema_choice="best_val")
   }["l2b", "ce", "ema"]
   assert c_best["mean"] == pytest.approx(want)
   # One run whose validation favours the EMA of the statistics while its test split does not:
   # the rule reads its EMA of the statistics on test too (chosen on validation, never on test).
-  run = benchmark.run_dir(tmp_path, "l2b40", CE, 0)
+  run = presets.run_dir(tmp_path, "l2b40", CE, 0)
   res = json.loads((run / "results.json").read_text())
   res["val"]["ema_bn"]["ema"]["dice"] = 0.99
   (run / "results.json").write_text(json.dumps(res))
-  best = benchmark.collect(tmp_path, rows=rows, noises=["l2b40"], ema_choice="best_val")
+  best = tables.collect(tmp_path, rows=rows, noises=["l2b40"], ema_choice="best_val")
   want_ce = np.mean(
     [scores["ce", 0]["ema"].mean()] + [scores["ce", s]["recompute"].mean() for s in (1, 2)]
   )
   assert best[0]["test"]["ema"]["dice"]["mean"] == pytest.approx(want_ce)
   c_best = {
     (c["row"], c["reference"], c["params"]): c
-    for c in benchmark.comparisons(tmp_path, cells, ema_choice="best_val")
+    for c in tables.comparisons(tmp_path, cells, ema_choice="best_val")
   }["l2b", "ce", "ema"]
   assert c_best["mean"] == pytest.approx(want + 0.02 / 3)  # seed 0's CE 0.02 lower
-  ema_bn = benchmark.ema_bn_comparisons(tmp_path, cells)
+  ema_bn = tables.ema_bn_comparisons(tmp_path, cells)
   assert len(ema_bn) == 4 and all(e["mean"] == pytest.approx(0.02, abs=1e-9) for e in ema_bn)
-  benchmark.write_outputs(tmp_path, rows=rows, noises=["l2b40"])
+  report.write_outputs(tmp_path, rows=rows, noises=["l2b40"])
   md = (tmp_path / "benchmark.md").read_text()
   assert "## Paired differences" in md and "| 40% | l2b − ce | raw | 3 |" in md
   assert "Recomputed statistics over all 4 cells" in md
   saved = json.loads((tmp_path / "benchmark.json").read_text())
   assert len(saved["comparisons"]) == 8 and len(saved["ema_batch_stats"]) == 4
   # Runs scored on different test cases cannot be paired.
-  run = benchmark.run_dir(tmp_path, "l2b40", CE, 0)
+  run = presets.run_dir(tmp_path, "l2b40", CE, 0)
   _write_cases(run, scores["ce", 0], ids[::-1])
   with pytest.raises(ValueError, match="different test cases"):
-    benchmark.comparisons(tmp_path, cells)
+    tables.comparisons(tmp_path, cells)
 
 
 def test_noise_levels_are_ordered_by_value(fake_runs, monkeypatch):
-  assert benchmark.sort_noises(["l2b40", "l2b60", "none"]) == ["none", "l2b40", "l2b60"]
+  assert presets.sort_noises(["l2b40", "l2b60", "none"]) == ["none", "l2b40", "l2b60"]
   # Kinds without a level come after the levels, in noise.KINDS order.
   kinds = ["dist", "markov_se", "l2b60", "markov_sr", "none", "l2b20", "l2b60"]
-  assert benchmark.sort_noises(kinds) == [
+  assert presets.sort_noises(kinds) == [
     "none",
     "l2b20",
     "l2b60",
@@ -424,9 +428,9 @@ def test_noise_levels_are_ordered_by_value(fake_runs, monkeypatch):
   assert list(noise.KINDS).index("markov_sr") < list(noise.KINDS).index("dist")
   _write_run(fake_runs, "l2b60", CE, 0, _results(0.5, 0.4, 9.0))
   noises = ["l2b40", "l2b60", "none"]  # the command line's order
-  cells = benchmark.collect(fake_runs, rows=ROWS, noises=noises)
+  cells = tables.collect(fake_runs, rows=ROWS, noises=noises)
   assert list(dict.fromkeys(c["noise"] for c in cells)) == ["none", "l2b40", "l2b60"]
-  head = benchmark.main_table(list(reversed(cells))).splitlines()[0]
+  head = report.main_table(list(reversed(cells))).splitlines()[0]
   assert [h.split()[0] for h in head.split("|")[2:-1:3]] == ["0%", "40%", "60%"]
   plotted = []
   monkeypatch.setattr(
@@ -434,21 +438,21 @@ def test_noise_levels_are_ordered_by_value(fake_runs, monkeypatch):
     "plot_dice_vs_noise",
     lambda cells, *a, **k: plotted.append([c["noise"] for c in cells]),
   )
-  benchmark.write_outputs(fake_runs, rows=ROWS, noises=noises)
+  report.write_outputs(fake_runs, rows=ROWS, noises=noises)
   assert list(dict.fromkeys(plotted[0])) == ["none", "l2b40", "l2b60"]
 
 
 def test_a_failure_withholds_only_the_verdicts_in_its_rows_favour():
   base = {"seed_list": [0, 1], "verdict": "ahead"}
-  c = benchmark.count_failures(base, [2], [])
+  c = tables.count_failures(base, [2], [])
   assert (c["verdict"], c["withheld"], c["seeds_attempted"]) == ("not resolved", "ahead", 3)
   # The reference failing leaves the row's win standing: its bad seed is what was dropped.
-  assert benchmark.count_failures(base, [], [2])["verdict"] == "ahead"
+  assert tables.count_failures(base, [], [2])["verdict"] == "ahead"
   behind = dict(base, verdict="behind")
-  assert benchmark.count_failures(behind, [2], [])["verdict"] == "behind"
-  c = benchmark.count_failures(behind, [], [1, 2])
+  assert tables.count_failures(behind, [2], [])["verdict"] == "behind"
+  c = tables.count_failures(behind, [], [1, 2])
   assert (c["verdict"], c["withheld"], c["seeds_attempted"]) == ("not resolved", "behind", 3)
-  assert benchmark.count_failures(dict(base, seed_list=[0, 1, 2]), [], [])["withheld"] is None
+  assert tables.count_failures(dict(base, seed_list=[0, 1, 2]), [], [])["withheld"] is None
 
 
 def _scored_runs(root, gains, jitter, *, seeds=(0, 1, 2), cases=40, skip=()):
@@ -456,7 +460,7 @@ def _scored_runs(root, gains, jitter, *, seeds=(0, 1, 2), cases=40, skip=()):
   results.json and cases.json in each folder but those in `skip`. Returns the scores."""
   rng = np.random.default_rng(7)
   ids = [f"case{i}" for i in range(cases)]
-  rows = {"ce": CE, "l2b": benchmark.Row("l2b", "l2b"), "metadcseg": META}
+  rows = {"ce": CE, "l2b": presets.Row("l2b", "l2b"), "metadcseg": META}
   scores = {}
   for noise_kind, by_row in gains.items():
     for seed in seeds:
@@ -492,7 +496,7 @@ def test_the_choice_and_the_failed_seeds_in_a_users_benchmark(tmp_path, monkeypa
   config.lock()
   lines = []
   with pytest.raises(NonFiniteLossError, match="1 of 18 runs diverged"):
-    benchmark.run_benchmark(
+    runner.run_benchmark(
       config,
       tmp_path,
       rows=rows,
@@ -557,16 +561,16 @@ def test_a_row_that_lost_every_seed_keeps_its_lines(tmp_path):
   lost = [("l2b40", "metadcseg", s) for s in range(3)]
   _scored_runs(tmp_path, gains, {"l2b40": 0.01}, skip=lost)
   failed = [{"noise": n, "row": r, "method": r, "seed": s, "error": "diverged"} for n, r, s in lost]
-  cells = benchmark.collect(tmp_path, rows=ROWS, noises=["l2b40"])
+  cells = tables.collect(tmp_path, rows=ROWS, noises=["l2b40"])
   assert [c["label"] for c in cells] == ["ce"]
-  table = benchmark.main_table(cells, lost=benchmark.lost_seeds(failed, cells)).splitlines()
+  table = report.main_table(cells, lost=tables.lost_seeds(failed, cells)).splitlines()
   assert table[-1] == "| metadcseg | - | - | - | 3 of 3 |"
-  found = benchmark.comparisons(tmp_path, cells, failed=failed)
+  found = tables.comparisons(tmp_path, cells, failed=failed)
   assert [(c["row"], c["verdict"], c["seeds_attempted"]) for c in found] == [
     ("metadcseg", "no paired seeds", 3)
   ] * 2
   # A failed seed that has since finished (a rerun) is not lost.
-  assert benchmark.lost_seeds([dict(failed[0], row="ce")], cells) == {}
+  assert tables.lost_seeds([dict(failed[0], row="ce")], cells) == {}
 
 
 def test_kvasir_presets_load(tmp_path):
@@ -637,11 +641,11 @@ def test_runs_in_worker_processes_give_the_same_tables(tmp_path):
   config = tiny.get_config()
   config.lock()
   kwargs = dict(rows=ROWS, noises=["none", "l2b40"], seeds=[0, 1], command="cmd")
-  one = benchmark.run_benchmark(
+  one = runner.run_benchmark(
     config, tmp_path / "one", **kwargs, echo=lambda _: None, trainer=_train_recording_pid
   )
   lines = []
-  two = benchmark.run_benchmark(
+  two = runner.run_benchmark(
     config,
     tmp_path / "two",
     **kwargs,
@@ -664,7 +668,7 @@ def test_runs_in_worker_processes_give_the_same_tables(tmp_path):
 def test_a_stop_signal_reaches_the_worker_processes(tmp_path):
   config = tiny.get_config()
   config.lock()
-  runs = [benchmark.run_dir(tmp_path, "none", row, s) for s in (0, 1) for row in ROWS]
+  runs = [presets.run_dir(tmp_path, "none", row, s) for s in (0, 1) for row in ROWS]
 
   def signal_when_both_run():
     deadline = time.monotonic() + 120
@@ -676,7 +680,7 @@ def test_a_stop_signal_reaches_the_worker_processes(tmp_path):
   threading.Thread(target=signal_when_both_run, daemon=True).start()
   lines = []
   with pytest.raises(RunStopped, match="stopped by signal"):
-    benchmark.run_benchmark(
+    runner.run_benchmark(
       config,
       tmp_path,
       rows=ROWS,
@@ -697,24 +701,22 @@ def test_the_stop_reported_is_a_training_runs_whichever_finishes_first():
   # A worker can take a queued run after the signal (the pool hands it over before it can be
   # cancelled); that run says only "not started" and may be collected first.
   lines = []
-  outcomes = benchmark._Outcomes(echo=lines.append, write=lambda: None)
+  outcomes = runner._Outcomes(echo=lines.append, write=lambda: None)
   job = lambda seed: ("tag", "none", CE, seed)
-  outcomes.add(job(1), error=benchmark._NotStarted("seed1: not started"))
+  outcomes.add(job(1), error=runner._NotStarted("seed1: not started"))
   outcomes.add(job(0), error=Preempted("seed0: stopped by signal 15"))
-  outcomes.add(job(2), error=benchmark._NotStarted("seed2: not started"))
+  outcomes.add(job(2), error=runner._NotStarted("seed2: not started"))
   assert str(outcomes.stopped) == "seed0: stopped by signal 15"
   assert len(lines) == 3
 
 
 def test_default_processes_follow_the_measurements():
-  assert benchmark.default_processes(cpus=2, backend="cpu") == 2
-  assert benchmark.default_processes(cpus=1, backend="cpu") == 1
-  assert benchmark.default_processes(cpus=16, backend="cpu") == 1
-  assert benchmark.default_processes(cpus=2, backend="gpu") == 1
+  assert runner.default_processes(cpus=2, backend="cpu") == 2
+  assert runner.default_processes(cpus=1, backend="cpu") == 1
+  assert runner.default_processes(cpus=16, backend="cpu") == 1
+  assert runner.default_processes(cpus=2, backend="gpu") == 1
   with pytest.raises(ConfigError, match="processes must be >= 1"):
-    benchmark.run_benchmark(
-      tiny.get_config(), "x", rows=[CE], noises=["none"], seeds=[0], processes=0
-    )
+    runner.run_benchmark(tiny.get_config(), "x", rows=[CE], noises=["none"], seeds=[0], processes=0)
 
 
 def test_trainer_rates_against_the_bare_steps(tmp_path, monkeypatch):
@@ -764,7 +766,7 @@ def test_audit_timed_per_function_where_it_factors():
   config = throughput.config_for("l2b", 16, 2, 1, 2)
   config.meta.a0 = 1.0
   m = methods.create(config, steps_per_epoch=10)
-  assert not m.audit_shares_direction and audit.functions(m).direction is None
+  assert not m.audit_shares_direction and audit_passes.functions(m).direction is None
 
 
 def test_ema_statistics_rules_cross_fitted_on_validation_halves():

@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from metadcseg_jax import checkpoint
 from metadcseg_jax.errors import CheckpointError
+from metadcseg_jax.training import checkpoint
 
 
 def _config(width=4):

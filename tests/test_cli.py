@@ -19,8 +19,11 @@ import tomllib
 import pytest
 
 from metadcseg_jax import cli
+from metadcseg_jax.commands import bench
+from metadcseg_jax.commands import speed
+from metadcseg_jax.commands import throughput as throughput_command
 
-from metadcseg_jax import summaries
+from metadcseg_jax.training import summaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "configs" / "tiny.py")
@@ -119,7 +122,7 @@ def test_quick_start_writes_tensorboard_events_and_says_how_to_see_them(quick_st
 def test_quick_start_imports_only_declared_dependencies(quick_start, deps):
   _, out = quick_start
   modules = deps.modules_from_importtime(out.stderr)
-  assert "metadcseg_jax.train" in modules and "orbax.checkpoint" in modules
+  assert "metadcseg_jax.training.train" in modules and "orbax.checkpoint" in modules
   assert deps.undeclared(modules) == {}
 
 
@@ -196,23 +199,41 @@ def test_benchmark_command(data_dir, tmp_path):
   assert (tmp_path / "none" / "ce" / "seed0" / "results.json").stat().st_mtime_ns == mtime
 
 
-def test_step_benchmark_command():
+def test_speed_command_times_each_step_and_the_meta_over_plain_ratio():
   out = _run(
     [
-      _script("metadcseg-bench"),
+      _script("metadcseg-speed"),
       "--sizes=32",
       "--widths=4",
       "--channels=1",
-      "--steps=ce,l2b_jvp",
+      "--methods=ce,l2b_jvp",
       "--repeats=1",
-      "--batch=2",
+      "--batches=2",
       "--notorch",
+      "--noflops",
     ]
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  row = [l for l in out.stdout.splitlines() if l.startswith("| 32 | 4 | 1 |")]
-  assert len(row) == 1 and all(float(c) > 0 for c in row[0].strip("|").split("|")[3:])
+  assert "32px, width 4, 1 ch, float32" in out.stdout
+  for step in ("ce", "l2b_jvp"):
+    (row,) = [l for l in out.stdout.splitlines() if l.startswith(f"| {step} | 2 |")]
+    ms, images_per_s = (float(c) for c in row.strip("|").split("|")[2:5:2])
+    assert ms > 0 and images_per_s > 0
+  assert "size 32 width 4 ch 1 batch 2: l2b_jvp/ce " in out.stdout
   assert "meta/plain ratio:" in out.stdout
+
+
+def test_the_old_speed_names_translate_their_flags():
+  """metadcseg-bench and metadcseg-throughput run metadcseg-speed with the flags renamed and,
+  for metadcseg-bench, its own defaults where the user gave none."""
+  args = speed.translate(["--steps=ce", "--batch=4", "--repeats=1"], bench.RENAMED, bench.DEFAULTS)
+  assert args[:3] == ["--methods=ce", "--batches=4", "--repeats=1"]
+  assert set(args[3:]) == {"--sizes=128", "--widths=16,32", "--channels=1,3", "--noflops"}
+  assert speed.translate(["--size=64", "--width=8", "--notorch"], throughput_command.RENAMED) == [
+    "--sizes=64",
+    "--widths=8",
+    "--notorch",
+  ]
 
 
 @pytest.mark.parametrize(
@@ -459,10 +480,12 @@ def entry_points(tmp_path_factory):
   "script, named",
   [
     ("metadcseg-train", ["--config=FILE[:ARG]", "--workdir=DIR", "--config.FIELD=VALUE"]),
-    ("metadcseg-bench", ["--sizes=", "--widths=", "--steps=", "--[no]torch"]),
+    (
+      "metadcseg-speed",
+      ["--sizes=", "--widths=", "--methods=", "--batches=", "--[no]torch", "--trainer_steps=INT"],
+    ),
     ("metadcseg-corrupt", ["--config=FILE[:ARG]", "--kinds="]),
     ("metadcseg-benchmark", ["--config=", "--workdir=DIR", "--preset=main|", "--seeds="]),
-    ("metadcseg-throughput", ["--size=INT", "--batches=", "--trainer_steps=INT"]),
     ("metadcseg-audit", ["--workdir=DIR", "--top=INT", "--[no]recompute"]),
   ],
 )
@@ -484,6 +507,15 @@ def test_help_lists_the_commands_flags_and_exits_0(entry_points, script, named):
   if "--config=FILE[:ARG]" in text:
     assert "synthetic.py   The README demo: MetaDCSeg on the built-in synthetic set" in text
     assert "\n  tiny.py " in text and "\n  table8.py" not in text  # table8 is no config
+
+
+@pytest.mark.parametrize("old", ["metadcseg-bench", "metadcseg-throughput"])
+def test_the_old_speed_names_say_the_new_one_and_show_its_help(entry_points, old):
+  helps, _ = entry_points
+  result = helps[old]
+  (notice,) = result["stderr"].splitlines()
+  assert notice.startswith(f"{old} is now metadcseg-speed (") and "metadcseg-speed --help" in notice
+  assert result["code"] == 0 and "    metadcseg-speed --sizes=" in result["stdout"]
 
 
 def test_help_of_the_installed_script_exits_0():

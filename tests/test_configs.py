@@ -1,12 +1,18 @@
 """The default config and Table 8 in the library; the config files that ship build on them."""
 
 import ast
+import json
 import pathlib
 
 import pytest
 
 from metadcseg_jax import configs
 from metadcseg_jax import methods
+from metadcseg_jax.data import pipeline
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import preemption
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((ROOT / "experiments" / "configs").glob("*.py"))
@@ -83,3 +89,56 @@ def test_a_config_file_builds_on_another():
   # synthetic.py's settings, with benchmark.py's own on top.
   assert bench.model.width == synthetic.model.width != configs.default_config().model.width
   assert bench.data.n_test == 500 != synthetic.data.n_test
+
+
+def _without(settings: dict, *dotted: str) -> dict:
+  for key in dotted:
+    *path, field = key.split(".")
+    node = settings
+    for part in path:
+      node = node[part]
+    del node[field]
+  return settings
+
+
+def test_a_run_folder_older_than_the_options_reads_as_what_it_did(tmp_path):
+  """config.json of a run made before some options existed is brought up to date where it is
+  read (`configs.upgrade`, through `Workdir.first_config` and `runs.run_config`): each missing
+  field takes the value that reproduces that run, and the code reads fields directly."""
+  old = _without(
+    configs.default_config().to_dict(),
+    "train.ema_batch_stats",
+    "train.checkpoint_every_minutes",
+    "train.checkpoint_every_steps",
+    "audit",
+    "meta.precision",
+    "data.noise.calibrate",
+    "distributed",
+  )
+  old["train"]["lr"] = 0.01  # a setting the run gave is kept
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  config = runs.run_config(tmp_path)
+  assert config.train.lr == 0.01
+  assert config.train.ema_batch_stats == "ema"  # the EMA of the statistics, not "best_val"
+  assert (config.train.checkpoint_every_minutes, config.train.checkpoint_every_steps) == (0.0, 0)
+  assert (config.audit.epochs, config.audit.meta_images) == (0, 0)
+  assert config.meta.precision == "default" and config.data.noise.calibrate is False
+  assert config.distributed.initialize == "off"
+  # ... and behaves as such a run did: no audit pass, the EMA statistics, no timed checkpoints.
+  method = methods.create(config, steps_per_epoch=4)
+  assert not any(
+    audit_passes.is_due(method, config, e) for e in range(1, config.train.num_epochs + 1)
+  )
+  assert train.chosen_ema_stats(None, config.train.ema_batch_stats) == "ema"
+  schedule = preemption.Schedule(
+    config.train.checkpoint_every_steps,
+    config.train.checkpoint_every_minutes,
+    preemption.StopSignals(),
+  )
+  assert schedule.check(1) == (False, False)
+  assert pipeline.noise_options(config.data.noise) == {}  # noise kind "none"
+  config.data.noise.kind = "l2b40"
+  assert pipeline.noise_options(config.data.noise)["calibrate"] is False
+  # A current run's config.json reads as written.
+  current = configs.default_config().to_dict()
+  assert configs.upgrade(current) == current

@@ -1,5 +1,6 @@
-"""`metadcseg-throughput` and `metadcseg-audit` run as the console scripts pip installed: each
-on the smallest input that exercises its whole main path, its output read back."""
+"""`metadcseg-throughput` (metadcseg-speed under its old name) and `metadcseg-audit` run as the
+console scripts pip installed: each on the smallest input that exercises its whole main path, its
+output read back."""
 
 import csv
 import os
@@ -12,9 +13,9 @@ import numpy as np
 from PIL import Image
 
 from experiments.configs import tiny
-from metadcseg_jax import audit
-from metadcseg_jax import workdir as workdir_lib
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,10 @@ def test_throughput_command():
     fast_compile=True,
   )
   assert out.returncode == 0, out.stderr[-3000:]
+  # The old name: one line saying the new one, then metadcseg-speed with the flags renamed.
+  notice = "metadcseg-throughput is now metadcseg-speed (the old name goes in the next release): "
+  new = notice + "metadcseg-speed --sizes=16 --widths=2 --channels=1 "
+  assert any(line.startswith(new) for line in out.stderr.splitlines()), out.stderr[:1000]
   assert "16px, width 2, 1 ch, float32" in out.stdout
   (row,) = [line for line in out.stdout.splitlines() if line.startswith("| ce | 2 |")]
   cells = [c.strip() for c in row.strip("|").split("|")]
@@ -81,14 +86,14 @@ def _user_folder_run(tmp_path):
   pseudo = given.copy()
   pseudo[2] = 1 - pseudo[2]
   suspicion = np.where(given != pseudo, 0.9, 0.0).astype(np.float16)
-  audit.save_pass(
+  audit_passes.save_pass(
     run,
     3,
     {
       "index": np.asarray(train.indices),
       "suspicion": suspicion,
       "pseudo": pseudo.astype(np.uint8),
-      "score": audit.image_scores(suspicion.astype(np.float32), given, pseudo),
+      "score": audit_passes.image_scores(suspicion.astype(np.float32), given, pseudo),
       "meta_images": np.asarray(0),
     },
   )

@@ -18,7 +18,7 @@ import pytest
 import scipy.linalg
 
 from experiments.configs import tiny
-from metadcseg_jax import wasserstein
+from metadcseg_jax.core import wasserstein
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.methods import base
 from metadcseg_jax.methods import dale
@@ -155,7 +155,7 @@ def test_gaussian_w2_closed_forms():
   rng = np.random.default_rng(2)
   mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
   a, b = rng.uniform(0.1, 3, 4), rng.uniform(0.1, 3, 4)
-  w2 = functools.partial(wasserstein.gaussian_w2_squared, jitter=0.0)
+  w2 = _w2(jitter=0.0)
   with jax.enable_x64(True):
     # Commuting (diagonal) covariances: ‖μ1 − μ2‖² + Σ (√a − √b)².
     want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
@@ -171,8 +171,15 @@ def test_gaussian_w2_closed_forms():
     cross = np.trace(scipy.linalg.sqrtm(r1 @ c2 @ r1).real)
     want = np.sum((mu1 - mu2) ** 2) + np.trace(c1 + c2) - 2 * cross
     np.testing.assert_allclose(w2(*map(jnp.asarray, (mu1, c1, mu2, c2))), want, rtol=1e-10)
-    same = wasserstein.gaussian_w2_squared(*map(jnp.asarray, (mu1, c1, mu1, c1)), jitter=1e-4)
+    same = _w2(jitter=1e-4)(*map(jnp.asarray, (mu1, c1, mu1, c1)))
     np.testing.assert_allclose(same, 0.0, atol=1e-10)
+
+
+def _w2(*, jitter):
+  """`gaussian_w2_squared` of (μ1, Σ1, μ2, Σ2) given in that order."""
+  return lambda mu1, cov1, mu2, cov2: wasserstein.gaussian_w2_squared(
+    mu1, cov1, mu2=mu2, cov2=cov2, jitter=jitter
+  )
 
 
 def _fd_directional(f, x, direction, eps):
@@ -185,7 +192,7 @@ def test_gaussian_w2_gradient_matches_finite_differences():
   c1, c2 = _spd(rng, 4), _spd(rng, 4)
   with jax.enable_x64(True):
     args = tuple(map(jnp.asarray, (mu1, c1, mu2, c2)))
-    w2 = functools.partial(wasserstein.gaussian_w2_squared, jitter=1e-3)
+    w2 = _w2(jitter=1e-3)
     grads = jax.grad(lambda *a: w2(*a), argnums=(0, 1, 2, 3))(*args)
     for k in range(4):
       for _ in range(2):
@@ -306,7 +313,17 @@ def omega_problem():
     @_jit
     def run(variables, opt_state):
       return dale.omega_weights(
-        model.apply, variables, opt, opt_state, xf, xn, y, mf, mn, lr=0.1, steps=1
+        model.apply,
+        variables,
+        optimizer=opt,
+        opt_state=opt_state,
+        x_fuzzy=xf,
+        x_nonfuzzy=xn,
+        y=y,
+        mask_fuzzy=mf,
+        mask_nonfuzzy=mn,
+        lr=0.1,
+        steps=1,
       )
 
     omega, g, meta_loss = run(variables, opt_state)

@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.dcd (MetaDCSeg Eq. 6 to Eq. 12, Eq. 46, Eq. 47)."""
+"""Tests for metadcseg_jax.core.dcd (MetaDCSeg Eq. 6 to Eq. 12, Eq. 46, Eq. 47)."""
 
 import functools
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadcseg_jax import dcd
+from metadcseg_jax.core import dcd
 
 
 # ---------------------------------------------------------------- regions
@@ -68,7 +68,7 @@ def test_hand_example_centers_dcd_weights():
     jnp.asarray(H_HAND),
     jnp.asarray(G_HAND),
     jnp.asarray(MASKS_HAND),
-    jnp.zeros((3, 2)),
+    default_centers=jnp.zeros((3, 2)),
     min_pixels=4,
   )
   np.testing.assert_allclose(centers, [[3, 0], [-1, 0], [1, -0.5]], atol=1e-6)
@@ -121,7 +121,7 @@ def test_center_fallback_small_region_and_zero_gamma():
   h = jnp.asarray(H_HAND)
 
   def centers_sum(h, gamma):
-    c, fb = dcd.region_centers(h, gamma, jnp.asarray(MASKS_HAND), default)
+    c, fb = dcd.region_centers(h, gamma, jnp.asarray(MASKS_HAND), default_centers=default)
     return jnp.sum(c), (c, fb)
 
   # Default τ_min = 10: every region (4, 4, 8 pixels) is too small.
@@ -134,7 +134,7 @@ def test_center_fallback_small_region_and_zero_gamma():
   big[2, 1:] = True  # 12 px, γ = 0
   gamma = np.ones((4, 4), np.float32)
   gamma[1:] = 0.0
-  c, fb = dcd.region_centers(h, jnp.asarray(gamma), jnp.asarray(big), default)
+  c, fb = dcd.region_centers(h, jnp.asarray(gamma), jnp.asarray(big), default_centers=default)
   np.testing.assert_array_equal(fb, [False, True, True])
   np.testing.assert_allclose(c[2], default[2])
   # fg: rows 0-2, but γ = 0 on rows 1-2: (2,0),(2,0),(4,0),(4,0) -> (3, 0).
@@ -142,7 +142,8 @@ def test_center_fallback_small_region_and_zero_gamma():
   # No NaN in the gradient through a fallback region, none into γ.
   g_h, g_gamma = jax.jit(
     jax.grad(
-      lambda h, g: jnp.sum(dcd.region_centers(h, g, jnp.asarray(big), default)[0]), argnums=(0, 1)
+      lambda h, g: jnp.sum(dcd.region_centers(h, g, jnp.asarray(big), default_centers=default)[0]),
+      argnums=(0, 1),
     )
   )(h, jnp.asarray(gamma))
   assert np.isfinite(g_h).all()
@@ -189,9 +190,9 @@ def test_full_pipeline_finite_when_feature_is_its_bd_center():
       h,
       jnp.asarray(prob),
       jnp.zeros((8, 8), bool),
-      jnp.ones((8, 8)),
-      jnp.zeros((3, 2)),
-      dcd.DCDOptions(detach_weights=False),
+      gamma=jnp.ones((8, 8)),
+      default_centers=jnp.zeros((3, 2)),
+      options=dcd.DCDOptions(detach_weights=False),
     )
     return jnp.sum(out["w"] * jnp.arange(64.0).reshape(8, 8)), out
 
@@ -238,10 +239,10 @@ def _toy_batch(b=3, size=16, d=4, seed=0):
 def test_vmapped_equals_python_loop():
   h, prob, edges, gamma = _toy_batch()
   default = jnp.arange(12.0).reshape(3, 4) / 10
-  batched = jax.jit(dcd.dcd_weights)(h, prob, edges, gamma, default)
+  batched = jax.jit(dcd.dcd_weights)(h, prob, edges, gamma=gamma, default_centers=default)
   single_fn = jax.jit(dcd.dcd_weights_single)
   for i in range(h.shape[0]):
-    single = single_fn(h[i], prob[i], edges[i], gamma[i], default)
+    single = single_fn(h[i], prob[i], edges[i], gamma=gamma[i], default_centers=default)
     for key, value in single.items():
       np.testing.assert_allclose(batched[key][i], value, rtol=2e-5, atol=1e-6, err_msg=key)
   fb = np.asarray(batched["used_fallback"])
@@ -262,9 +263,9 @@ def _bd_loss_fn(h, w_frozen, frozen, *, prob, edges, gamma, head, detach):
     h,
     prob,
     edges,
-    gamma,
-    jnp.zeros((3, h.shape[-1]), h.dtype),
-    dcd.DCDOptions(detach_weights=detach),
+    gamma=gamma,
+    default_centers=jnp.zeros((3, h.shape[-1]), h.dtype),
+    options=dcd.DCDOptions(detach_weights=detach),
   )
   w = frozen * w_frozen + (1 - frozen) * out["w"]
   return jnp.sum(w * f), out

@@ -47,8 +47,8 @@ _IMPORT_ALL = textwrap.dedent("""
 
 # Modules whose imports belong to an optional extra: {module: (extra, top-level import)}.
 OPTIONAL_MODULES = {
-  "metadcseg_jax.torch_ref": ("bench", "torch"),
-  "metadcseg_jax.cleanlab_ref": ("audit", "cleanlab"),
+  "metadcseg_jax.tools.torch_ref": ("bench", "torch"),
+  "metadcseg_jax.audit.cleanlab_ref": ("audit", "cleanlab"),
 }
 
 
@@ -65,7 +65,9 @@ def test_every_module_imports_and_every_import_is_declared(deps):
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["failures"] == {}
-  assert "metadcseg_jax.train" in report["modules"] and "experiments.main" in report["modules"]
+  assert (
+    "metadcseg_jax.training.train" in report["modules"] and "experiments.main" in report["modules"]
+  )
   bad = deps.undeclared(report["modules"])
   assert bad == {}, (
     f"imported at run time but not declared in pyproject.toml (module: the "

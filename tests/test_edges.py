@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.edges: Sobel (against scipy), Canny (against scikit-image), the
+"""Tests for metadcseg_jax.core.edges: Sobel (against scipy), Canny (against scikit-image), the
 detector chosen by the config, and how much of each detector's edge map is object boundary."""
 
 import pathlib
@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from skimage import feature
 
-from metadcseg_jax import edges as edges_lib
+from metadcseg_jax.core import edges as edges_lib
 from metadcseg_jax.errors import ConfigError
 
 

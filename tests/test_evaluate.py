@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadcseg_jax import evaluate
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.training import evaluate
 
 SIZE = 8
 

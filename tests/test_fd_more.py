@@ -20,11 +20,11 @@ import numpy as np
 import optax
 import pytest
 
-from metadcseg_jax import dcd
-from metadcseg_jax import meta
-from metadcseg_jax import models
-from metadcseg_jax import objective
-from metadcseg_jax import optim
+from metadcseg_jax.core import dcd
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import models
+from metadcseg_jax.core import objective
+from metadcseg_jax.core import optim
 
 SLOW = os.environ.get("METADCSEG_SLOW") == "1"
 SLOW_REASON = "one case per optimizer in CI: set METADCSEG_SLOW=1 for all"
@@ -120,7 +120,15 @@ def _fd(apply_fn, opt, pb, a0b0, idx, eps):
 def _meta(apply_fn, opt, pb, a0b0, route):
   fn = jax.jit(
     lambda v, s, x, y, xv, yv: meta.meta_weights(
-      apply_fn, v, s, opt, x, y, xv, yv, meta.MetaOptions(*a0b0, eta=0.01, route=route)
+      apply_fn,
+      v,
+      optimizer=opt,
+      opt_state=s,
+      x=x,
+      y=y,
+      xv=xv,
+      yv=yv,
+      options=meta.MetaOptions(*a0b0, eta=0.01, route=route),
     ),
     compiler_options=FAST_COMPILE,
   )
@@ -286,7 +294,9 @@ def test_metadcseg_objective_gradient_in_the_parameters(normalizer):
       (logits, features), _ = model.apply(
         {**variables, "params": p}, x, train=True, mutable=["batch_stats"]
       )
-      return objective.metadcseg_loss(logits, features, y, edges, weights, centers, options)
+      return objective.metadcseg_loss(
+        logits, features, y, edges=edges, weights=weights, default_centers=centers, options=options
+      )
 
     loss_fn = jax.jit(loss, compiler_options=FAST_COMPILE)
     (_, aux), grads = jax.jit(

@@ -1,4 +1,4 @@
-"""Tests of metadcseg_jax/figures.py: curves from a metrics log, the maps figure."""
+"""Tests of metadcseg_jax/training/figures.py: curves from a metrics log, the maps figure."""
 
 import json
 import pathlib
@@ -6,8 +6,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from metadcseg_jax import figures
 from metadcseg_jax.methods import base
+from metadcseg_jax.training import figures
 
 
 def _png_size(path):

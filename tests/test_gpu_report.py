@@ -13,12 +13,12 @@ import sys
 
 import pytest
 
-from experiments import meta_precision
 from experiments.configs import kvasir_seg
 from metadcseg_jax import methods
-from metadcseg_jax import throughput
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.tools import gpu_report
+from metadcseg_jax.tools import precision as meta_precision
+from metadcseg_jax.tools import throughput
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -14,16 +14,16 @@ from PIL import Image
 import pytest
 
 from experiments.configs import tiny
-from metadcseg_jax import metrics
 from metadcseg_jax import methods
-from metadcseg_jax import runs
-from metadcseg_jax import train
+from metadcseg_jax import metrics
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.inference import evaluate_folder
 from metadcseg_jax.inference import export
 from metadcseg_jax.inference import model as model_lib
 from metadcseg_jax.inference import predict
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 from tests import folders
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_saved_weights_reproduce_the_ema_scores_under_every_choice(folder_run, t
     tmp_path / choice,
     config=cfg,
     state=chosen,
-    pre=train.preprocessing(cfg, run.splits.info),
+    pre=model_lib.preprocessing(cfg, run.splits.info),
     ema_batch_stats=scores["ema_batch_stats"],
   )
   model = model_lib.load_model(tmp_path / choice)

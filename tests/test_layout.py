@@ -1,12 +1,16 @@
-"""The package's shape: no import cycle, no import hidden in a function, equations findable."""
+"""The package's shape: rooms that import one way, no import cycle, no import hidden in a
+function, short functions, equations findable, docstring examples that run."""
 
 import ast
+import doctest
 import importlib
 import inspect
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "metadcseg_jax"
@@ -34,25 +38,90 @@ def _imports(path: pathlib.Path, modules) -> set[str]:
   return {m for m in out if m in modules}
 
 
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The cycles a depth-first walk of `graph` ({node: the nodes it imports}) meets."""
+  state, cycles = {}, []
+
+  def visit(node, stack):
+    state[node] = "open"
+    for other in sorted(graph.get(node, ())):
+      if state.get(other) == "open":
+        cycles.append(stack[stack.index(other) :] + [other])
+      elif other not in state:
+        visit(other, stack + [other])
+    state[node] = "done"
+
+  for node in sorted(graph):
+    if node not in state:
+      visit(node, [node])
+  return cycles
+
+
 def test_the_package_has_no_import_cycle():
   modules = _modules()
   graph = {m: _imports(p, modules) - {m} for m, p in modules.items()}
   # A package's __init__ is imported before any of its submodules: an edge to it counts.
-  state, cycles = {}, []
+  assert _cycles(graph) == []
 
-  def visit(m, stack):
-    state[m] = "open"
-    for n in sorted(graph[m]):
-      if state.get(n) == "open":
-        cycles.append(stack[stack.index(n) :] + [n])
-      elif n not in state:
-        visit(n, stack + [n])
-    state[m] = "done"
 
-  for m in sorted(graph):
-    if m not in state:
-      visit(m, [m])
-  assert cycles == []
+# The modules the package keeps at its top, beside its rooms (sub-packages): what every room
+# shares (errors, files, types, settings, the configs and their checks, the command line, devices,
+# metrics, progress lines).
+MAX_TOP_MODULES = 12
+
+
+def test_the_top_of_the_package_holds_at_most_a_dozen_modules():
+  top = sorted(p.name for p in PACKAGE.glob("*.py"))
+  assert len(top) <= MAX_TOP_MODULES, top
+
+
+def _room(module: str) -> str:
+  """A module's room: its first sub-package (`metadcseg_jax.core.meta` -> `core`); a module at the
+  top of the package is a room of its own (`metadcseg_jax.configs` -> `configs`)."""
+  parts = module.split(".")
+  return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_rooms_import_one_way():
+  """Between rooms the imports form no cycle: if a module of room A imports one of room B, no
+  module of B imports (directly or through other rooms) one of A. The package's __init__ (it
+  exports `load_model`) is left out: nothing inside the package imports it."""
+  modules = _modules()
+  graph: dict[str, set[str]] = {}
+  for name, path in modules.items():
+    if name == "metadcseg_jax":
+      continue
+    room = _room(name)
+    graph.setdefault(room, set()).update(
+      _room(m) for m in _imports(path, modules) if m != "metadcseg_jax" and _room(m) != room
+    )
+  assert _cycles(graph) == []
+  # The ways the rooms are meant to go, checked by name.
+  assert "audit" not in graph["methods"] and "training" not in graph["inference"]
+  assert not graph["core"] - {"settings", "types", "errors"}, graph["core"]
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+  """The lines of a function's body without its docstring."""
+  body = node.body
+  if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+    if isinstance(body[0].value.value, str):
+      body = body[1:]
+  return node.end_lineno - body[0].lineno + 1 if body else 0
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_body_is_longer_than_80_lines():
+  long = [
+    f"{name}.{node.name} ({_body_lines(node)} lines)"
+    for name, path in _modules().items()
+    for node in ast.walk(ast.parse(path.read_text()))
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    and _body_lines(node) > MAX_FUNCTION_LINES
+  ]
+  assert long == []
 
 
 def test_no_import_inside_a_function():
@@ -139,3 +208,116 @@ def test_the_tree_is_formatted_with_the_configured_formatter():
     text=True,
   )
   assert width.returncode == 0, width.stdout
+
+
+# ----------------------------------------------------------------------------- docstring examples
+
+# Every module with a `>>>` example, run by `test_docstring_examples_run` (optax's way).
+DOCTEST_MODULES = (
+  "metadcseg_jax.benchmark.report",
+  "metadcseg_jax.benchmark.stats",
+  "metadcseg_jax.commands.speed",
+  "metadcseg_jax.configs",
+  "metadcseg_jax.core.dcd",
+  "metadcseg_jax.core.losses",
+  "metadcseg_jax.core.meta",
+  "metadcseg_jax.core.objective",
+  "metadcseg_jax.core.optim",
+  "metadcseg_jax.core.wasserstein",
+  "metadcseg_jax.metrics",
+  "metadcseg_jax.progress",
+  "metadcseg_jax.tools.throughput",
+)
+# The method's core functions each carry a short example on tiny arrays.
+EXAMPLES_REQUIRED = (
+  "metadcseg_jax.core.meta.meta_weights",
+  "metadcseg_jax.core.meta.suspicion_map",
+  "metadcseg_jax.core.dcd.regions",
+  "metadcseg_jax.core.dcd.region_centers",
+  "metadcseg_jax.core.dcd.dcd_map",
+  "metadcseg_jax.core.dcd.boundary_weights",
+  "metadcseg_jax.core.objective.l2b_loss",
+  "metadcseg_jax.core.objective.metadcseg_loss",
+  "metadcseg_jax.benchmark.stats.paired_difference",
+)
+
+
+def test_every_module_with_an_example_is_run():
+  with_examples = sorted(name for name, p in _modules().items() if ">>>" in p.read_text())
+  assert with_examples == sorted(DOCTEST_MODULES)
+  for dotted in EXAMPLES_REQUIRED:
+    module_name, _, attr = dotted.rpartition(".")
+    doc = inspect.getdoc(getattr(importlib.import_module(module_name), attr)) or ""
+    assert ">>>" in doc, f"{dotted} has no example"
+
+
+@pytest.mark.parametrize("module_name", DOCTEST_MODULES)
+def test_docstring_examples_run(module_name):
+  module = importlib.import_module(module_name)
+  flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+  result = doctest.testmod(module, optionflags=flags, verbose=False)
+  assert result.attempted > 0 and result.failed == 0, result
+
+
+# ----------------------------------------------------------------------------- signatures
+
+
+def _functions(module_filter=lambda name: True):
+  """(module, qualified name, node, public) of every function of the package's modules."""
+  for name, path in sorted(_modules().items()):
+    if not module_filter(name):
+      continue
+
+    def walk(node, prefix, public):
+      for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.ClassDef):
+          yield from walk(
+            child, f"{prefix}{child.name}.", public and not child.name.startswith("_")
+          )
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+          yield name, prefix + child.name, child, public and not child.name.startswith("_")
+
+    yield from walk(ast.parse(path.read_text()), "", True)
+
+
+def _parameters(node) -> tuple[list[str], list[str]]:
+  """(positional, keyword-only) parameter names, self and cls left out."""
+  a = node.args
+  positional = [x.arg for x in a.posonlyargs + a.args if x.arg not in ("self", "cls")]
+  return positional, [x.arg for x in a.kwonlyargs]
+
+
+# Called positionally by what it stands in for: the unpickler of PyTorch's files.
+POSITIONAL_BY_PROTOCOL = ("metadcseg_jax.core.edges.pidinet._rebuild_tensor_v2",)
+
+
+def test_core_functions_take_at_most_three_positional_parameters():
+  """The method's mathematics (core/): past the third, every parameter is keyword-only."""
+  wide = [
+    f"{module}.{name} ({len(_parameters(node)[0])} positional)"
+    for module, name, node, _ in _functions(lambda m: m.startswith("metadcseg_jax.core"))
+    if len(_parameters(node)[0]) > 3 and f"{module}.{name}" not in POSITIONAL_BY_PROTOCOL
+  ]
+  assert wide == []
+
+
+def test_optimizer_comes_before_its_state_everywhere():
+  swapped = []
+  for module, name, node, _ in _functions():
+    positional, keyword = _parameters(node)
+    names = positional + keyword
+    if "optimizer" in names and "opt_state" in names:
+      if names.index("opt_state") < names.index("optimizer"):
+        swapped.append(f"{module}.{name}")
+  assert swapped == []
+
+
+def test_public_functions_of_four_or_more_parameters_document_them():
+  undocumented = [
+    f"{module}.{name}"
+    for module, name, node, public in _functions()
+    if public
+    and len(sum(_parameters(node), [])) >= 4
+    and "Args:" not in (ast.get_docstring(node) or "")
+  ]
+  assert undocumented == []

@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.losses."""
+"""Tests for metadcseg_jax.core.losses."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from metadcseg_jax import losses
+from metadcseg_jax.core import losses
 
 
 def _random_batch(seed=0, shape=(2, 4, 5), num_classes=3, scale=3.0):

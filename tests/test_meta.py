@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.meta: exact pixel-wise meta-gradients (App. A.3, Eq. 21-29).
+"""Tests for metadcseg_jax.core.meta: exact pixel-wise meta-gradients (App. A.3, Eq. 21-29).
 
 The reference for exactness is a central finite difference, in float64, of the one-step
 unrolled objective `Lval(θ̂(a, b))` written out independently here (`_unrolled_objective`).
@@ -17,9 +17,9 @@ import optax
 import pytest
 
 from metadcseg_jax import configs
-from metadcseg_jax import meta
-from metadcseg_jax import models
-from metadcseg_jax import optim
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import models
+from metadcseg_jax.core import optim
 
 NUM_PIXELS = 20  # random pixels checked by finite differences
 FD_EPS = 1e-5  # TinyNet is smooth (tanh): the error is flat from 1e-4 to 1e-6
@@ -75,6 +75,11 @@ class Problem(NamedTuple):
   @property
   def data(self):
     return self.x, self.y, self.xv, self.yv
+
+  @property
+  def batches(self):
+    """The two batches as `meta_weights` takes them, by name."""
+    return {"x": self.x, "y": self.y, "xv": self.xv, "yv": self.yv}
 
 
 def _random_variables(model, x, rng):
@@ -135,13 +140,13 @@ def _meta_fn(pb, *, route, a0b0=(0.0, 0.0), normalizer="image", opt=None, apply_
     lambda v, s, x, y, xv, yv, eta: meta.meta_weights(
       apply_fn or pb.apply_fn,
       v,
-      s,
-      opt or pb.opt,
-      x,
-      y,
-      xv,
-      yv,
-      meta.MetaOptions(*a0b0, eta=eta, normalizer=normalizer, route=route),
+      optimizer=opt or pb.opt,
+      opt_state=s,
+      x=x,
+      y=y,
+      xv=xv,
+      yv=yv,
+      options=meta.MetaOptions(*a0b0, eta=eta, normalizer=normalizer, route=route),
     )
   )
 
@@ -385,7 +390,7 @@ def test_sgd_update_transpose_is_minus_lr():
     for _ in range(5):  # count 5 -> epoch 2; a non-zero buffer
       _, state = opt.tx.update(v, state, params)
     g0 = jax.tree.map(jnp.zeros_like, params)
-    _, linear, transpose = meta.linearize_update(opt, state, params, g0)
+    _, linear, transpose = meta.linearize_update(opt, state, params=params, grads=g0)
     lr = 0.2 * 20 / 22
     np.testing.assert_allclose(transpose(v)["w"], -lr * factor * v["w"], rtol=1e-6)
     np.testing.assert_allclose(linear(v)["w"], -lr * factor * v["w"], rtol=1e-6)
@@ -503,7 +508,12 @@ def test_jvp_route_refused_for_adam(conv32):
   state = adam.tx.init(conv32.variables["params"])
   with pytest.raises(ValueError, match=r"(?s)'adam'.*route='reverse'"):
     meta.meta_weights(
-      conv32.apply_fn, conv32.variables, state, adam, *conv32.data, meta.MetaOptions(route="jvp")
+      conv32.apply_fn,
+      conv32.variables,
+      optimizer=adam,
+      opt_state=state,
+      **conv32.batches,
+      options=meta.MetaOptions(route="jvp"),
     )
 
 
@@ -517,12 +527,18 @@ def test_one_direction_serves_every_training_batch():
     other = _make_problem(
       TinyNet(), sgd, shape=(2, 8, 8, 2), num_classes=3, dtype=jnp.float64, seed=1
     )
-    direction = _jit(lambda v, s, xv, yv: meta.meta_direction(pb.apply_fn, v, s, pb.opt, xv, yv))(
-      pb.variables, pb.opt_state, pb.xv, pb.yv
-    )
+    direction = _jit(
+      lambda v, s, xv, yv: meta.meta_direction(
+        pb.apply_fn, v, optimizer=pb.opt, opt_state=s, xv=xv, yv=yv
+      )
+    )(pb.variables, pb.opt_state, pb.xv, pb.yv)
     for normalizer, eta in (("image", 1.0), ("batch", 0.3)):
       options = meta.MetaOptions(eta=eta, normalizer=normalizer)
-      along = _jit(lambda v, x, y, d: meta.meta_weights_along(pb.apply_fn, v, x, y, d, options))
+      along = _jit(
+        lambda v, x, y, d: meta.meta_weights_along(
+          pb.apply_fn, v, x=x, y=y, direction=d, options=options
+        )
+      )
       reverse = _meta_fn(pb, route="reverse", normalizer=normalizer)
       for x, y in ((pb.x, pb.y), (other.x, other.y)):
         got = jax.tree.map(np.asarray, along(pb.variables, x, y, direction))
@@ -540,15 +556,32 @@ def test_direction_refused_where_the_virtual_step_needs_the_training_batch(conv3
   adam = optim.make_optimizer(name="adam", learning_rate=1e-3)
   state = adam.tx.init(conv32.variables["params"])
   with pytest.raises(ValueError, match=r"'adam'.*route='reverse'"):
-    meta.meta_direction(conv32.apply_fn, conv32.variables, state, adam, conv32.xv, conv32.yv)
+    meta.meta_direction(
+      conv32.apply_fn,
+      conv32.variables,
+      optimizer=adam,
+      opt_state=state,
+      xv=conv32.xv,
+      yv=conv32.yv,
+    )
   direction = meta.MetaDirection(conv32.variables["params"], jnp.zeros(()))
   with pytest.raises(ValueError, match=r"\(a0, b0\) = \(0, 0\), got \(1.0, 0.0\)"):
     meta.meta_weights_along(
-      conv32.apply_fn, conv32.variables, conv32.x, conv32.y, direction, meta.MetaOptions(1.0)
+      conv32.apply_fn,
+      conv32.variables,
+      x=conv32.x,
+      y=conv32.y,
+      direction=direction,
+      options=meta.MetaOptions(1.0),
     )
   with pytest.raises(ValueError, match=r"yv must be \(B,H,W\)"):
     meta.meta_direction(
-      conv32.apply_fn, conv32.variables, conv32.opt_state, conv32.opt, conv32.xv, conv32.y[:1]
+      conv32.apply_fn,
+      conv32.variables,
+      optimizer=conv32.opt,
+      opt_state=conv32.opt_state,
+      xv=conv32.xv,
+      yv=conv32.y[:1],
     )
 
 
@@ -574,7 +607,16 @@ def test_meta_step_grads_matches_plain_grad(conv32, conv32_out, route, a0b0):
   loss_fn = _loss_from_outputs(pb.y)
   step = _jit(
     lambda v, s, x, y, xv, yv: meta.meta_step_grads(
-      pb.apply_fn, v, s, pb.opt, x, y, xv, yv, loss_fn, meta.MetaOptions(*a0b0, route=route)
+      pb.apply_fn,
+      v,
+      optimizer=pb.opt,
+      opt_state=s,
+      x=x,
+      y=y,
+      xv=xv,
+      yv=yv,
+      loss_from_outputs=loss_fn,
+      options=meta.MetaOptions(*a0b0, route=route),
     )
   )
   grads, new_stats, loss, mo, aux = step(pb.variables, pb.opt_state, *pb.data)
@@ -611,19 +653,27 @@ def test_meta_step_grads_matches_plain_grad(conv32, conv32_out, route, a0b0):
 
 def test_bad_arguments(conv32):
   pb = conv32
-  call = functools.partial(meta.meta_weights, pb.apply_fn, pb.variables, pb.opt_state, pb.opt)
+  call = functools.partial(
+    meta.meta_weights, pb.apply_fn, pb.variables, optimizer=pb.opt, opt_state=pb.opt_state
+  )
   with pytest.raises(ValueError, match="route"):
-    call(*pb.data, meta.MetaOptions(route="forward"))
+    call(**pb.batches, options=meta.MetaOptions(route="forward"))
   with pytest.raises(ValueError, match="normalizer"):
-    call(*pb.data, meta.MetaOptions(normalizer="pixel"))
+    call(**pb.batches, options=meta.MetaOptions(normalizer="pixel"))
   with pytest.raises(ValueError, match="y must be"):
-    call(pb.x, pb.y[:, :4], pb.xv, pb.yv)
+    call(x=pb.x, y=pb.y[:, :4], xv=pb.xv, yv=pb.yv)
   with pytest.raises(ValueError, match="yv must hold integer"):
-    call(pb.x, pb.y, pb.xv, pb.yv.astype(jnp.float32))
+    call(x=pb.x, y=pb.y, xv=pb.xv, yv=pb.yv.astype(jnp.float32))
   with pytest.raises(ValueError, match="eta"):
-    call(*pb.data, meta.MetaOptions(eta=0.0))
+    call(**pb.batches, options=meta.MetaOptions(eta=0.0))
   with pytest.raises(ValueError, match="optimizer"):
-    meta.meta_weights(pb.apply_fn, pb.variables, pb.opt_state, optax.sgd(0.1), *pb.data)
+    meta.meta_weights(
+      pb.apply_fn,
+      pb.variables,
+      optimizer=optax.sgd(0.1),
+      opt_state=pb.opt_state,
+      **pb.batches,
+    )
 
 
 def test_meta_options_are_read_by_name():

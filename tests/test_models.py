@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.models (U-Net, U-Net++)."""
+"""Tests for metadcseg_jax.core.models (U-Net, U-Net++)."""
 
 import math
 import re
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metadcseg_jax import models
-from metadcseg_jax.models import unet as unet_lib
+from metadcseg_jax.core import models
+from metadcseg_jax.core.models import unet as unet_lib
 
 SIZE = 32
 BATCH = 2

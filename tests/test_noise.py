@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.noise (MetaDCSeg App. A.2; GSD-Net §4.3)."""
+"""Tests for metadcseg_jax.data.noise (MetaDCSeg App. A.2; GSD-Net §4.3)."""
 
 import hashlib
 import json
@@ -10,11 +10,11 @@ from PIL import Image
 import pytest
 from scipy import ndimage
 
-from metadcseg_jax import noise as nz
+from metadcseg_jax.data import noise as nz
 from metadcseg_jax.data import synthetic
-from metadcseg_jax.noise import cache as noise_cache
-from metadcseg_jax.noise import gsdnet
-from metadcseg_jax.noise import l2b
+from metadcseg_jax.data.noise import cache as noise_cache
+from metadcseg_jax.data.noise import gsdnet
+from metadcseg_jax.data.noise import l2b
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from metadcseg_jax import noise
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import synthetic
+from metadcseg_jax.data.noise import cache as noise_cache
+from metadcseg_jax.data.noise import calibrate
 from metadcseg_jax.errors import ConfigError
-from metadcseg_jax.noise import cache as noise_cache
-from metadcseg_jax.noise import calibrate
 
 
 @pytest.fixture(scope="module")

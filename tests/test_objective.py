@@ -1,4 +1,4 @@
-"""Tests for metadcseg_jax.objective (MetaDCSeg Eq. 13, §3.4)."""
+"""Tests for metadcseg_jax.core.objective (MetaDCSeg Eq. 13, §3.4)."""
 
 import dataclasses
 import functools
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from metadcseg_jax import configs
-from metadcseg_jax import dcd
-from metadcseg_jax import edges as edges_lib
-from metadcseg_jax import objective
+from metadcseg_jax.core import dcd
+from metadcseg_jax.core import edges as edges_lib
+from metadcseg_jax.core import objective
 
 # One jitted entry point; the compile cache is shared by every test that uses
 # the same (hashable) options.
@@ -68,9 +68,9 @@ def _call(batch, weights, **kwargs):
     batch["logits"],
     batch["features"],
     batch["noisy_label"],
-    batch["edges"],
-    weights,
-    batch["default_centers"],
+    edges=batch["edges"],
+    weights=weights,
+    default_centers=batch["default_centers"],
     options=_options(**kwargs),
   )
 
@@ -95,9 +95,9 @@ def test_normalizers_by_hand():
       logits,
       jnp.zeros((2, 1, 2, 3)),
       y,
-      jnp.zeros((2, 1, 2), bool),
-      weights,
-      jnp.zeros((3, 3)),
+      edges=jnp.zeros((2, 1, 2), bool),
+      weights=weights,
+      default_centers=jnp.zeros((3, 3)),
       options=_options(lambda_bd=1.0, lambda_dice=0.5, use_dcd=False, normalizer=normalizer),
     )
     # Dice term is a mean over images under both normalisers.
@@ -126,8 +126,8 @@ def test_meta_off_with_dcd_and_dice(batch):
     batch["features"],
     jnp.asarray(fg_prob, jnp.float32),
     batch["edges"],
-    jnp.ones((B, S, S)),
-    batch["default_centers"],
+    gamma=jnp.ones((B, S, S)),
+    default_centers=batch["default_centers"],
   )
   bd_i = (np.asarray(ref["w"]) * ce / (S * S)).sum((1, 2))
   dice_i = _np_dice(batch["logits"], batch["noisy_label"])
@@ -237,10 +237,10 @@ def test_empty_boundary_gives_zero_term_and_finite_grads():
       lg,
       ft,
       jnp.asarray(y),
-      jnp.zeros((1, S, S), bool),
-      w,
-      jnp.zeros((3, D)),
-      objective.ObjectiveOptions(lambda_bd=1.0, lambda_dice=1.0),
+      edges=jnp.zeros((1, S, S), bool),
+      weights=w,
+      default_centers=jnp.zeros((3, D)),
+      options=objective.ObjectiveOptions(lambda_bd=1.0, lambda_dice=1.0),
     )
 
   (loss, aux), (g_l, g_f) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
@@ -261,12 +261,16 @@ def test_bad_inputs_raise(batch):
   )
   options = objective.ObjectiveOptions(lambda_bd=1.0, lambda_dice=1.0)
   centers = batch["default_centers"]
+  edges = batch["edges"]
   with pytest.raises(ValueError, match="normalizer"):
-    call(batch["edges"], w, centers, dataclasses.replace(options, normalizer="pixel"))
+    bad = dataclasses.replace(options, normalizer="pixel")
+    call(edges=edges, weights=w, default_centers=centers, options=bad)
   with pytest.raises(ValueError, match="a_hat"):
-    call(batch["edges"], w._replace(a_hat=w.a_hat[0]), centers, options)
+    call(
+      edges=edges, weights=w._replace(a_hat=w.a_hat[0]), default_centers=centers, options=options
+    )
   with pytest.raises(ValueError, match="default_centers"):
-    call(batch["edges"], w, jnp.zeros((3, D + 1)), options)
+    call(edges=edges, weights=w, default_centers=jnp.zeros((3, D + 1)), options=options)
   with pytest.raises(ValueError, match="shape"):
     objective.meta_off_weights(batch["y_pseudo"][0])
 

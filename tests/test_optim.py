@@ -1,4 +1,5 @@
-"""Tests for metadcseg_jax.optim: the schedule, PyTorch-SGD semantics, clipping, shared state."""
+"""Tests for metadcseg_jax.core.optim: the schedule, PyTorch-SGD semantics, clipping, shared
+state."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from metadcseg_jax import optim
+from metadcseg_jax.core import optim
 
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 

@@ -10,13 +10,13 @@ from experiments.configs import tiny
 from tests import folders
 from metadcseg_jax import check_settings
 from metadcseg_jax import configs
-from metadcseg_jax import runs
-from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.data import splits
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
 from metadcseg_jax.inference import model as model_lib
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 
 
 def _records(records):

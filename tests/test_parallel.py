@@ -111,9 +111,9 @@ import json, sys
 import jax
 jax.config.update("jax_enable_x64", True)
 import ml_collections
-from metadcseg_jax import parallel_check
 from metadcseg_jax import parallel
 from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.tools import parallel_check
 
 out = {"devices": jax.device_count()}
 par = parallel.make_parallel(ml_collections.ConfigDict({"data": -1}))

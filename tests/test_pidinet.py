@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from metadcseg_jax.edges import pidinet
+from metadcseg_jax.core.edges import pidinet
 
 WEIGHTS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "models" / "pidinet"
 TINY = WEIGHTS / "table5_pidinet-tiny.pth"

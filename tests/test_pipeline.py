@@ -1,9 +1,9 @@
 """Augmentation, meta split, noisy-label attachment and the resumable grain stream."""
 
-import ml_collections
 import numpy as np
 import pytest
 
+from metadcseg_jax import configs
 from metadcseg_jax.data import augment
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.data import splits
@@ -161,24 +161,17 @@ def test_noisy_label_is_augmented_with_the_label():
 
 @pytest.fixture(scope="module")
 def synthetic_splits(tmp_path_factory):
-  cfg = ml_collections.ConfigDict(
-    dict(
-      name="synthetic",
-      data_dir=str(tmp_path_factory.mktemp("data")),
-      manual_dir="",
-      size=32,
-      channels=1,
-      num_classes=2,
-      n_train=40,
-      n_val=4,
-      n_test=6,
-      seed=0,
-      meta_fraction=0.02,
-      augment=True,
-      options={},
-      noise=dict(kind="l2b60", seed=1, scale_kernels_with_size=True, small_mask="empty"),
-    )
+  cfg = configs.default_config().data
+  cfg.update(
+    name="synthetic",
+    data_dir=str(tmp_path_factory.mktemp("data")),
+    size=32,
+    n_train=40,
+    n_val=4,
+    n_test=6,
+    meta_fraction=0.02,
   )
+  cfg.noise.update(kind="l2b60", seed=1, calibrate=False)
   return cfg, pipeline.prepare_data(cfg, meta_batch_size=2)
 
 

@@ -24,20 +24,21 @@ import numpy as np
 import pytest
 
 from experiments.configs import tiny
-from metadcseg_jax import benchmark
-from metadcseg_jax import checkpoint
 from metadcseg_jax import cli
 from metadcseg_jax import files
 from metadcseg_jax import parallel
-from metadcseg_jax import preemption
-from metadcseg_jax import train
-from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.benchmark import presets
+from metadcseg_jax.benchmark import runner
 from metadcseg_jax.data import pipeline
-from metadcseg_jax.errors import EXIT_RESUMABLE
+from metadcseg_jax.data.noise import cache as noise_cache
 from metadcseg_jax.errors import DiskFullError
+from metadcseg_jax.errors import EXIT_RESUMABLE
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
-from metadcseg_jax.noise import cache as noise_cache
+from metadcseg_jax.training import checkpoint
+from metadcseg_jax.training import preemption
+from metadcseg_jax.training import train
+from metadcseg_jax.training import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FULL = "RESOURCE_EXHAUSTED: Failed to write 29604 bytes to file 7: No space left on device"
@@ -191,7 +192,7 @@ def test_a_full_disk_during_a_save_is_one_error_and_the_previous_checkpoint_rest
 SECOND_SIGNAL = """
 import os, pathlib, signal, sys
 import jax.numpy as jnp, ml_collections
-from metadcseg_jax import checkpoint, preemption
+from metadcseg_jax.training import checkpoint, preemption
 folder = pathlib.Path(sys.argv[1])
 ckpt = checkpoint.Checkpointer(folder, keep=2, config=ml_collections.ConfigDict({"w": 1}),
                                steps_per_epoch=5, writer=True)
@@ -291,17 +292,17 @@ def test_a_failing_run_does_not_stop_the_benchmark_and_a_signal_does(tmp_path, m
   monkeypatch.setattr(train, "train_and_evaluate", fake_train)
   config = tiny.get_config()
   kwargs = dict(
-    rows=benchmark.method_rows(("ce", "l2b")), noises=["l2b40"], labels="per_seed", echo=print
+    rows=presets.method_rows(("ce", "l2b")), noises=["l2b40"], labels="per_seed", echo=print
   )
-  with pytest.raises(benchmark.RunsFailedError, match=r"2 of 4 runs failed \(1 diverged\)"):
-    benchmark.run_benchmark(config, tmp_path, seeds=[0, 1], **kwargs)
+  with pytest.raises(runner.RunsFailedError, match=r"2 of 4 runs failed \(1 diverged\)"):
+    runner.run_benchmark(config, tmp_path, seeds=[0, 1], **kwargs)
   assert calls == [("ce", 0), ("l2b", 0), ("ce", 1), ("l2b", 1)]  # the others ran
   md = (tmp_path / "benchmark.md").read_text()
   assert "l2b40/ce/seed0: RuntimeError: RESOURCE_EXHAUSTED: Out of memory" in md
   assert "l2b40/l2b/seed0: non-finite training loss at step 7" in md
   calls.clear()
   with pytest.raises(Preempted):  # seed 2 is stopped by a signal: nothing after it starts
-    benchmark.run_benchmark(config, tmp_path, seeds=[0, 2, 1], **kwargs)
+    runner.run_benchmark(config, tmp_path, seeds=[0, 2, 1], **kwargs)
   assert calls == [("ce", 0), ("l2b", 0), ("ce", 2)]  # the failed runs retried first
   assert "l2b40/ce/seed0" in (tmp_path / "benchmark.md").read_text()
 
@@ -312,8 +313,8 @@ BUILD = """
 import hashlib, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from experiments.configs import tiny
-from metadcseg_jax import train
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.training import train
 config = tiny.get_config()
 config.data.data_dir = sys.argv[1]
 train.enable_compilation_cache(config.data.data_dir)

@@ -1,11 +1,11 @@
-"""Tests of metadcseg_jax/profiling.py: HLO parsing (FLOPs of a convolution worked by hand,
+"""Tests of metadcseg_jax/tools/profiling.py: HLO parsing (FLOPs of a convolution worked by hand,
 the categories) and one profiled step."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metadcseg_jax import profiling
+from metadcseg_jax.tools import profiling
 
 
 def _conv(x, k):

@@ -1,4 +1,4 @@
-"""Tests of metadcseg_jax/stats.py: the paired interval over seeds and test cases.
+"""Tests of metadcseg_jax/benchmark/stats.py: the paired interval over seeds and test cases.
 
 Hand-worked layouts, with and without residuals, pin every formula (the parts, Var(D), the
 Satterthwaite degrees of freedom, the S − 1 rule's key, the t quantile); simulated two-way
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from metadcseg_jax import stats
+from metadcseg_jax.benchmark import stats
 
 
 def _anova_by_loops(d):

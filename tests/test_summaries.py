@@ -12,8 +12,8 @@ from PIL import Image
 import pytest
 
 from metadcseg_jax import metrics
-from metadcseg_jax import summaries
-from metadcseg_jax import workdir as workdir_lib
+from metadcseg_jax.training import summaries
+from metadcseg_jax.training import workdir as workdir_lib
 
 
 def _records(epochs, steps_per_epoch=5):

@@ -1,8 +1,8 @@
 """L2B's meta step as its official code builds it, in PyTorch, against this project's in float64.
 
 The PyTorch side (`bench` extra) is the reference method's framework: the NestedUNet of
-metadcseg_jax/torch_ref.py loaded with the very U-Net++ weights of the Flax model, a functional
-forward, the virtual SGD step (momentum buffer, weight decay) built with
+metadcseg_jax/tools/torch_ref.py loaded with the very U-Net++ weights of the Flax model, a
+functional forward, the virtual SGD step (momentum buffer, weight decay) built with
 `torch.autograd.grad(..., create_graph=True)`, the gradient of the clean meta loss with respect
 to the per-pixel weights (MetaDCSeg Eq. 21-22), rectified and normalised per image (Eq. 23-24),
 then the real step by `torch.optim.SGD`. â and b̂ must equal the project's to 1e-12 at step 0
@@ -24,7 +24,7 @@ from metadcseg_jax import methods
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[bench]')")
 F = pytest.importorskip("torch.nn.functional")
-torch_ref = pytest.importorskip("metadcseg_jax.torch_ref")
+torch_ref = pytest.importorskip("metadcseg_jax.tools.torch_ref")
 
 SIZE, WIDTH, BATCH, META_BATCH = 16, 2, 2, 3
 LR, MOMENTUM, WD, ETA = 0.05, 0.9, 5e-4, 0.01

@@ -22,18 +22,20 @@ import pytest
 
 from experiments import audit_select
 from experiments.configs import tiny
-from metadcseg_jax import audit
-from metadcseg_jax import audit_report
 from metadcseg_jax import check_settings
-from metadcseg_jax import checkpoint
-from metadcseg_jax import evaluate
-from metadcseg_jax import runs
-from metadcseg_jax import train
+from metadcseg_jax import configs
+from metadcseg_jax.audit import report as audit_report
+from metadcseg_jax.audit import scores as audit_scores
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import WorkdirError
+from metadcseg_jax.training import audit_passes
+from metadcseg_jax.training import checkpoint
+from metadcseg_jax.training import evaluate
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
@@ -133,8 +135,9 @@ def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_pa
   # Nothing written before is lost: the trainer's passes are kept aside.
   (aside,) = (run / "audit").glob("replaced-*")
   assert sorted(p.name for p in aside.iterdir()) == ["epoch_0001.npz", "epoch_0002.npz"]
-  # Those passes take the meta batch's part once per meta batch (`audit.Functions.direction`);
-  # the meta step as the training step takes it, whole for every batch, gives the same maps.
+  # Those passes take the meta batch's part once per meta batch
+  # (`audit_passes.Functions.direction`); the meta step as the training step takes it, whole for
+  # every batch, gives the same maps.
   opened = runs.open_run(run)
   compiled = train.compiled_for(opened.config, opened.steps_per_epoch)
   assert compiled.audit.direction is not None
@@ -143,8 +146,12 @@ def test_audit_recomputed_from_checkpoints_matches_the_trainers(full_run, tmp_pa
     state = opened.restore(ckpt, 2)
   finally:
     ckpt.close()
-  whole = audit.run_pass(
-    compiled.method, state, opened.splits, opened.config, fns=audit.Functions(compiled.audit.maps)
+  whole = audit_passes.run_pass(
+    compiled.method,
+    state,
+    opened.splits,
+    opened.config,
+    fns=audit_passes.Functions(compiled.audit.maps),
   )
   shared = dict(np.load(run / "audit" / "epoch_0002.npz"))
   np.testing.assert_array_equal(whole["pseudo"], shared["pseudo"])
@@ -232,19 +239,21 @@ def test_audit_hook_writes_a_pass_in_the_last_epochs_only(tiny_config, tmp_path)
   config = ml_collections.ConfigDict(tiny_config.to_dict())
   config.audit.epochs = 1
   run = runs.prepare(config, tmp_path)
-  compiled = types.SimpleNamespace(method=_Audited, audit=audit.Functions(_Audited.audit))
+  compiled = types.SimpleNamespace(method=_Audited, audit=audit_passes.Functions(_Audited.audit))
   assert train.audit_hook(compiled, None, run, 1) is None  # before the last epoch
   assert not (tmp_path / "audit").exists()
   path = train.audit_hook(compiled, None, run, 2)
   assert path == tmp_path / "audit" / "epoch_0002.npz"
-  scores = audit.load(tmp_path)
+  scores = audit_scores.load(tmp_path)
   assert sorted(scores["index"]) == sorted(int(i) for i in run.splits.train.indices)
   assert scores["epochs"] == [2] and np.all(scores["score"] >= 0.0)
-  # A method without meta-weights, or a config older than the audit: no pass.
+  # A method without meta-weights, or the settings of a run older than the audit (read back
+  # from its folder, `configs.upgrade`): no pass.
   plain = types.SimpleNamespace(method=types.SimpleNamespace(audits=False), audit=None)
   assert train.audit_hook(plain, None, run, 2) is None
-  del config.audit
-  assert not audit.is_due(_Audited, config, 2)
+  older = config.to_dict()
+  del older["audit"]
+  assert not audit_passes.is_due(_Audited, ml_collections.ConfigDict(configs.upgrade(older)), 2)
 
 
 def _lines(path):
@@ -495,9 +504,11 @@ def test_other_methods_train_write_outputs_and_resume(method, tiny_config, tmp_p
     assert (tmp_path / "whole" / name).is_file(), name
   assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["1", "2"]
   if method == "coteaching":  # no meta-weights: the audit says so in one line
-    with pytest.raises(audit.AuditError, match=r"no meta scores \(its method is 'coteaching'"):
+    with pytest.raises(
+      audit_scores.AuditError, match=r"no meta scores \(its method is 'coteaching'"
+    ):
       audit_report.report(tmp_path / "whole")
-    with pytest.raises(audit.AuditError, match=r"'coteaching', which has no meta-weights"):
+    with pytest.raises(audit_scores.AuditError, match=r"'coteaching', which has no meta-weights"):
       audit_report.recompute(tmp_path / "whole")
   if method in ("coteaching", "jocor", "gsdnet"):
     # τ is the measured share of flipped training pixels (auto_forget_rate).

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from experiments.configs import tiny
-from metadcseg_jax import losses
 from metadcseg_jax import methods
+from metadcseg_jax.core import losses
 from metadcseg_jax.methods import jocor
 from metadcseg_jax.methods import two_network
 

@@ -11,8 +11,8 @@ import ml_collections
 import pytest
 
 from metadcseg_jax import files
-from metadcseg_jax import workdir as workdir_lib
 from metadcseg_jax.errors import WorkdirError
+from metadcseg_jax.training import workdir as workdir_lib
 
 
 def _lock_as(wd, pid, host=None):

@@ -4,17 +4,16 @@ r"""`metadcseg-audit --workdir=RUN`: rank a finished run's training masks by lab
     metadcseg-audit --workdir=runs/meta --top=16
 
 Reads the audit passes a meta method (l2b, metadcseg) wrote in its last epochs
-(`metadcseg_jax.audit`) and writes, into --out (default `<workdir>/audit`): `audit.csv` (every
-training image, most suspicious first: rank, index in the training split, case id, score,
-1 − Dice between the mask and the model's, and where the clean masks are known because the
-noise was injected, 1 − Dice to the clean mask), `suspicion.npy` ((N,H,W) float16, rows in the
+(`metadcseg_jax.training.audit_passes`) and writes, into --out (default `<workdir>/audit`):
+`audit.csv` (every training image, most suspicious first: rank, index in the training split, case
+id, score, 1 − Dice between the mask and the model's, and where the clean masks are known because
+the noise was injected, 1 − Dice to the clean mask), `suspicion.npy` ((N,H,W) float16, rows in the
 CSV's order) and `gallery.png` (image, given mask, model's mask, suspicion map of the --top most
-suspicious). With injected noise it also prints how well the score finds the corrupted masks
-(image AUROC and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels; `measured.json`,
-ROC curves in `roc.png`), beside two scores without meta-weights (the hard and the soft
-disagreement between the mask and the model's) and, with cleanlab installed
-(`pip install -e '.[audit]'`), cleanlab's scores on the same probabilities
-(`metadcseg_jax.audit_report`).
+suspicious). With injected noise it also prints how well the score finds the corrupted masks (image
+AUROC and AP, Spearman with 1 − Dice, pixel AP for the flipped pixels; `measured.json`, ROC curves
+in `roc.png`), beside two scores without meta-weights (the hard and the soft disagreement between
+the mask and the model's) and, with cleanlab installed (`pip install -e '.[audit]'`), cleanlab's
+scores on the same probabilities (`metadcseg_jax.audit.report`).
 
 `--recompute` first writes the audit passes from the run's kept checkpoints: for a run trained
 with config.audit.epochs=0, or with another `--meta_images` (earlier passes are kept aside).
@@ -22,8 +21,8 @@ with config.audit.epochs=0, or with another `--meta_images` (earlier passes are 
 
 from absl import flags
 
-from metadcseg_jax import audit_report
 from metadcseg_jax import cli
+from metadcseg_jax.audit import report as audit_report
 
 FLAGS = flags.FLAGS
 

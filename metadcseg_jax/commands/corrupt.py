@@ -5,14 +5,14 @@ r"""`metadcseg-corrupt`: corrupt a dataset's training labels once, cache them, p
         --config.data.manual_dir=/data/Kvasir-SEG --kinds=l2b20,l2b40,l2b60
 
 The cache (noisy_{kind}_seed{seed}.npy + manifest.json) lives where training reads it,
-`<data_dir>/noisy_labels/<dataset build>/`; a rerun reuses it (`benchmark.corruption_table`).
+`<data_dir>/noisy_labels/<dataset build>/`; a rerun reuses it (`corruption.corruption_table`).
 """
 
 from absl import flags
 from ml_collections import config_flags
 
-from metadcseg_jax import benchmark
 from metadcseg_jax import cli
+from metadcseg_jax.benchmark import corruption
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (listed below) of the dataset and its noise.", lock_config=True
@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  print(benchmark.corruption_table(_CONFIG.value, _KINDS.value), flush=True)
+  print(corruption.corruption_table(_CONFIG.value, _KINDS.value), flush=True)
 
 
 def run():

@@ -23,8 +23,6 @@ with status 1. Prints a summary table (mean ± std per class and the foreground 
 cases.csv (per case and class) and summary.json (mean, std, median) only into --output.
 """
 
-import sys
-
 from absl import flags
 
 from metadcseg_jax import cli
@@ -75,10 +73,6 @@ def define_flags():
   flags.mark_flags_as_required(["pred", "ref"])
 
 
-def _echo(line: str) -> None:
-  print(line, file=sys.stderr, flush=True)
-
-
 def main(argv):
   del argv
   names = FLAGS.class_names
@@ -99,19 +93,17 @@ def main(argv):
     class_names=names or None,
     missing=FLAGS.missing,
     threshold=FLAGS.threshold,
-    echo=_echo,
+    echo=cli.echo,
   )
   print("\n".join(evaluate_folder.summary_lines(result)), flush=True)
   if out is not None:
     paths = evaluate_folder.write_outputs(result, out)
     print(f"wrote {', '.join(str(p) for p in paths)}", flush=True)
-  if result.failures:
-    _echo(
-      f"{len(result.failures)} of {len(result.failures) + len(result.cases)} pairs could not "
-      "be scored (listed above)"
-    )
-    return 1
-  return 0
+  return cli.exit_status(
+    len(result.failures),
+    f"{len(result.failures)} of {len(result.failures) + len(result.cases)} pairs could not be "
+    "scored (listed above)",
+  )
 
 
 def run():

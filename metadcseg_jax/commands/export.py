@@ -14,6 +14,7 @@ from absl import flags
 
 from metadcseg_jax import cli
 from metadcseg_jax.inference import export
+from metadcseg_jax.training import export as training_export
 
 FLAGS = flags.FLAGS
 
@@ -30,7 +31,12 @@ def define_flags():
 
 def main(argv):
   del argv
-  path = export.export(FLAGS.workdir, FLAGS.output, overwrite=FLAGS.overwrite)
+  path = export.export(
+    FLAGS.workdir,
+    FLAGS.output,
+    overwrite=FLAGS.overwrite,
+    rebuild=training_export.rebuild_model,
+  )
   print(f"exported {FLAGS.workdir} to {path}", flush=True)
 
 

@@ -20,8 +20,6 @@ command ends with the count and exit status 1. Outputs that exist are not replac
 --overwrite (an error before any work).
 """
 
-import sys
-
 from absl import flags
 
 from metadcseg_jax import cli
@@ -47,10 +45,6 @@ def define_flags():
   flags.mark_flags_as_required(["model", "input", "output"])
 
 
-def _echo(line: str) -> None:
-  print(line, file=sys.stderr, flush=True)
-
-
 def main(argv):
   inputs = list(FLAGS.input) + list(argv[1:])  # a shell-expanded glob arrives as arguments
   model = model_lib.load_model(FLAGS.model, batch_size=FLAGS.batch_size)
@@ -61,13 +55,12 @@ def main(argv):
     probabilities=FLAGS.probabilities,
     variant=FLAGS.variant,
     overwrite=FLAGS.overwrite,
-    echo=_echo,
+    echo=cli.echo,
   )
   print(f"wrote {len(result.written)} masks to {FLAGS.output}", flush=True)
-  if result.failures:
-    _echo(f"{len(result.failures)} inputs failed (listed above)")
-    return 1
-  return 0
+  return cli.exit_status(
+    len(result.failures), f"{len(result.failures)} inputs failed (listed above)"
+  )
 
 
 def run():

@@ -12,8 +12,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from metadcseg_jax import cli
-from metadcseg_jax import summaries
-from metadcseg_jax import train
+from metadcseg_jax.training import summaries
+from metadcseg_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",

@@ -83,7 +83,16 @@ def augment(
   zoom_px: tuple[int, int] = (4, 30),
   flip: bool = True,
 ) -> dict[str, np.ndarray]:
-  """Random flip + rotation + zoom of one example (grain `random_map` signature)."""
+  """Random flip + rotation + zoom of one example (grain `random_map` signature).
+
+  Args:
+    example: {"image" (H,W,C), "label"/"noisy_label" (H,W), ...}; maps of the image's size
+      move with it.
+    rng: the example's random generator.
+    max_rotation_deg: the largest rotation either way.
+    zoom_px: the (least, largest) pixels cropped from each side before resizing back.
+    flip: also flip left-right with probability 1/2.
+  """
   matrix, offset = random_affine(
     rng, example["image"].shape[:2], max_rotation_deg=max_rotation_deg, zoom_px=zoom_px, flip=flip
   )

@@ -23,18 +23,18 @@ import ml_collections
 import numpy as np
 
 from metadcseg_jax import files
-from metadcseg_jax import noise
-from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import augment as augment_lib
 from metadcseg_jax.data import builders
 from metadcseg_jax.data import check_labels
+from metadcseg_jax.data import noise
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.data import real
+from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import splits as splits_lib
 from metadcseg_jax.data import synthetic
+from metadcseg_jax.data.noise import cache as noise_cache
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
-from metadcseg_jax.noise import cache as noise_cache
 
 
 def _as_str(value: Any) -> str:
@@ -218,10 +218,10 @@ def builder_options(data: ml_collections.ConfigDict) -> dict[str, Any]:
   """The real builder's options from `config.data` (unset ones keep the builder's default)."""
   cls = real.BUILDERS[data.name]
   given = {
-    "mask_suffix": data.options.get("mask_suffix") or None,
-    "train_slices": data.options.get("train_slices"),
-    "modality": data.options.get("modality"),
-    "mask_threshold": data.get("mask_threshold"),
+    "mask_suffix": data.options.mask_suffix or None,
+    "train_slices": data.options.train_slices,
+    "modality": data.options.modality,
+    "mask_threshold": data.mask_threshold,
   }
   if data.name in ("folder", "decathlon"):
     # The channel and class counts come from the config itself.
@@ -254,7 +254,7 @@ def _meta_split(config, opened: Opened, cases: Sequence[str], meta_batch_size: i
   """(train, meta) record indices of the train source: a user's folder's meta cases, else a
   seeded share of the records (MetaDCSeg §4.1: 2%, at least one meta batch)."""
   if opened.plan is None:
-    meta_seed = config.get("meta_seed")
+    meta_seed = config.meta_seed
     return splits_lib.meta_indices(
       len(cases),
       fraction=config.meta_fraction,
@@ -293,7 +293,7 @@ def clean_meta_source(config: ml_collections.ConfigDict) -> str | None:
     return "the dataset's reference masks"
   if config.noise.kind not in ("none", "", None):
     return f"the masks, with {config.noise.kind} noise injected into the training ones"
-  if config.get("trusted_list"):
+  if config.trusted_list:
     return f"config.data.trusted_list={config.trusted_list}"
   root = pathlib.Path(config.manual_dir).expanduser()
   if (root / splits_lib.TRUSTED_DIR).is_dir():
@@ -375,7 +375,7 @@ def prepare_data(
 
 def _class_names(config: ml_collections.ConfigDict, opened: Opened):
   """config.data.class_names when set, else the dataset's (dataset.json), else None."""
-  return config.get("class_names") or opened.metadata.get("class_names") or None
+  return config.class_names or opened.metadata.get("class_names") or None
 
 
 def noise_cache_dir(config: ml_collections.ConfigDict, key: str) -> str:
@@ -384,12 +384,12 @@ def noise_cache_dir(config: ml_collections.ConfigDict, key: str) -> str:
 
 
 def noise_options(noise_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The `metadcseg_jax.noise` options that apply to `noise_cfg.kind` (others: defaults)."""
+  """The `metadcseg_jax.data.noise` options that apply to `noise_cfg.kind` (others: defaults)."""
   if noise_cfg.kind in noise.l2b.L2B_LEVELS:
     return {
       "scale_kernels_with_size": bool(noise_cfg.scale_kernels_with_size),
       "small_mask": str(noise_cfg.small_mask),
-      "calibrate": bool(noise_cfg.get("calibrate", False)),
+      "calibrate": bool(noise_cfg.calibrate),
     }
   return {}
 

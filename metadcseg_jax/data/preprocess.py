@@ -176,7 +176,15 @@ def for_data(
 ) -> Preprocessing:
   """The preprocessing of a run on `config.data` (`data`), with the dataset's class names and,
   for volumes, the modalities (channel indices) it read and whether they come one file per
-  channel."""
+  channel.
+
+  Args:
+    data: `config.data`.
+    names: the class names, background first (None: `config.data.class_names`, or class<k>).
+    modalities: a volume dataset's channel indices, or None.
+    channel_files: whether a volume's channels come one file per channel (nnU-Net's
+      `<case>_<XXXX>`).
+  """
   kind, intensity = _DATASETS[data.name]
   return Preprocessing(
     kind=kind,
@@ -184,7 +192,7 @@ def for_data(
     channels=int(data.channels),
     intensity=intensity,
     num_classes=int(data.num_classes),
-    class_names=class_names(int(data.num_classes), names or data.get("class_names") or None),
+    class_names=class_names(int(data.num_classes), names or data.class_names or None),
     modalities=None if modalities is None else tuple(int(m) for m in modalities),
     channel_files=bool(channel_files),
   )

@@ -82,6 +82,12 @@ def list_files(
   with other suffixes are skipped and reported; `companions` (e.g. '.raw' beside '.mhd') are
   data files of a listed file and are neither listed nor reported.
 
+  Args:
+    folder: the folder to list.
+    suffixes: the data files' suffixes (e.g. `IMAGE_SUFFIXES`).
+    root: the dataset's folder, which the reported paths are relative to.
+    companions: suffixes of files that belong to a listed one (neither listed nor reported).
+
   Raises:
     ValueError: two files share a stem (e.g. 'a.png' and 'a.jpg').
   """
@@ -114,6 +120,12 @@ def pair_files(
   suffixes: Sequence[str] = IMAGE_SUFFIXES,
 ) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:
   """Matches images to masks by stem (mask stem = image stem + `mask_suffix`).
+
+  Args:
+    images, masks: `list_files`' listings of the two folders.
+    images_dir, masks_dir: the two folders, for the messages.
+    mask_suffix: what a mask's stem adds to its image's.
+    suffixes: the data files' suffixes.
 
   Raises:
     ValueError: an image without a mask, a mask without an image, or no images at all.
@@ -238,6 +250,12 @@ def mask_to_label(
 def check_same_size(
   image_shape: Sequence[int], label_shape: Sequence[int], image_path: object, label_path: object
 ) -> None:
+  """Raises DataError naming both files when an image and its mask differ in size.
+
+  Args:
+    image_shape, label_shape: the image's and the mask's (H, W) (or (S, H, W)).
+    image_path, label_path: the two files, for the message.
+  """
   if tuple(image_shape) != tuple(label_shape):
     raise DataError(
       f"size mismatch: image {image_path} is {tuple(image_shape)} but its mask "
@@ -445,6 +463,17 @@ def load_or_make_splits(
   The file records the dataset, seed, source folder, fractions, the case ids of each split, the
   skipped files and per-case metadata (`cases`, e.g. shape and voxel spacing). A file that lists
   other case ids than the folder now holds is an error (never silently re-split).
+
+  Args:
+    path: the split file.
+    ids: the folder's case ids.
+    dataset: the dataset's name, recorded.
+    source: the folder the cases come from, recorded and checked.
+    seed: the split's seed.
+    fractions: {split: share of the cases}.
+    skipped: the files that were not read, recorded.
+    cases: per-case metadata to record (shape, spacing), or None.
+    unit: what a case is ("image" or "volume"), for the messages.
 
   Returns:
     The split file's content (a dict; 'splits' maps split name -> sorted case ids).

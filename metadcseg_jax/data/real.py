@@ -46,10 +46,10 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import builders
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.data import readers
+from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import splits as splits_lib
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
@@ -139,8 +139,8 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
       name=name,
       height=size,
       width=size,
-      channels=cls.CHANNELS or options["channels"],
-      num_classes=options.get("num_classes") or 2,
+      channels=int(cls.CHANNELS or options["channels"]),
+      num_classes=int(options.get("num_classes") or 2),
       seed=seed,
       options=dict(options),
       description=f"{cls.name} at {size}x{size}, split seed {seed}, options {options}",
@@ -689,6 +689,24 @@ def _resolve_modality(
   raise DataError(f"modality {modality!r} not in {path}'s modalities {names}")
 
 
+def _dataset_json(root: pathlib.Path) -> tuple[pathlib.Path, Any]:
+  """(path, content) of the dataset.json of a folder in the Decathlon / nnU-Net raw layout.
+
+  Raises:
+    DataError: it is not there, or not readable JSON.
+  """
+  info_path = root / "dataset.json"
+  if not info_path.is_file():
+    raise DataError(
+      f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, labelsTr/ and "
+      "dataset.json)"
+    )
+  try:
+    return info_path, json.loads(info_path.read_text())
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot read {info_path}: {e}") from e
+
+
 class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
   """Medical Segmentation Decathlon task: `imagesTr/`, `labelsTr/`, `dataset.json`."""
 
@@ -710,17 +728,11 @@ class _DecathlonBuilder(_VolumeBuilder, skip_registration=True):
 
   def _pairs(self, root):
     task = self._task_root(root)
-    info_path = task / "dataset.json"
-    if not info_path.is_file():
-      raise DataError(
-        f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, "
-        f"labelsTr/ and dataset.json)"
-      )
+    info_path, info = _dataset_json(task)
     try:
-      info = json.loads(info_path.read_text())
       modalities, labels = info["modality"], info["labels"]
       self._labels = tuple(sorted(int(k) for k in labels))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
       raise DataError(f"cannot read {info_path} (needs 'modality' and 'labels'): {e}") from e
     channel = self._channel(modalities, info_path)
     images_dir = readers.require_dir(task / "imagesTr", "imagesTr/")
@@ -818,32 +830,10 @@ class Decathlon(_DecathlonBuilder, skip_registration=True):
     "plan": None,
   }
 
-  @classmethod
-  def _new_config(cls, name, size, seed, options):
-    return RealConfig(
-      name=name,
-      height=size,
-      width=size,
-      channels=int(options["channels"]),
-      num_classes=int(options["num_classes"]),
-      seed=seed,
-      options=dict(options),
-      description=f"{cls.name} at {size}x{size}, split seed {seed}, options {options}",
-    )
-
   @staticmethod
   def _layout(root: pathlib.Path) -> dict[str, Any]:
     """dataset.json's channels, labels, file ending and form, read once."""
-    info_path = root / "dataset.json"
-    if not info_path.is_file():
-      raise DataError(
-        f"wrong layout: {info_path} not found (the Decathlon layout is imagesTr/, labelsTr/ "
-        f"and dataset.json)"
-      )
-    try:
-      info = json.loads(info_path.read_text())
-    except (OSError, ValueError) as e:
-      raise DataError(f"cannot read {info_path}: {e}") from e
+    info_path, info = _dataset_json(root)
     v2 = "channel_names" in info
     channels = info.get("channel_names" if v2 else "modality")
     if not isinstance(channels, dict) or not channels:
@@ -1088,6 +1078,13 @@ def load_dataset(
 
   Each source has `len()` and `source[i]` -> {"image" (H,W,C) float32, "label" (H,W) uint8,
   "case_id" bytes, "slice_index" int32}.
+
+  Args:
+    name: the dataset (`BUILDERS`).
+    data_dir: where TFDS builds are kept.
+    manual_dir: the raw data folder (None: the builder's default).
+    size: the image size the builder resizes to (None: its default).
+    **options: the builder's options (`builder_options`).
   """
   builder = get_dataset_builder(
     name, data_dir=data_dir, manual_dir=manual_dir, size=size, **options

@@ -140,7 +140,7 @@ def trusted_cases(
     ConfigError: both a trusted/ folder and config.data.trusted_list name trusted masks.
     DataError: as `read_trusted_list`.
   """
-  listed = str(data.get("trusted_list") or "")
+  listed = str(data.trusted_list or "")
   if listed and folder_ids is not None:
     raise ConfigError(
       f"the folder has {TRUSTED_DIR}/ and config.data.trusted_list={listed!r} is set: name the "
@@ -158,7 +158,7 @@ def trusted_cases(
 def split_file_path(data, workdir: pathlib.Path | None) -> tuple[pathlib.Path | None, bool]:
   """(the split file to read or write, whether it exists). None: nowhere to write one (a run
   opened without a workdir makes its split in memory)."""
-  named = str(data.get("split_file") or "")
+  named = str(data.split_file or "")
   if named:
     path = pathlib.Path(named).expanduser()
     return path, path.is_file()
@@ -203,6 +203,12 @@ def check_shares(shares: Mapping[str, float]) -> None:
 def meta_indices(n: int, *, fraction: float, min_size: int, seed: int) -> tuple[np.ndarray, ...]:
   """Seeded split of n training items into (train, meta) indices, sorted: the meta split is
   ceil(fraction · n) items, at least `min_size` (MetaDCSeg §4.1: 2%, at least one meta batch).
+
+  Args:
+    n: the training items.
+    fraction: the meta split's share.
+    min_size: its least size (a meta batch).
+    seed: the draw's seed.
 
   Raises:
     ConfigError: the meta split would leave nothing to train on.
@@ -290,6 +296,13 @@ def read_split_file(
   min_meta: int,
 ) -> Plan:
   """The split file at `path`, used as written, after checking it against the folder.
+
+  Args:
+    path: the split file (nnU-Net's splits_final.json layout with a meta list).
+    case_ids: the folder's case ids.
+    trusted: the case ids whose masks are verified (None: no trusted masks named).
+    trusted_source: where the trusted masks were named, for the messages.
+    min_meta: the least meta cases (a meta batch).
 
   Raises:
     DataError: one line naming the problem: not JSON, an unknown list, a list that is not a
@@ -394,7 +407,7 @@ def plan_for(
     )
     logging.info("split file %s read as written", path)
     return plan
-  meta_seed = data.get("meta_seed")
+  meta_seed = data.meta_seed
   plan = make_plan(
     case_ids,
     trusted=trusted,

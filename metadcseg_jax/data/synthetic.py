@@ -57,8 +57,8 @@ from scipy import ndimage
 from skimage import draw
 import tensorflow_datasets as tfds
 
-from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import builders
+from metadcseg_jax.data import SPLITS
 
 # Bump when the generated arrays change: the TFDS builder uses it as its version.
 GENERATOR_VERSION = "1.1.0"
@@ -270,7 +270,15 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def split_example(
   seed: int, split: str, index: int, *, size: int, channels: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Regenerates entry `index` of `make_split(seed, split, ...)` alone."""
+  """Regenerates entry `index` of `make_split(seed, split, ...)` alone.
+
+  Args:
+    seed: the dataset seed.
+    split: the split's name.
+    index: the entry.
+    size: the image size.
+    channels: the input channels.
+  """
   return make_example(example_rng(seed, split, index), size=size, channels=channels)
 
 
@@ -351,7 +359,13 @@ class SyntheticConfig(builders.SegmentationConfig):
 def synthetic_config_name(
   size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
 ) -> str:
-  """E.g. 's64_c1_n400-50-50_seed0'."""
+  """E.g. 's64_c1_n400-50-50_seed0'.
+
+  Args:
+    size, channels: the image size and input channels.
+    n_train, n_val, n_test: the splits' sizes.
+    seed: the dataset seed.
+  """
   return f"s{size}_c{channels}_n{n_train}-{n_val}-{n_test}_seed{seed}"
 
 
@@ -419,7 +433,11 @@ class SyntheticSegmentation(builders.SegmentationBuilder):
 def synthetic_builder_config(
   size: int, channels: int, n_train: int, n_val: int, n_test: int, seed: int
 ) -> SyntheticConfig:
-  """The uniquely named config for these parameters (a predefined one if any)."""
+  """The uniquely named config for these parameters (a predefined one if any).
+
+  Args:
+    size, channels, n_train, n_val, n_test, seed: as in `synthetic_config_name`.
+  """
   name = synthetic_config_name(size, channels, n_train, n_val, n_test, seed)
   predefined = SyntheticSegmentation.builder_configs.get(name)
   if predefined is not None:

@@ -42,13 +42,13 @@ import json
 import math
 import os
 import pathlib
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from metadcseg_jax import files
 from metadcseg_jax import metrics
+from metadcseg_jax import progress
 from metadcseg_jax.data import readers
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
@@ -401,32 +401,6 @@ def score_pair(
   }
 
 
-def _duration(seconds: float) -> str:
-  seconds = max(0, int(round(seconds)))
-  h, rest = divmod(seconds, 3600)
-  m, s = divmod(rest, 60)
-  return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-class _Progress:
-  """A line every `every_s` seconds: cases done, cases/s and the time left."""
-
-  def __init__(self, total: int, echo: Callable[[str], None], every_s: float, clock=time.monotonic):
-    self.total, self.echo, self.every_s, self.clock = total, echo, every_s, clock
-    self.start = self.last = clock()
-
-  def update(self, done: int) -> None:
-    now = self.clock()
-    if now - self.last < self.every_s or done >= self.total:
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    self.echo(
-      f"scored {done}/{self.total} cases, {rate:.2f} cases/s, "
-      f"about {_duration((self.total - done) / rate)} left"
-    )
-
-
 def evaluate_folder(
   pred_dir: os.PathLike | str,
   ref_dir: os.PathLike | str,
@@ -465,21 +439,82 @@ def evaluate_folder(
   echo = echo or (lambda line: None)
   if missing not in MISSING:
     raise ConfigError(f"missing={missing!r}: choose one of {', '.join(MISSING)}")
-  if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
-    raise ConfigError(f"num_classes={num_classes}: must be an integer >= 2")
-  if class_names is not None:
-    class_names = tuple(class_names)
-    if num_classes is None:
-      num_classes = len(class_names) + 1
-    try:
-      metrics.foreground_names(num_classes, class_names)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    source = "class names"
-  else:
-    source = "inferred" if num_classes is None else "num_classes"
+  num_classes, class_names, source = _classes(num_classes, class_names)
   pairing = pair_folders(pred_dir, ref_dir)
   pred_dir, ref_dir = pathlib.Path(pred_dir), pathlib.Path(ref_dir)
+  todo = _cases_to_score(pairing, missing, pred_dir, ref_dir, echo)
+  scored: list[tuple[str, pathlib.Path | None, pathlib.Path, dict[int, dict], str]] = []
+  failures: list[str] = []
+  lines = progress.Lines(len(todo), echo, verb="scored", noun="cases", every_s=progress_s)
+  for done, (stem, pred_path, ref_path) in enumerate(todo, 1):
+    try:
+      ref = read_mask(ref_path, num_classes=num_classes, threshold=threshold)
+      if pred_path is None:
+        pred = Mask(np.zeros_like(ref.labels), ref.spacing, ref.affine)
+      else:
+        pred = read_mask(pred_path, num_classes=num_classes, threshold=threshold)
+      per_class = score_pair(
+        pred, ref, num_classes=num_classes, names=(str(pred_path), str(ref_path))
+      )
+    except (DataError, ImportError) as e:
+      failures.append(f"case {stem}: {e}")
+      echo(failures[-1])
+    else:
+      scored.append((stem, pred_path, ref_path, per_class, "px" if ref.spacing is None else "mm"))
+    lines.update(done)
+
+  if num_classes is None:
+    num_classes = max([2] + [max(per_class) + 1 for *_, per_class, _ in scored])
+  names = metrics.foreground_names(num_classes, class_names)
+  cases = []
+  for stem, pred_path, ref_path, per_class, unit in scored:
+    # Classes above a case's largest label are absent from both of its masks.
+    filled = {c: per_class.get(c, dict(metrics.BOTH_EMPTY)) for c in range(1, num_classes)}
+    cases.append(CaseScores(stem, pred_path, ref_path, filled, unit))
+  return FolderEvaluation(
+    pred_dir=pred_dir,
+    ref_dir=ref_dir,
+    num_classes=num_classes,
+    num_classes_from=source,
+    class_names=names,
+    cases=cases,
+    failures=failures,
+    pairing=pairing,
+    missing_policy=missing,
+  )
+
+
+def _classes(
+  num_classes: int | None, class_names: Sequence[str] | None
+) -> tuple[int | None, tuple[str, ...] | None, str]:
+  """`evaluate_folder`'s classes checked: (L or None, the names or None, where L comes from)."""
+  if num_classes is not None and (int(num_classes) != num_classes or num_classes < 2):
+    raise ConfigError(f"num_classes={num_classes}: must be an integer >= 2")
+  if class_names is None:
+    return num_classes, None, "inferred" if num_classes is None else "num_classes"
+  class_names = tuple(class_names)
+  if num_classes is None:
+    num_classes = len(class_names) + 1
+  try:
+    metrics.foreground_names(num_classes, class_names)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return num_classes, class_names, "class names"
+
+
+def _cases_to_score(
+  pairing: Pairing,
+  missing: str,
+  pred_dir: pathlib.Path,
+  ref_dir: pathlib.Path,
+  echo: Callable[[str], None],
+) -> list[tuple[str, pathlib.Path | None, pathlib.Path]]:
+  """(stem, prediction or None for an empty one, reference) of every case to score, by stem; a
+  line for each kind of file left unpaired.
+
+  Raises:
+    DataError: references without a prediction under missing="error", or nothing to score.
+  """
   if pairing.skipped:
     echo(
       f"skipped {_count(pairing.skipped, 'entry')} that are not mask files: "
@@ -508,46 +543,7 @@ def evaluate_folder(
     todo.sort(key=lambda item: item[0])
   if not todo:
     raise DataError(f"no pair of masks to score in {pred_dir} and {ref_dir}")
-
-  scored: list[tuple[str, pathlib.Path | None, pathlib.Path, dict[int, dict], str]] = []
-  failures: list[str] = []
-  progress = _Progress(len(todo), echo, progress_s)
-  for done, (stem, pred_path, ref_path) in enumerate(todo, 1):
-    try:
-      ref = read_mask(ref_path, num_classes=num_classes, threshold=threshold)
-      if pred_path is None:
-        pred = Mask(np.zeros_like(ref.labels), ref.spacing, ref.affine)
-      else:
-        pred = read_mask(pred_path, num_classes=num_classes, threshold=threshold)
-      per_class = score_pair(
-        pred, ref, num_classes=num_classes, names=(str(pred_path), str(ref_path))
-      )
-    except (DataError, ImportError) as e:
-      failures.append(f"case {stem}: {e}")
-      echo(failures[-1])
-    else:
-      scored.append((stem, pred_path, ref_path, per_class, "px" if ref.spacing is None else "mm"))
-    progress.update(done)
-
-  if num_classes is None:
-    num_classes = max([2] + [max(per_class) + 1 for *_, per_class, _ in scored])
-  names = metrics.foreground_names(num_classes, class_names)
-  cases = []
-  for stem, pred_path, ref_path, per_class, unit in scored:
-    # Classes above a case's largest label are absent from both of its masks.
-    filled = {c: per_class.get(c, dict(metrics.BOTH_EMPTY)) for c in range(1, num_classes)}
-    cases.append(CaseScores(stem, pred_path, ref_path, filled, unit))
-  return FolderEvaluation(
-    pred_dir=pred_dir,
-    ref_dir=ref_dir,
-    num_classes=num_classes,
-    num_classes_from=source,
-    class_names=names,
-    cases=cases,
-    failures=failures,
-    pairing=pairing,
-    missing_policy=missing,
-  )
+  return todo
 
 
 def _count(items: Sequence[object], noun: str) -> str:

@@ -192,7 +192,14 @@ def _load(path: pathlib.Path, nifti: bool) -> tuple[np.ndarray, Any]:
 
 
 def output_paths(item_name: str, suffix: str, out_dir: pathlib.Path, probabilities: bool):
-  """The files an input's outputs go to: the mask, and the probabilities (or None)."""
+  """The files an input's outputs go to: the mask, and the probabilities (or None).
+
+  Args:
+    item_name: the input's name without its suffix.
+    suffix: the mask file's suffix (the input's kind: ".png", ".nii.gz", ...).
+    out_dir: the output folder.
+    probabilities: whether the probabilities are written too.
+  """
   mask = out_dir / f"{item_name}{suffix}"
   if not probabilities:
     return mask, None
@@ -201,23 +208,20 @@ def output_paths(item_name: str, suffix: str, out_dir: pathlib.Path, probabiliti
 
 
 def write_mask(item: Item, mask: np.ndarray, path: pathlib.Path, num_classes: int) -> None:
-  """Writes `mask` (the file layout's shape, class indices) for `item` at `path` (atomically)."""
+  """Writes `mask` (the file layout's shape, class indices) for `item` at `path` (atomically).
+
+  Args:
+    item: the input it was predicted for (its layout and geometry).
+    mask: class indices, (H, W) or (S, H, W).
+    path: the file to write.
+    num_classes: L (two classes are written 0/255 in an image).
+  """
   mask = mask.astype(np.uint8)
   if item.layout == "image":
     values = mask * 255 if num_classes == 2 else mask
     _write(path, lambda tmp: Image.fromarray(values.astype(np.uint8)).save(tmp, format="PNG"))
-  elif item.layout == "nifti":
-    nib = readers.import_optional("nibabel", "nibabel")
-    header = item.geometry.header.copy()
-    header.set_data_dtype(np.uint8)
-    out = type(item.geometry)(mask, item.geometry.affine, header)
-    out.header.set_slope_inter(1, 0)
-    _write(path, lambda tmp: nib.save(out, tmp))
   else:
-    sitk = readers.import_optional("SimpleITK", "SimpleITK")
-    out = sitk.GetImageFromArray(mask)
-    out.CopyInformation(item.geometry)
-    _write(path, lambda tmp: sitk.WriteImage(out, tmp, True))
+    _write_volume(item, mask, path)
 
 
 def write_probabilities(item: Item, probs: np.ndarray, path: pathlib.Path) -> None:
@@ -225,17 +229,25 @@ def write_probabilities(item: Item, probs: np.ndarray, path: pathlib.Path) -> No
   probs = probs.astype(np.float32)
   if item.layout == "image":
     _write(path, lambda tmp: np.save(tmp, probs))
-  elif item.layout == "nifti":
+  else:
+    _write_volume(item, probs, path, vector=True)
+
+
+def _write_volume(item: Item, array: np.ndarray, path: pathlib.Path, *, vector=False) -> None:
+  """`array` in the geometry of `item`'s volume: NIfTI with its affine and header (the data type
+  and shape of `array`, no scaling), or SimpleITK's image information copied. `vector`: the last
+  axis holds a vector per voxel (the class probabilities)."""
+  if item.layout == "nifti":
     nib = readers.import_optional("nibabel", "nibabel")
     header = item.geometry.header.copy()
-    header.set_data_dtype(np.float32)
-    header.set_data_shape(probs.shape)
-    out = type(item.geometry)(probs, item.geometry.affine, header)
+    header.set_data_dtype(array.dtype)
+    header.set_data_shape(array.shape)
+    out = type(item.geometry)(array, item.geometry.affine, header)
     out.header.set_slope_inter(1, 0)
     _write(path, lambda tmp: nib.save(out, tmp))
   else:
     sitk = readers.import_optional("SimpleITK", "SimpleITK")
-    out = sitk.GetImageFromArray(probs, isVector=True)
+    out = sitk.GetImageFromArray(array, isVector=vector)
     out.CopyInformation(item.geometry)
     _write(path, lambda tmp: sitk.WriteImage(out, tmp, True))
 

@@ -33,8 +33,8 @@ from metadcseg_jax import files
 from metadcseg_jax import methods
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.errors import CheckpointError
-from metadcseg_jax.inference import io
 from metadcseg_jax.errors import UserError
+from metadcseg_jax.inference import io
 
 FORMAT = "metadcseg-model"
 VERSION = 1
@@ -51,10 +51,20 @@ def inference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   """`config` without what only training reads from other files: the edge detector of the DCD
   term (PiDiNet's weights file) becomes Canny, so a model opens where that file is absent."""
   config = config.copy_and_resolve_references()
-  if "dcd" in config and config.dcd.get("edges") in ("pidinet", "auto"):
+  if config.dcd.edges in ("pidinet", "auto"):
     config.dcd.edges = "canny"
     config.dcd.pidinet_weights = ""
   return config
+
+
+def preprocessing(
+  config: ml_collections.ConfigDict, info: Mapping[str, Any]
+) -> preprocess.Preprocessing:
+  """A run's preprocessing (`metadcseg_jax.data.preprocess`) from its config and data info (the
+  class names, and a volume dataset's modalities and per-channel files)."""
+  return preprocess.for_data(
+    config.data, info["class_names"], info.get("modalities"), info.get("channel_files", False)
+  )
 
 
 def save(

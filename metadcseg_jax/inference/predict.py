@@ -18,12 +18,12 @@ import dataclasses
 import glob
 import itertools
 import pathlib
-import time
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from metadcseg_jax import files
+from metadcseg_jax import progress
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
 from metadcseg_jax.inference import io
@@ -97,6 +97,12 @@ def plan_jobs(
 ) -> list[Job]:
   """One job per input, or per case of per-channel files (nnU-Net's `<case>_<XXXX>`).
 
+  Args:
+    model: the model (its preprocessing decides how inputs are grouped).
+    paths: the input files.
+    out_dir: the output folder.
+    probabilities: also write the class probabilities.
+
   Raises:
     ConfigError: two inputs would write the same output (a.png and a.jpg).
   """
@@ -131,25 +137,6 @@ def check_outputs(jobs: Iterable[Job], *, overwrite: bool) -> None:
       f"{len(existing)} outputs exist in {existing[0].parent} ({names}): pass --overwrite to "
       "replace them, or another --output"
     )
-
-
-class _Progress:
-  """A line every `every` seconds: files done, files/s, time left."""
-
-  def __init__(self, total: int, echo: Callable[[str], None], every: float = PROGRESS_EVERY_S):
-    self.total, self.echo, self.every = total, echo, every
-    self.start = self.last = time.perf_counter()
-    self.done = 0
-
-  def step(self, n: int = 1) -> None:
-    self.done += n
-    now = time.perf_counter()
-    if now - self.last < self.every and self.done < self.total:
-      return
-    self.last = now
-    rate = self.done / max(now - self.start, 1e-9)
-    left = (self.total - self.done) / max(rate, 1e-9)
-    self.echo(f"predicted {self.done}/{self.total} inputs  {rate:.2f} files/s  {left:.0f}s left")
 
 
 def _read(job: Job, pre) -> io.Item:
@@ -194,7 +181,9 @@ def predict_paths(
   jobs = plan_jobs(model, paths, out_dir, probabilities=probabilities)
   check_outputs(jobs, overwrite=overwrite)
   out_dir.mkdir(parents=True, exist_ok=True)
-  progress = _Progress(len(jobs), echo)
+  lines = progress.Lines(
+    len(jobs), echo, verb="predicted", noun="files", every_s=PROGRESS_EVERY_S, last=True
+  )
   pre = model.preprocessing
   ahead = 2 * model.batch_size  # files read ahead: bounded, a folder may hold thousands
   # Files are read (decoded, resized, normalised) in threads while the device predicts.
@@ -213,17 +202,17 @@ def predict_paths(
       except (DataError, OSError, ImportError) as e:
         result.failures.append((str(job.inputs[0]), str(e)))
         echo(f"error: {job.inputs[0]}: {e}")
-        progress.step()
+        lines.step()
         continue
       # 2D images share a batch until it is full; a volume's slices fill batches by themselves.
       volume = len(pending[-1][1].x) > 1
       if volume or sum(len(item.x) for _, item in pending) >= model.batch_size:
         _flush(model, pending, result, variant=variant, echo=echo)
-        progress.step(len(pending))
+        lines.step(len(pending))
         pending = []
     if pending:
       _flush(model, pending, result, variant=variant, echo=echo)
-      progress.step(len(pending))
+      lines.step(len(pending))
   return result
 
 

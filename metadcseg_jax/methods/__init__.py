@@ -79,6 +79,13 @@ def example_feed(
 ) -> dict[str, np.ndarray]:
   """A synthetic batch as the trainer feeds `method`'s step (for benchmarks and checks).
 
+  Args:
+    method: the method whose step is fed.
+    size: the image size.
+    channels: the input channels.
+    batch: the batch (and meta batch) size.
+    seed: the noise's seed.
+
   Returns:
     "image" (B,H,W,C) float32 noise, "noisy_label" (B,H,W) int32 (one disc), the same for
     "meta_image"/"meta_label", and what the method's `example_transform` adds per example

@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metadcseg_jax import models
-from metadcseg_jax import optim
 from metadcseg_jax import settings
-from metadcseg_jax.models import unet
+from metadcseg_jax.core import models
+from metadcseg_jax.core import optim
+from metadcseg_jax.core.models import unet
 from metadcseg_jax.types import Array
 
 # (state, batch, rng) -> (state, metrics): what `Method.train_step` returns (not yet jitted).
@@ -80,7 +80,7 @@ class Method(abc.ABC):
 
   name: ClassVar[str] = ""
   uses_meta_batch: ClassVar[bool] = False
-  # `audit_maps` gives per-pixel label suspicion (metadcseg_jax/audit.py).
+  # `audit_maps` gives per-pixel label suspicion (metadcseg_jax/training/audit_passes.py).
   audits: ClassVar[bool] = False
   figure_name: ClassVar[str | None] = None
   # Host-side per-example transform run in the input pipeline after augmentation (e.g. Canny
@@ -320,7 +320,14 @@ class SingleNetworkMethod(Method):
     *,
     extra: dict[str, Array] | None = None,
   ) -> TrainState:
-    """The state after a step: new parameters and statistics, their EMA, the step count."""
+    """The state after a step: new parameters and statistics, their EMA, the step count.
+
+    Args:
+      state: the state before the step.
+      params, opt_state: the updated parameters and optimizer state.
+      batch_stats: the BatchNorm statistics the step's forward updated.
+      extra: the method's own state entries to replace, or None.
+    """
     rate = 1.0 - self.config.train.ema_decay
     return state.replace(
       step=state.step + 1,
@@ -335,7 +342,14 @@ class SingleNetworkMethod(Method):
   def apply_gradients(
     self, state: TrainState, grads, batch_stats, *, extra: dict[str, Array] | None = None
   ) -> TrainState:
-    """`update_params` then `finish_step`."""
+    """`update_params` then `finish_step`.
+
+    Args:
+      state: the state before the step.
+      grads: the gradient of the loss in the parameters.
+      batch_stats: the BatchNorm statistics the step's forward updated.
+      extra: the method's own state entries to replace, or None.
+    """
     params, opt_state = self.update_params(state.params, state.opt_state, grads)
     return self.finish_step(state, params, opt_state, batch_stats, extra=extra)
 

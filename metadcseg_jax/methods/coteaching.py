@@ -9,13 +9,19 @@ Settings: `config.coteach`.
 
 import jax.numpy as jnp
 
-from metadcseg_jax import losses
+from metadcseg_jax.core import losses
 from metadcseg_jax.methods import two_network
 
 
 def cross_update_loss(logits1, logits2, labels, keep):
   """Algorithm 1, steps 4-6: `(loss_1 + loss_2, aux)`, each network's mean CE over the pixels
-  its partner selected; logits (B,H,W,L), labels (B,H,W), keep the share `1 − τ_e`."""
+  its partner selected; logits (B,H,W,L), labels (B,H,W), keep the share `1 − τ_e`.
+
+  Args:
+    logits1, logits2: (B,H,W,L) the two networks' logits.
+    labels: (B,H,W) the noisy labels.
+    keep: the share of pixels each network selects for its partner, 1 − τ_e.
+  """
   ce1, ce2 = losses.ce_map(logits1, labels), losses.ce_map(logits2, labels)
   pick1 = two_network.small_loss_mask(ce1, keep)  # what network 1 trusts
   pick2 = two_network.small_loss_mask(ce2, keep)

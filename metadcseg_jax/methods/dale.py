@@ -53,10 +53,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metadcseg_jax import losses
-from metadcseg_jax import meta
-from metadcseg_jax import optim
-from metadcseg_jax import wasserstein
+from metadcseg_jax.core import losses
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import optim
+from metadcseg_jax.core import wasserstein
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array
@@ -223,6 +223,7 @@ def _logits(apply_fn, variables, params, x):
 def omega_weights(
   apply_fn,
   variables,
+  *,
   optimizer: optim.Optimizer,
   opt_state: optax.OptState,
   x_fuzzy: Array,
@@ -230,7 +231,6 @@ def omega_weights(
   y: Array,
   mask_fuzzy: Array,
   mask_nonfuzzy: Array,
-  *,
   lr: float = 0.1,
   steps: int = 1,
 ) -> tuple[Array, Array, Array]:
@@ -270,7 +270,9 @@ def omega_weights(
   tx_state = tx.init(omega)
   first = None
   for _ in range(steps):
-    lval, g = meta.unrolled_meta_grad(train_loss, meta_loss, optimizer, opt_state, params, omega)
+    lval, g = meta.unrolled_meta_grad(
+      train_loss, meta_loss, optimizer=optimizer, opt_state=opt_state, params=params, w0=omega
+    )
     if first is None:
       first = (g, lval)
     updates, tx_state = tx.update(g, tx_state, omega)
@@ -329,9 +331,9 @@ def alignment_loss(
   num_classes, dim = mu_n.shape
   mu_f, cov_f, total_f = class_gaussians(features_fuzzy, labels, weights_fuzzy, num_classes)
   cov_n = cov_n + eps[:, None, None] * jnp.ones((dim, dim), cov_n.dtype)
-  w2 = jax.vmap(functools.partial(wasserstein.gaussian_w2_squared, jitter=jitter))(
-    mu_n, cov_n, mu_f, cov_f
-  )
+  w2 = jax.vmap(
+    lambda m1, c1, m2, c2: wasserstein.gaussian_w2_squared(m1, c1, mu2=m2, cov2=c2, jitter=jitter)
+  )(mu_n, cov_n, mu_f, cov_f)
   valid = (total_n >= min_pixels) & (total_f >= min_pixels)
   return jnp.sum(jnp.where(valid, w2, 0.0)), jnp.sum(valid)
 
@@ -418,13 +420,13 @@ class DALE(base.SingleNetworkMethod):
     return omega_weights(
       self.model.apply,
       {"params": params, "batch_stats": stats},
-      self.optimizer,
-      opt_state,
-      xf,
-      xn,
-      y,
-      mf,
-      mn,
+      optimizer=self.optimizer,
+      opt_state=opt_state,
+      x_fuzzy=xf,
+      x_nonfuzzy=xn,
+      y=y,
+      mask_fuzzy=mf,
+      mask_nonfuzzy=mn,
       lr=float(d.omega_lr),
       steps=int(d.omega_steps),
     )

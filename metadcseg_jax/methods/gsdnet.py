@@ -38,8 +38,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import segmentation
 
-from metadcseg_jax import losses
 from metadcseg_jax import settings
+from metadcseg_jax.core import losses
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.methods import two_network
 from metadcseg_jax.types import Array

@@ -9,13 +9,19 @@ them (one loss, gradients into both). Settings: `config.coteach` (λ is `co_lamb
 
 import jax.numpy as jnp
 
-from metadcseg_jax import losses
+from metadcseg_jax.core import losses
 from metadcseg_jax.methods import two_network
 from metadcseg_jax.types import Array
 
 
 def jocor_pixel_loss(logits1: Array, logits2: Array, labels: Array, *, co_lambda: float) -> Array:
-  """JoCoR's per-pixel loss (Eq. 5) of two (B,H,W,L) logits and (B,H,W) labels: (B,H,W)."""
+  """JoCoR's per-pixel loss (Eq. 5) of two (B,H,W,L) logits and (B,H,W) labels: (B,H,W).
+
+  Args:
+    logits1, logits2: (B,H,W,L) the two networks' logits.
+    labels: (B,H,W) the noisy labels.
+    co_lambda: λ, the weight of the agreement (symmetric KL) term.
+  """
   ce = losses.ce_map(logits1, labels) + losses.ce_map(logits2, labels)
   return (1.0 - co_lambda) * ce + co_lambda * two_network.symmetric_kl_map(logits1, logits2)
 

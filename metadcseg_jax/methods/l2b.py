@@ -3,7 +3,7 @@
 Zhou et al., "L2B: Learning to Bootstrap Robust Models for Combating Label Noise", CVPR 2024;
 MetaDCSeg §3.2 and App. A.3. Warm-up epochs train plain CE; then every step takes the exact
 one-step meta-gradients of the clean meta loss with respect to per-pixel weights of the
-noisy-label and pseudo-label losses (`metadcseg_jax.meta`), and trains on the weighted loss
+noisy-label and pseudo-label losses (`metadcseg_jax.core.meta`), and trains on the weighted loss
 (Eq. 1). The DCD boundary term and the Dice term are MetaDCSeg's (`methods/metadcseg.py`).
 """
 
@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from metadcseg_jax import audit
-from metadcseg_jax import losses
-from metadcseg_jax import meta
-from metadcseg_jax import objective
 from metadcseg_jax import settings
+from metadcseg_jax.core import losses
+from metadcseg_jax.core import meta
+from metadcseg_jax.core import objective
 from metadcseg_jax.methods import base
 from metadcseg_jax.types import Array
 
@@ -111,7 +110,7 @@ class L2B(base.SingleNetworkMethod):
     default for float32 convolutions) and bf16 round them visibly (BUILD_NOTES.md, "Precision
     of the meta step"). "highest" is exact float32 everywhere; on a CPU every setting is.
     """
-    precision = self.config.meta.get("precision", "default")
+    precision = self.config.meta.precision
     if precision == "default":
       return contextlib.nullcontext()
     return jax.default_matmul_precision(precision)
@@ -157,14 +156,14 @@ class L2B(base.SingleNetworkMethod):
           grads, stats, loss, mo, aux = meta.meta_step_grads(
             self.model.apply,
             variables,
-            state.opt_state,
-            self.optimizer,
-            x,
-            y,
-            batch["meta_image"],
-            batch["meta_label"],
-            self.loss_from_outputs(state, batch),
-            self.meta_options,
+            optimizer=self.optimizer,
+            opt_state=state.opt_state,
+            x=x,
+            y=y,
+            xv=batch["meta_image"],
+            yv=batch["meta_label"],
+            loss_from_outputs=self.loss_from_outputs(state, batch),
+            options=self.meta_options,
           )
       params, opt_state = self.update_params(state.params, state.opt_state, grads)
       if self.config.meta.extra_clean_step:
@@ -218,13 +217,13 @@ class L2B(base.SingleNetworkMethod):
       return meta.meta_weights(
         self.meta_model.apply,
         variables,
-        state.opt_state,
-        self.optimizer,
-        x,
-        y,
-        xv,
-        yv,
-        self.meta_options,
+        optimizer=self.optimizer,
+        opt_state=state.opt_state,
+        x=x,
+        y=y,
+        xv=xv,
+        yv=yv,
+        options=self.meta_options,
       )
 
   def audit_maps(self, state, batch):
@@ -244,7 +243,12 @@ class L2B(base.SingleNetworkMethod):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     with self.meta_precision():
       return meta.meta_direction(
-        self.meta_model.apply, variables, state.opt_state, self.optimizer, meta_image, meta_label
+        self.meta_model.apply,
+        variables,
+        optimizer=self.optimizer,
+        opt_state=state.opt_state,
+        xv=meta_image,
+        yv=meta_label,
       )
 
   def audit_maps_along(self, state, batch, direction):
@@ -253,10 +257,10 @@ class L2B(base.SingleNetworkMethod):
       mo = meta.meta_weights_along(
         self.meta_model.apply,
         variables,
-        batch["image"],
-        batch["noisy_label"],
-        direction,
-        self.meta_options,
+        x=batch["image"],
+        y=batch["noisy_label"],
+        direction=direction,
+        options=self.meta_options,
       )
     return _audit_maps(batch["noisy_label"], mo)
 
@@ -343,7 +347,7 @@ class L2B(base.SingleNetworkMethod):
 def _audit_maps(y, mo: meta.MetaOutput) -> dict[str, Array]:
   """`audit_maps`' output from the noisy labels y (B,H,W) and the weights."""
   return {
-    "suspicion": audit.suspicion_map(y, mo.y_pseudo, mo.a_tilde, mo.b_tilde),
+    "suspicion": meta.suspicion_map(y, mo.y_pseudo, a_tilde=mo.a_tilde, b_tilde=mo.b_tilde),
     "pseudo": mo.y_pseudo,
     "probs": jax.nn.softmax(mo.logits, axis=-1),
   }

@@ -1,11 +1,11 @@
 """MetaDCSeg: L2B's meta-weighted pixel loss plus the Dynamic Center Distance boundary term and
 Dice (MetaDCSeg §3, Eq. 13).
 
-The meta step is L2B's (`methods/l2b.py`); the loss adds λ1 times the DCD-weighted boundary term
-and λ2 times the soft Dice loss (`metadcseg_jax.objective`), on the very logits and features the
-meta step linearised (no extra forward). The state carries the DCD fallback centers (Eq. 47).
-The edge pixels of Eq. 8 come from `metadcseg_jax.edges`: PiDiNet inside the step, or Canny in
-the input pipeline (`example_transform`).
+The meta step is L2B's (`methods/l2b.py`); the loss adds λ1 times the DCD-weighted boundary term and
+λ2 times the soft Dice loss (`metadcseg_jax.core.objective`), on the very logits and features the
+meta step linearised (no extra forward). The state carries the DCD fallback centers (Eq. 47). The
+edge pixels of Eq. 8 come from `metadcseg_jax.core.edges`: PiDiNet inside the step, or Canny in the
+input pipeline (`example_transform`).
 """
 
 import functools
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metadcseg_jax import dcd
-from metadcseg_jax import edges as edges_lib
-from metadcseg_jax import objective
 from metadcseg_jax import settings
+from metadcseg_jax.core import dcd
+from metadcseg_jax.core import edges as edges_lib
+from metadcseg_jax.core import objective
 from metadcseg_jax.methods import base
 from metadcseg_jax.methods import l2b
 
@@ -73,7 +73,7 @@ RULES: settings.Rules = (
 
 def _edge_problems(dcd_config: ml_collections.ConfigDict) -> list[str]:
   """PiDiNet's weights: asked for but not given, or given but not there."""
-  weights = dcd_config.get("pidinet_weights", "")
+  weights = dcd_config.pidinet_weights
   if dcd_config.edges == "pidinet" and not weights:
     return [
       "config.dcd.edges='pidinet' needs config.dcd.pidinet_weights, the path of "
@@ -96,7 +96,7 @@ class MetaDCSeg(l2b.L2B):
   @classmethod
   def check_settings(cls, config):
     found = super().check_settings(config)
-    if "dcd" in config and not settings.problems(config, RULES):  # single values first
+    if not settings.problems(config, RULES):  # single values first
       found += _edge_problems(config.dcd)
     return found
 
@@ -132,10 +132,10 @@ class MetaDCSeg(l2b.L2B):
         logits,
         features,
         batch["noisy_label"],
-        edges,
-        objective.pixel_weights(weights),
-        state.extra["dcd_centers"],
-        self.loss_options,
+        edges=edges,
+        weights=objective.pixel_weights(weights),
+        default_centers=state.extra["dcd_centers"],
+        options=self.loss_options,
       )
 
     return loss_fn

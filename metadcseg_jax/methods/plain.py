@@ -4,8 +4,8 @@ import functools
 
 import ml_collections
 
-from metadcseg_jax import losses
 from metadcseg_jax import settings
+from metadcseg_jax.core import losses
 from metadcseg_jax.methods import base
 
 

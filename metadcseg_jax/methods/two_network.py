@@ -152,7 +152,14 @@ class TwoNetworkMethod(base.SingleNetworkMethod):
     return 1.0 - rate
 
   def update_pair(self, state: base.TrainState, grads, batch_stats, *, extra=None):
-    """One optimizer update of each network with its own gradients, then the EMAs."""
+    """One optimizer update of each network with its own gradients, then the EMAs.
+
+    Args:
+      state: the pair's state before the step.
+      grads: (grads of network 1, grads of network 2).
+      batch_stats: (statistics of network 1, of network 2) after the step's forwards.
+      extra: the method's own state entries to replace, or None.
+    """
     p1, o1 = self.update_params(state.params[0], state.opt_state[0], grads[0])
     p2, o2 = self.update_params(state.params[1], state.opt_state[1], grads[1])
     return self.finish_step(state, (p1, p2), (o1, o2), tuple(batch_stats), extra=extra)

@@ -12,7 +12,7 @@ Four sections, in this order, each with its own time budget (`Settings.budgets`)
    plain and L2B steps (`torch_ref.time_steps`) beside them where torch imports.
 2. precision: the relative error of the meta-gradients and meta-weights against a float64
    CPU reference at the backend's default precision (TF32 on an NVIDIA GPU), `highest` and
-   bfloat16 (the measurement function is passed in: `experiments/meta_precision.py`'s).
+   bfloat16 (`metadcseg_jax.tools.precision.measure`).
 3. trainer: the trainer's images/s against its bare step at the Kvasir-SEG shape
    (`throughput.trainer_rates`).
 4. kvasir: as many epochs of the paper's Kvasir-SEG setting as the time left allows, the time
@@ -33,7 +33,6 @@ import importlib.metadata
 import json
 import os
 import pathlib
-import shlex
 import statistics
 import subprocess
 import sys
@@ -45,16 +44,17 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_collections
 
-from metadcseg_jax import benchmark
 from metadcseg_jax import files
 from metadcseg_jax import methods
-from metadcseg_jax import runs
-from metadcseg_jax import throughput
-from metadcseg_jax import train
+from metadcseg_jax.benchmark import presets
 from metadcseg_jax.errors import ConfigError
+from metadcseg_jax.tools import precision as precision_lib
+from metadcseg_jax.tools import throughput
+from metadcseg_jax.training import runs
+from metadcseg_jax.training import train
 
 try:  # the extra `bench`
-  from metadcseg_jax import torch_ref
+  from metadcseg_jax.tools import torch_ref
 except ImportError:
   torch_ref = None
 
@@ -97,7 +97,7 @@ class Settings:
     kvasir_warmup_epochs: section 4's warm-up epochs (at most the config's), so that the meta
       phase is reached inside the budget; the projection counts the config's.
     kvasir_max_epochs: stop section 4 after this many epochs (0: when the time is up).
-    table: the benchmark preset (`benchmark.PRESETS`) whose runs the projection counts.
+    table: the benchmark preset (`presets.PRESETS`) whose runs the projection counts.
     data_dir: dataset builds, noisy-label caches and JAX's compilation cache.
     budgets: seconds per section (0: the section is off).
     min_s: the least time left for a section to start.
@@ -207,14 +207,9 @@ def settings_for(tiny: bool, given: Mapping[str, Any]) -> Settings:
   bad = [m for m in settings.methods + settings.trainer_methods if m not in methods.NAMES]
   if bad:
     raise ConfigError(f"unknown methods {bad}: choose from {methods.NAMES}")
-  if settings.table not in benchmark.PRESETS:
-    raise ConfigError(f"unknown table {settings.table!r}: choose from {sorted(benchmark.PRESETS)}")
+  if settings.table not in presets.PRESETS:
+    raise ConfigError(f"unknown table {settings.table!r}: choose from {sorted(presets.PRESETS)}")
   return settings
-
-
-def command_line(argv: Sequence[str]) -> str:
-  """The command as a user retypes it: `python -m experiments.gpu_report` and its flags."""
-  return " ".join(["python -m experiments.gpu_report"] + [shlex.quote(a) for a in argv[1:]])
 
 
 # ----------------------------------------------------------------------------- the report
@@ -286,7 +281,7 @@ def run(
   output: str | os.PathLike,
   command: str,
   kvasir_config: ml_collections.ConfigDict,
-  precision: PrecisionFn | None = None,
+  precision: PrecisionFn = precision_lib.measure,
 ) -> dict[str, Any]:
   """Measures the four sections within their budgets into `output`/report.{md,json}.
 
@@ -295,8 +290,8 @@ def run(
     output: the report's folder (created).
     command: the command line, for the report's first line.
     kvasir_config: the paper's Kvasir-SEG config (`experiments/configs/kvasir_seg.py`).
-    precision: `fn(size, width, channels, batch) -> {setting: {field: relative error}}`
-      (`experiments.meta_precision.measure`); None leaves section 2 out with a line.
+    precision: `fn(size, width, channels, batch) -> {setting: {field: relative error}}`,
+      section 2's measurement (`precision.measure`; tests give a stand-in).
 
   Returns:
     report.json's content.
@@ -376,7 +371,7 @@ def _error(e: BaseException) -> str:
   """One line for the report; device memory exhaustion named as such."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
   kind = type(e).__name__
-  if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+  if throughput.is_out_of_memory(e):
     kind = f"out of device memory ({kind})"
   return f"{kind}: {text[:300]}" if text else kind
 
@@ -573,7 +568,7 @@ def data_worker(config_json: str) -> None:
 # ----------------------------------------------------------------------------- 2. precision
 
 
-def _precision(settings: Settings, sec: dict, precision: PrecisionFn | None) -> None:
+def _precision(settings: Settings, sec: dict, precision: PrecisionFn) -> None:
   """Section 2 into `sec["rows"]`: one call of `precision` (it cannot stop halfway)."""
   s = settings
   sec["shape"] = {
@@ -582,9 +577,6 @@ def _precision(settings: Settings, sec: dict, precision: PrecisionFn | None) -> 
     "channels": s.channels,
     "batch": s.precision_batch,
   }
-  if precision is None:
-    sec.update(status="skipped", note="no measurement function given")
-    return
   out = precision(s.precision_size, s.width, s.channels, s.precision_batch)
   sec["rows"] = [
     {"setting": label, **{k: float(v) for k, v in errs.items()}} for label, errs in out.items()
@@ -785,7 +777,7 @@ def _projection(
   if not epochs:
     return None
   phases = _phase_seconds(epochs)
-  preset = benchmark.PRESETS[settings.table]
+  preset = presets.PRESETS[settings.table]
   warm = phases.get("warmup") or phases.get("train")
   meta = phases.get("main")
   rows, total, notes = [], 0.0, []
