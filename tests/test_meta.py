@@ -442,6 +442,25 @@ def test_weights_nonnegative_and_normalised(conv32_out, key):
   assert 0 < positive.mean() < 1 or a0 > 0
 
 
+def test_without_bootstrapping_the_pseudo_labels_take_no_weight(conv32_out):
+  """`bootstrap=False` (learning to reweight): b̃ = 0 everywhere, ã as with bootstrapping, and
+  Eq. 24's normaliser over ã alone."""
+  out = conv32_out["jvp", (0.0, 0.0)]
+  a_t, b_t, a_hat, b_hat, gamma, pi_a, pi_b = (
+    np.asarray(v)
+    for v in meta._rectify_normalize(
+      jnp.asarray(out.ga), jnp.asarray(out.gb), meta.MetaOptions(bootstrap=False)
+    )
+  )
+  assert not b_t.any() and not b_hat.any() and not pi_b.any()
+  assert out.b_tilde.any()  # with bootstrapping the same meta-gradients weight g
+  np.testing.assert_allclose(a_t, out.a_tilde, rtol=1e-6)
+  np.testing.assert_allclose(gamma, a_t)
+  by_hand = a_t / (a_t.sum(axis=(1, 2), keepdims=True) + meta.EPS_Z)
+  np.testing.assert_allclose(a_hat, by_hand, rtol=1e-6)
+  np.testing.assert_allclose(pi_a[a_t > 0], 1.0)
+
+
 # ----------------------------------------------------------------------------- (e) BatchNorm
 
 

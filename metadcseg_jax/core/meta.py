@@ -69,6 +69,8 @@ class MetaOptions:
     normalizer: "image" (Z per image, Eq. 24) or "batch" (Z over the batch, L2B's code).
     route: "reverse" (reverse-over-reverse, any optimizer) or "jvp" (forward-over-reverse,
       `Optimizer.linear_in_grad` only).
+    bootstrap: the pseudo-label term takes its weight b̃ (L2B); False: b̃ = 0, and the weights
+      re-weight the given labels only (learning to reweight, Ren et al. 2018).
   """
 
   a0: float = 0.0
@@ -76,6 +78,7 @@ class MetaOptions:
   eta: float = 1.0
   normalizer: str = "image"
   route: str = "reverse"
+  bootstrap: bool = True
 
   @classmethod
   def from_config(cls, meta_config: Mapping[str, Any]) -> "MetaOptions":
@@ -338,7 +341,7 @@ def _rectify_normalize(ga, gb, options):
   """
   a0, b0, eta, normalizer = options.a0, options.b0, options.eta, options.normalizer
   a_t = jnp.maximum(a0 - eta * ga, 0.0)
-  b_t = jnp.maximum(b0 - eta * gb, 0.0)
+  b_t = jnp.maximum(b0 - eta * gb, 0.0) if options.bootstrap else jnp.zeros_like(gb)
   gamma = a_t + b_t
   axes = (1, 2) if normalizer == "image" else None
   z = jnp.sum(gamma, axis=axes, keepdims=normalizer == "image")

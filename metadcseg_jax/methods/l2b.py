@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eta = 0.01  # meta lr (Table 8 "Meta LR Scale"); cancels when (a0, b0) = (0, 0)
   c.normalizer = "image"  # "image" (Eq. 24) | "batch" (L2B)
   c.extra_clean_step = False  # L2B code: extra real step on the clean meta batch
+  # The pseudo-label term's weight b̃ (L2B's bootstrapping); False: b̃ = 0, the weights re-weight
+  # the given labels only (learning to reweight, Ren et al. 2018).
+  c.bootstrap = True
   c.use = True  # ablation "meta off": plain CE weights (MetaDCSeg §3.4)
   # Matmul/convolution precision of the meta step: "highest" (true float32; a GPU's default
   # TF32 rounds the per-pixel meta-gradients, BUILD_NOTES.md, "Precision of the meta step") |
@@ -51,6 +54,7 @@ RULES: settings.Rules = (
   ("meta.eta", settings.number(0.0, low_open=True)),
   ("meta.normalizer", settings.one_of(meta.NORMALIZERS)),
   ("meta.extra_clean_step", settings.boolean),
+  ("meta.bootstrap", settings.boolean),
   ("meta.use", settings.boolean),
   ("meta.precision", settings.one_of(("default", "high", "highest"))),
 )

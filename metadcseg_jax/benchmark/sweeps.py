@@ -6,7 +6,7 @@ closes (training budget, meta-set size), and what the meta step does on the way.
     print(diagnostics_table(sweeps, methods=("l2b", "metadcseg"), noises=("none", "l2b40")))
 
 Each workdir is a `metadcseg-benchmark` root; its finished runs are read as the benchmark reads
-them (`benchmark.collect`, `benchmark.comparisons`: the paired differences with their 95%
+them (`tables.collect`, `tables.comparisons`: the paired differences with their 95%
 intervals over seeds and test cases, failed runs counted).
 """
 
@@ -19,7 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from metadcseg_jax import benchmark
+from metadcseg_jax.benchmark import presets
+from metadcseg_jax.benchmark import tables
 
 # The claims a sweep table states, (row, reference).
 CLAIMS = (("l2b", "ce"), ("metadcseg", "ce"), ("metadcseg", "l2b"))
@@ -67,12 +68,12 @@ def setting_table(
   head = ["setting", "noise", "seeds", *methods, *(f"{a} − {b}" for a, b in claims)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for label, root in workdirs.items():
-    rows = benchmark.method_rows(methods)
-    cells = benchmark.collect(root, rows=rows, noises=noises)
-    comps = benchmark.comparisons(root, cells, pairs=claims, params=(params,))
+    rows = presets.method_rows(methods)
+    cells = tables.collect(root, rows=rows, noises=noises)
+    comps = tables.comparisons(root, cells, pairs=claims, params=(params,))
     by_cell = {(c["noise"], c["label"]): c for c in cells}
     by_claim = {(c["noise"], c["row"], c["reference"]): c for c in comps}
-    for noise_kind in benchmark.sort_noises(noises):
+    for noise_kind in presets.sort_noises(noises):
       seeds = sorted(
         {s for m in methods for s in (by_cell.get((noise_kind, m)) or {}).get("seeds", [])}
       )
@@ -82,7 +83,7 @@ def setting_table(
       diffs = [_claim_text(by_claim.get((noise_kind, a, b))) for a, b in claims]
       lines.append(
         "| "
-        + " | ".join([label, benchmark.noise_label(noise_kind), str(len(seeds)), *values, *diffs])
+        + " | ".join([label, presets.noise_label(noise_kind), str(len(seeds)), *values, *diffs])
         + " |"
       )
   return "\n".join(lines)
@@ -111,11 +112,18 @@ def diagnostics_table(
   last: int = 3,
 ) -> str:
   """A Markdown table of the meta step's diagnostics (`DIAGNOSTICS`, mean over seeds of each
-  run's last `last` points) per (setting, noise, method)."""
+  run's last `last` points) per (setting, noise, method).
+
+  Args:
+    workdirs: {setting label: benchmark root}, in the order the lines go.
+    methods: the meta methods whose runs logged diagnostics.
+    noises: the noise levels.
+    last: how many of a run's last diagnostics points to average.
+  """
   head = ["setting", "noise", "method", "seeds", *DIAGNOSTICS]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for label, root in workdirs.items():
-    for noise_kind in benchmark.sort_noises(noises):
+    for noise_kind in presets.sort_noises(noises):
       for method in methods:
         runs = sorted(pathlib.Path(root, noise_kind, method).glob("seed*"))
         found = [d for d in (run_diagnostics(r, last=last) for r in runs) if d]
@@ -127,7 +135,7 @@ def diagnostics_table(
         ]
         lines.append(
           "| "
-          + " | ".join([label, benchmark.noise_label(noise_kind), method, str(len(found)), *values])
+          + " | ".join([label, presets.noise_label(noise_kind), method, str(len(found)), *values])
           + " |"
         )
   return "\n".join(lines)
