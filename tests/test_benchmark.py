@@ -18,6 +18,7 @@ import pytest
 from experiments.configs import kvasir_cpu
 from experiments.configs import kvasir_seg
 from experiments.configs import tiny
+from tests import folders
 from metadcseg_jax import check_settings
 from metadcseg_jax import files
 from metadcseg_jax import methods
@@ -223,6 +224,24 @@ def test_bad_grid_and_overrides(tmp_path):
       config, row=presets.Row("x", "ce", (("dcd.nope", 1),)), noise_kind="none", seed=0
     )
   assert set(presets.PRESETS) == {"main", "noisy", "paper", "ablation", "comparison"}
+
+
+def test_a_setting_no_run_can_train_with_stops_the_benchmark_before_its_first_run(tmp_path):
+  """MetaDCSeg on a user's masks that no one verified, without injected noise: one line naming
+  the run and what to do, and nothing trained."""
+  folders.write_folder(tmp_path / "raw", n=8)
+  config = folders.folder_config(tmp_path / "raw", tmp_path / "data")
+  calls = []
+  with pytest.raises(ConfigError, match="none/metadcseg/seed0: .*trusted") as e:
+    runner.run_benchmark(
+      config,
+      tmp_path / "bench",
+      rows=presets.method_rows(["ce", "metadcseg"]),
+      noises=["none"],
+      seeds=[0],
+      trainer=lambda cfg, rdir: calls.append(rdir),
+    )
+  assert not calls and "\n" not in str(e.value)
   # Every preset backs a claim: each seed draws its own noisy labels and meta split.
   assert {p["labels"] for p in presets.PRESETS.values()} == {"per_seed"}
   # Every registered method is a row of the comparison table.

@@ -53,6 +53,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_collections
 
+from metadcseg_jax import check_settings
 from metadcseg_jax import cli
 from metadcseg_jax.benchmark import presets
 from metadcseg_jax.benchmark import report
@@ -301,6 +302,11 @@ def _pending_jobs(
         )
       echo(f"{tag}: done already, {_short(results)}{note}")
       continue
+    # A setting no run can train with (a meta method on masks no one verified, say) stops the
+    # benchmark before its first run rather than failing every run that has it.
+    problems = check_settings.problems(cfg)
+    if problems:
+      raise ConfigError(f"{noise_kind}/{row.label}/seed{seed}: " + "; ".join(problems))
     jobs.append(((tag, noise_kind, row, seed), cfg, rdir))
   return jobs
 
