@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import nibabel as nib
 import numpy as np
 from PIL import Image
@@ -16,11 +17,14 @@ import pytest
 from experiments.configs import tiny
 from metadcseg_jax import methods
 from metadcseg_jax import metrics
+from metadcseg_jax.data import pipeline
 from metadcseg_jax.data import preprocess
+from metadcseg_jax.data import readers
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.inference import evaluate_folder
 from metadcseg_jax.inference import export
 from metadcseg_jax.inference import model as model_lib
+from metadcseg_jax.inference import original_size
 from metadcseg_jax.inference import predict
 from metadcseg_jax.training import runs
 from metadcseg_jax.training import train
@@ -41,8 +45,24 @@ def folder_run(tmp_path_factory):
   config.train.diagnostics_every_steps = 0
   config.train.num_panel_images = 1
   config.audit.epochs = 0
+  # Recomputed statistics for the EMA weights: what the saved model must then carry.
+  config.train.ema_batch_stats = "recompute"
   results = train.train_and_evaluate(config, str(root / "run"))
   return root, config, results
+
+
+def test_the_runs_own_model_reproduces_its_ema_scores(folder_run):
+  root, _, results = folder_run
+  assert results["ema_batch_stats"] == "recompute"
+  run = runs.open_run(root / "run")
+  model = model_lib.load_model(root / "run")
+  test = run.splits.test
+  x = np.stack([test[i]["image"] for i in range(len(test))])
+  y = np.stack([test[i]["label"] for i in range(len(test))])
+  for variant in ("raw", "ema"):
+    pred = model.probabilities(x, variant=variant).argmax(-1)
+    again = metrics.summarize(metrics.batch_case_metrics(pred, y))
+    assert again["dice"] == pytest.approx(results["test"][variant]["dice"], abs=1e-12), variant
 
 
 def _test_cases(results, root):
@@ -239,6 +259,79 @@ def test_the_predict_command_writes_the_rest_and_exits_1_on_a_bad_file(folder_ru
   errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "bad.jpg" in errors[0]
   assert (tmp_path / "out" / "good.png").is_file() and "wrote 1 masks" in out.stdout
+
+
+def test_channel_files_of_a_case_give_one_mask_of_the_models_modality(tmp_path):
+  """nnU-Net's channel files: a case's `_0000`, `_0001` are one input; a model of the second
+  channel alone reads that one (the output named by the case), and a case without it is one
+  line."""
+  labels, affine = folders.write_decathlon(tmp_path / "raw", n=2, v2=True)
+  config = tiny.get_config()
+  config.method = "ce"
+  config.model.name = "unet"
+  config.data.size = 16
+  config.data.name = "decathlon"
+  config.data.num_classes = 3
+  method = methods.create(config, steps_per_epoch=1)
+  state = jax.device_get(method.init_state(jax.random.PRNGKey(0)))
+  pre = preprocess.for_data(config.data, modalities=(1,), channel_files=True)
+  model = model_lib.Model(config, method, state, pre, {"default_variant": "ema"})
+  (tmp_path / "raw" / "imagesTr" / "vol_001_0001.nii.gz").unlink()
+  lines = []
+  result = predict.predict_paths(
+    model, [str(tmp_path / "raw" / "imagesTr")], tmp_path / "out", echo=lines.append
+  )
+  assert [p.name for p in result.written] == ["vol_000.nii.gz"]
+  assert len(result.failures) == 1 and "vol_001" in result.failures[0][1]
+  out = nib.load(tmp_path / "out" / "vol_000.nii.gz")
+  assert out.shape == labels["vol_000"].shape
+  np.testing.assert_allclose(out.affine, affine)
+  # The mask is the one of the second channel's file alone.
+  alone = model.predict([tmp_path / "raw" / "imagesTr" / "vol_000_0001.nii.gz"])
+  np.testing.assert_array_equal(np.asarray(out.dataobj), alone)
+
+
+def test_the_predictions_never_replace_or_join_the_inputs(untrained, tmp_path):
+  src = tmp_path / "in"
+  src.mkdir()
+  Image.fromarray(np.zeros((20, 20), np.uint8)).save(src / "a.png")
+  with pytest.raises(ConfigError, match="is an input folder"):
+    predict.predict_paths(untrained["image"], [str(src)], src, overwrite=True)
+  assert np.asarray(Image.open(src / "a.png")).shape == (20, 20)
+
+
+class _Thresholds:
+  """A stand-in model whose foreground probability is the input's first channel (its own
+  preprocessing, the folder run's): the geometry of the original-size path, without training."""
+
+  def __init__(self, pre):
+    self.preprocessing = pre
+
+  def probabilities(self, x, *, variant):
+    del variant
+    p = 1.0 / (1.0 + np.exp(-(x[..., 0] - 0.4) * 20.0))
+    return np.stack([1.0 - p, p], axis=-1).astype(np.float32)
+
+
+def test_original_size_scores_map_predictions_back_to_each_images_size(tmp_path):
+  sizes = {i: ((40, 48) if i % 2 else (24, 36)) for i in range(12)}
+  truth = folders.write_folder(tmp_path / "raw", n=12, trusted=tuple(range(12)), sizes=sizes)
+  config = folders.folder_config(
+    tmp_path / "raw",
+    tmp_path / "data",
+    trusted_split=ml_collections.ConfigDict({"meta": 0.2, "val": 0.2, "test": 0.4}),
+  )
+  data = pipeline.prepare_data(config.data, meta_batch_size=2, workdir=tmp_path)
+  stand_in = _Thresholds(model_lib.preprocessing(config, data.info))
+  ids, cases = original_size.score_split(stand_in, data.test, data.info, config.data, variant="ema")
+  assert ids == [data.test.case_id(i) for i in range(len(data.test))]
+  for case_id, case in zip(ids, cases):
+    image, _ = readers.read_image(tmp_path / "raw" / "images" / f"{case_id}.png", channels=1)
+    probs = stand_in.probabilities(stand_in.preprocessing.image_input(image)[None], variant="")
+    pred = stand_in.preprocessing.restore(probs, image.shape[:2])[0].argmax(-1)
+    assert pred.shape == truth[case_id][0].shape  # the image's own size, not 32 x 32
+    ref = metrics.case_metrics(pred, truth[case_id][0])  # the verified mask, at its size
+    assert case["dice"] == pytest.approx(ref["dice"]) and case["hd95"] == pytest.approx(ref["hd95"])
 
 
 def test_a_run_folder_without_a_model_says_how_to_export(tmp_path):

@@ -1,22 +1,25 @@
 """A user's own folder: trusted masks, the split file, no noise unless asked, classes, volumes."""
 
 import json
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
 
 from experiments.configs import tiny
-from tests import folders
 from metadcseg_jax import check_settings
 from metadcseg_jax import configs
+from metadcseg_jax import metrics
 from metadcseg_jax.data import pipeline
 from metadcseg_jax.data import splits
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
+from metadcseg_jax.inference import io
 from metadcseg_jax.inference import model as model_lib
 from metadcseg_jax.training import runs
 from metadcseg_jax.training import train
+from tests import folders
 
 
 def _records(records):
@@ -149,7 +152,18 @@ BAD_SPLITS = [
     {"meta": ["case01", "case07"], "val": ["case02"], "test": ["case03"]},
     "'case07', whose mask is not trusted",
   ),
+  (
+    "untrusted val",
+    {"meta": ["case00", "case01"], "val": ["case07"], "test": ["case03"]},
+    "'val' lists 'case07', whose mask is not trusted",
+  ),
+  (
+    "untrusted test",
+    {"meta": ["case00", "case01"], "val": ["case02"], "test": ["case09"]},
+    "'test' lists 'case09', whose mask is not trusted",
+  ),
   ("empty val", {"meta": ["case00", "case04"], "test": ["case03"]}, "the 'val' list is empty"),
+  ("empty test", {"meta": ["case00", "case04"], "val": ["case03"]}, "the 'test' list is empty"),
   (
     "short meta",
     {"meta": ["case00"], "val": ["case02"], "test": ["case03"]},
@@ -191,7 +205,11 @@ def test_a_meta_method_without_a_clean_source_stops_before_any_work(tmp_path):
   assert "\n" not in str(e.value)
   assert not (tmp_path / "data").exists()  # nothing built
   (tmp_path / "raw" / "trusted").mkdir()
-  check_settings.check_config(config)  # a trusted/ folder is a clean source
+  with pytest.raises(ConfigError, match="clean meta set"):  # an empty trusted/ is not
+    check_settings.check_config(config)
+  shutil.copy(tmp_path / "raw" / "images" / "case00.png", tmp_path / "raw" / "trusted" / "x.png")
+  check_settings.check_config(config)  # a trusted/ folder with masks is a clean source
+  (tmp_path / "raw" / "trusted" / "x.png").unlink()
   (tmp_path / "raw" / "trusted").rmdir()
   config.data.noise.kind = "l2b40"  # so is injected noise (the benchmark's case)
   check_settings.check_config(config)
@@ -239,22 +257,94 @@ def test_a_decathlon_folder_with_three_classes_reports_per_class_dice(volume_run
   root, labels, affine, results = volume_run
   assert results["class_names"] == list(folders.CLASSES) and results["reference"] == "trusted"
   model = model_lib.load_model(root / "run")
+  truth = labels["vol_004"]
+  x, y, z = folders.ZOOMS
   for variant in ("raw", "ema"):
+    # metadcseg-predict's path: the file in, a mask of the file's (X, Y, Z) shape out.
     mask = model.predict(root / "raw" / "imagesTr" / "vol_004.nii.gz", variant=variant)
-    truth = labels["vol_004"]
     assert mask.shape == truth.shape
-    per_class = results["test"][variant]["per_class"]
+    scores = results["test_original"][variant]
     for c, name in enumerate(folders.CLASSES[1:], start=1):
-      assert per_class[name]["dice"] == pytest.approx(_dice(mask == c, truth == c), abs=1e-9)
+      hand = _dice(mask == c, truth == c)
+      assert scores["per_class"][name]["dice"] == pytest.approx(hand, abs=1e-9)
     hand = np.mean([_dice(mask == c, truth == c) for c in (1, 2)])
-    assert results["test"][variant]["dice"] == pytest.approx(hand, abs=1e-9)
-    # At the volume's own size (16 x 16 in-plane, as trained) the scores are the same, in mm.
-    assert results["test_original"][variant]["dice"] == pytest.approx(hand, abs=1e-9)
+    assert scores["dice"] == pytest.approx(hand, abs=1e-9)
+    # Distances in mm of the file's own voxels, (slice, row, col) = (Z, Y, X) spacing.
+    ref = metrics.case_metrics(
+      mask.transpose(2, 1, 0), truth.transpose(2, 1, 0), num_classes=3, spacing=(z, y, x)
+    )
+    assert scores["hd95"] == pytest.approx(ref["hd95"], abs=1e-9)
+    # At the network's 16 x 16, the mean over the foreground classes of the per-class scores.
+    test = results["test"][variant]
+    assert test["dice"] == pytest.approx(np.mean([v["dice"] for v in test["per_class"].values()]))
+
+
+def test_the_networks_input_is_the_same_in_training_and_prediction(volume_run):
+  root, *_ = volume_run
+  run = runs.open_run(root / "run")
+  model = model_lib.load_model(root / "run")
+  records = run.splits.test
+  trained_on = np.stack([records[i]["image"] for i in range(len(records))])
+  item = io.read_input(root / "raw" / "imagesTr" / "vol_004.nii.gz", model.preprocessing)
+  np.testing.assert_array_equal(item.x, trained_on)
 
 
 def test_a_volume_run_records_its_spacing_and_trusted_cases(volume_run):
   root, *_ = volume_run
   info = json.loads((root / "run" / runs.DATA_INFO).read_text())
-  assert info["spacing"]["vol_004"] == pytest.approx([2.5, 0.8, 0.8])
+  # (slice, row, col) of the network's 16 x 16 slices: rows 12 -> 16, columns 16 -> 16.
+  x, y, z = folders.ZOOMS
+  assert info["spacing"]["vol_004"] == pytest.approx([z, y * 12 / 16, x])
   assert info["split"]["trusted_source"] == "all" and info["split"]["n_trusted"] == 5
   assert info["class_names"] == list(folders.CLASSES)
+
+
+def _decathlon_config(root, data_dir, **data):
+  config = tiny.get_config()
+  config.method = "ce"
+  config.data.name = "decathlon"
+  config.data.manual_dir = str(root)
+  config.data.data_dir = str(data_dir)
+  config.data.size = 16
+  config.data.num_classes = 3
+  config.data.noise.kind = "none"
+  config.data.update(data)
+  return config
+
+
+def test_nnunet_layout_with_trusted_volumes_and_one_modality(tmp_path):
+  """nnU-Net v2's layout: channel files, {"name": value} labels; the second channel chosen by
+  name; trusted/ label volumes replace labelsTr/ for their cases, and only they are scored."""
+  labels, _ = folders.write_decathlon(tmp_path / "raw", n=6, v2=True, trusted=(0, 1, 2, 3))
+  options = ml_collections.ConfigDict({"modality": "T2", "train_slices": None, "mask_suffix": ""})
+  config = _decathlon_config(
+    tmp_path / "raw",
+    tmp_path / "data",
+    options=options,
+    trusted_split=ml_collections.ConfigDict({"meta": 0.25, "val": 0.25, "test": 0.5}),
+  )
+  data = pipeline.prepare_data(config.data, meta_batch_size=2, workdir=tmp_path)
+  trusted = {f"vol_{i:03d}" for i in range(4)}
+  assert data.info["split"]["trusted_source"] == "trusted/ folder"
+  assert data.info["modalities"] == [1] and data.info["channel_files"] is True
+  for part in (data.meta, data.val, data.test):
+    by_case = {}
+    for i in range(len(part)):
+      by_case.setdefault(part.case_id(i), []).append(part[i]["label"])
+    assert set(by_case) <= trusted
+    for case, slices in by_case.items():
+      # The verified volume (with its core class), not labelsTr/'s (core dropped).
+      assert {2} <= set(np.unique(np.stack(slices)))
+  # labelsTr/ of the trusted cases dropped the core: how far they were off, measured.
+  assert data.info["given_vs_trusted"]["n"] == 4
+  assert data.info["given_vs_trusted"]["one_minus_dice_mean"] == 0.0  # foreground unchanged
+  assert data.info["class_names"] == list(folders.CLASSES)
+
+
+def test_an_empty_trusted_folder_of_volumes_is_an_error(tmp_path):
+  folders.write_decathlon(tmp_path / "raw", n=4)
+  (tmp_path / "raw" / "trusted").mkdir()
+  (tmp_path / "raw" / "trusted" / "notes.txt").write_text("to do")
+  config = _decathlon_config(tmp_path / "raw", tmp_path / "data")
+  with pytest.raises(DataError, match="trusted/ holds no mask"):
+    pipeline.prepare_data(config.data, meta_batch_size=2, workdir=tmp_path)

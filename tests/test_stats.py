@@ -114,6 +114,14 @@ def test_residual_mean_square_by_hand():
   parts = stats.variance_parts(np.array([[0.0, 2.0], [2.0, 0.0]]))
   assert parts["seed"] == pytest.approx(0.0) and parts["test"] == pytest.approx(0.0)
   assert parts["residual"] == pytest.approx(1.0)
+  # v_seed + v_test − v_res = −1 < 0: floored at the larger main part, 0 here.
+  var, _ = stats.combine(parts)
+  assert var == pytest.approx(0.0)
+  # Var(D) = v_seed + v_test − v_res where that stays above both parts ...
+  parts = {"seed": 0.5, "test": 1.0, "residual": 0.3, "df_seed": 2, "df_test": 9, "df_res": 18}
+  assert stats.combine(parts)[0] == pytest.approx(1.2)
+  parts["seed"] = 0.2  # ... 0.2 + 1.0 − 0.3 = 0.9 < 1.0: floored at the test part
+  assert stats.combine(parts)[0] == pytest.approx(1.0)
 
 
 def test_verdicts():

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from absl import logging
 import numpy as np
 
+from metadcseg_jax import files
 from metadcseg_jax.benchmark import presets
 from metadcseg_jax.benchmark import stats
 from metadcseg_jax.benchmark import tables
@@ -92,14 +93,16 @@ def choice_lines(choice: Sequence[Mapping[str, Any]]) -> list[str]:
   out = [
     "## Which method to choose",
     "",
-    "Test Dice of the EMA weights, as in the tables: at each noise level the row with the best "
-    "mean, and each other row's paired difference to it in points with its 95% interval and "
-    "verdict (behind: the best row is resolved ahead of it).",
+    "At each noise level the row with the best mean validation Dice of the EMA weights (chosen "
+    "on validation, as every setting is), its mean test Dice, and each other row's paired "
+    "difference to it in test Dice points with its 95% interval and verdict (behind: the "
+    "chosen row is resolved ahead of it; ahead: the choice on validation was wrong for test).",
     "",
   ]
   for ch in choice:
     head = (
-      f"- {presets.noise_label(ch['noise'])}: **{ch['best']}** (mean {ch['best_mean'] * 100:.2f}"
+      f"- {presets.noise_label(ch['noise'])}: **{ch['best']}** (test mean "
+      f"{ch['best_mean'] * 100:.2f}"
     )
     head += f", {len(ch['best_seeds'])} seeds"
     if ch["best_lost"]:
@@ -120,7 +123,7 @@ def choice_lines(choice: Sequence[Mapping[str, Any]]) -> list[str]:
     else:
       end = "No method resolved ahead."
     ahead = [c["row"] for c in ch["others"] if c["verdict"] == "ahead"]
-    if ahead:  # possible where the paired seeds are not all the seeds of the means
+    if ahead:  # validation and test disagree, or the paired seeds are not all the means' seeds
       end += f" Resolved ahead of {ch['best']}: {', '.join(ahead)}."
     out.append(f"{head} {'; '.join(items)}. {end}")
   return out
@@ -362,8 +365,9 @@ def write_outputs(
   paired = tables.comparisons(root, cells, ema_choice=ema_choice, failed=failed)
   choice = tables.choose(root, cells, ema_choice=ema_choice, failed=failed)
   ema_bn = tables.ema_bn_comparisons(root, cells)
-  (root / "benchmark.md").write_text(
-    to_markdown(cells, command=command, failed=failed, paired=paired, ema_bn=ema_bn, choice=choice)
+  files.write_atomic(
+    root / "benchmark.md",
+    to_markdown(cells, command=command, failed=failed, paired=paired, ema_bn=ema_bn, choice=choice),
   )
   record = {
     "command": command,
@@ -373,7 +377,7 @@ def write_outputs(
     "ema_batch_stats": ema_bn,
     "failed": list(failed),
   }
-  (root / "benchmark.json").write_text(json.dumps(_json_safe(record), indent=1))
+  files.write_atomic(root / "benchmark.json", json.dumps(_json_safe(record), indent=1))
   if cells:
     try:
       figures.plot_dice_vs_noise(cells, root / "dice_vs_noise.png", label=presets.noise_label)

@@ -367,9 +367,10 @@ def choose(
   ema_choice: str | None = None,
   failed: Sequence[Mapping[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-  """Which row to choose at each noise level: the best mean test Dice of the EMA weights (the
-  tables' numbers) and every other row's paired difference to it (`comparisons`, failed runs
-  counted).
+  """Which row to choose at each noise level: the best mean validation Dice of the EMA weights
+  (chosen where settings are chosen, so that the test verdicts are not those of the row the
+  test split picked) and every other row's paired difference to it on test (`comparisons`,
+  failed runs counted).
 
   Args:
     workdir: the benchmark's root directory.
@@ -390,7 +391,8 @@ def choose(
     level = [c for c in cells if c["noise"] == noise_kind and "dice" in c["test"]["ema"]]
     if not level:
       continue
-    best = max(level, key=lambda c: c["test"]["ema"]["dice"]["mean"])
+    split = "val" if all("dice" in c.get("val", {}).get("ema", {}) for c in level) else "test"
+    best = max(level, key=lambda c: c[split]["ema"]["dice"]["mean"])
     others = [c["label"] for c in level if c is not best]
     others += [row for n, row in lost if n == noise_kind and row not in others + [best["label"]]]
     found = comparisons(
@@ -406,6 +408,7 @@ def choose(
         "noise": noise_kind,
         "best": best["label"],
         "best_mean": best["test"]["ema"]["dice"]["mean"],
+        "chosen_on": split,
         "best_seeds": list(best["seeds"]),
         "best_lost": lost.get((noise_kind, best["label"]), []),
         "others": found,

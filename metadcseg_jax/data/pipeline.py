@@ -295,9 +295,9 @@ def clean_meta_source(config: ml_collections.ConfigDict) -> str | None:
     return f"the masks, with {config.noise.kind} noise injected into the training ones"
   if config.trusted_list:
     return f"config.data.trusted_list={config.trusted_list}"
-  root = pathlib.Path(config.manual_dir).expanduser()
-  if (root / splits_lib.TRUSTED_DIR).is_dir():
-    return f"{root / splits_lib.TRUSTED_DIR}"
+  folder = pathlib.Path(config.manual_dir).expanduser() / splits_lib.TRUSTED_DIR
+  if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+    return str(folder)
   return None
 
 
@@ -332,6 +332,13 @@ def prepare_data(
   trusted_idx = np.array([i for i, c in enumerate(cases) if c in trusted], np.int64)
   if trusted_idx.size:  # a verified mask is never replaced by injected noise either
     noisy[trusted_idx] = clean[trusted_idx]
+    if noise_info["kind"] != "none":
+      # What the untrusted training masks carry (the named datasets' figure, measured before
+      # the meta split is reset, stays as it was: their tables and oracles read it).
+      rest = np.setdiff1d(train_idx, trusted_idx)
+      noise_info["untrusted_corruption_mean"] = float(
+        np.mean(noise.measured_corruption(clean[rest], noisy[rest]))
+      )
   common = dict(num_classes=config.num_classes, image_shape=shape)
   splits = DataSplits(
     train=Records(sources["train"], train_idx, name=f"{key}/train", noisy_labels=noisy, **common),
@@ -357,6 +364,7 @@ def prepare_data(
   splits.info["channel_files"] = bool(opened.metadata.get("channel_files", False))
   if opened.plan is not None:
     splits.info["split"] = opened.plan.summary()
+    # Images or slices (a volume's slices each count) that train on their verified mask.
     splits.info["n_trusted_train"] = int(np.isin(trusted_idx, train_idx).sum())
     agreement = opened.metadata.get("given_vs_trusted_dice") or {}
     if agreement:
@@ -497,4 +505,4 @@ def eval_batches(records: Records, batch_size: int, *, transform=None):
 
 
 def save_info(splits: DataSplits, path: pathlib.Path) -> None:
-  path.write_text(json.dumps(splits.info, indent=1))
+  files.write_atomic(path, json.dumps(splits.info, indent=1))

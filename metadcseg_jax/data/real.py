@@ -13,15 +13,16 @@ Decisions (see the module docstrings of `readers` for file conventions):
     (PROMISE12, Heart) or over its nonzero voxels with zero kept outside (Brain; the Decathlon
     brain volumes are skull-stripped with zero background).
   * Splits, by case (a volume never straddles splits), seeded, written once to
-    `<data_dir>/<name>/splits_seed<seed>.json` (folder: `splits_src<hash of the folder's
-    path>_seed<seed>.json`) and reread on every later build at any size; a copy lands in each
-    build as `splits.json` (`read_split_file`). Proportions:
+    `<data_dir>/<name>/splits_seed<seed>.json` and reread on every later build at any size; a
+    copy lands in each build as `splits.json` (`read_split_file`). A user's folder (`folder`,
+    `decathlon`) is split four ways around its trusted masks instead, from its own split file
+    (`metadcseg_jax.data.splits`), whose digest names the build. Proportions:
     Kvasir-SEG 80/10/10 % (800/100/100 of 1000, as in the paper); PROMISE12 72/8/20 % (of the
     50 training cases: 40 train / 10 test as in the paper, with 4 of the 40 carved out as
     validation, so 36/4/10); MSD Brain 80/10/10 % (387/48/49 of 484: the paper's 387 train / 49
     test); MSD Heart 70/10/20 % (14/2/4 of 20; the paper gives no split, 4 test volumes rather
-    than 2 for a steadier per-volume mean); folder 80/10/10 %. Test gets ceil(f n), val
-    round(f n), train the rest, each >= 1.
+    than 2 for a steadier per-volume mean); a folder without trusted masks 80/10/10 %. Test
+    gets ceil(f n), val round(f n), train the rest, each >= 1.
   * Slices: axial. All slices of every split by default (`train_slices="all"`): per-volume
     metrics need whole volumes in val/test, and dropping empty training slices would change the
     foreground share the noise model and DCD see. `train_slices="foreground"` keeps training
@@ -46,10 +47,11 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from metadcseg_jax import files
+from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import builders
 from metadcseg_jax.data import preprocess
 from metadcseg_jax.data import readers
-from metadcseg_jax.data import SPLITS
 from metadcseg_jax.data import splits as splits_lib
 from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import DataError
@@ -213,7 +215,7 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
         cases=case_meta,
         unit=self.UNIT,
       )
-    pathlib.Path(self.data_dir, _SPLIT_FILE).write_text(json.dumps(content, indent=1))
+    files.write_atomic(pathlib.Path(self.data_dir, _SPLIT_FILE), json.dumps(content, indent=1))
     self._record_metadata(content)
     self.info.metadata["case_files"] = {
       c: {
@@ -233,7 +235,7 @@ class _RealBuilder(builders.SegmentationBuilder, skip_registration=True):
     listed = {c for v in plan.splits.values() for c in v}
     missing = sorted(listed - set(ids))
     if missing:
-      raise DataError(f"split {plan.file} lists {missing[0]!r}, which is not in {root}")
+      raise DataError(f"split {plan.file or '(made here)'} lists {missing[0]!r}, not in {root}")
     content = {
       "format_version": readers.SPLIT_FILE_VERSION,
       "dataset": self.name,

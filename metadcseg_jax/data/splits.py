@@ -147,6 +147,11 @@ def trusted_cases(
       "trusted masks one way"
     )
   if folder_ids is not None:
+    if not folder_ids:  # an empty trusted/ must not pass for a clean source
+      raise DataError(
+        f"{TRUSTED_DIR}/ holds no mask of a case of the folder (same names as the images, or "
+        "as labelsTr/): put verified masks there, or remove it"
+      )
     return sorted(folder_ids), f"{TRUSTED_DIR}/ folder"
   if listed == ALL:
     return sorted(case_ids), ALL
@@ -185,7 +190,8 @@ def _counts(n: int, shares: Mapping[str, float], min_meta: int) -> dict[str, int
   if over > 0:
     raise DataError(
       f"{n} trusted cases cannot hold a meta split of {n_meta} (one meta batch at least), one "
-      f"validation and one test case: verify more masks or lower config.train.meta_batch_size"
+      f"validation and one test case (config.data.trusted_split {dict(shares)}): verify more "
+      "masks or lower config.train.meta_batch_size"
     )
   return {"meta": n_meta, "val": n_val, "test": n_test, "train": n - n_meta - n_val - n_test}
 
@@ -265,6 +271,12 @@ def make_plan(
     }
     taken = {c for v in lists.values() for c in v}
     lists["train"] = [c for c in ids if c not in taken]
+    if not lists["train"]:
+      raise ConfigError(
+        f"every case is trusted ({trusted_source}) and config.data.trusted_split "
+        f"{dict(shares)} gives them all to meta, validation and test: nothing is left to train "
+        "on; lower the shares (e.g. --config.data.trusted_split.test=0.1)"
+      )
     how = {"seed": seed, "trusted_split": dict(shares), "min_meta": min_meta}
   else:
     # The builder's split and the meta carve of earlier versions, so that a folder without
@@ -300,7 +312,7 @@ def read_split_file(
   Args:
     path: the split file (nnU-Net's splits_final.json layout with a meta list).
     case_ids: the folder's case ids.
-    trusted: the case ids whose masks are verified (None: no trusted masks named).
+    trusted: the case ids whose masks are verified (empty: no trusted masks named).
     trusted_source: where the trusted masks were named, for the messages.
     min_meta: the least meta cases (a meta batch).
 
@@ -401,6 +413,11 @@ def plan_for(
   check_shares(dict(data.trusted_split))
   trusted, source = trusted_cases(data, case_ids, trusted_folder_ids)
   path, exists = split_file_path(data, workdir)
+  if data.split_file and not exists:
+    # Most likely a typo when the user meant to name their own file: say where the new one goes.
+    logging.warning(
+      "config.data.split_file=%s does not exist: the split made is written there", path
+    )
   if exists:
     plan = read_split_file(
       path, case_ids, trusted=trusted, trusted_source=source, min_meta=min_meta

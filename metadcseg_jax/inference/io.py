@@ -145,17 +145,22 @@ def _modalities(x: np.ndarray, pre: preprocess.Preprocessing, where: str) -> np.
 
 
 def _read_volume(paths: Sequence[pathlib.Path], pre: preprocess.Preprocessing, *, name: str):
-  """A volume from one file (3D, or 4D with modalities) or one file per channel, as (S,H,W,C)
-  raw intensities, prepared by `pre`."""
+  """A volume from one file (3D, or 4D with modalities) or one file per channel (nnU-Net's
+  `<case>_<XXXX>`, the model's modalities picked by their index), as (S,H,W,C) raw
+  intensities, prepared by `pre`."""
+  if pre.channel_files:
+    paths = _channel_files(paths, pre, name)
   first = paths[0]
   nifti = suffix_of(first) in NIFTI_SUFFIXES
-  try:
-    arrays, geometry = zip(*(_load(p, nifti) for p in paths))
-  except ImportError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (any reader error: the file is bad)
-    raise DataError(f"cannot read volume file {first}: {e}") from e
-  geometry = geometry[0]
+  loaded = []
+  for path in paths:
+    try:
+      loaded.append(_load(path, nifti))
+    except ImportError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any reader error: the file is bad)
+      raise DataError(f"cannot read volume file {path}: {e}") from e
+  arrays, geometry = [a for a, _ in loaded], loaded[0][1]
   if len(arrays) > 1:
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1 or arrays[0].ndim != 3:
@@ -163,7 +168,10 @@ def _read_volume(paths: Sequence[pathlib.Path], pre: preprocess.Preprocessing, *
     volume = np.stack(arrays, axis=-1)
   else:
     volume = arrays[0]
-    volume = volume[..., None] if volume.ndim == 3 else _modalities(volume, pre, str(first))
+    if volume.ndim == 3:
+      volume = volume[..., None]
+    elif not pre.channel_files:
+      volume = _modalities(volume, pre, str(first))
   if volume.ndim != 4:
     raise DataError(f"{first}: expected a 3D volume (or 4D with channels), got {volume.shape}")
   if volume.shape[-1] != pre.channels:
@@ -177,6 +185,24 @@ def _read_volume(paths: Sequence[pathlib.Path], pre: preprocess.Preprocessing, *
     suffix = ".nii"
   layout = "nifti" if nifti else "itk"
   return Item(name, ";".join(map(str, paths)), layout, x, volume.shape[1:3], geometry, suffix)
+
+
+def _channel_files(paths: Sequence[pathlib.Path], pre, name: str) -> list[pathlib.Path]:
+  """The files of the model's channels among a case's `<case>_<XXXX>` files, in its order."""
+  by_channel = {}
+  for path in paths:
+    match = _CHANNEL_FILE.match(stem_of(path))
+    if match is None:
+      raise DataError(f"{path}: this model reads nnU-Net channel files, <case>_<XXXX>")
+    by_channel[int(match["channel"])] = path
+  want = list(pre.modalities) if pre.modalities is not None else list(range(pre.channels))
+  missing = [c for c in want if c not in by_channel]
+  if missing:
+    found = ", ".join(f"_{c:04d}" for c in sorted(by_channel))
+    raise DataError(
+      f"case {name}: the model reads channels {['_%04d' % c for c in want]}, found {found}"
+    )
+  return [by_channel[c] for c in want]
 
 
 def _load(path: pathlib.Path, nifti: bool) -> tuple[np.ndarray, Any]:
@@ -242,6 +268,8 @@ def _write_volume(item: Item, array: np.ndarray, path: pathlib.Path, *, vector=F
     header = item.geometry.header.copy()
     header.set_data_dtype(array.dtype)
     header.set_data_shape(array.shape)
+    # The input's display window would show a mask of class indices as black.
+    header["cal_min"], header["cal_max"] = 0, 0
     out = type(item.geometry)(array, item.geometry.affine, header)
     out.header.set_slope_inter(1, 0)
     _write(path, lambda tmp: nib.save(out, tmp))

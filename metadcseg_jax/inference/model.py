@@ -19,6 +19,7 @@ probabilities come back to the input's size before the argmax.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -96,10 +97,14 @@ def save(
   path.mkdir(parents=True, exist_ok=True)
   state_dict = flax.serialization.to_state_dict(jax.device_get(state))
   kept = {k: v for k, v in state_dict.items() if k not in _NOT_SAVED}
-  files.write_atomic(path / WEIGHTS_FILE, flax.serialization.msgpack_serialize(kept))
+  weights = flax.serialization.msgpack_serialize(kept)
+  files.write_atomic(path / WEIGHTS_FILE, weights)
   meta = {
     "format": FORMAT,
     "version": VERSION,
+    # model.json is written after the weights: a save cut between the two leaves a digest that
+    # does not match, and opening says so instead of pairing old settings with new weights.
+    "weights_sha256": hashlib.sha256(weights).hexdigest(),
     "method": config.method,
     "preprocessing": pre.to_json(),
     "class_names": list(pre.class_names),
@@ -235,26 +240,38 @@ def load_model(path: str | os.PathLike, *, batch_size: int = 8) -> Model:
     raise UserError(
       f"{folder} was written by a newer metadcseg-jax (model format {info['version']}): upgrade"
     )
-  config = ml_collections.ConfigDict(info.pop("config"))
-  pre = preprocess.Preprocessing.from_json(info.pop("preprocessing"))
+  try:
+    config = ml_collections.ConfigDict(info.pop("config"))
+    pre = preprocess.Preprocessing.from_json(info.pop("preprocessing"))
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f"{folder / MODEL_FILE} is damaged (no settings or preprocessing): {e}") from e
   method = methods.create(config, steps_per_epoch=1)
-  state = _restore(folder / WEIGHTS_FILE, method, config)
+  state = _restore(folder / WEIGHTS_FILE, method, config, sha256=info.get("weights_sha256"))
   return Model(config, method, state, pre, info, batch_size=batch_size)
 
 
-def _restore(path: pathlib.Path, method, config) -> Any:
+def _restore(path: pathlib.Path, method, config, *, sha256: str | None = None) -> Any:
   """The state saved at `path`, in the structure `method` builds (the optimizer state, not
-  saved, as at initialisation: prediction never reads it)."""
+  saved, as at initialisation: prediction never reads it); `sha256`, model.json's digest of
+  the weights file, checked when given."""
   abstract = jax.eval_shape(lambda: method.init_state(jax.random.PRNGKey(int(config.seed))))
   template = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   full = flax.serialization.to_state_dict(template)
   try:
-    saved = flax.serialization.msgpack_restore(path.read_bytes())
+    data = path.read_bytes()
+    saved = flax.serialization.msgpack_restore(data)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"cannot read {path}: {e}") from e
+  if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    raise CheckpointError(
+      f"{path} is not the weights its model.json describes (a save cut short?): export again"
+    )
   unknown = sorted(set(saved) - set(full))
   if unknown:
     raise CheckpointError(f"{path}: entries {unknown} do not belong to a {config.method} state")
+  missing = sorted(set(full) - set(saved) - set(_NOT_SAVED))
+  if missing:
+    raise CheckpointError(f"{path} lacks the entries {missing} of a {config.method} state")
   full.update(saved)
   try:
     state = flax.serialization.from_state_dict(template, full)

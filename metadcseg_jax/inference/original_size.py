@@ -72,10 +72,9 @@ def score_split(
     if files is None:
       raise DataError(f"case {case_id!r}: its raw files are not recorded in the run's data info")
     path = root / files["label"]
-    try:
-      reference = builder.read_reference(path, options)
-    except FileNotFoundError as e:
-      raise DataError(f"case {case_id!r}: reference {path} is gone: {e}") from e
+    if not path.is_file():
+      raise DataError(f"case {case_id!r}: its reference {path} is gone from the data folder")
+    reference = builder.read_reference(path, options)
     x = np.stack([records[i]["image"] for _, i in slices])
     probs = model.probabilities(x, variant=variant)
     shape = reference.shape[-2:]

@@ -104,9 +104,11 @@ def plan_jobs(
     probabilities: also write the class probabilities.
 
   Raises:
-    ConfigError: two inputs would write the same output (a.png and a.jpg).
+    ConfigError: two inputs would write the same output (a.png and a.jpg), or an output would
+      be an input (the output folder is an input folder): a user's files are never replaced.
   """
   pre = model.preprocessing
+  inputs = {p.resolve() for p in paths}
   groups: dict[str, list[pathlib.Path]] = {}
   for path in paths:
     volume = io.suffix_of(path) not in io.IMAGE_SUFFIXES
@@ -122,6 +124,11 @@ def plan_jobs(
         f"{first} and {group[-1]} would both write {mask}: rename one or predict them separately"
       )
     seen[mask] = group
+    clash = [p for p in (mask, probs) if p is not None and p.resolve() in inputs]
+    if clash:
+      raise ConfigError(
+        f"{clash[0]} is an input and would be overwritten by its mask: choose another --output"
+      )
     jobs.append(Job(sorted(group), mask, probs))
   return jobs
 
@@ -172,6 +179,10 @@ def predict_paths(
       outputs that exist without `overwrite`.
   """
   out_dir = pathlib.Path(output).expanduser()
+  given = [pathlib.Path(t).expanduser() for t in inputs]
+  if any(g.is_dir() and g.resolve() == out_dir.resolve() for g in given):
+    # The masks would land among the images (and a later run would read them as inputs).
+    raise ConfigError(f"--output={output} is an input folder: choose another folder")
   paths, bad = expand(inputs)
   result = Result(failures=list(bad))
   for text, why in bad:

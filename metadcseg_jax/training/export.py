@@ -28,9 +28,9 @@ def rebuild_model(workdir: pathlib.Path, output: pathlib.Path) -> None:
   results = json.loads(results_path.read_text())
   run = runs.open_run(workdir)
   state = run.restored()
-  # A results.json older than the choice of statistics names none: its EMA scores read the EMA
-  # of the running statistics.
-  chosen = results.get("ema_batch_stats", "ema")
+  # A results.json older than the per-run choice names no statistics: its EMA scores used the
+  # run's setting (`configs.upgrade` gives the runs older than the setting "ema").
+  chosen = results.get("ema_batch_stats") or run.config.train.ema_batch_stats
   if chosen == "recompute":
     compiled = train.compiled_for(run.config, run.steps_per_epoch)
     state = train.recompute_ema_stats(compiled, state, run.splits, run.config)

@@ -48,6 +48,7 @@ from metadcseg_jax import metrics as metrics_lib
 from metadcseg_jax import parallel
 from metadcseg_jax import progress
 from metadcseg_jax.data import pipeline
+from metadcseg_jax.errors import ConfigError
 from metadcseg_jax.errors import NonFiniteLossError
 from metadcseg_jax.errors import Preempted
 from metadcseg_jax.errors import RunStopped
@@ -457,6 +458,16 @@ def _prepare(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir) -> _Set
   enable_compilation_cache(config.data.data_dir)
   run = runs.prepare(config, wd, write_info=True)
   logging.info("data: %s", {k: v for k, v in run.splits.info.items() if k not in LONG_DATA_INFO})
+  if (
+    methods.REGISTRY[config.method].uses_meta_batch and run.splits.info["reference"] == "untrusted"
+  ):
+    # check_settings stops this from the folder's names; a split file can still hand the meta
+    # set masks no one verified.
+    raise ConfigError(
+      f"config.method={config.method!r} learns from a clean meta set, and the meta split of "
+      f"{config.data.manual_dir} holds masks no one verified: name verified masks with "
+      "trusted/ or config.data.trusted_list"
+    )
   if main:
     _announce_reference(run.splits.info)
   if run.data_settings:
