@@ -138,6 +138,39 @@ def test_main_table_has_the_papers_layout(fake_runs):
   assert "No finished runs" in report.to_markdown([])
 
 
+def test_per_class_columns_for_data_of_several_classes(tmp_path):
+  def three_class(liver, tumour):
+    r = _results((liver[0] + tumour[0]) / 2, 0.5, (liver[1] + tumour[1]) / 2)
+    for split in ("test", "val"):
+      for params in ("ema", "raw"):
+        r[split][params]["per_class"] = {
+          "liver": dict(_summary(liver[0], 0.8, liver[1])),
+          "tumour": dict(_summary(tumour[0], 0.3, tumour[1])),
+        }
+    return r
+
+  _write_run(tmp_path, "none", CE, 0, three_class((0.9, 3.0), (0.4, 20.0)))
+  _write_run(tmp_path, "none", CE, 1, three_class((0.8, 5.0), (0.6, 10.0)))
+  _write_run(tmp_path, "none", META, 0, three_class((0.7, 4.0), (0.5, 8.0)))
+  cells = tables.collect(tmp_path, rows=ROWS, noises=["none"])
+  tumour = cells[0]["test"]["ema"]["per_class"]["tumour"]
+  # By hand: mean(0.4, 0.6) = 0.5, sample std sqrt(2 * 0.01 / 1) = 0.1414.
+  assert tumour["dice"]["mean"] == pytest.approx(0.5)
+  assert tumour["dice"]["std"] == pytest.approx(math.sqrt(0.02))
+  assert cells[0]["test"]["ema"]["per_class"]["liver"]["hd95"]["mean"] == pytest.approx(4.0)
+  table = report.per_class_table(cells).splitlines()
+  assert table[0] == "| noise | method | liver DSC | liver HD95 | tumour DSC | tumour HD95 |"
+  assert table[2] == "| 0% | ce | 85.00 ± 7.07 | 4.00 ± 1.41 | 50.00 ± 14.14 | 15.00 ± 7.07 |"
+  assert table[3] == "| 0% | metadcseg | 70.00 | 4.00 | 50.00 | 8.00 |"
+  assert "## Per class" in report.to_markdown(cells)
+  # Two-class runs: no per_class in the cells, no table.
+  two = tmp_path / "two"
+  _write_run(two, "none", CE, 0, _results(0.6, 0.5, 10.0))
+  plain = tables.collect(two, rows=ROWS, noises=["none"])
+  assert "per_class" not in plain[0]["test"]["ema"]
+  assert report.per_class_table(plain) == "" and "## Per class" not in report.to_markdown(plain)
+
+
 def test_ablation_table_has_table5_layout(fake_runs):
   dcd_off = presets.Row("metadcseg: DCD off", "metadcseg", (("dcd.use", False),))
   tau = presets.Row("metadcseg: tau_dcd 4", "metadcseg", (("dcd.tau_dcd", 4.0),))

@@ -348,3 +348,17 @@ def test_an_empty_trusted_folder_of_volumes_is_an_error(tmp_path):
   config = _decathlon_config(tmp_path / "raw", tmp_path / "data")
   with pytest.raises(DataError, match="trusted/ holds no mask"):
     pipeline.prepare_data(config.data, meta_batch_size=2, workdir=tmp_path)
+
+
+@pytest.mark.parametrize("folder", ["labelsTr", "trusted"])
+def test_a_mask_of_another_voxel_size_names_both_files(tmp_path, folder):
+  nib = pytest.importorskip("nibabel")
+  folders.write_decathlon(tmp_path / "raw", n=6, trusted=(0, 1, 2, 3))
+  path = tmp_path / "raw" / folder / "vol_001.nii.gz"
+  mask = nib.load(str(path))
+  affine = mask.affine.copy()
+  affine[2, 2] *= 2.0  # the right shape, resampled to twice the slice distance
+  nib.save(nib.Nifti1Image(np.asarray(mask.dataobj), affine), path)
+  config = _decathlon_config(tmp_path / "raw", tmp_path / "data")
+  with pytest.raises(DataError, match=r"voxel size mismatch: image .*vol_001.* mask .*vol_001"):
+    pipeline.prepare_data(config.data, meta_batch_size=1, workdir=tmp_path)

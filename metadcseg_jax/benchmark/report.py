@@ -203,6 +203,26 @@ def main_table(
   return "\n".join(out)
 
 
+def per_class_table(
+  cells: Sequence[Mapping[str, Any]], *, split: str = "test", params: str = "ema"
+) -> str:
+  """DSC (%) and HD95 per foreground class (mean ± std over seeds), rows by noise level and
+  method; empty when no cell scored classes separately (two-class data)."""
+  cells = [c for c in cells if c[split][params].get("per_class")]
+  if not cells:
+    return ""
+  names = list(dict.fromkeys(n for c in cells for n in c[split][params]["per_class"]))
+  head = [f"{n} {name}" for n in names for name in ("DSC", "HD95")]
+  out = ["| noise | method | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+  for c in cells:
+    per = c[split][params]["per_class"]
+    vals = []
+    for n in names:
+      vals += [_fmt(per.get(n, {}).get("dice"), 2, 100.0), _fmt(per.get(n, {}).get("hd95"), 2, 1.0)]
+    out.append(f"| {presets.noise_label(c['noise'])} | {c['label']} | " + " | ".join(vals) + " |")
+  return "\n".join(out)
+
+
 # The switches of the paper's Table 5 and the config key of each (on unless overridden).
 TABLE5_SWITCHES = (("Meta", "meta.use"), ("DCD", "dcd.use"), ("Dice", "dcd.use_dice"))
 
@@ -294,6 +314,17 @@ def to_markdown(
       ("Validation, raw parameters", "val", "raw"),
     ):
       out += [f"## {title}", "", main_table(cells, split=split, params=params, lost=lost), ""]
+    per_class = per_class_table(cells)
+    if per_class:
+      out += [
+        "## Per class: test, EMA parameters",
+        "",
+        "The headline DSC and HD95 above are the means over these foreground classes "
+        "(nnU-Net's foreground mean).",
+        "",
+        per_class,
+        "",
+      ]
     if paired:
       out += [
         "## Paired differences: test Dice, points",

@@ -53,6 +53,23 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
   return {"mean": float(np.mean(arr)), "std": std, "values": [float(v) for v in arr]}
 
 
+def _per_class_stats(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """{class name: {metric: `_stat`}} over runs' summaries, or {} unless all of them scored
+  the same classes (two-class data has no per_class)."""
+  per = [s.get("per_class") for s in summaries]
+  if not per or not all(isinstance(p, Mapping) and p for p in per):
+    return {}
+  names = list(per[0])
+  if any(list(p) != names for p in per[1:]):
+    return {}
+  return {
+    name: {
+      k: _stat([p[name][k] for p in per]) for k in METRIC_KEYS if all(k in p[name] for p in per)
+    }
+    for name in names
+  }
+
+
 def _corruption(run: pathlib.Path) -> float | None:
   try:
     return float(json.loads((run / "data_info.json").read_text())["noise"]["corruption_mean"])
@@ -83,7 +100,9 @@ def collect(
     `{"noise", "label", "method", "overrides": [[key, value], ...], "seeds": [...], "epochs":
     [...], "corruption": mean 1 - Dice of the training labels or None, "test"/"val":
     {"ema"/"raw": {metric: {"mean", "std", "values"}}}}` over `METRIC_KEYS`; std is the sample
-    std over seeds (ddof=1), None for one.
+    std over seeds (ddof=1), None for one. Data of more than two classes add "per_class":
+    {class name: {metric: {"mean", "std", "values"}}} beside the metrics (every seed scored the
+    same classes).
 
   Raises:
     ValueError: `workdir` is not a directory, or a results.json is malformed.
@@ -123,6 +142,10 @@ def collect(
           }
           for params in ("ema", "raw")
         }
+        for params in ("ema", "raw"):
+          per_class = _per_class_stats([f[2][split][params] for f in found])
+          if per_class:
+            cell[split][params]["per_class"] = per_class
         # The EMA weights with each choice of BatchNorm statistics (runs that recorded both).
         if all("ema_bn" in f[2][split] for f in found):
           for bn in train.EMA_BATCH_STATS:

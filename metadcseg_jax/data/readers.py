@@ -247,6 +247,30 @@ def mask_to_label(
   return raw.astype(np.uint8)
 
 
+def check_same_spacing(
+  image_spacing: Sequence[float],
+  label_spacing: Sequence[float],
+  image_path: object,
+  label_path: object,
+) -> None:
+  """Raises DataError naming both files when a volume and its mask differ in voxel size.
+
+  A mask of the right shape but another spacing was written for another resampling of the
+  image (nnU-Net's dataset check refuses it too); distances and the resampling of both to the
+  network's grid would silently disagree. Relative tolerance 1e-3 absorbs float32 headers.
+
+  Args:
+    image_spacing, label_spacing: (row, col, slice) voxel size in mm (`volume_info`).
+    image_path, label_path: the two files, for the message.
+  """
+  a, b = np.asarray(image_spacing, float), np.asarray(label_spacing, float)
+  if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-6):
+    raise DataError(
+      f"voxel size mismatch: image {image_path} has spacing {tuple(image_spacing)} mm but its "
+      f"mask {label_path} has {tuple(label_spacing)} mm"
+    )
+
+
 def check_same_size(
   image_shape: Sequence[int], label_shape: Sequence[int], image_path: object, label_path: object
 ) -> None:

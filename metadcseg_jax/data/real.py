@@ -942,8 +942,10 @@ class Decathlon(_DecathlonBuilder, skip_registration=True):
       first = image_ref[0] if isinstance(image_ref, tuple) else image_ref
       image_shape, spacing = readers.volume_info(first)
       reference = trusted.get(case_id, label_path) if trusted else label_path
-      label_shape, _ = readers.volume_info(reference)
-      readers.check_same_size(image_shape[:3], label_shape, first, reference)
+      for mask in dict.fromkeys((label_path, reference)):  # the reference last: its shape kept
+        label_shape, label_spacing = readers.volume_info(mask)
+        readers.check_same_size(image_shape[:3], label_shape, first, mask)
+        readers.check_same_spacing(spacing, label_spacing, first, mask)
       if isinstance(image_ref, tuple):  # one file per channel: the chosen ones
         files_, channels = [image_ref[i] for i in chosen], None
       else:
