@@ -48,42 +48,52 @@ def _claim_text(c: Mapping[str, Any] | None) -> str:
   return f"{100 * c['mean']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] {c['verdict']}"
 
 
+def _rows(methods: Sequence[str | presets.Row]) -> list[presets.Row]:
+  return [m if isinstance(m, presets.Row) else presets.Row(m, m) for m in methods]
+
+
 def setting_table(
   workdirs: Mapping[str, str | pathlib.Path],
   *,
-  methods: Sequence[str] = ("ce", "l2b", "metadcseg"),
+  methods: Sequence[str | presets.Row] = ("ce", "l2b", "metadcseg"),
   noises: Sequence[str] = ("none", "l2b40"),
   params: str = "ema",
+  seeds: Sequence[int] | None = None,
+  claims: Sequence[tuple[str, str]] | None = None,
 ) -> str:
-  """A Markdown table: one line per (setting, noise level) with each method's test Dice (%,
+  """A Markdown table: one line per (setting, noise level) with each row's test Dice (%,
   mean ± std over seeds) and each claim's paired difference (points, 95% interval, verdict).
 
   Args:
     workdirs: {setting label: benchmark root}, in the order the lines go.
-    methods: the rows.
+    methods: the rows: method names, or `presets.Row`s (a variant, by its label).
     noises: the noise levels.
     params: "ema" or "raw".
+    seeds: the seeds to read (None: every finished seed), e.g. the seeds every setting has.
+    claims: (row label, reference label) pairs (default `CLAIMS`); those naming a row not in
+      `methods` are left out.
   """
-  claims = [(a, b) for a, b in CLAIMS if a in methods and b in methods]
-  head = ["setting", "noise", "seeds", *methods, *(f"{a} − {b}" for a, b in claims)]
+  rows = _rows(methods)
+  labels = [r.label for r in rows]
+  claims = [(a, b) for a, b in (CLAIMS if claims is None else claims) if {a, b} <= set(labels)]
+  head = ["setting", "noise", "seeds", *labels, *(f"{a} − {b}" for a, b in claims)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for label, root in workdirs.items():
-    rows = presets.method_rows(methods)
-    cells = tables.collect(root, rows=rows, noises=noises)
+    cells = tables.collect(root, rows=rows, noises=noises, seeds=seeds)
     comps = tables.comparisons(root, cells, pairs=claims, params=(params,))
     by_cell = {(c["noise"], c["label"]): c for c in cells}
     by_claim = {(c["noise"], c["row"], c["reference"]): c for c in comps}
     for noise_kind in presets.sort_noises(noises):
-      seeds = sorted(
-        {s for m in methods for s in (by_cell.get((noise_kind, m)) or {}).get("seeds", [])}
+      found = sorted(
+        {s for m in labels for s in (by_cell.get((noise_kind, m)) or {}).get("seeds", [])}
       )
-      if not seeds:
+      if not found:
         continue
-      values = [_cell_text(by_cell.get((noise_kind, m)), params) for m in methods]
+      values = [_cell_text(by_cell.get((noise_kind, m)), params) for m in labels]
       diffs = [_claim_text(by_claim.get((noise_kind, a, b))) for a, b in claims]
       lines.append(
         "| "
-        + " | ".join([label, presets.noise_label(noise_kind), str(len(seeds)), *values, *diffs])
+        + " | ".join([label, presets.noise_label(noise_kind), str(len(found)), *values, *diffs])
         + " |"
       )
   return "\n".join(lines)
@@ -107,25 +117,29 @@ def run_diagnostics(run: pathlib.Path, *, last: int = 3) -> dict[str, float]:
 def diagnostics_table(
   workdirs: Mapping[str, str | pathlib.Path],
   *,
-  methods: Sequence[str] = ("l2b", "metadcseg"),
+  methods: Sequence[str | presets.Row] = ("l2b", "metadcseg"),
   noises: Sequence[str] = ("none", "l2b40"),
   last: int = 3,
+  seeds: Sequence[int] | None = None,
 ) -> str:
   """A Markdown table of the meta step's diagnostics (`DIAGNOSTICS`, mean over seeds of each
-  run's last `last` points) per (setting, noise, method).
+  run's last `last` points) per (setting, noise, row).
 
   Args:
     workdirs: {setting label: benchmark root}, in the order the lines go.
-    methods: the meta methods whose runs logged diagnostics.
+    methods: the meta methods (names or `presets.Row`s) whose runs logged diagnostics.
     noises: the noise levels.
     last: how many of a run's last diagnostics points to average.
+    seeds: the seeds to read (None: every finished seed).
   """
   head = ["setting", "noise", "method", "seeds", *DIAGNOSTICS]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for label, root in workdirs.items():
     for noise_kind in presets.sort_noises(noises):
-      for method in methods:
-        runs = sorted(pathlib.Path(root, noise_kind, method).glob("seed*"))
+      for row in _rows(methods):
+        runs = sorted(pathlib.Path(root, noise_kind, row.dirname).glob("seed*"))
+        if seeds is not None:
+          runs = [r for r in runs if r.name[len("seed") :] in {str(s) for s in seeds}]
         found = [d for d in (run_diagnostics(r, last=last) for r in runs) if d]
         if not found:
           continue
@@ -135,7 +149,9 @@ def diagnostics_table(
         ]
         lines.append(
           "| "
-          + " | ".join([label, presets.noise_label(noise_kind), method, str(len(found)), *values])
+          + " | ".join(
+            [label, presets.noise_label(noise_kind), row.label, str(len(found)), *values]
+          )
           + " |"
         )
   return "\n".join(lines)
