@@ -109,3 +109,14 @@ def test_diagnostics_table_averages_each_runs_last_points_over_seeds(tmp_path):
   only = sweeps.diagnostics_table({"e10": root}, methods=("l2b",), noises=("none",), seeds=[1])
   assert only.splitlines()[2] == "| e10 | 0% | l2b | 1 | 0.600 | 0.400 | – | – | – |"
   assert sweeps.run_diagnostics(unfinished) == {}
+
+
+def test_plot_sweep_writes_a_png_with_one_panel_per_noise_level(sweep, tmp_path):
+  roots, _ = sweep
+  out = sweeps.plot_sweep(roots, tmp_path / "fig" / "budget.png", noises=("none",), xlabel="epochs")
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+  one = sweeps.plot_sweep(roots, tmp_path / "one.png", methods=("ce", NO_BOOT), seeds=[0])
+  assert one.is_file()
+  (tmp_path / "empty_bench").mkdir()
+  with pytest.raises(ValueError, match="no cells"):
+    sweeps.plot_sweep({"x": tmp_path / "empty_bench"}, tmp_path / "none.png")

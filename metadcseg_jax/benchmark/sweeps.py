@@ -4,6 +4,7 @@ closes (training budget, meta-set size), and what the meta step does on the way.
     sweeps = {"10 epochs": "runs/e10", "20 epochs": "runs/e20", "40 epochs": "runs/e40"}
     print(setting_table(sweeps, methods=("ce", "l2b", "metadcseg"), noises=("none", "l2b40")))
     print(diagnostics_table(sweeps, methods=("l2b", "metadcseg"), noises=("none", "l2b40")))
+    plot_sweep(sweeps, "budget.png", xlabel="epochs")
 
 Each workdir is a `metadcseg-benchmark` root; its finished runs are read as the benchmark reads
 them (`tables.collect`, `tables.comparisons`: the paired differences with their 95%
@@ -21,6 +22,7 @@ import numpy as np
 
 from metadcseg_jax.benchmark import presets
 from metadcseg_jax.benchmark import tables
+from metadcseg_jax.training import figures
 
 # The claims a sweep table states, (row, reference).
 CLAIMS = (("l2b", "ce"), ("metadcseg", "ce"), ("metadcseg", "l2b"))
@@ -155,3 +157,29 @@ def diagnostics_table(
           + " |"
         )
   return "\n".join(lines)
+
+
+def plot_sweep(
+  workdirs: Mapping[str, str | pathlib.Path],
+  out_png,
+  *,
+  methods: Sequence[str | presets.Row] = ("ce", "l2b", "metadcseg"),
+  noises: Sequence[str] = ("none", "l2b40"),
+  params: str = "ema",
+  seeds: Sequence[int] | None = None,
+  xlabel: str = "setting",
+) -> pathlib.Path:
+  """Test Dice against the setting the workdirs differ in, one panel per noise level
+  (`figures.plot_setting_sweep`); the arguments as `setting_table`'s.
+
+  Returns:
+    The PNG written.
+  """
+  rows = _rows(methods)
+  series = {
+    label: tables.collect(root, rows=rows, noises=noises, seeds=seeds)
+    for label, root in workdirs.items()
+  }
+  return figures.plot_setting_sweep(
+    series, out_png, label=presets.noise_label, xlabel=xlabel, params=params
+  )

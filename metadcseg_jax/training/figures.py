@@ -406,3 +406,64 @@ def plot_dice_vs_noise(
   axes[0].set_ylabel(f"{_LABELS.get(metric, metric)} (mean ± std over seeds)")
   axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return _write_png(fig, out_png)
+
+
+def plot_setting_sweep(
+  series: Mapping[str, Sequence[Mapping[str, Any]]],
+  out_png,
+  *,
+  label=str,
+  xlabel: str = "setting",
+  params: str = "ema",
+  metric: str = "dice",
+) -> pathlib.Path:
+  """Test `metric` against one setting (training budget, meta-set size), mean ± std over seeds,
+  one panel per noise level and one line per row.
+
+  Args:
+    series: {setting label: `benchmark.collect`'s cells of that setting's benchmark}, in the
+      order of the x axis.
+    out_png: the PNG to write (its folder is created).
+    label: noise kind -> panel title.
+    xlabel: the setting's name, under the x axis.
+    params: "ema" or "raw".
+    metric: which metric (default "dice").
+
+  Returns:
+    The path written.
+
+  Raises:
+    ValueError: no cells in any setting.
+  """
+  cells = [(x, c) for x, cs in series.items() for c in cs]
+  if not cells:
+    raise ValueError("series holds no cells: nothing to plot")
+  settings = list(series)
+  noises = list(dict.fromkeys(c["noise"] for _, c in cells))
+  rows = list(dict.fromkeys(c["label"] for _, c in cells))
+  by = {(x, c["noise"], c["label"]): c for x, c in cells}
+  fig, axes = plt.subplots(1, len(noises), figsize=(4.6 * len(noises) + 1.6, 4.0), sharey=True)
+  axes = np.atleast_1d(axes)
+  for ax, n in zip(axes, noises):
+    for j, row in enumerate(rows):
+      xs, means, stds, seeds = [], [], [], []
+      for i, x in enumerate(settings):
+        cell = by.get((x, n, row))
+        stat = cell and cell["test"][params].get(metric)
+        if stat:
+          xs.append(i + (j - (len(rows) - 1) / 2) * 0.05)  # small offsets: bars stay apart
+          means.append(stat["mean"])
+          stds.append(stat["std"] or 0.0)
+          seeds.append(len(cell["seeds"]))
+      if xs:
+        color = f"C{j % 10}"  # a row keeps its colour in every panel
+        ax.errorbar(xs, means, yerr=stds, marker="o", ms=4, capsize=3, label=row, color=color)
+        for x, m, k in zip(xs, means, seeds):
+          if k == 1:  # one seed: no spread to show, and the reader should know
+            ax.plot(x, m, "o", mfc="white", mec=color, ms=6)
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set(title=f"{label(n)}: test {_LABELS.get(metric, metric)}, {params}", xlabel=xlabel)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel(f"{_LABELS.get(metric, metric)} (mean ± std over seeds; open: one seed)")
+  axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  return _write_png(fig, out_png)
