@@ -52,7 +52,7 @@ def sweep(tmp_path):
       noise = rng.normal(0, 0.002, len(IDS))
       _write(root, "none", CE, seed, base + shift)
       _write(root, "none", L2B, seed, base + shift - 0.10 + noise)
-      _write(root, "none", NO_BOOT, seed, base + shift - 0.09 + noise)
+      _write(root, "none", NO_BOOT, seed, base + shift - 0.09 + rng.normal(0, 0.02, len(IDS)))
   return roots, base
 
 
@@ -88,7 +88,18 @@ def test_setting_table_reads_variant_rows_chosen_claims_and_seeds(sweep):
   )
   assert len(table) == 3
   cells = [c.strip() for c in table[2].strip("|").split("|")]
-  assert cells[2] == "1" and cells[-1] == "one seed" and "±" not in cells[3]
+  assert cells[2] == "1" and "±" not in cells[3]
+  # One seed: the mean difference and the test cases' half-width, 1.96 standard errors of the
+  # mean of the 30 per-case differences (the seed part is unknown).
+  roots_short = roots["short"]
+  d = np.asarray(_case_dice(roots_short, NO_BOOT)) - np.asarray(_case_dice(roots_short, L2B))
+  half = 1.959964 * d.std(ddof=1) / np.sqrt(len(d))
+  assert cells[-1] == f"{100 * d.mean():+.1f} (one seed; test cases ±{100 * half:.1f})"
+
+
+def _case_dice(root, row, seed=0):
+  run = presets.run_dir(root, "none", row, seed)
+  return json.loads((run / train.CASES_FILE).read_text())["test"]["ema"]["dice"]
 
 
 def test_diagnostics_table_averages_each_runs_last_points_over_seeds(tmp_path):
