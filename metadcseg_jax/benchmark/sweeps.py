@@ -176,7 +176,16 @@ def plot_sweep(
   xlabel: str = "setting",
 ) -> pathlib.Path:
   """Test Dice against the setting the workdirs differ in, one panel per noise level
-  (`figures.plot_setting_sweep`); the arguments as `setting_table`'s.
+  (`figures.plot_setting_sweep`).
+
+  Args:
+    workdirs: {setting label: benchmark root}, in the order of the x axis.
+    out_png: the PNG to write.
+    methods: the rows: method names, or `presets.Row`s.
+    noises: the noise levels, one panel each.
+    params: "ema" or "raw".
+    seeds: the seeds to read (None: every finished seed).
+    xlabel: the setting's name, under the x axis.
 
   Returns:
     The PNG written.
